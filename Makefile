@@ -1,0 +1,43 @@
+# smml-lightning: every target installs into .venv first when it is missing.
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+EXP ?= synthetic
+OUT ?= runs/demo
+ARGS ?=
+
+.PHONY: install test demo train sweep bench quality freeze clean
+
+$(BIN)/smml: setup.cfg constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+install: $(BIN)/smml ## make .venv and install the package editable with dev extras
+
+test: $(BIN)/smml ## the whole test suite (CPU, a few minutes)
+	$(BIN)/python -m pytest -n 2 $(ARGS)
+
+demo: $(BIN)/smml ## main job on the embedded default: synthetic data -> prepare -> priors -> fit -> test
+	$(BIN)/smml demo --out $(OUT) $(ARGS)
+
+train: $(BIN)/smml ## fit one experiment: make train EXP=brats2018 [ARGS="--trainer.max_epochs=5"]
+	$(BIN)/smml fit --config experiments/$(EXP).yaml $(ARGS)
+
+sweep: $(BIN)/smml ## run a W&B sweep file locally (offline): make sweep SWEEP=experiments/sweeps/mask_ratio.yaml
+	$(BIN)/smml sweep $(or $(SWEEP),experiments/sweeps/mask_ratio.yaml) $(ARGS)
+
+bench: $(BIN)/smml ## speed benchmarks, ratios side by side
+	$(BIN)/python benchmarks/speed.py $(ARGS)
+
+quality: $(BIN)/smml ## quality benchmark: methods x regions over the 15 subsets
+	$(BIN)/python benchmarks/quality.py $(ARGS)
+
+freeze: ## regenerate the pinned constraints from the current .venv
+	{ echo '# Exact versions `make install` resolves (pip -c constraints.txt). Regenerate with `make freeze`.'; \
+	  $(BIN)/pip freeze --exclude-editable; } > constraints.txt
+
+clean:
+	rm -rf runs outputs wandb lightning_logs .pytest_cache

@@ -1,0 +1,171 @@
+"""The preprocessed-case cache: one folder per case of memory-mappable arrays plus ``meta.json``.
+
+Layout of ``<root>/<case>/``:
+
+- ``image.npy``  float32 ``(4, D, H, W)``: z-scored modalities in canonical order; a modality the case
+  lacks is all zeros (``meta.available`` says which).
+- ``label.npy``  uint8 ``(D, H, W)``: internal classes 0..3 (absent for unlabeled cases).
+- ``prior.npy``  float16 ``(4, C, D, H, W)``: SAM semantic priors, per modality and class (optional,
+  written later by the prior export).
+- ``meta.json``  written last: its presence marks the case complete.
+
+Every file is written to a temporary name in the same folder and renamed into place, so a crash never
+leaves a half-written file under a final name. Spatial axes are the NIfTI voxel axes (i, j, k).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CACHE_VERSION = 1
+META = "meta.json"
+
+
+@dataclass
+class CaseMeta:
+    """What is needed to read a cached case and put predictions back into its original grid.
+
+    ``crop_box`` holds ``[start, stop)`` per spatial axis in original voxel indices; a box may reach
+    outside the original volume (negative start or stop past the end) when the volume was padded to
+    reach the minimum size; :func:`uncrop` handles both.
+    """
+
+    name: str
+    layout: str
+    convention: str
+    available: tuple[bool, ...]
+    original_shape: tuple[int, int, int]
+    affine: list[list[float]]
+    spacing: tuple[float, float, float]
+    crop_box: tuple[tuple[int, int], ...]
+    source: dict[str, str] = field(default_factory=dict)
+    has_label: bool = True
+    version: int = CACHE_VERSION
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CaseMeta":
+        data = dict(data)
+        data["available"] = tuple(bool(v) for v in data["available"])
+        data["original_shape"] = tuple(int(v) for v in data["original_shape"])
+        data["spacing"] = tuple(float(v) for v in data["spacing"])
+        data["crop_box"] = tuple((int(a), int(b)) for a, b in data["crop_box"])
+        return cls(**data)
+
+    @property
+    def cropped_shape(self) -> tuple[int, ...]:
+        return tuple(b - a for a, b in self.crop_box)
+
+
+def atomic_write_bytes(path: Path, write: Any) -> None:
+    """Call ``write(fileobj)`` on a temp file beside ``path`` and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    atomic_write_bytes(path, lambda f: np.save(f, np.ascontiguousarray(array), allow_pickle=False))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, lambda f: f.write(text.encode()))
+
+
+def case_dir(root: Path | str, name: str) -> Path:
+    return Path(root) / name
+
+
+def is_complete(root: Path | str, name: str) -> bool:
+    return (case_dir(root, name) / META).is_file()
+
+
+def write_case(root: Path | str, meta: CaseMeta, image: np.ndarray, label: np.ndarray | None) -> Path:
+    """Write one case; ``meta.json`` goes last so a partial case is never taken for a finished one."""
+    d = case_dir(root, meta.name)
+    (d / META).unlink(missing_ok=True)  # a rewrite first un-marks the case
+    if image.ndim != 4 or image.shape[1:] != meta.cropped_shape:
+        raise ValueError(f"{meta.name}: image shape {image.shape} does not match crop box {meta.crop_box}")
+    atomic_save_npy(d / "image.npy", image.astype(np.float32, copy=False))
+    if label is not None:
+        if label.shape != image.shape[1:]:
+            raise ValueError(f"{meta.name}: label shape {label.shape} != image shape {image.shape[1:]}")
+        atomic_save_npy(d / "label.npy", label.astype(np.uint8, copy=False))
+    atomic_write_text(d / META, json.dumps(asdict(meta), indent=1))
+    return d
+
+
+def list_cases(root: Path | str) -> list[str]:
+    """Names of the complete cases under ``root``, sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"cache folder {root} does not exist: run `smml prepare` first")
+    return sorted(p.parent.name for p in root.glob(f"*/{META}"))
+
+
+def load_meta(root: Path | str, name: str) -> CaseMeta:
+    path = case_dir(root, name) / META
+    try:
+        return CaseMeta.from_dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: case {name!r} is not in the cache (or was never finished)") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: unreadable case metadata ({err}); re-run `smml prepare`") from err
+
+
+def _load(path: Path, mmap: bool) -> np.ndarray:
+    return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+
+
+def load_image(root: Path | str, name: str, mmap: bool = True) -> np.ndarray:
+    return _load(case_dir(root, name) / "image.npy", mmap)
+
+
+def load_label(root: Path | str, name: str, mmap: bool = True) -> np.ndarray | None:
+    path = case_dir(root, name) / "label.npy"
+    return _load(path, mmap) if path.is_file() else None
+
+
+def has_prior(root: Path | str, name: str) -> bool:
+    return (case_dir(root, name) / "prior.npy").is_file()
+
+
+def load_prior(root: Path | str, name: str, mmap: bool = True) -> np.ndarray | None:
+    path = case_dir(root, name) / "prior.npy"
+    return _load(path, mmap) if path.is_file() else None
+
+
+def write_prior(root: Path | str, name: str, prior: np.ndarray) -> None:
+    """Store a case's priors ``(4, C, D, H, W)`` (as float16), aligned with its cached image."""
+    meta = load_meta(root, name)
+    if prior.ndim != 5 or prior.shape[2:] != meta.cropped_shape:
+        raise ValueError(f"{name}: prior shape {prior.shape} does not match cached shape {meta.cropped_shape}")
+    atomic_save_npy(case_dir(root, name) / "prior.npy", prior.astype(np.float16))
+
+
+def uncrop(array: np.ndarray, meta: CaseMeta, fill: float = 0) -> np.ndarray:
+    """Put an array over the cropped grid (``(..., D, H, W)``) back into the original grid."""
+    lead = array.shape[:-3]
+    out = np.full(lead + tuple(meta.original_shape), fill, dtype=array.dtype)
+    src, dst = [], []
+    for (start, stop), size in zip(meta.crop_box, meta.original_shape):
+        lo, hi = max(start, 0), min(stop, size)
+        dst.append(slice(lo, hi))
+        src.append(slice(lo - start, hi - start))
+    out[(Ellipsis, *dst)] = array[(Ellipsis, *src)]
+    return out

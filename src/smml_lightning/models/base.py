@@ -1,0 +1,53 @@
+"""The contract every segmentation network in the package follows.
+
+A network splits into ``encode`` (work that depends on each modality alone) and ``decode`` (fusion
+under an availability mask, then decoding). ``forward(image, mask)`` is ``decode(encode(image), mask)``.
+The split lets evaluation run the encoders once per window and decode all 15 modality subsets from the
+same features (see :mod:`smml_lightning.evaluation.inference`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class SegmentationOutput:
+    """What a network returns.
+
+    Attributes:
+        logits: fused prediction, ``(B, C, *spatial)``.
+        aux_logits: per-modality predictions from the shared auxiliary decoder, one ``(B, C, *spatial)``
+            per modality in canonical order (empty in eval mode or for networks without one).
+        deep_logits: deep-supervision predictions at coarser scales, coarsest first (empty in eval mode).
+        bottleneck: fused bottleneck features ``(B, F, *s)`` for feature-level consistency, or ``None``.
+    """
+
+    logits: torch.Tensor
+    aux_logits: list[torch.Tensor] = field(default_factory=list)
+    deep_logits: list[torch.Tensor] = field(default_factory=list)
+    bottleneck: torch.Tensor | None = None
+
+
+class MaskedSegmenter(nn.Module, ABC):
+    """Base class: a network that segments from any non-empty subset of the modalities.
+
+    ``mask`` is a bool tensor ``(B, M)``: ``True`` where the modality is available. Subclasses
+    implement :meth:`encode` and :meth:`decode`.
+    """
+
+    @abstractmethod
+    def encode(self, image: torch.Tensor) -> Any:
+        """Per-modality work: must not mix information across modalities."""
+
+    @abstractmethod
+    def decode(self, encoded: Any, mask: torch.Tensor) -> SegmentationOutput:
+        """Fuse the available modalities' features under ``mask`` and decode."""
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> SegmentationOutput:
+        return self.decode(self.encode(image), mask)
