@@ -1,0 +1,162 @@
+"""Hierarchical Consistency Constraints (HCC) between SMML's two peer branches.
+
+Pixel level: each branch teaches the other with a temperature-softened KL divergence, restricted to
+the voxels where the teaching branch is right (the public SMML code passes the ground truth to this
+loss). Feature level: relations rather than raw features are matched at the fused bottleneck, since
+the two branches see different modality subsets and need not share a feature basis: the similarity
+between the samples of a batch (inter-sample) and between class prototypes (inter-class).
+
+Every "mutual" match here is symmetric: each direction treats the other branch as a fixed target
+(``detach``), and the two directions are summed, so each branch receives the full gradient of
+matching the other.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from smml_lightning.data.labels import NUM_CLASSES
+
+
+def softened_kl(target_logits: torch.Tensor, input_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Voxel-wise ``T^2 * KL(p_target || p_input)`` with both softmaxes softened by ``T``; shape ``(B, *S)``.
+
+    The ``T^2`` factor keeps gradient magnitudes comparable across temperatures (Hinton et al.).
+    Nothing is detached here: callers decide which side is the teacher.
+    """
+    if target_logits.shape != input_logits.shape:
+        raise ValueError(
+            f"softened_kl: logits shapes differ, {tuple(target_logits.shape)} vs {tuple(input_logits.shape)}"
+        )
+    if temperature <= 0:
+        raise ValueError(f"softened_kl: temperature must be positive, got {temperature}")
+    log_p_target = F.log_softmax(target_logits / temperature, dim=1)
+    log_p_input = F.log_softmax(input_logits / temperature, dim=1)
+    kl = F.kl_div(log_p_input, log_p_target, reduction="none", log_target=True).sum(dim=1)
+    return kl * temperature**2
+
+
+def _zero_like_graph(*tensors: torch.Tensor) -> torch.Tensor:
+    """A scalar zero connected to ``tensors`` so that ``backward`` still runs (with zero gradients)."""
+    return torch.stack([t.sum() for t in tensors]).sum() * 0.0
+
+
+def pixel_level_consistency(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, label: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """``T^2 * KL(p_teacher || p_student)`` averaged over the teacher's reliable voxels.
+
+    A voxel is reliable when the teacher's argmax equals the label: a wrong teacher would only pass on
+    its mistakes. The teacher is detached, so only the student learns from this term. Zero (with the
+    graph intact) when the teacher is right nowhere.
+    """
+    if label.shape[0] != student_logits.shape[0] or label.shape[2:] != student_logits.shape[2:]:
+        raise ValueError(
+            f"pixel_level_consistency: label {tuple(label.shape)} does not match logits {tuple(student_logits.shape)}"
+        )
+    teacher_logits = teacher_logits.detach()
+    reliable = teacher_logits.argmax(dim=1) == label[:, 0]
+    if not bool(reliable.any()):
+        return _zero_like_graph(student_logits)
+    return softened_kl(teacher_logits, student_logits, temperature)[reliable].mean()
+
+
+def bidirectional_pixel_consistency(
+    logits_a: torch.Tensor, logits_b: torch.Tensor, label: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Sum of both directions: ``b`` teaches ``a`` on ``b``'s reliable voxels and vice versa."""
+    return pixel_level_consistency(logits_a, logits_b, label, temperature) + pixel_level_consistency(
+        logits_b, logits_a, label, temperature
+    )
+
+
+def _mutual_match(rel_a: torch.Tensor, rel_b: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of two relation matrices, each side matched to the other held fixed."""
+    return F.mse_loss(rel_a, rel_b.detach()) + F.mse_loss(rel_b, rel_a.detach())
+
+
+def _check_pair(name: str, feat_a: torch.Tensor, feat_b: torch.Tensor) -> None:
+    if feat_a.shape != feat_b.shape or feat_a.dim() < 3:
+        raise ValueError(
+            f"{name}: both branches' features must be (B, F, *spatial) of one shape, "
+            f"got {tuple(feat_a.shape)} and {tuple(feat_b.shape)}"
+        )
+
+
+def sample_similarity(feat: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity ``(B, B)`` between the globally average-pooled features of a batch's samples."""
+    pooled = F.normalize(feat.flatten(2).mean(dim=2), dim=1)
+    return pooled @ pooled.T
+
+
+def inter_sample_relation(feat_a: torch.Tensor, feat_b: torch.Tensor) -> torch.Tensor:
+    """Match the two branches' sample-similarity matrices (mutual, summed over both directions).
+
+    With a batch of one the only relation is a sample with itself (always 1), which carries no
+    information: the term is then zero with the graph intact, as under SMML's batch of 1 per GPU.
+    """
+    _check_pair("inter_sample_relation", feat_a, feat_b)
+    if feat_a.shape[0] < 2:
+        return _zero_like_graph(feat_a, feat_b)
+    return _mutual_match(sample_similarity(feat_a), sample_similarity(feat_b))
+
+
+def class_weights(label: torch.Tensor, size: torch.Size | tuple[int, ...], num_classes: int = NUM_CLASSES) -> torch.Tensor:
+    """Per-class soft masks ``(B, C, *size)``: the fraction of each feature cell covered by each class.
+
+    The bottleneck is 16x coarser than the label, so nearest-neighbour downsampling would drop small
+    regions (a 10-voxel ET focus would usually vanish); area-averaging the one-hot label keeps every
+    class that occurs in the patch, weighted by how much of each cell it fills.
+    """
+    onehot = F.one_hot(label[:, 0].long(), num_classes).movedim(-1, 1).float()
+    if tuple(onehot.shape[2:]) == tuple(size):
+        return onehot
+    return F.interpolate(onehot, size=tuple(size), mode="area")
+
+
+def class_prototypes(feat: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked average pooling over the whole batch: ``(prototypes (C', F), present (C,) bool)``.
+
+    Only classes with positive mass (present in the patch batch) get a prototype.
+    """
+    mass = weights.flatten(2).sum(dim=(0, 2))
+    present = mass > 0
+    sums = torch.einsum("bcs,bfs->cf", weights.flatten(2), feat.flatten(2))
+    return sums[present] / mass[present, None], present
+
+
+def class_similarity(feat: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity ``(C', C')`` between the prototypes of the classes present."""
+    prototypes = F.normalize(class_prototypes(feat, weights)[0], dim=1)
+    return prototypes @ prototypes.T
+
+
+def inter_class_relation(
+    feat_a: torch.Tensor, feat_b: torch.Tensor, label: torch.Tensor, num_classes: int = NUM_CLASSES
+) -> torch.Tensor:
+    """Match the two branches' class-prototype similarity matrices (mutual, summed over both directions).
+
+    Classes absent from the batch are left out; with fewer than two classes present there is no
+    relation to match and the term is zero with the graph intact. Normalisation uses an epsilon, so
+    all-zero features give zero similarities rather than NaN.
+    """
+    _check_pair("inter_class_relation", feat_a, feat_b)
+    if label.shape[0] != feat_a.shape[0] or label.dim() != feat_a.dim() or label.shape[1] != 1:
+        raise ValueError(
+            f"inter_class_relation: label must be (B, 1, *S) for features {tuple(feat_a.shape)}, got {tuple(label.shape)}"
+        )
+    weights = class_weights(label, feat_a.shape[2:], num_classes)
+    if int((weights.flatten(2).sum(dim=(0, 2)) > 0).sum()) < 2:
+        return _zero_like_graph(feat_a, feat_b)
+    return _mutual_match(class_similarity(feat_a, weights), class_similarity(feat_b, weights))
+
+
+def feature_level_consistency(
+    feat_a: torch.Tensor, feat_b: torch.Tensor, label: torch.Tensor, num_classes: int = NUM_CLASSES
+) -> dict[str, torch.Tensor]:
+    """Both feature-level HCC terms between two branches' fused bottlenecks ``(B, F, *s)``."""
+    return {
+        "inter_sample": inter_sample_relation(feat_a, feat_b),
+        "inter_class": inter_class_relation(feat_a, feat_b, label, num_classes),
+    }
