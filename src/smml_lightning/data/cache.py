@@ -169,3 +169,12 @@ def uncrop(array: np.ndarray, meta: CaseMeta, fill: float = 0) -> np.ndarray:
         src.append(slice(lo - start, hi - start))
     out[(Ellipsis, *dst)] = array[(Ellipsis, *src)]
     return out
+
+
+def mark_done(folder: Path | str, info: dict[str, Any]) -> None:
+    """Mark a pipeline step's output folder finished (an atomic ``.done`` JSON with what was made)."""
+    atomic_write_text(Path(folder) / ".done", json.dumps(info, indent=1))
+
+
+def is_done(folder: Path | str) -> bool:
+    return (Path(folder) / ".done").is_file()

@@ -1,0 +1,141 @@
+"""The ``smml`` command.
+
+- ``smml fit|validate|test|predict --config experiments/<exp>.yaml``: the Lightning CLI (any method by
+  ``model.class_path``; every config value can be overridden as ``--section.key=value``).
+- ``smml synth``: write synthetic BraTS cases as NIfTI in a real layout.
+- ``smml prepare``: validate, crop, z-score and cache a BraTS folder.
+- ``smml priors``: fit the SAM prior decoder and export priors into the cache.
+- ``smml demo``: the main job on the embedded default (synthetic data, offline logging).
+- ``smml sweep``: run a W&B sweep file locally (grid or random), one ``smml fit`` per run.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from jsonargparse import CLI
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from .data.datamodule import BratsDataModule
+from .lit.base import MissingModalityModule
+from .lit.callbacks import PredictionWriter
+
+SUBCOMMANDS_OWN = ("synth", "prepare", "priors", "demo", "sweep")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def find_experiment(path: str | Path) -> Path:
+    """Resolve an experiment config from the working directory or the package's ``experiments/``."""
+    path = Path(path)
+    for candidate in (path, REPO_ROOT / path, REPO_ROOT / "experiments" / path,
+                      REPO_ROOT / "experiments" / f"{path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    available = sorted(p.stem for p in (REPO_ROOT / "experiments").glob("*.yaml"))
+    raise FileNotFoundError(f"experiment config {str(path)!r} not found; available experiments: {available}")
+
+
+class SMMLCLI(LightningCLI):
+    """LightningCLI with the data's patch size linked to the model's sliding-window size, and a clear
+    error before ``fit`` when the data folder is missing."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.link_arguments("data.patch_size", "model.init_args.roi_size")
+        # Best (by validation Dice over the subsets) and last checkpoints, top-level as `checkpoint.*`.
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.monitor": "val/dice_mean", "checkpoint.mode": "max",
+                             "checkpoint.save_last": True, "checkpoint.filename": "best-{epoch:03d}"})
+        # Where `predict` writes NIfTI files, as `prediction.*`.
+        parser.add_lightning_class_args(PredictionWriter, "prediction")
+
+    def before_fit(self) -> None:
+        self.datamodule.check_ready()
+
+
+def lightning_main(args: Sequence[str] | None = None, run: bool = True) -> SMMLCLI:
+    """Run the Lightning CLI (``fit``/``validate``/``test``/``predict``) with ``args`` (default: argv)."""
+    return SMMLCLI(
+        MissingModalityModule,
+        BratsDataModule,
+        subclass_mode_model=True,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"parser_mode": "omegaconf"},
+        args=list(args) if args is not None else None,
+        run=run,
+    )
+
+
+def synth(out: str, cases: int = 8, layout: str = "brats2020", shape: tuple[int, int, int] = (240, 240, 155),
+          seed: int = 0) -> None:
+    """Write synthetic BraTS cases as NIfTI in a real layout.
+
+    Args:
+        out: output folder (the dataset root, as a BraTS download would be).
+        cases: number of cases.
+        layout: brats2018, brats2020, brats2021 or brats2023.
+        shape: volume shape in voxels; smaller than 240x240x155 stands for a downsampled head.
+        seed: the data are a pure function of the seed.
+    """
+    from .data.synthetic import synthesize
+
+    paths = synthesize(out, cases, layout=layout, shape=tuple(shape), seed=seed)
+    print(f"wrote {len(paths)} synthetic {layout} cases to {out}")
+
+
+def prepare(root: str, out: str, layout: str = "auto", min_size: tuple[int, int, int] = (128, 128, 128),
+            workers: int = 1, require_label: bool = True, overwrite: bool = False) -> None:
+    """Validate, crop, z-score and cache a BraTS folder for training (re-runs skip finished cases).
+
+    Args:
+        root: BraTS folder (2018 HGG/LGG, 2020, 2021 or 2023 GLI layout) or a single case folder.
+        out: cache folder.
+        layout: the layout, or ``auto`` to detect it.
+        min_size: each axis of the crop box is widened to at least this (use the training patch size).
+        workers: parallel processes.
+        require_label: training and test data need labels; prediction inputs do not.
+        overwrite: redo cases that are already cached.
+    """
+    from .data.prepare import prepare as run_prepare
+
+    summary = run_prepare(root, out, layout=layout, min_size=tuple(min_size), workers=workers,
+                          require_label=require_label, overwrite=overwrite)
+    print(summary)
+
+
+def priors(cache_dir: str, sam_checkpoint: str | None = None, model_type: str = "vit_b", epochs: int = 20,
+           split: str | None = None, device: str = "cpu", overwrite: bool = False) -> None:
+    """Fit the SAM prior decoder on the training cases and export priors for all cached cases.
+
+    Args:
+        cache_dir: the prepared cache.
+        sam_checkpoint: SAM or MedSAM checkpoint (e.g. sam_vit_b_01ec64.pth).
+        model_type: vit_b, vit_l, vit_h (MedSAM is vit_b), or tiny (tests and the offline demo).
+        epochs: training epochs of the 3D prior decoder.
+        split: split JSON; priors are fitted on its train cases (default: all labelled cases).
+        device: cpu or cuda.
+        overwrite: recompute priors that exist.
+    """
+    from .priors import run_priors
+
+    run_priors(cache_dir, checkpoint=sam_checkpoint, model_type=model_type, epochs=epochs, split=split,
+               device=device, overwrite=overwrite)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS_OWN:
+        from .demo import demo
+        from .sweep import sweep
+
+        commands = {"synth": synth, "prepare": prepare, "priors": priors, "demo": demo, "sweep": sweep}
+        CLI(commands[argv[0]], args=argv[1:])
+        return
+    lightning_main(argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""Lightning glue shared by every method: optimisation, whole-case validation, the 15-subset test,
+prediction, channels-last inputs and the non-finite-loss guard.
+
+A method subclass provides :meth:`training_losses` (named, already weighted loss terms) and
+:meth:`inference_models` (the networks whose logits are averaged at inference).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+
+from ..data.labels import REGION_CLASSES, REGIONS
+from ..data.modalities import SUBSETS, parse_subset, subset_index, subset_name
+from ..evaluation.inference import predict_subsets
+from ..evaluation.metrics import case_metrics, dice
+from ..models.base import MaskedSegmenter
+
+
+def _subset_indices(names: Sequence[str] | None) -> list[int]:
+    """Subset names (``"flair+t1ce"`` or ``"all"``) to indices into :data:`SUBSETS`; ``None`` = all 15."""
+    if names is None:
+        return list(range(len(SUBSETS)))
+    out = []
+    for name in names:
+        out.append(len(SUBSETS) - 1 if name.strip().lower() == "all" else subset_index(parse_subset(name)))
+    return out
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or infinite."""
+
+
+class MissingModalityModule(pl.LightningModule):
+    """Base LightningModule for segmentation from any subset of the four modalities.
+
+    Args:
+        roi_size: sliding-window size for whole-case inference (linked to ``data.patch_size`` by the CLI).
+        sw_overlap: window overlap (0.5 in the community's protocol).
+        sw_mode: window blending, ``"gaussian"`` or ``"constant"``.
+        val_subsets: subsets scored during validation (``None``: all 15, cheap thanks to encoder reuse).
+        test_subsets: subsets scored by ``test`` (``None``: all 15).
+        et_min_voxels: ET post-processing threshold for the ``ET_post`` region.
+        optimizer: ``"adam"`` (Adam with amsgrad, as SMML) or ``"sgd"`` (Nesterov 0.99, as nnU-Net/MAML).
+        lr, weight_decay, poly_power: learning rate, weight decay and poly decay exponent (per step).
+        channels_last: keep 5-D weights and inputs in ``channels_last_3d`` (much faster with bf16 on
+            CPUs with AMX and on tensor-core GPUs).
+        on_nonfinite: ``"raise"`` stops with the name of the offending term; ``"skip"`` skips the step.
+        report_dir: where ``test`` writes its report (default: ``<log_dir>/test-<time>``).
+        method_name: name in reports (default: the class name).
+    """
+
+    def __init__(
+        self,
+        roi_size: int | Sequence[int] = 128,
+        sw_overlap: float = 0.5,
+        sw_mode: Literal["gaussian", "constant"] = "gaussian",
+        val_subsets: list[str] | None = None,
+        test_subsets: list[str] | None = None,
+        et_min_voxels: int = 500,
+        optimizer: Literal["adam", "sgd"] = "adam",
+        lr: float = 2e-4,
+        weight_decay: float = 1e-4,
+        poly_power: float = 0.9,
+        channels_last: bool = True,
+        on_nonfinite: Literal["raise", "skip"] = "raise",
+        report_dir: str | None = None,
+        method_name: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= sw_overlap < 1.0:
+            raise ValueError(f"model.sw_overlap must be in [0, 1), got {sw_overlap}")
+        self.roi_size = (roi_size,) * 3 if isinstance(roi_size, int) else tuple(roi_size)
+        self.sw_overlap = sw_overlap
+        self.sw_mode = sw_mode
+        self.val_subset_ids = _subset_indices(val_subsets)
+        self.test_subset_ids = _subset_indices(test_subsets)
+        self.et_min_voxels = et_min_voxels
+        self.optimizer_name = optimizer
+        self.lr, self.weight_decay, self.poly_power = lr, weight_decay, poly_power
+        self.channels_last = channels_last
+        self.on_nonfinite = on_nonfinite
+        self.report_dir = report_dir
+        self.method_name = method_name or type(self).__name__
+        self._test_rows: list[dict[str, Any]] = []
+
+    # ---- what a method provides -------------------------------------------------------------
+    def training_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Named loss terms, each already multiplied by its weight; the total is their sum."""
+        raise TypeError(f"{type(self).__name__} must implement training_losses")
+
+    def inference_models(self) -> list[MaskedSegmenter]:
+        """Networks whose logits are averaged at inference."""
+        raise TypeError(f"{type(self).__name__} must implement inference_models")
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last_3d) if self.channels_last and x.dim() == 5 else x
+
+    def setup(self, stage: str) -> None:
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last_3d)
+
+    def in_warmup(self) -> bool:
+        """True before the epoch at which the mutual/consistency terms switch on."""
+        return self.current_epoch < getattr(self, "warmup_epochs", 0)
+
+    # ---- training -----------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        batch = dict(batch, image=self._layout(batch["image"]))
+        terms = self.training_losses(batch)
+        bad = [name for name, value in terms.items() if not torch.isfinite(value.detach()).all()]
+        if bad:
+            message = (f"non-finite loss term(s) {bad} at epoch {self.current_epoch}, step {self.global_step} "
+                       f"(values: { {k: float(terms[k].detach()) for k in bad} })")
+            if self.on_nonfinite == "raise":
+                raise NonFiniteLossError(message + "; set model.init_args.on_nonfinite=skip to skip such steps")
+            self.print(f"skipping step: {message}")
+            return None
+        total = torch.stack(list(terms.values())).sum()
+        bsz = batch["image"].shape[0]
+        for name, value in terms.items():
+            self.log(f"train/{name}", value.detach(), on_step=True, on_epoch=True, batch_size=bsz)
+        self.log("train/loss", total.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=bsz)
+        return total
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.optimizer_name == "adam":
+            opt = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay, amsgrad=True)
+        else:
+            opt = torch.optim.SGD(params, lr=self.lr, weight_decay=self.weight_decay, momentum=0.99, nesterov=True)
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else math.inf
+        power = self.poly_power
+
+        def poly(step: int) -> float:
+            if not math.isfinite(total) or total <= 0:
+                return 1.0
+            return max(0.0, 1.0 - step / total) ** power
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, poly)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False,
+                 batch_size=1)
+
+    # ---- whole-case inference -----------------------------------------------------------------
+    def predict_case(self, image: torch.Tensor, subset_ids: Sequence[int]) -> dict[int, torch.Tensor]:
+        """Internal label maps ``(D, H, W)`` per subset index for one whole (cropped) case."""
+        logits = predict_subsets(
+            self.inference_models(), self._layout(image), [SUBSETS[i] for i in subset_ids],
+            roi_size=self.roi_size, overlap=self.sw_overlap, mode=self.sw_mode,
+        )
+        return {sid: logits[pos].argmax(dim=1)[0] for pos, sid in enumerate(subset_ids)}
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        preds = self.predict_case(batch["image"], self.val_subset_ids)
+        label = batch["label"][0, 0]
+        scores = {r: [] for r in REGIONS}
+        for pred in preds.values():
+            for region in REGIONS:
+                classes = torch.tensor(REGION_CLASSES[region], device=label.device)
+                scores[region].append(dice(torch.isin(pred, classes).cpu().numpy(),
+                                           torch.isin(label, classes).cpu().numpy()))
+        means = {r: sum(v) / len(v) for r, v in scores.items()}
+        for region, value in means.items():
+            self.log(f"val/dice_{region}", value, on_epoch=True, sync_dist=True, batch_size=1)
+        self.log("val/dice_mean", sum(means.values()) / len(means), on_epoch=True, sync_dist=True,
+                 prog_bar=True, batch_size=1)
+
+    # ---- test: all subsets, report ------------------------------------------------------------
+    def on_test_epoch_start(self) -> None:
+        self._test_rows = []
+        self._test_started = time.time()
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        name = batch["name"][0]
+        spacing = self._spacing(name)
+        label = batch["label"][0, 0].cpu().numpy()
+        for sid, pred in self.predict_case(batch["image"], self.test_subset_ids).items():
+            metrics = case_metrics(pred.cpu().numpy(), label, spacing, et_min_voxels=self.et_min_voxels)
+            for region, values in metrics.items():
+                self._test_rows.append({"case": name, "subset": subset_name(SUBSETS[sid]), "region": region,
+                                        "dice": values["dice"], "hd95": values["hd95"]})
+
+    def _spacing(self, name: str) -> tuple[float, float, float]:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "case_meta"):
+            return tuple(datamodule.case_meta(name).spacing)
+        return (1.0, 1.0, 1.0)
+
+    def on_test_epoch_end(self) -> None:
+        rows = self._test_rows
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list[list[dict[str, Any]]] = [None] * dist.get_world_size()  # type: ignore[list-item]
+            dist.all_gather_object(gathered, rows)
+            unique = {(r["case"], r["subset"], r["region"]): r for part in gathered for r in part}
+            rows = list(unique.values())
+        if not rows:
+            return
+        from ..evaluation.report import summary_table, write_report
+
+        if self.trainer.is_global_zero:
+            out = Path(self.report_dir) if self.report_dir else self._default_report_dir()
+            paths = write_report(rows, out, method_name=self.method_name, settings=self._report_settings())
+            self.print(f"test report written to {out} ({', '.join(p.name for p in paths.values())})")
+            self._log_table(summary_table(rows))
+        table = {}
+        for region in ("WT", "TC", "ET", "ET_post"):
+            values = [r["dice"] for r in rows if r["region"] == region]
+            table[f"test/dice_{region}"] = sum(values) / len(values)
+        self.log_dict(table, rank_zero_only=True, batch_size=1)
+
+    def _default_report_dir(self) -> Path:
+        base = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        return base / f"test-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    def _report_settings(self) -> dict[str, Any]:
+        return {"roi_size": list(self.roi_size), "overlap": self.sw_overlap, "blend": self.sw_mode,
+                "et_min_voxels": self.et_min_voxels, "branches_averaged": len(self.inference_models())}
+
+    def _log_table(self, frame: Any) -> None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_table(key="test/subsets", dataframe=frame.reset_index())
+
+    # ---- predict ------------------------------------------------------------------------------
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        available = tuple(bool(v) for v in batch["available"][0].tolist())
+        if not any(available):
+            raise ValueError(f"case {batch['name'][0]}: no modality is available, nothing to segment from")
+        sid = SUBSETS.index(available)
+        labels = self.predict_case(batch["image"], [sid])[sid]
+        return {"name": batch["name"][0], "labels": labels.to(torch.uint8).cpu(), "subset": subset_name(available)}

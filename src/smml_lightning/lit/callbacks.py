@@ -1,0 +1,77 @@
+"""Callbacks and loggers: predictions written as NIfTI, and W&B that is offline unless logged in."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.loggers import WandbLogger
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Write each predicted case as ``<output_dir>/<case>_seg.nii.gz`` in its original grid and release
+    label convention (plus an overlay PNG), atomically. Existing files are kept unless ``overwrite``:
+    a re-run after an interruption only writes the cases still missing."""
+
+    def __init__(self, output_dir: str = "predictions", overwrite: bool = False, overlay: bool = True) -> None:
+        super().__init__(write_interval="batch")
+        self.output_dir = Path(output_dir)
+        self.overwrite = overwrite
+        self.overlay = overlay
+        self.written: list[Path] = []
+        self.kept: list[Path] = []
+
+    def output_path(self, name: str) -> Path:
+        return self.output_dir / f"{name}_seg.nii.gz"
+
+    def write_on_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prediction: Any,
+                           batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+        from ..evaluation.predict import write_overlay, write_prediction
+
+        name = prediction["name"]
+        path = self.output_path(name)
+        if path.exists() and not self.overwrite:
+            self.kept.append(path)
+            return
+        meta = trainer.datamodule.case_meta(name, stage="predict")
+        labels = prediction["labels"].numpy()
+        write_prediction(labels, meta, path, overwrite=self.overwrite)
+        self.written.append(path)
+        if self.overlay:
+            write_overlay(batch["image"][0].float().cpu().numpy(), labels, meta.available,
+                          self.output_dir / f"{name}_overlay.png")
+
+    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        msg = f"predictions: {len(self.written)} written to {self.output_dir}"
+        if self.kept:
+            msg += f", {len(self.kept)} already there and kept (set overwrite=true to redo them)"
+        pl_module.print(msg)
+
+
+def wandb_logged_in() -> bool:
+    """True when W&B credentials are present (env var or ~/.netrc), without prompting or network."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
+
+
+class AutoWandbLogger(WandbLogger):
+    """Lightning's W&B logger, offline unless the user is logged in (or ``WANDB_MODE`` says otherwise).
+
+    Offline runs are kept under ``save_dir`` and can be uploaded later with ``wandb sync <run dir>``.
+    """
+
+    def __init__(self, offline: bool | None = None, project: str = "smml-lightning", save_dir: str = "runs",
+                 **kwargs: Any) -> None:
+        if offline is None:
+            mode = os.environ.get("WANDB_MODE")
+            offline = mode in ("offline", "disabled") if mode else not wandb_logged_in()
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        super().__init__(offline=offline, project=project, save_dir=save_dir, **kwargs)
