@@ -1,0 +1,311 @@
+"""mmFormer-style backbone used by each SMML branch, plus the building blocks MAML shares.
+
+Layout (Zhang et al., mmFormer, as used by SMML): four modality-specific 5-stage 3D conv encoders, an
+intra-modal transformer per modality at the bottleneck, masking of missing modalities at every scale,
+an inter-modal transformer over the tokens of the available modalities, per-scale skip fusion, a fused
+decoder with deep supervision, and a shared auxiliary decoder applied to each modality alone.
+
+The four encoders are one stack of grouped convolutions (``groups=4``): mathematically four separate
+encoders, but one kernel launch per layer, which is what makes them fast on CPU (bf16,
+``channels_last_3d``) and GPU. Channels of every per-modality tensor are modality-major: channels
+``[k * C, (k + 1) * C)`` belong to modality ``k`` in :data:`~smml_lightning.data.modalities.MODALITIES`
+order.
+
+Design choices, documented because mmFormer's public code differs in places:
+
+* Norm is ``InstanceNorm3d(affine=True)`` everywhere (no BatchNorm: statistics must not mix samples or
+  modalities). Training therefore needs a bottleneck of more than one voxel: patches of at least 32.
+* Convolutions pad with zeros (mmFormer reflects), so that tiny bottlenecks work.
+* Skip fusion is a 3x3x3 conv over the concatenated masked modality features (mmFormer's region-aware
+  fusion is replaced by this plain fusion; the inter-modal transformer does the bottleneck fusion).
+* Positional embeddings are learnt per modality for a reference grid (``patch_size / 16``) and
+  trilinearly resized to the actual grid, so sliding windows and tiny test patches share weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import Convolution
+from torch import nn
+
+from smml_lightning.data.labels import NUM_CLASSES
+from smml_lightning.data.modalities import NUM_MODALITIES
+from smml_lightning.models.base import MaskedSegmenter, SegmentationOutput
+
+NUM_STAGES = 5
+DOWNSAMPLING = 2 ** (NUM_STAGES - 1)
+
+
+def conv_norm_act(
+    in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, groups: int = 1
+) -> Convolution:
+    """Conv3d -> InstanceNorm(affine) -> LeakyReLU(0.2), mmFormer's basic unit (grouped if asked)."""
+    return Convolution(
+        spatial_dims=3,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        strides=stride,
+        kernel_size=kernel_size,
+        groups=groups,
+        act=("leakyrelu", {"negative_slope": 0.2, "inplace": True}),
+        norm=("instance", {"affine": True}),
+    )
+
+
+def stage_widths(base_width: int) -> list[int]:
+    """Per-stage channel widths ``base * [1, 2, 4, 8, 16]``."""
+    return [base_width * 2**i for i in range(NUM_STAGES)]
+
+
+def check_image(image: torch.Tensor, in_modalities: int) -> None:
+    """Reject images the 5-stage networks cannot process, naming the problem."""
+    if image.ndim != 5 or image.shape[1] != in_modalities:
+        raise ValueError(f"image must be (B, {in_modalities}, D, H, W), got {tuple(image.shape)}")
+    bad = [s for s in image.shape[2:] if s % DOWNSAMPLING]
+    if bad:
+        raise ValueError(
+            f"every spatial size must be divisible by {DOWNSAMPLING} (4 downsamplings), got {tuple(image.shape[2:])}"
+        )
+
+
+def check_mask(mask: torch.Tensor, batch: int, modalities: int = NUM_MODALITIES) -> torch.Tensor:
+    """Validate an availability mask ``(B, M)`` and return it as bool.
+
+    Every sample must keep at least one modality: otherwise the attention over available tokens has
+    nothing to attend to and the fused prediction is undefined.
+    """
+    if mask.shape != (batch, modalities):
+        raise ValueError(f"availability mask must be ({batch}, {modalities}), got {tuple(mask.shape)}")
+    mask = mask.bool()
+    empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"samples {empty} have no available modality: every mask needs at least one True")
+    return mask
+
+
+def mask_modalities(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Zero the channels of missing modalities in a modality-major tensor ``(B, M * C, *s)``."""
+    b, m = mask.shape
+    weights = mask.to(x.dtype).view(b, m, *([1] * (x.ndim - 1)))
+    return (x.unflatten(1, (m, -1)) * weights).flatten(1, 2)
+
+
+def group_cat(a: torch.Tensor, b: torch.Tensor, groups: int) -> torch.Tensor:
+    """Concatenate channels group by group, so grouped convs after it keep groups separate."""
+    if groups == 1:
+        return torch.cat([a, b], dim=1)
+    return torch.cat([a.unflatten(1, (groups, -1)), b.unflatten(1, (groups, -1))], dim=2).flatten(1, 2)
+
+
+class _EncoderStage(nn.Module):
+    """One mmFormer encoder stage: a (strided) conv, then two convs with a residual connection."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, groups: int) -> None:
+        super().__init__()
+        self.down = conv_norm_act(in_channels, out_channels, stride=stride, groups=groups)
+        self.body = nn.Sequential(
+            conv_norm_act(out_channels, out_channels, groups=groups),
+            conv_norm_act(out_channels, out_channels, groups=groups),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.down(x)
+        return x + self.body(x)
+
+
+class GroupedEncoder(nn.Module):
+    """``groups`` independent 5-stage encoders as one stack of grouped convolutions.
+
+    Input ``(B, groups * in_per_group, *S)``; output one tensor per stage, ``(B, groups * w_i, *S / 2^i)``.
+    """
+
+    def __init__(self, widths: Sequence[int], groups: int = NUM_MODALITIES, in_per_group: int = 1) -> None:
+        super().__init__()
+        self.groups = groups
+        channels = [in_per_group, *widths]
+        self.stages = nn.ModuleList(
+            _EncoderStage(groups * channels[i], groups * channels[i + 1], 1 if i == 0 else 2, groups)
+            for i in range(len(widths))
+        )
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        features = []
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        return features
+
+
+@dataclass
+class DecoderOutput:
+    """Full-resolution features and logits of a decoder, plus deep-supervision logits (coarsest first)."""
+
+    features: torch.Tensor
+    logits: torch.Tensor
+    deep_logits: list[torch.Tensor]
+
+
+class UNetDecoder(nn.Module):
+    """mmFormer-style U-Net decoder, optionally as ``groups`` independent decoders in grouped convs.
+
+    Each level: upsample x2 (trilinear) -> conv to the level's width -> concatenate the skip -> 3x3x3
+    conv -> 1x1x1 conv. Deep-supervision heads sit on the three coarser decoder levels (1/8, 1/4, 1/2
+    resolution); their logits keep their own resolution, so the loss resizes the labels.
+    """
+
+    def __init__(
+        self, widths: Sequence[int], num_classes: int, groups: int = 1, deep_supervision: bool = True
+    ) -> None:
+        super().__init__()
+        self.groups = groups
+        levels = range(len(widths) - 2, -1, -1)  # coarse to fine
+        self.up_convs = nn.ModuleList(conv_norm_act(groups * widths[i + 1], groups * widths[i], groups=groups) for i in levels)
+        self.merges = nn.ModuleList(
+            nn.Sequential(
+                conv_norm_act(2 * groups * widths[i], groups * widths[i], groups=groups),
+                conv_norm_act(groups * widths[i], groups * widths[i], kernel_size=1, groups=groups),
+            )
+            for i in levels
+        )
+        self.head = nn.Conv3d(groups * widths[0], groups * num_classes, 1, groups=groups)
+        self.deep_heads = nn.ModuleList(
+            nn.Conv3d(groups * widths[i], groups * num_classes, 1, groups=groups) for i in levels if i > 0
+        ) if deep_supervision else nn.ModuleList()
+
+    def forward(self, skips: Sequence[torch.Tensor], bottom: torch.Tensor, deep: bool = False) -> DecoderOutput:
+        """``skips`` finest first (one per level above the bottleneck); ``deep`` computes deep logits."""
+        if deep and not len(self.deep_heads):
+            raise ValueError("this decoder was built without deep-supervision heads")
+        x = bottom
+        deep_logits = []
+        for j, (up_conv, merge) in enumerate(zip(self.up_convs, self.merges)):
+            skip = skips[len(skips) - 1 - j]
+            x = up_conv(F.interpolate(x, size=skip.shape[2:], mode="trilinear", align_corners=False))
+            x = merge(group_cat(x, skip, self.groups))
+            if deep and j < len(self.deep_heads):
+                deep_logits.append(self.deep_heads[j](x))
+        return DecoderOutput(features=x, logits=self.head(x), deep_logits=deep_logits)
+
+
+class _Transformer(nn.Module):
+    """Pre-norm transformer; positions are re-added before every layer, as in mmFormer."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, mlp_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                dim, num_heads, mlp_dim, dropout, activation="gelu", batch_first=True, norm_first=True
+            )
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(
+        self, tokens: torch.Tensor, pos: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        for layer in self.layers:
+            tokens = layer(tokens + pos, src_key_padding_mask=key_padding_mask)
+        return self.norm(tokens)
+
+
+class MMFormer(MaskedSegmenter):
+    """mmFormer-style network; one SMML branch.
+
+    ``encode(image)`` returns a list of 5 per-modality tensors (modality-major channels): the four conv
+    stages ``(B, 4 * w_i, *S / 2^i)`` and the intra-transformer output at the bottleneck
+    ``(B, 4 * transformer_dim, *S / 16)``. Nothing in ``encode`` mixes modalities.
+
+    ``decode(features, mask)`` in training mode returns fused ``logits``, ``aux_logits`` (the shared
+    auxiliary decoder on each modality's unmasked features, canonical order; the loss should use only
+    the available ones), ``deep_logits`` (fused decoder at 1/8, 1/4, 1/2 resolution, coarsest first)
+    and ``bottleneck`` (fused bottleneck ``(B, 16 * base_width, *S / 16)``). In eval mode the aux and
+    deep outputs are skipped.
+    """
+
+    def __init__(
+        self,
+        in_modalities: int = NUM_MODALITIES,
+        num_classes: int = NUM_CLASSES,
+        base_width: int = 8,
+        transformer_dim: int = 512,
+        transformer_depth: int = 1,
+        num_heads: int = 8,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        patch_size: int | Sequence[int] = 128,
+    ) -> None:
+        super().__init__()
+        sizes = (patch_size,) * 3 if isinstance(patch_size, int) else tuple(patch_size)
+        if len(sizes) != 3 or any(s % DOWNSAMPLING for s in sizes):
+            raise ValueError(f"patch_size must be one or three sizes divisible by {DOWNSAMPLING}, got {patch_size}")
+        self.in_modalities = in_modalities
+        self.num_classes = num_classes
+        self.transformer_dim = transformer_dim
+        widths = stage_widths(base_width)
+        m, dim = in_modalities, transformer_dim
+
+        self.encoder = GroupedEncoder(widths, groups=m)
+        self.to_tokens = nn.Conv3d(m * widths[-1], m * dim, 1, groups=m)
+        self.pos_embed = nn.Parameter(torch.zeros(m, dim, *(s // DOWNSAMPLING for s in sizes)))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        mlp_dim = int(dim * mlp_ratio)
+        self.intra = nn.ModuleList(_Transformer(dim, transformer_depth, num_heads, mlp_dim, dropout) for _ in range(m))
+        self.inter = _Transformer(dim, transformer_depth, num_heads, mlp_dim, dropout)
+        self.from_tokens = conv_norm_act(m * dim, widths[-1], kernel_size=1)
+        self.skip_fusion = nn.ModuleList(conv_norm_act(m * w, w) for w in widths[:-1])
+        self.decoder = UNetDecoder(widths, num_classes, deep_supervision=True)
+        self.aux_in = conv_norm_act(dim, widths[-1], kernel_size=1)
+        self.aux_decoder = UNetDecoder(widths, num_classes, deep_supervision=False)
+
+    def _positions(self, grid: Sequence[int]) -> torch.Tensor:
+        """Positional embeddings ``(M, N, dim)`` for a bottleneck grid, resized from the reference grid."""
+        pos = self.pos_embed
+        if tuple(pos.shape[2:]) != tuple(grid):
+            pos = F.interpolate(pos, size=tuple(grid), mode="trilinear", align_corners=False)
+        return pos.flatten(2).transpose(1, 2)
+
+    def encode(self, image: torch.Tensor) -> list[torch.Tensor]:
+        check_image(image, self.in_modalities)
+        features = self.encoder(image)
+        x = self.to_tokens(features[-1])
+        b, grid = x.shape[0], x.shape[2:]
+        tokens = x.unflatten(1, (self.in_modalities, -1)).flatten(3).transpose(2, 3)  # (B, M, N, dim)
+        pos = self._positions(grid)
+        intra = torch.stack([t(tokens[:, k], pos[k]) for k, t in enumerate(self.intra)], dim=1)
+        bottleneck = intra.transpose(2, 3).reshape(b, -1, *grid)
+        return [*features[:-1], bottleneck]
+
+    def decode(self, encoded: list[torch.Tensor], mask: torch.Tensor) -> SegmentationOutput:
+        *skips, tokens_map = encoded
+        b, m, grid = tokens_map.shape[0], self.in_modalities, tokens_map.shape[2:]
+        mask = check_mask(mask, b, m)
+
+        # Inter-modal attention over available tokens only: missing keys are padding, and missing
+        # queries are zeroed again afterwards so nothing of a missing modality survives.
+        tokens = mask_modalities(tokens_map, mask).unflatten(1, (m, -1)).flatten(3).transpose(2, 3)
+        n = tokens.shape[2]
+        pos = self._positions(grid).reshape(m * n, -1)
+        padding = (~mask).repeat_interleave(n, dim=1)
+        inter = self.inter(tokens.reshape(b, m * n, -1), pos, padding).reshape(b, m, n, -1)
+        inter = inter * mask.to(inter.dtype)[:, :, None, None]
+        bottleneck = self.from_tokens(inter.transpose(2, 3).reshape(b, -1, *grid))
+
+        fused_skips = [fuse(mask_modalities(s, mask)) for fuse, s in zip(self.skip_fusion, skips)]
+        fused = self.decoder(fused_skips, bottleneck, deep=self.training)
+        if not self.training:
+            return SegmentationOutput(logits=fused.logits, bottleneck=bottleneck)
+
+        # Shared auxiliary decoder: fold modalities into the batch, one pass for all four.
+        own_skips = [s.unflatten(1, (m, -1)).flatten(0, 1) for s in skips]
+        own_bottom = self.aux_in(tokens_map.unflatten(1, (m, -1)).flatten(0, 1))
+        aux = self.aux_decoder(own_skips, own_bottom).logits.unflatten(0, (b, m))
+        return SegmentationOutput(
+            logits=fused.logits,
+            aux_logits=list(aux.unbind(1)),
+            deep_logits=fused.deep_logits,
+            bottleneck=bottleneck,
+        )
