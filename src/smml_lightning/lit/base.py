@@ -33,6 +33,13 @@ def _subset_indices(names: Sequence[str] | None) -> list[int]:
     return out
 
 
+def channels_last_weights(module: torch.nn.Module) -> None:
+    """Store 5-D weights (3-D convolutions) as ``channels_last_3d``; other tensors are left alone."""
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if tensor.dim() == 5:
+            tensor.data = tensor.data.contiguous(memory_format=torch.channels_last_3d)
+
+
 class NonFiniteLossError(RuntimeError):
     """A loss term became NaN or infinite."""
 
@@ -105,7 +112,7 @@ class MissingModalityModule(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         if self.channels_last:
-            self.to(memory_format=torch.channels_last_3d)
+            channels_last_weights(self)
 
     def in_warmup(self) -> bool:
         """True before the epoch at which the mutual/consistency terms switch on."""

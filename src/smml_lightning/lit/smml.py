@@ -90,8 +90,6 @@ class SMML(MissingModalityModule):
         self.warmup_epochs = warmup_epochs
         self.share_mask = share_mask
         self.seg_loss = DiceCELoss()
-        if self.channels_last:
-            self.to(memory_format=torch.channels_last_3d)
 
     def inference_models(self) -> list[MaskedSegmenter]:
         return list(self.branches)
@@ -128,9 +126,11 @@ class SMML(MissingModalityModule):
                 terms[name] = terms.get(name, 0) + value
         label = batch["label"]
         feat_a, feat_b = outs[0].bottleneck, outs[1].bottleneck
-        terms["hcc_sample"] = self.w["sample"] * inter_sample_relation(feat_a, feat_b)
-        terms["hcc_class"] = self.w["cls"] * inter_class_relation(feat_a, feat_b, label)
-        if warm:
+        if self.w["sample"] > 0:
+            terms["hcc_sample"] = self.w["sample"] * inter_sample_relation(feat_a, feat_b)
+        if self.w["cls"] > 0:
+            terms["hcc_class"] = self.w["cls"] * inter_class_relation(feat_a, feat_b, label)
+        if warm and self.w["pixel"] > 0:
             terms["hcc_pixel"] = self.w["pixel"] * bidirectional_pixel_consistency(
                 outs[0].logits, outs[1].logits, label, self.temperature)
         return terms
