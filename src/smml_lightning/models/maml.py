@@ -1,0 +1,116 @@
+"""MAML: Modality-aware Mutual Learning (Zhang et al., MICCAI 2021).
+
+One 3D U-Net per modality, each with deep supervision, fused by a modality-aware (MA) module. The four
+U-Nets share the backbone's building blocks and run as one stack of grouped convolutions
+(``groups=4``), which is four independent networks computed in one kernel launch per layer.
+
+MA fusion (``decode``): a fused feature is a conv over the concatenated features of the available
+modalities (missing ones zeroed); each modality gets a voxel-wise score from a conv over its features
+concatenated with the fused feature (one conv per modality); a softmax over the *available* modalities
+only (missing ones scored ``-inf``) gives the attention maps, which weight the modality features; a
+1x1x1 conv turns the weighted sum into the fused logits.
+
+With a single available modality its attention is exactly 1 everywhere, so the fused logits are the
+fusion head applied to that modality's features. The paper says "its own model predicts" in that case;
+that prediction is ``aux_logits[k]`` here, and the fused output stays the MA module's for uniformity.
+
+Outputs in training mode: ``logits`` fused; ``aux_logits`` the 4 modality-specific predictions in
+canonical order (supervise and mutually teach only the available ones); ``deep_logits`` the modality
+U-Nets' deep-supervision outputs, level-major and coarsest first: ``[flair@1/8, t1ce@1/8, t1@1/8,
+t2@1/8, flair@1/4, ..., t2@1/2]``. Each modality model only sees its own modality's image, which is
+always present in training patches, so all twelve are valid to supervise (MAML trains every
+modality-specific model with deep supervision); the fused path has no deep supervision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from smml_lightning.data.labels import NUM_CLASSES
+from smml_lightning.data.modalities import NUM_MODALITIES
+from smml_lightning.models.backbone import (
+    GroupedEncoder,
+    UNetDecoder,
+    check_image,
+    check_mask,
+    conv_norm_act,
+    group_cat,
+    mask_modalities,
+    stage_widths,
+)
+from smml_lightning.models.base import MaskedSegmenter, SegmentationOutput
+
+
+@dataclass
+class MAMLFeatures:
+    """What ``MAML.encode`` returns; every tensor has modality-major channels.
+
+    Attributes:
+        features: last decoder level of each modality's U-Net, ``(B, M * w, *S)``.
+        logits: each modality model's prediction, ``(B, M * C, *S)``.
+        deep_logits: each modality model's deep outputs ``(B, M * C, *s)``, coarsest first (training only).
+    """
+
+    features: torch.Tensor
+    logits: torch.Tensor
+    deep_logits: list[torch.Tensor]
+
+
+class MAML(MaskedSegmenter):
+    """Modality-specific U-Nets (grouped) with modality-aware attention fusion.
+
+    ``base_width`` defaults to 4, half the backbone's default 8, following the paper's half-width
+    modality models (there: half of nnU-Net's 32).
+    """
+
+    def __init__(
+        self, in_modalities: int = NUM_MODALITIES, num_classes: int = NUM_CLASSES, base_width: int = 4
+    ) -> None:
+        super().__init__()
+        self.in_modalities = in_modalities
+        self.num_classes = num_classes
+        self.width = base_width
+        widths = stage_widths(base_width)
+        m, w = in_modalities, base_width
+        self.encoder = GroupedEncoder(widths, groups=m)
+        self.decoder = UNetDecoder(widths, num_classes, groups=m, deep_supervision=True)
+        self.fuse = conv_norm_act(m * w, w)
+        self.score = nn.Conv3d(m * 2 * w, m, 3, padding=1, groups=m)
+        self.head = nn.Conv3d(w, num_classes, 1)
+
+    def encode(self, image: torch.Tensor) -> MAMLFeatures:
+        check_image(image, self.in_modalities)
+        features = self.encoder(image)
+        out = self.decoder(features[:-1], features[-1], deep=self.training)
+        return MAMLFeatures(features=out.features, logits=out.logits, deep_logits=out.deep_logits)
+
+    def _attend(self, encoded: MAMLFeatures, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention maps ``(B, M, *S)`` and the attention-weighted feature ``(B, w, *S)``."""
+        feats = encoded.features
+        m = self.in_modalities
+        mask = check_mask(mask, feats.shape[0], m)
+        masked = mask_modalities(feats, mask)
+        fused = self.fuse(masked)
+        paired = group_cat(masked, fused.repeat(1, m, *([1] * (fused.ndim - 2))), m)
+        scores = self.score(paired).float()
+        scores = scores.masked_fill(~mask.view(*mask.shape, *([1] * (scores.ndim - 2))), float("-inf"))
+        attention = scores.softmax(dim=1)
+        weighted = (attention.to(masked.dtype).unsqueeze(2) * masked.unflatten(1, (m, -1))).sum(dim=1)
+        return attention, weighted
+
+    def attention(self, encoded: MAMLFeatures, mask: torch.Tensor) -> torch.Tensor:
+        """Voxel-wise modality attention ``(B, M, *S)``: sums to 1 over available modalities, 0 on missing."""
+        return self._attend(encoded, mask)[0]
+
+    def decode(self, encoded: MAMLFeatures, mask: torch.Tensor) -> SegmentationOutput:
+        logits = self.head(self._attend(encoded, mask)[1])
+        if not self.training:
+            return SegmentationOutput(logits=logits)
+        m = self.in_modalities
+        deep = [x for level in encoded.deep_logits for x in level.unflatten(1, (m, -1)).unbind(1)]
+        return SegmentationOutput(
+            logits=logits, aux_logits=list(encoded.logits.unflatten(1, (m, -1)).unbind(1)), deep_logits=deep
+        )
