@@ -1,0 +1,128 @@
+"""Dice + CE, deep supervision and masked auxiliary losses against hand computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from smml_lightning.losses.segmentation import DiceCELoss, deep_supervision_loss, masked_aux_loss
+
+
+def _softmax(row: list[float]) -> list[float]:
+    e = [math.exp(v) for v in row]
+    return [v / sum(e) for v in e]
+
+
+def test_dice_ce_matches_manual_formula_on_two_voxels() -> None:
+    # Three classes, two voxels with labels 1 and 2; logits per voxel (class-major below).
+    voxel_logits = [[0.2, 1.5, -0.3], [1.0, -0.5, 0.7]]
+    labels = [1, 2]
+    logits = torch.tensor(voxel_logits).T.reshape(1, 3, 2, 1, 1)
+    label = torch.tensor(labels).reshape(1, 1, 2, 1, 1)
+
+    probs = [_softmax(v) for v in voxel_logits]
+    ce = sum(-math.log(p[y]) for p, y in zip(probs, labels)) / 2
+    smooth = 1.0
+    dice_terms = []
+    for c in (1, 2):  # background excluded
+        inter = sum(p[c] for p, y in zip(probs, labels) if y == c)
+        psum = sum(p[c] for p in probs)
+        gsum = sum(1 for y in labels if y == c)
+        dice_terms.append(1 - (2 * inter + smooth) / (psum + gsum + smooth))
+    expected = ce + sum(dice_terms) / 2
+
+    assert DiceCELoss()(logits, label).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_dice_ce_pools_the_batch_before_the_ratio() -> None:
+    # Class 1 only in sample 0, class 2 only in sample 1: batch Dice pools them into one ratio each.
+    logits = torch.tensor([[[2.0], [0.0], [0.0]], [[0.0], [0.0], [1.0]]]).reshape(2, 3, 1, 1, 1)
+    label = torch.tensor([1, 2]).reshape(2, 1, 1, 1, 1)
+    p = torch.softmax(logits.reshape(2, 3), dim=1)
+    dice = sum(1 - (2 * p[i, c] + 1) / (p[:, c].sum() + 1 + 1) for i, c in ((0, 1), (1, 2))) / 2
+    ce = -(p[0, 1].log() + p[1, 2].log()) / 2
+    assert DiceCELoss()(logits, label).item() == pytest.approx((dice + ce).item(), rel=1e-5)
+
+
+def test_dice_ce_with_absent_classes_is_finite_and_zero_for_an_empty_prediction() -> None:
+    label = torch.zeros(1, 1, 3, 3, 3, dtype=torch.long)  # background only: classes 1..3 absent
+    confident = torch.zeros(1, 4, 3, 3, 3)
+    confident[:, 0] = 30.0
+    assert DiceCELoss()(confident, label).item() < 1e-6
+
+    unsure = torch.zeros(1, 4, 3, 3, 3, requires_grad=True)
+    loss = DiceCELoss()(unsure, label)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(unsure.grad).all()
+    # Spurious mass on absent classes is pushed down (positive gradient on their logits).
+    assert (unsure.grad[:, 1:] > 0).all()
+
+
+def test_dice_ce_rejects_a_label_without_channel_axis() -> None:
+    with pytest.raises(ValueError, match="label must be"):
+        DiceCELoss()(torch.zeros(1, 4, 2, 2, 2), torch.zeros(1, 2, 2, 2, dtype=torch.long))
+
+
+def test_deep_supervision_downsamples_labels_by_nearest_neighbour_and_averages() -> None:
+    label = torch.randint(0, 4, (2, 1, 4, 4, 4))
+    seen: list[torch.Tensor] = []
+
+    def recording_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        seen.append(target)
+        return torch.tensor(float(logits.shape[2]))
+
+    outputs = [torch.zeros(2, 4, 1, 1, 1), torch.zeros(2, 4, 2, 2, 2), torch.zeros(2, 4, 4, 4, 4)]
+    value = deep_supervision_loss(recording_loss, outputs, label)
+    assert value.item() == pytest.approx((1 + 2 + 4) / 3)
+    # Voxel-centre sampling: a factor-2 reduction keeps voxels 1 and 3 along each axis.
+    assert torch.equal(seen[1], label[:, :, 1::2, 1::2, 1::2])
+    assert torch.equal(seen[0], label[:, :, 2:3, 2:3, 2:3])
+    assert torch.equal(seen[2], label)
+    assert all(t.dtype == torch.long for t in seen)
+
+
+def test_deep_supervision_with_dice_ce_matches_explicit_sum() -> None:
+    label = torch.randint(0, 4, (1, 1, 4, 4, 4))
+    outputs = [torch.randn(1, 4, 2, 2, 2), torch.randn(1, 4, 4, 4, 4)]
+    loss_fn = DiceCELoss()
+    expected = (loss_fn(outputs[0], label[:, :, 1::2, 1::2, 1::2]) + loss_fn(outputs[1], label)) / 2
+    assert deep_supervision_loss(loss_fn, outputs, label).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_masked_aux_loss_ignores_missing_pairs_in_value_and_gradient() -> None:
+    torch.manual_seed(0)
+    label = torch.randint(0, 4, (2, 1, 3, 3, 3))
+    aux = [torch.randn(2, 4, 3, 3, 3, requires_grad=True) for _ in range(4)]
+    mask = torch.tensor([[True, False, False, True], [False, True, True, True]])
+    loss_fn = DiceCELoss()
+
+    value = masked_aux_loss(loss_fn, aux, label, mask)
+    pairs = [(0, 0), (0, 3), (1, 1), (1, 2), (1, 3)]
+    expected = sum(loss_fn(aux[m][b : b + 1], label[b : b + 1]) for b, m in pairs) / len(pairs)
+    assert value.item() == pytest.approx(expected.item(), rel=1e-6)
+
+    value.backward()
+    for m in range(4):
+        for b in range(2):
+            grad_norm = aux[m].grad[b].abs().sum().item()
+            if mask[b, m]:
+                assert grad_norm > 0, f"available pair ({b}, {m}) got no gradient"
+            else:
+                assert grad_norm == 0, f"missing pair ({b}, {m}) got a gradient"
+
+
+def test_masked_aux_loss_without_available_pairs_is_zero_with_a_graph() -> None:
+    aux = [torch.randn(1, 4, 2, 2, 2, requires_grad=True) for _ in range(4)]
+    value = masked_aux_loss(DiceCELoss(), aux, torch.zeros(1, 1, 2, 2, 2, dtype=torch.long),
+                            torch.zeros(1, 4, dtype=torch.bool))
+    assert value.item() == 0.0
+    value.backward()
+    assert all(torch.equal(a.grad, torch.zeros_like(a)) for a in aux)
+
+
+def test_masked_aux_loss_rejects_a_mask_of_the_wrong_width() -> None:
+    aux = [torch.zeros(1, 4, 2, 2, 2)] * 4
+    with pytest.raises(ValueError, match=r"mask must be \(B, 4\)"):
+        masked_aux_loss(DiceCELoss(), aux, torch.zeros(1, 1, 2, 2, 2, dtype=torch.long), torch.ones(1, 3, dtype=torch.bool))
