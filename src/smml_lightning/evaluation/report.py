@@ -1,0 +1,222 @@
+"""Evaluation reports in the layout of the papers' 15-subset tables.
+
+Input is one row per (case, subset, region) with that case's Dice (fraction, 0..1) and HD95 (mm).
+Outputs: ``per_case.csv`` (the rows), ``summary.csv`` (subset x region means plus the 15-subset
+average), ``report.md`` (the papers' table, how the figures were computed, published comparison rows)
+and ``heatmap.png``. Every file is written atomically and nothing is overwritten unless asked, so a
+finished report is never clobbered by a later run pointed at the same folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from smml_lightning.data.cache import atomic_write_bytes, atomic_write_text
+from smml_lightning.data.modalities import MODALITIES, MODALITY_LABELS, SUBSET_NAMES, SUBSETS, parse_subset, subset_name
+
+REPORT_REGIONS: tuple[str, ...] = ("WT", "TC", "ET", "ET_post")
+"""Regions a report knows, in column order; ``ET_post`` is ET after the small-ET post-processing."""
+
+AVERAGE = "Average"
+ROW_COLUMNS: tuple[str, ...] = ("case", "subset", "region", "dice", "hd95")
+FILES: dict[str, str] = {
+    "per_case": "per_case.csv",
+    "summary": "summary.csv",
+    "report": "report.md",
+    "heatmap": "heatmap.png",
+}
+
+
+def _subset_label(value: Any) -> str:
+    """Canonical subset name from an index into SUBSETS, a mask, or a '+'-joined name."""
+    if isinstance(value, (int, np.integer)):
+        if not 0 <= int(value) < len(SUBSETS):
+            raise ValueError(f"subset index {value} is outside 0..{len(SUBSETS) - 1}")
+        return SUBSET_NAMES[int(value)]
+    if isinstance(value, str):
+        return subset_name(parse_subset(value))
+    return subset_name(value)
+
+
+def rows_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """Validated rows as a frame sorted by case, table subset order and region order."""
+    if not rows:
+        raise ValueError("no metric rows to report")
+    frame = pd.DataFrame(list(rows))
+    missing = [c for c in ROW_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"metric rows lack columns {missing}; each row needs {list(ROW_COLUMNS)}")
+    frame = frame[list(ROW_COLUMNS)].copy()
+    frame["subset"] = [_subset_label(v) for v in frame["subset"]]
+    unknown = sorted(set(frame["region"]) - set(REPORT_REGIONS))
+    if unknown:
+        raise ValueError(f"unknown regions {unknown}; expected some of {list(REPORT_REGIONS)}")
+    dup = frame.duplicated(["case", "subset", "region"], keep=False)
+    if dup.any():
+        first = frame[dup].iloc[0]
+        raise ValueError(f"duplicate metric rows, e.g. case {first['case']!r}, {first['subset']}, {first['region']}")
+    frame["dice"] = frame["dice"].astype(float)
+    frame["hd95"] = frame["hd95"].astype(float)
+    frame["subset"] = pd.Categorical(frame["subset"], categories=SUBSET_NAMES, ordered=True)
+    frame["region"] = pd.Categorical(frame["region"], categories=REPORT_REGIONS, ordered=True)
+    return frame.sort_values(["case", "subset", "region"], kind="stable").reset_index(drop=True)
+
+
+def summary_table(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """Mean Dice (fraction) and HD95 (mm) per subset and region, plus the average over subsets.
+
+    One row per subset present (table order), then ``Average``: the unweighted mean of the subset rows,
+    i.e. the papers' 15-subset average. Columns ``subset``, ``n_cases``, then ``<region>_dice`` and
+    ``<region>_hd95`` for each region present. NaN metrics are skipped in the means.
+    """
+    frame = rows_frame(rows)
+    means = frame.groupby(["subset", "region"], observed=True)[["dice", "hd95"]].mean()
+    wide = means.unstack("region")
+    regions = [r for r in REPORT_REGIONS if r in wide.columns.get_level_values("region")]
+    table = pd.DataFrame(index=wide.index.astype(str))
+    table["n_cases"] = frame.groupby("subset", observed=True)["case"].nunique().to_numpy()
+    for region in regions:
+        for metric in ("dice", "hd95"):
+            table[f"{region}_{metric}"] = wide[(metric, region)].to_numpy()
+    average = table.drop(columns="n_cases").mean(axis=0)
+    average["n_cases"] = frame["case"].nunique()
+    table.loc[AVERAGE] = average[table.columns]
+    table["n_cases"] = table["n_cases"].astype(int)
+    return table.rename_axis("subset").reset_index()
+
+
+def load_published(dataset: str | None = None) -> pd.DataFrame:
+    """Published 15-subset Dice averages (%) from ``resources/published.csv``, optionally one dataset's."""
+    text = resources.files("smml_lightning").joinpath("resources/published.csv").read_text()
+    table = pd.read_csv(io.StringIO(text))
+    return table if dataset is None else table[table["dataset"] == dataset].reset_index(drop=True)
+
+
+def _fmt(value: float, scale: float = 1.0) -> str:
+    return "–" if pd.isna(value) else f"{value * scale:.1f}"
+
+
+def _markdown(
+    summary: pd.DataFrame,
+    method_name: str,
+    n_cases: int,
+    dataset_layout: str | None,
+    compare: bool,
+    et_min_voxels: int,
+    inference_settings: Mapping[str, Any] | None,
+) -> str:
+    regions = [r for r in REPORT_REGIONS if f"{r}_dice" in summary.columns]
+    by_subset = summary.set_index("subset")
+    head = ["#", *(MODALITY_LABELS[m] for m in MODALITIES)]
+    head += [f"Dice {r}" for r in regions] + [f"HD95 {r}" for r in regions]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, (name, mask) in enumerate(zip(SUBSET_NAMES, SUBSETS), start=1):
+        cells = [str(i), *("●" if on else "○" for on in mask)]
+        row = by_subset.loc[name] if name in by_subset.index else None
+        cells += [_fmt(np.nan if row is None else row[f"{r}_dice"], 100) for r in regions]
+        cells += [_fmt(np.nan if row is None else row[f"{r}_hd95"]) for r in regions]
+        lines.append("| " + " | ".join(cells) + " |")
+    avg = by_subset.loc[AVERAGE]
+    cells = [f"**{AVERAGE}**", "", "", "", ""]
+    cells += [f"**{_fmt(avg[f'{r}_dice'], 100)}**" for r in regions]
+    cells += [f"**{_fmt(avg[f'{r}_hd95'])}**" for r in regions]
+    lines.append("| " + " | ".join(cells) + " |")
+
+    n_subsets = len(by_subset) - 1
+    where = f" on {dataset_layout}" if dataset_layout else ""
+    sw = ", ".join(f"{k}={v}" for k, v in inference_settings.items()) if inference_settings else "not recorded"
+    parts = [
+        f"# {method_name}: Dice (%) and HD95 (mm) per available-modality subset",
+        "",
+        f"{n_cases} cases{where}; {n_subsets} of 15 subsets evaluated (● available, ○ missing).",
+        "",
+        *lines,
+        "",
+        "## How these figures were computed",
+        "",
+        "- Dice per case on the argmax labels, regions WT = NCR+ED+ET, TC = NCR+ET, ET; "
+        "an empty prediction against an empty truth scores 1. Each cell is the mean over cases; "
+        "the average row is the unweighted mean of the subset rows.",
+        "- HD95 in mm (voxel spacing from the case's header); when exactly one of prediction and truth "
+        "is empty the case gets the fixed penalty distance of the metrics module, empty/empty gives 0. "
+        "NaN values are skipped in the means.",
+        f"- ET_post: the predicted ET is set to empty when it has fewer than {et_min_voxels} voxels "
+        "(the community's small-ET post-processing); WT and TC are not changed.",
+        f"- Whole-case sliding-window inference: {sw}.",
+    ]
+    if compare:
+        published = load_published(dataset_layout)
+        parts += ["", "## Published 15-subset averages (Dice %)", ""]
+        if published.empty:
+            parts.append(f"No published figures for {dataset_layout} in resources/published.csv.")
+        else:
+            parts += ["| Method | Dataset | WT | TC | ET | Source |", "|---|---|---|---|---|---|"]
+            for rec in published.itertuples(index=False):
+                parts.append(f"| {rec.method} | {rec.dataset} | {rec.wt:.1f} | {rec.tc:.1f} | {rec.et:.1f} | {rec.source} |")
+            ours = [_fmt(avg.get(f"{r}_dice", np.nan), 100) for r in ("WT", "TC", "ET")]
+            parts.append(f"| **{method_name}** (this run) | {dataset_layout or '–'} | {' | '.join(ours)} | this report |")
+            parts += ["", "Published figures are means over the papers' own splits; they are indicative, "
+                      "not a paired comparison with this run."]
+    return "\n".join(parts) + "\n"
+
+
+def _heatmap_png(summary: pd.DataFrame, method_name: str) -> bytes:
+    regions = [r for r in REPORT_REGIONS if f"{r}_dice" in summary.columns]
+    values = summary[[f"{r}_dice" for r in regions]].to_numpy(dtype=float) * 100
+    fig = Figure(figsize=(1.2 * len(regions) + 3, 0.38 * len(summary) + 1.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    im = ax.imshow(values, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    ax.set_xticks(range(len(regions)), regions)
+    ax.set_yticks(range(len(summary)), summary["subset"].tolist())
+    for (i, j), v in np.ndenumerate(values):
+        ax.text(j, i, "–" if np.isnan(v) else f"{v:.1f}", ha="center", va="center",
+                color="black" if v >= 60 else "white", fontsize=8)
+    ax.set_title(f"{method_name}: mean Dice (%)")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def write_report(
+    rows: Sequence[Mapping[str, Any]],
+    out_dir: Path | str,
+    method_name: str,
+    dataset_layout: str | None = None,
+    compare: bool = True,
+    overwrite: bool = False,
+    et_min_voxels: int = 500,
+    inference_settings: Mapping[str, Any] | None = None,
+) -> dict[str, Path]:
+    """Write per_case.csv, summary.csv, report.md and heatmap.png into ``out_dir``; return their paths.
+
+    ``dataset_layout`` (e.g. ``brats2018``) selects the published comparison rows; ``None`` shows all.
+    ``inference_settings`` (roi_size, overlap, mode, ...) are quoted in the report's notes.
+    """
+    out_dir = Path(out_dir)
+    paths = {key: out_dir / name for key, name in FILES.items()}
+    existing = [str(p) for p in paths.values() if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"report files already exist: {existing}; pass overwrite=True to replace them")
+    frame = rows_frame(rows)
+    summary = summary_table(rows)
+
+    per_case = frame.astype({"subset": str, "region": str})
+    atomic_write_text(paths["per_case"], per_case.to_csv(index=False, quoting=csv.QUOTE_MINIMAL))
+    atomic_write_text(paths["summary"], summary.to_csv(index=False))
+    atomic_write_text(paths["report"], _markdown(summary, method_name, frame["case"].nunique(), dataset_layout,
+                                                 compare, et_min_voxels, inference_settings))
+    png = _heatmap_png(summary, method_name)
+    atomic_write_bytes(paths["heatmap"], lambda f: f.write(png))
+    return paths

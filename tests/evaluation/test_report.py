@@ -1,0 +1,102 @@
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.image import imread
+
+from smml_lightning.data.modalities import SUBSET_NAMES
+from smml_lightning.evaluation.report import load_published, summary_table, write_report
+
+REGIONS = ("WT", "TC", "ET", "ET_post")
+
+
+def _rows(n_cases=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return [
+        {"case": f"case{c}", "subset": s, "region": r, "dice": float(rng.random()), "hd95": float(rng.random() * 20)}
+        for c in range(n_cases) for s in SUBSET_NAMES for r in REGIONS
+    ]
+
+
+def test_summary_means_equal_groupby_by_hand():
+    rows = _rows()
+    table = summary_table(rows).set_index("subset")
+    frame = pd.DataFrame(rows)
+    assert list(table.index) == [*SUBSET_NAMES, "Average"]
+    for (subset, region), group in frame.groupby(["subset", "region"]):
+        assert table.loc[subset, f"{region}_dice"] == pytest.approx(group["dice"].mean())
+        assert table.loc[subset, f"{region}_hd95"] == pytest.approx(group["hd95"].mean())
+    # Every case has every subset, so the average of subset means equals the mean over all rows.
+    for region, group in frame.groupby("region"):
+        assert table.loc["Average", f"{region}_dice"] == pytest.approx(group["dice"].mean())
+    assert (table["n_cases"] == 3).all()
+
+
+def test_summary_hand_computed_two_cases():
+    rows = [
+        {"case": "a", "subset": "FLAIR", "region": "WT", "dice": 0.5, "hd95": 2.0},
+        {"case": "b", "subset": "flair", "region": "WT", "dice": 1.0, "hd95": np.nan},
+        {"case": "a", "subset": 14, "region": "WT", "dice": 0.9, "hd95": 4.0},
+    ]
+    table = summary_table(rows).set_index("subset")
+    assert list(table.index) == ["FLAIR", "FLAIR+T1ce+T1+T2", "Average"]
+    assert table.loc["FLAIR", "WT_dice"] == pytest.approx(0.75)
+    assert table.loc["FLAIR", "WT_hd95"] == pytest.approx(2.0)  # NaN skipped
+    assert table.loc["Average", "WT_dice"] == pytest.approx((0.75 + 0.9) / 2)
+    assert table.loc["FLAIR", "n_cases"] == 2
+
+
+def test_write_report_files_rows_and_markdown_order(tmp_path):
+    rows = _rows()
+    paths = write_report(rows, tmp_path / "rep", "SMML", dataset_layout="brats2018",
+                         inference_settings={"roi_size": 128, "overlap": 0.5, "mode": "gaussian"})
+    assert set(paths) == {"per_case", "summary", "report", "heatmap"} and all(p.is_file() for p in paths.values())
+    per_case = pd.read_csv(paths["per_case"])
+    assert list(per_case.columns) == ["case", "subset", "region", "dice", "hd95"]
+    assert len(per_case) == 3 * 15 * 4
+    summary = pd.read_csv(paths["summary"])
+    assert list(summary["subset"]) == [*SUBSET_NAMES, "Average"]
+    assert {f"{r}_{m}" for r in REGIONS for m in ("dice", "hd95")} <= set(summary.columns)
+
+    text = paths["report"].read_text()
+    table = [line for line in text.splitlines() if line.startswith("| ") and "●" in line or "**Average**" in line]
+    assert len(table) == 16
+    assert [line.split("|")[1].strip() for line in table] == [*map(str, range(1, 16)), "**Average**"]
+    # Row 1 is T2 only: FLAIR, T1ce, T1 missing, T2 present; its WT Dice is the mean in percent.
+    cells = [c.strip() for c in table[0].split("|")[1:-1]]
+    assert cells[1:5] == ["○", "○", "○", "●"]
+    assert cells[5] == f"{summary.loc[0, 'WT_dice'] * 100:.1f}"
+    assert "roi_size=128, overlap=0.5, mode=gaussian" in text
+    assert "fewer than 500 voxels" in text
+    assert "| RFNet | brats2018 | 85.7 | 76.5 | 57.1 |" in text and "brats2020" not in text
+
+    png = imread(paths["heatmap"])
+    assert png.ndim == 3 and png.std() > 0
+    assert not list((tmp_path / "rep").glob("*.tmp"))
+
+
+def test_refuses_to_overwrite_unless_asked(tmp_path):
+    write_report(_rows(1), tmp_path, "m", compare=False)
+    before = (tmp_path / "summary.csv").read_text()
+    with pytest.raises(FileExistsError, match="summary.csv"):
+        write_report(_rows(1, seed=1), tmp_path, "m")
+    assert (tmp_path / "summary.csv").read_text() == before
+    write_report(_rows(1, seed=1), tmp_path, "m", overwrite=True)
+    assert (tmp_path / "summary.csv").read_text() != before
+
+
+def test_rejects_bad_rows():
+    with pytest.raises(ValueError, match="lack columns"):
+        summary_table([{"case": "a", "subset": 0, "region": "WT", "dice": 1.0}])
+    with pytest.raises(ValueError, match="duplicate"):
+        summary_table([{"case": "a", "subset": 0, "region": "WT", "dice": 1.0, "hd95": 0.0}] * 2)
+    with pytest.raises(ValueError, match="unknown modality"):
+        summary_table([{"case": "a", "subset": "t3", "region": "WT", "dice": 1.0, "hd95": 0.0}])
+
+
+def test_published_rows_match_methods_reference():
+    table = load_published()
+    assert list(table.columns) == ["method", "dataset", "wt", "tc", "et", "source"]
+    rfnet = table[(table.method == "RFNet") & (table.dataset == "brats2020")].iloc[0]
+    assert (rfnet.wt, rfnet.tc, rfnet.et) == (87.0, 78.2, 61.5)
+    assert set(load_published("brats2018").method) == {"HeMIS", "U-HVED", "RobustSeg", "RFNet"}
+    assert table.source.str.contains(r"\b(?:19|20)\d\d\b").all()
