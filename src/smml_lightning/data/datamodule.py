@@ -1,0 +1,416 @@
+"""``BratsDataModule``: patches for training, whole cases for validation, test and prediction.
+
+Everything is read from the preprocessed cache (:mod:`smml_lightning.data.cache`). Training draws
+label-balanced patches through a torchio ``Queue``; each patch gets ``n_masks`` modality availability
+masks (SMML's two branches see two different subsets of the same patch). Evaluation yields whole
+cropped cases one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torchio as tio
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from smml_lightning.data import cache
+from smml_lightning.data.labels import NUM_CLASSES
+from smml_lightning.data.modalities import NUM_MODALITIES, parse_subset, sample_masks, subset_name
+from smml_lightning.data.transforms import train_transforms
+
+SPLIT_PARTS: tuple[str, ...] = ("train", "val", "test")
+
+
+# --- readers: torchio calls these lazily, in the Queue's worker processes -------------------------
+
+
+def _affine(npy_path: Path) -> np.ndarray:
+    """Voxel-to-world matrix of the cropped grid: the case's spacing, no rotation.
+
+    Rotations are then in millimetres, like the methods' augmentation on the 1 mm BraTS grid.
+    """
+    meta = cache.load_meta(npy_path.parent.parent, npy_path.parent.name)
+    return np.diag([*meta.spacing, 1.0])
+
+
+def read_image_npy(path: Path) -> tuple[torch.Tensor, np.ndarray]:
+    """torchio reader of a cached ``image.npy`` (4, D, H, W)."""
+    path = Path(path)
+    return torch.from_numpy(np.array(np.load(path, mmap_mode="r"), dtype=np.float32)), _affine(path)
+
+
+def read_label_npy(path: Path) -> tuple[torch.Tensor, np.ndarray]:
+    """torchio reader of a cached ``label.npy`` (D, H, W) uint8, as one channel."""
+    path = Path(path)
+    return torch.from_numpy(np.array(np.load(path, mmap_mode="r"))[None]), _affine(path)
+
+
+def read_prior_npy(path: Path) -> tuple[torch.Tensor, np.ndarray]:
+    """torchio reader of a cached ``prior.npy`` (4, C, D, H, W) float16, as 4*C float32 channels.
+
+    float32 because torchio resamples through SimpleITK, which has no half precision; the
+    augmentation casts the prior back to float16 before patches are queued.
+    """
+    path = Path(path)
+    prior = np.load(path, mmap_mode="r")
+    return torch.from_numpy(np.array(prior, dtype=np.float32).reshape(-1, *prior.shape[2:])), _affine(path)
+
+
+# --- splits ---------------------------------------------------------------------------------------
+
+
+def seeded_split(names: Sequence[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[str]]:
+    """A random train/val/test split of ``names``, reproducible from ``seed``; each part sorted."""
+    if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
+        raise ValueError(
+            f"data.val_fraction ({val_fraction}) and data.test_fraction ({test_fraction}) must be >= 0 and "
+            "sum to less than 1"
+        )
+    order = np.random.default_rng(seed).permutation(len(names))
+    shuffled = [names[i] for i in order]
+    n_test = int(round(test_fraction * len(names)))
+    n_val = int(round(val_fraction * len(names)))
+    return {
+        "test": sorted(shuffled[:n_test]),
+        "val": sorted(shuffled[n_test : n_test + n_val]),
+        "train": sorted(shuffled[n_test + n_val :]),
+    }
+
+
+def read_split(path: Path | str, known: Sequence[str]) -> dict[str, list[str]]:
+    """Read a split JSON ``{"train": [...], "val": [...], "test": [...]}`` (missing parts are empty).
+
+    Errors name the file and the offending parts or cases: unknown parts, cases not in the cache,
+    and cases listed in two parts.
+    """
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"split file {path} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"split file {path} is not valid JSON: {err}") from err
+    if not isinstance(raw, dict) or set(raw) - set(SPLIT_PARTS):
+        raise ValueError(f"split file {path}: expected an object with keys {list(SPLIT_PARTS)}, got {raw!r:.200}")
+    split = {part: [str(n) for n in raw.get(part, [])] for part in SPLIT_PARTS}
+    known_set = set(known)
+    for part, names in split.items():
+        unknown = sorted(set(names) - known_set)
+        if unknown:
+            raise ValueError(
+                f"split file {path}: {len(unknown)} {part} case(s) not in the cache: {unknown[:10]}"
+                f"{' ...' if len(unknown) > 10 else ''}"
+            )
+    seen: dict[str, str] = {}
+    for part, names in split.items():
+        for name in names:
+            if name in seen:
+                raise ValueError(f"split file {path}: case {name!r} is in both {seen[name]} and {part}")
+            seen[name] = part
+    return split
+
+
+# --- samplers -------------------------------------------------------------------------------------
+
+
+class QueueSampler(DistributedSampler):
+    """Sequential indices over a ``tio.Queue`` that forward ``set_epoch`` to the queue's subject sampler.
+
+    Lightning calls ``set_epoch`` on the loader's sampler each epoch, but never sees the sampler
+    inside the queue that shards the cases across ranks; this passes the epoch on so every epoch
+    reshuffles the shards. It is a ``DistributedSampler`` with one replica only so that Lightning
+    keeps it in place under DDP instead of sharding the patches a second time.
+    """
+
+    def __init__(self, queue: tio.Queue) -> None:
+        super().__init__(queue, num_replicas=1, rank=0, shuffle=False)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        inner = self.dataset.subject_sampler
+        if inner is not None and hasattr(inner, "set_epoch"):
+            inner.set_epoch(epoch)
+
+
+# --- datasets and collation -----------------------------------------------------------------------
+
+
+class CachedCaseDataset(Dataset):
+    """Whole cropped cases from the cache, for validation, test and prediction (batch size 1).
+
+    Items: ``image`` float (4, D, H, W), ``label`` long (1, D, H, W) when the case has one, ``name``,
+    ``available`` bool (4,) from the case's metadata and, when ``subset`` is given, ``mask`` = the
+    subset's modalities that the case has (what a fixed-subset validation should decode with).
+    """
+
+    def __init__(self, root: Path | str, names: Sequence[str], subset: tuple[bool, ...] | None = None) -> None:
+        self.root = Path(root)
+        self.names = list(names)
+        self.subset = subset
+        self.available = {n: cache.load_meta(self.root, n).available for n in self.names}
+        if subset is not None:
+            for name, avail in self.available.items():
+                if not any(a and s for a, s in zip(avail, subset)):
+                    raise ValueError(
+                        f"case {name!r} in {self.root} has none of the validation subset "
+                        f"{subset_name(subset)}'s modalities (it has {subset_name(avail)}): "
+                        "choose another data.val_subset or leave it null"
+                    )
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        name = self.names[index]
+        item: dict[str, Any] = {
+            "image": torch.from_numpy(np.array(cache.load_image(self.root, name), dtype=np.float32)),
+            "name": name,
+            "available": torch.tensor(self.available[name], dtype=torch.bool),
+        }
+        label = cache.load_label(self.root, name)
+        if label is not None:
+            item["label"] = torch.from_numpy(np.array(label, dtype=np.int64))[None]
+        if self.subset is not None:
+            item["mask"] = item["available"] & torch.tensor(self.subset, dtype=torch.bool)
+        return item
+
+
+@dataclass
+class PatchCollate:
+    """Stack queued patches into a training batch and draw each sample's modality masks.
+
+    It runs in the main process (the loader around the queue has no workers), so the masks come from
+    torch's global RNG and ``seed_everything`` makes them reproducible.
+    """
+
+    n_masks: int
+    mask_ratio: float | None
+    distinct: bool
+    use_prior: bool
+
+    def __call__(self, patches: list[tio.Subject]) -> dict[str, torch.Tensor]:
+        batch = {
+            "image": torch.stack([p["image"].data for p in patches]).float(),
+            "label": torch.stack([p["label"].data for p in patches]).long(),
+            "masks": sample_masks(len(patches), self.n_masks, self.mask_ratio, self.distinct),
+        }
+        if self.use_prior:
+            prior = torch.stack([p["prior"].data for p in patches]).float()
+            batch["prior"] = prior.reshape(prior.shape[0], NUM_MODALITIES, -1, *prior.shape[2:])
+        return batch
+
+
+# --- the datamodule -------------------------------------------------------------------------------
+
+
+class BratsDataModule(LightningDataModule):
+    """BraTS cases from a preprocessed cache.
+
+    Training subjects are torchio images backed by a path and a ``reader`` (not tensors): the dataset
+    then holds only paths, the main process never loads a volume, and each of the queue's workers
+    reads one case at a time from the memory-mapped ``.npy`` files when its transform first touches
+    it, then drops it once its patches are queued. With 300 cases of ~4x150x180x140 float32
+    (~60 MB each, plus 4C prior channels) nothing scales with the number of cases; memory is
+    ``num_workers`` cases plus ``queue_length`` patches of (5 + 4C) x P^3 values.
+
+    Under DDP each rank's queue reads its own shard of the training cases through a
+    ``DistributedSampler`` (padded to equal length so ranks run the same number of steps; with an
+    odd count one case appears on two ranks). Validation uses a padded ``DistributedSampler`` too
+    (equal step counts are the safe default for per-step logging). Test and prediction use
+    ``UnrepeatedDistributedSampler``: rank r takes cases r, r + W, r + 2W, ..., so each case is
+    scored exactly once overall and ranks differ by at most one case.
+
+    Args:
+        cache_dir: folder written by ``smml prepare``.
+        split: split JSON ``{"train": [...], "val": [...], "test": [...]}``; ``None`` draws a seeded
+            split of the cached cases with ``val_fraction``, ``test_fraction`` and ``seed``.
+        output_dir: where to write the split used as ``split.json`` (rank 0 only), if given.
+        patch_size: training patch edge (int) or (D, H, W).
+        label_probabilities: patch-centre probability per internal class; default 1 each
+            (label-balanced). Classes a case lacks are skipped and the rest renormalised.
+        n_masks: availability masks per sample (SMML 2, single-branch 1).
+        mask_ratio: ``None`` = uniform over the 15 subsets; else the expected fraction of dropped
+            modalities (see :func:`~smml_lightning.data.modalities.subset_probabilities`).
+        distinct_masks: a sample's masks are different subsets.
+        use_prior: load the SAM priors (``prior.npy``) into training batches.
+        augment: flips, rotation and intensity augmentation (:func:`train_transforms`).
+        val_subset: fixed validation subset, e.g. ``"flair+t1ce"``; ``None`` = all four. Validation
+            batches carry it as ``mask`` (intersected with each case's available modalities).
+        predict_dir: cache to predict on; ``None`` = the test split.
+    """
+
+    def __init__(
+        self,
+        cache_dir: str,
+        split: str | None = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        seed: int = 0,
+        output_dir: str | None = None,
+        patch_size: int | tuple[int, int, int] = 128,
+        batch_size: int = 1,
+        samples_per_volume: int = 4,
+        queue_length: int = 32,
+        num_workers: int = 2,
+        label_probabilities: dict[int, float] | None = None,
+        n_masks: int = 2,
+        mask_ratio: float | None = None,
+        distinct_masks: bool = True,
+        use_prior: bool = False,
+        augment: bool = True,
+        val_subset: str | None = None,
+        predict_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if mask_ratio is not None and not 0.0 <= float(mask_ratio) <= 1.0:
+            raise ValueError(
+                f"data.mask_ratio must be null (uniform over the 15 subsets) or in [0, 1], got {mask_ratio}"
+            )
+        if n_masks < 1:
+            raise ValueError(f"data.n_masks must be at least 1, got {n_masks}")
+        # Fails now, not in the first batch, when n_masks distinct subsets cannot be drawn.
+        sample_masks(1, n_masks, mask_ratio, distinct_masks, generator=torch.Generator().manual_seed(0))
+        size = (patch_size,) * 3 if isinstance(patch_size, int) else tuple(int(p) for p in patch_size)
+        if len(size) != 3 or min(size) < 1:
+            raise ValueError(f"data.patch_size must be a positive int or three of them, got {patch_size}")
+        probs = {c: 1.0 for c in range(NUM_CLASSES)} if label_probabilities is None else dict(label_probabilities)
+        bad = [c for c in probs if not 0 <= int(c) < NUM_CLASSES]
+        if bad or any(p < 0 for p in probs.values()) or sum(probs.values()) <= 0:
+            raise ValueError(
+                f"data.label_probabilities must map classes 0..{NUM_CLASSES - 1} to non-negative weights "
+                f"with a positive sum, got {label_probabilities}"
+            )
+        self.cache_dir = Path(cache_dir)
+        self.patch_size: tuple[int, int, int] = size  # type: ignore[assignment]
+        self.label_probabilities = {int(c): float(p) for c, p in probs.items()}
+        self.val_subset_mask = parse_subset(val_subset) if val_subset is not None else (True,) * NUM_MODALITIES
+        self.splits: dict[str, list[str]] | None = None
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    def world(self) -> tuple[int, int]:
+        """``(world_size, rank)``: from the attached trainer, else torch.distributed, else (1, 0)."""
+        if self.trainer is not None:
+            return self.trainer.world_size, self.trainer.global_rank
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(), dist.get_rank()
+        return 1, 0
+
+    def _cached_cases(self, root: Path) -> list[str]:
+        names = cache.list_cases(root)
+        if not names:
+            raise FileNotFoundError(f"cache folder {root} holds no prepared cases: run `smml prepare` first")
+        return names
+
+    def _make_splits(self) -> dict[str, list[str]]:
+        hp = self.hparams
+        names = self._cached_cases(self.cache_dir)
+        if hp.split is not None:
+            split = read_split(hp.split, names)
+        else:
+            split = seeded_split(names, hp.val_fraction, hp.test_fraction, hp.seed)
+        if hp.output_dir is not None and self.world()[1] == 0:
+            out = Path(hp.output_dir) / "split.json"
+            cache.atomic_write_text(out, json.dumps(split, indent=1))
+        return split
+
+    def _check_train_cases(self, names: Sequence[str]) -> None:
+        if not names:
+            raise ValueError(f"the training split of {self.cache_dir} is empty")
+        for name in names:
+            meta = cache.load_meta(self.cache_dir, name)
+            shape = meta.cropped_shape
+            if any(p > s for p, s in zip(self.patch_size, shape)):
+                raise ValueError(
+                    f"case {name!r}: patch size {self.patch_size} is larger than its cropped size {shape}: "
+                    "lower data.patch_size or re-run `smml prepare` with a larger minimum size"
+                )
+            if not meta.has_label or not (cache.case_dir(self.cache_dir, name) / "label.npy").is_file():
+                raise ValueError(f"case {name!r} in {self.cache_dir} has no label and cannot be used for training")
+            if self.hparams.use_prior and not cache.has_prior(self.cache_dir, name):
+                raise FileNotFoundError(
+                    f"case {name!r}: data.use_prior is set but {cache.case_dir(self.cache_dir, name)}/prior.npy "
+                    "is missing: run `smml priors` first"
+                )
+
+    def _subject(self, name: str) -> tio.Subject:
+        d = cache.case_dir(self.cache_dir, name)
+        images: dict[str, Any] = {
+            "image": tio.ScalarImage(d / "image.npy", reader=read_image_npy),
+            "label": tio.LabelMap(d / "label.npy", reader=read_label_npy),
+        }
+        if self.hparams.use_prior:
+            images["prior"] = tio.ScalarImage(d / "prior.npy", reader=read_prior_npy)
+        return tio.Subject(name=name, **images)
+
+    def _eval_loader(self, dataset: CachedCaseDataset, padded: bool) -> DataLoader:
+        world_size, rank = self.world()
+        sampler = None
+        if world_size > 1:
+            kind = DistributedSampler if padded else UnrepeatedDistributedSampler
+            sampler = kind(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+        return DataLoader(dataset, batch_size=1, sampler=sampler, num_workers=self.hparams.num_workers)
+
+    # -- Lightning hooks ---------------------------------------------------------------------------
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is None:
+            self.splits = self._make_splits()
+        if stage in (None, "fit"):
+            self._check_train_cases(self.splits["train"])
+
+    def _split(self, part: str) -> list[str]:
+        if self.splits is None:
+            raise RuntimeError("BratsDataModule.setup() must run before its dataloaders are requested")
+        return self.splits[part]
+
+    def train_dataloader(self) -> tio.SubjectsLoader:
+        hp = self.hparams
+        names = self._split("train")
+        dataset = tio.SubjectsDataset(
+            [self._subject(n) for n in names],
+            transform=train_transforms(hp.augment, intensity_keys=("image",), half_keys=("prior",)),
+        )
+        world_size, rank = self.world()
+        subject_sampler = None
+        if world_size > 1:
+            subject_sampler = DistributedSampler(
+                dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=hp.seed
+            )
+        queue = tio.Queue(
+            dataset,
+            max_length=hp.queue_length,
+            samples_per_volume=hp.samples_per_volume,
+            sampler=tio.LabelSampler(self.patch_size, "label", self.label_probabilities),
+            subject_sampler=subject_sampler,
+            num_workers=hp.num_workers,
+            shuffle_subjects=subject_sampler is None,
+            shuffle_patches=True,
+        )
+        collate = PatchCollate(hp.n_masks, hp.mask_ratio, hp.distinct_masks, hp.use_prior)
+        return tio.SubjectsLoader(
+            queue, batch_size=hp.batch_size, sampler=QueueSampler(queue), num_workers=0, collate_fn=collate
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(
+            CachedCaseDataset(self.cache_dir, self._split("val"), self.val_subset_mask), padded=True
+        )
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(CachedCaseDataset(self.cache_dir, self._split("test")), padded=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        if self.hparams.predict_dir is None:
+            return self.test_dataloader()
+        root = Path(self.hparams.predict_dir)
+        return self._eval_loader(CachedCaseDataset(root, self._cached_cases(root)), padded=False)
