@@ -117,13 +117,13 @@ def validate_case(case: Case, require_all: bool = True, require_label: bool = Tr
         raise CaseError(case.name, folder, "missing label (seg) file")
 
     images: dict[str, np.ndarray | None] = {}
-    ref: tuple[Path, np.ndarray, np.ndarray, tuple[float, ...]] | None = None
+    ref: tuple[Path, tuple[int, ...], np.ndarray, tuple[float, ...]] | None = None
 
     def check_geometry(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
         assert ref is not None
         ref_path, ref_shape, ref_affine, _ = ref
-        if data.shape != tuple(ref_shape):
-            raise CaseError(case.name, path, f"shape {data.shape} differs from {tuple(ref_shape)} of {ref_path.name}")
+        if data.shape != ref_shape:
+            raise CaseError(case.name, path, f"shape {data.shape} differs from {ref_shape} of {ref_path.name}")
         if not np.allclose(affine, ref_affine, rtol=0.0, atol=affine_atol):
             worst = float(np.abs(affine - ref_affine).max())
             raise CaseError(case.name, path, f"affine differs from that of {ref_path.name} by up to {worst:.4g} "
@@ -136,7 +136,7 @@ def validate_case(case: Case, require_all: bool = True, require_label: bool = Tr
             continue
         data, affine, zooms = _load(case.name, Path(path), as_label=False)
         if ref is None:
-            ref = (Path(path), np.asarray(data.shape), affine, zooms)
+            ref = (Path(path), tuple(int(n) for n in data.shape), affine, zooms)
         else:
             check_geometry(Path(path), data, affine)
         if not np.isfinite(data).all():

@@ -1,0 +1,185 @@
+"""Raw release -> preprocessed cache: validate, crop to the brain, z-score, remap labels, write.
+
+Preprocessing follows the community's (RFNet, mmFormer): crop to the bounding box of non-zero voxels
+over all modalities, widened to at least the training patch size, and z-score each modality over the
+brain voxels (non-zero in any modality), zero outside; no resampling. The crop box goes into the
+cache's metadata so predictions can be put back into the original grid. Runs are idempotent and
+survive interruption: finished cases are skipped, half-written ones redone, and one bad case is
+reported rather than stopping the rest.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from scipy import ndimage
+from tqdm import tqdm
+
+from smml_lightning.data import cache
+from smml_lightning.data.labels import to_internal
+from smml_lightning.data.layouts import Case, discover
+from smml_lightning.data.modalities import MODALITIES
+from smml_lightning.data.validate import validate_case
+
+SUMMARY = "prepare_summary.json"
+
+
+@dataclass
+class PrepareSummary:
+    """Outcome of a run: cases written now, cases already done, and failures with their reasons."""
+
+    root: str
+    out: str
+    layout: str
+    prepared: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def crop_box(mask: np.ndarray, min_size: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    """``[start, stop)`` per axis of ``mask``'s bounding box, each axis widened to ``min_size``.
+
+    Widening is symmetric (an odd surplus goes after the box) and may reach outside the volume,
+    where the cropped arrays are zero-padded; see ``cache.CaseMeta.crop_box``.
+    """
+    if len(min_size) != mask.ndim:
+        raise ValueError(f"min_size {tuple(min_size)} needs one entry per axis of a {mask.ndim}-D mask")
+    found = ndimage.find_objects(np.asarray(mask, dtype=bool).astype(np.uint8))
+    if not found or found[0] is None:
+        raise ValueError("cannot crop: the mask has no non-zero voxel")
+    box = []
+    for sl, least in zip(found[0], min_size):
+        start, stop = sl.start, sl.stop
+        short = int(least) - (stop - start)
+        if short > 0:
+            start -= short // 2
+            stop += short - short // 2
+        box.append((int(start), int(stop)))
+    return tuple(box)
+
+
+def crop(volume: np.ndarray, box: Sequence[tuple[int, int]]) -> np.ndarray:
+    """The part of ``volume`` (last three axes) inside ``box``, zero-padded where the box leaves it."""
+    spatial = volume.shape[-3:]
+    pad = [(0, 0)] * (volume.ndim - 3) + [(max(0, -a), max(0, b - n)) for (a, b), n in zip(box, spatial)]
+    inner = tuple(slice(max(a, 0), min(b, n)) for (a, b), n in zip(box, spatial))
+    return np.pad(volume[(Ellipsis, *inner)], pad)
+
+
+def z_score(volume: np.ndarray, brain_mask: np.ndarray) -> np.ndarray:
+    """``volume`` standardised to mean 0, std 1 over ``brain_mask`` voxels, zero outside (float32)."""
+    values = volume[brain_mask].astype(np.float64)
+    if values.size == 0:
+        raise ValueError("cannot z-score over an empty brain mask")
+    std = values.std()
+    out = np.zeros(volume.shape, dtype=np.float32)
+    out[brain_mask] = (values - values.mean()) / (std if std > 0 else 1.0)
+    return out
+
+
+def _is_done(out: Path, case: Case, min_size: Sequence[int], require_label: bool) -> bool:
+    """Whether ``case`` sits complete in the cache, from these very files, with readable arrays."""
+    if not cache.is_complete(out, case.name):
+        return False
+    try:
+        meta = cache.load_meta(out, case.name)
+        if meta.source != case.sources or any(s < m for s, m in zip(meta.cropped_shape, min_size)):
+            return False
+        if cache.load_image(out, case.name).shape != (len(MODALITIES), *meta.cropped_shape):
+            return False
+        if require_label or meta.has_label:
+            label = cache.load_label(out, case.name)
+            return label is not None and label.shape == meta.cropped_shape
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _clear_temporaries(folder: Path) -> None:
+    """Remove temp files an interrupted atomic write left behind."""
+    if folder.is_dir():
+        for tmp in folder.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+def prepare_case(case: Case, out: Path | str, min_size: Sequence[int] = (128, 128, 128),
+                 require_all: bool = True, require_label: bool = True) -> cache.CaseMeta:
+    """Validate one case and write its cropped, z-scored arrays to the cache."""
+    v = validate_case(case, require_all=require_all, require_label=require_label)
+    present = [img for img in v.images.values() if img is not None]
+    brain = np.logical_or.reduce([img != 0 for img in present])
+    # The label joins the box so that no annotated voxel can be cropped away.
+    box = crop_box(brain if v.label is None else brain | (v.label > 0), min_size)
+    cropped_brain = crop(brain, box)
+    image = np.zeros((len(MODALITIES), *cropped_brain.shape), dtype=np.float32)
+    for i, m in enumerate(MODALITIES):
+        img = v.images[m]
+        if img is not None:
+            image[i] = z_score(crop(img, box), cropped_brain)
+    label = None if v.label is None else crop(to_internal(v.label, case.convention), box)
+    meta = cache.CaseMeta(
+        name=case.name, layout=case.layout, convention=case.convention, available=v.available,
+        original_shape=v.shape, affine=v.affine.tolist(), spacing=v.spacing, crop_box=box,
+        source=case.sources, has_label=label is not None,
+    )
+    _clear_temporaries(cache.case_dir(out, case.name))
+    cache.write_case(out, meta, image, label)
+    return meta
+
+
+def _run_one(case: Case, out: Path, min_size: tuple[int, ...], require_all: bool, require_label: bool,
+             overwrite: bool) -> tuple[str, str, str]:
+    """``(status, name, reason)`` for one case; never raises, so one failure cannot stop the pool."""
+    try:
+        if not overwrite and _is_done(out, case, min_size, require_label):
+            return "skipped", case.name, ""
+        prepare_case(case, out, min_size, require_all, require_label)
+        return "prepared", case.name, ""
+    except Exception as err:  # noqa: BLE001 - every failure is reported in the summary
+        return "failed", case.name, str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
+
+
+def prepare(root: Path | str, out: Path | str, layout: str = "auto",
+            min_size: Sequence[int] = (128, 128, 128), workers: int = 1, require_label: bool = True,
+            overwrite: bool = False, require_all: bool = True, progress: bool = True) -> PrepareSummary:
+    """Preprocess every case of the release under ``root`` into the cache ``out``.
+
+    ``workers > 1`` runs cases in parallel processes. Writes ``prepare_summary.json`` into ``out``
+    and raises only if no case ended up usable (neither prepared now nor already done).
+    """
+    cases = discover(root, layout)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    size = tuple(int(s) for s in min_size)
+    summary = PrepareSummary(root=str(Path(root).resolve()), out=str(out.resolve()), layout=cases[0].layout)
+    args = (out, size, require_all, require_label, overwrite)
+    bar = tqdm(total=len(cases), desc="prepare", unit="case", disable=not progress)
+    if workers > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(_run_one, case, *args) for case in cases]
+            results = []
+            for future in as_completed(futures):
+                results.append(future.result())
+                bar.update()
+    else:
+        results = []
+        for case in cases:
+            results.append(_run_one(case, *args))
+            bar.update()
+    bar.close()
+    for status, name, reason in sorted(results, key=lambda r: r[1]):
+        if status == "failed":
+            summary.failed[name] = reason
+        else:
+            getattr(summary, status).append(name)
+    cache.atomic_write_text(out / SUMMARY, json.dumps(asdict(summary), indent=1))
+    if not summary.prepared and not summary.skipped:
+        reasons = "; ".join(f"{n}: {r}" for n, r in list(summary.failed.items())[:3])
+        raise RuntimeError(f"no case of {root} could be prepared ({len(summary.failed)} failed; "
+                           f"see {out / SUMMARY}): {reasons}")
+    return summary

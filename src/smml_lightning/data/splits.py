@@ -1,0 +1,133 @@
+"""Train/val/test splits: split files checked against the cases at hand, and seeded k-fold splits.
+
+The community reports BraTS 2018 over three random 199/29/57 splits and BraTS 2020 over 219/50/100;
+reproducing a paper means using its split files, and a name that matches no case must stop the run
+rather than silently shrink a split.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from smml_lightning.data.cache import atomic_write_text
+
+PARTS: tuple[str, ...] = ("train", "val", "test")
+
+SplitSource = Path | str | Sequence[str] | None
+
+
+def read_split_file(path: Path | str) -> list[str]:
+    """Case names from a text file, one per line; blank lines and ``#`` comments are ignored.
+
+    A line may be a path (``HGG/Brats18_2013_2_1``): its last component is the name.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"split file {path} does not exist") from None
+    names = []
+    for line in lines:
+        entry = line.split("#", 1)[0].strip().rstrip("/")
+        if entry:
+            names.append(entry.replace("\\", "/").rsplit("/", 1)[-1])
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"split file {path}: names listed twice: {dupes[:5]}")
+    return names
+
+
+def _few(names: Sequence[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
+
+
+def _names_of(source: SplitSource) -> tuple[list[str], str] | None:
+    if source is None:
+        return None
+    if isinstance(source, (str, Path)):
+        return read_split_file(source), f"split file {source}"
+    return list(source), "the given list"
+
+
+def resolve_split(names_available: Iterable[str], train: SplitSource = None, val: SplitSource = None,
+                  test: SplitSource = None) -> dict[str, list[str]]:
+    """Check split files (or name lists) against the available cases.
+
+    Each part is a split-file path, a list of names or ``None``; a ``None`` train gets every
+    available case not in val or test, other ``None`` parts are empty. Unknown names and cases in
+    two parts raise ``ValueError`` naming the file and the names.
+    """
+    available = set(names_available)
+    split: dict[str, list[str]] = {}
+    origin: dict[str, str] = {}
+    for part, source in zip(PARTS, (train, val, test)):
+        got = _names_of(source)
+        if got is None:
+            continue
+        names, where = got
+        unknown = [n for n in names if n not in available]
+        if unknown:
+            raise ValueError(f"{part} split ({where}) names {len(unknown)} case(s) not found among the "
+                             f"{len(available)} available: {_few(unknown)}")
+        split[part], origin[part] = names, where
+    for i, a in enumerate(PARTS):
+        for b in PARTS[i + 1:]:
+            shared = sorted(set(split.get(a, [])) & set(split.get(b, [])))
+            if shared:
+                raise ValueError(f"{a} ({origin[a]}) and {b} ({origin[b]}) share case(s): {_few(shared)}")
+    if "train" not in split:
+        taken = set(split.get("val", [])) | set(split.get("test", []))
+        split["train"] = sorted(available - taken)
+    return {part: list(split.get(part, [])) for part in PARTS}
+
+
+def kfold_split(names: Iterable[str], n_folds: int = 5, fold: int = 0, val_fraction: float = 0.1,
+                seed: int = 0) -> dict[str, list[str]]:
+    """Fold ``fold`` of a seeded k-fold: that fold is test, ``val_fraction`` of the rest is val.
+
+    Deterministic in ``(set of names, n_folds, seed)`` whatever the input order; parts are sorted.
+    """
+    pool = sorted(set(names))
+    if n_folds < 2 or not 0 <= fold < n_folds:
+        raise ValueError(f"need n_folds >= 2 and 0 <= fold < n_folds, got n_folds={n_folds}, fold={fold}")
+    if len(pool) < n_folds:
+        raise ValueError(f"cannot make {n_folds} folds from {len(pool)} case(s)")
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    order = np.random.default_rng(seed).permutation(len(pool))
+    folds = np.array_split(order, n_folds)
+    rest = np.concatenate([f for i, f in enumerate(folds) if i != fold])
+    n_val = int(round(val_fraction * len(rest)))
+    return {
+        "train": sorted(pool[i] for i in rest[n_val:]),
+        "val": sorted(pool[i] for i in rest[:n_val]),
+        "test": sorted(pool[i] for i in folds[fold]),
+    }
+
+
+def write_split(split: dict[str, list[str]], path: Path | str) -> Path:
+    """Write a split atomically: a ``.json`` path gets one JSON file, any other path a folder of
+    ``<part>.txt`` files that :func:`read_split_file` reads back."""
+    path = Path(path)
+    unknown = sorted(set(split) - set(PARTS))
+    if unknown:
+        raise ValueError(f"split parts must be among {list(PARTS)}, got {unknown}")
+    if path.suffix == ".json":
+        atomic_write_text(path, json.dumps({p: list(split.get(p, [])) for p in PARTS}, indent=1))
+    else:
+        for part in PARTS:
+            atomic_write_text(path / f"{part}.txt", "".join(f"{n}\n" for n in split.get(part, [])))
+    return path
+
+
+def read_split(path: Path | str) -> dict[str, list[str]]:
+    """Read what :func:`write_split` wrote (a JSON file or a folder of ``<part>.txt``)."""
+    path = Path(path)
+    if path.suffix == ".json":
+        data = json.loads(path.read_text())
+        return {p: list(data.get(p, [])) for p in PARTS}
+    return {p: read_split_file(path / f"{p}.txt") if (path / f"{p}.txt").is_file() else [] for p in PARTS}
