@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 
 from smml_lightning.data.cache import atomic_write_bytes, atomic_write_text
 from smml_lightning.data.modalities import MODALITIES, MODALITY_LABELS, SUBSET_NAMES, SUBSETS, parse_subset, subset_name
+from smml_lightning.evaluation.metrics import case_metrics
 
 REPORT_REGIONS: tuple[str, ...] = ("WT", "TC", "ET", "ET_post")
 """Regions a report knows, in column order; ``ET_post`` is ET after the small-ET post-processing."""
@@ -45,6 +46,21 @@ def _subset_label(value: Any) -> str:
     if isinstance(value, str):
         return subset_name(parse_subset(value))
     return subset_name(value)
+
+
+def metric_rows(
+    case: str,
+    labels: Mapping[int, np.ndarray],
+    truth: np.ndarray,
+    spacing: Sequence[float],
+    et_min_voxels: int = 500,
+) -> list[dict[str, Any]]:
+    """Report rows for one case from its labels keyed by subset index (what ``inference.predict_labels`` gives)."""
+    rows = []
+    for key in sorted(labels):
+        for region, values in case_metrics(labels[key], truth, spacing, et_min_voxels).items():
+            rows.append({"case": case, "subset": SUBSET_NAMES[key], "region": region, **values})
+    return rows
 
 
 def rows_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
@@ -146,11 +162,11 @@ def _markdown(
         "- Dice per case on the argmax labels, regions WT = NCR+ED+ET, TC = NCR+ET, ET; "
         "an empty prediction against an empty truth scores 1. Each cell is the mean over cases; "
         "the average row is the unweighted mean of the subset rows.",
-        "- HD95 in mm (voxel spacing from the case's header); when exactly one of prediction and truth "
-        "is empty the case gets the fixed penalty distance of the metrics module, empty/empty gives 0. "
-        "NaN values are skipped in the means.",
-        f"- ET_post: the predicted ET is set to empty when it has fewer than {et_min_voxels} voxels "
-        "(the community's small-ET post-processing); WT and TC are not changed.",
+        "- HD95 in mm (voxel spacing from the case's header; MONAI, the larger of the two directed 95th "
+        "percentiles); empty/empty gives 0, exactly one empty gives the diagonal of the evaluated grid "
+        "in mm (373.1 mm for a full 240x240x155 grid at 1 mm). NaN values are skipped in the means.",
+        f"- ET_post: a predicted ET of fewer than {et_min_voxels} voxels is relabelled NCR, which empties "
+        "ET and leaves TC and WT unchanged (the community's \"enhancing_postpro\").",
         f"- Whole-case sliding-window inference: {sw}.",
     ]
     if compare:
