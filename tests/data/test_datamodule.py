@@ -264,7 +264,7 @@ def test_error_split_names_unknown_cases(tmp_path):
     with pytest.raises(ValueError, match=r"split\.json.*train.*ghost7"):
         dm_for(tmp_path / "c", split=str(path)).setup("fit")
     path.write_text(json.dumps({"train": ["case00"], "test": ["case00"]}))
-    with pytest.raises(ValueError, match=r"case00.*both train and test"):
+    with pytest.raises(ValueError, match=r"split\.json.*train.*test.*share.*case00"):
         dm_for(tmp_path / "c", split=str(path)).setup("fit")
 
 

@@ -8,7 +8,6 @@ cropped cases one at a time.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,13 +20,10 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from smml_lightning.data import cache
+from smml_lightning.data import cache, splits
 from smml_lightning.data.labels import NUM_CLASSES
 from smml_lightning.data.modalities import NUM_MODALITIES, parse_subset, sample_masks, subset_name
 from smml_lightning.data.transforms import train_transforms
-
-SPLIT_PARTS: tuple[str, ...] = ("train", "val", "test")
-
 
 # --- readers: torchio calls these lazily, in the Queue's worker processes -------------------------
 
@@ -83,39 +79,6 @@ def seeded_split(names: Sequence[str], val_fraction: float, test_fraction: float
         "val": sorted(shuffled[n_test : n_test + n_val]),
         "train": sorted(shuffled[n_test + n_val :]),
     }
-
-
-def read_split(path: Path | str, known: Sequence[str]) -> dict[str, list[str]]:
-    """Read a split JSON ``{"train": [...], "val": [...], "test": [...]}`` (missing parts are empty).
-
-    Errors name the file and the offending parts or cases: unknown parts, cases not in the cache,
-    and cases listed in two parts.
-    """
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"split file {path} does not exist") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"split file {path} is not valid JSON: {err}") from err
-    if not isinstance(raw, dict) or set(raw) - set(SPLIT_PARTS):
-        raise ValueError(f"split file {path}: expected an object with keys {list(SPLIT_PARTS)}, got {raw!r:.200}")
-    split = {part: [str(n) for n in raw.get(part, [])] for part in SPLIT_PARTS}
-    known_set = set(known)
-    for part, names in split.items():
-        unknown = sorted(set(names) - known_set)
-        if unknown:
-            raise ValueError(
-                f"split file {path}: {len(unknown)} {part} case(s) not in the cache: {unknown[:10]}"
-                f"{' ...' if len(unknown) > 10 else ''}"
-            )
-    seen: dict[str, str] = {}
-    for part, names in split.items():
-        for name in names:
-            if name in seen:
-                raise ValueError(f"split file {path}: case {name!r} is in both {seen[name]} and {part}")
-            seen[name] = part
-    return split
 
 
 # --- samplers -------------------------------------------------------------------------------------
@@ -230,8 +193,10 @@ class BratsDataModule(LightningDataModule):
 
     Args:
         cache_dir: folder written by ``smml prepare``.
-        split: split JSON ``{"train": [...], "val": [...], "test": [...]}``; ``None`` draws a seeded
-            split of the cached cases with ``val_fraction``, ``test_fraction`` and ``seed``.
+        split: split JSON ``{"train": [...], "val": [...], "test": [...]}`` or a folder of
+            ``train.txt``/``val.txt``/``test.txt`` (read and checked by
+            :mod:`~smml_lightning.data.splits`); ``None`` draws a seeded split of the cached cases
+            with ``val_fraction``, ``test_fraction`` and ``seed``.
         output_dir: where to write the split used as ``split.json`` (rank 0 only), if given.
         patch_size: training patch edge (int) or (D, H, W).
         label_probabilities: patch-centre probability per internal class; default 1 each
@@ -315,12 +280,17 @@ class BratsDataModule(LightningDataModule):
         hp = self.hparams
         names = self._cached_cases(self.cache_dir)
         if hp.split is not None:
-            split = read_split(hp.split, names)
+            path = Path(hp.split)
+            if not path.exists():
+                raise FileNotFoundError(f"split file {path} does not exist")
+            try:
+                split = splits.resolve_split(names, **splits.read_split(path))
+            except ValueError as err:  # also malformed JSON
+                raise ValueError(f"split {path}: {err}") from err
         else:
             split = seeded_split(names, hp.val_fraction, hp.test_fraction, hp.seed)
         if hp.output_dir is not None and self.world()[1] == 0:
-            out = Path(hp.output_dir) / "split.json"
-            cache.atomic_write_text(out, json.dumps(split, indent=1))
+            splits.write_split(split, Path(hp.output_dir) / "split.json")
         return split
 
     def _check_train_cases(self, names: Sequence[str]) -> None:
