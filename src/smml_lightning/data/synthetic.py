@@ -70,14 +70,14 @@ def _random_field(rng: np.random.Generator, coords: Sequence[np.ndarray], n_term
     return np.asarray(out, dtype=np.float32) * np.float32(np.sqrt(2.0 / n_terms))
 
 
-def _bias_field(rng: np.random.Generator, coords: Sequence[np.ndarray], strength: float) -> np.ndarray:
-    """Smooth multiplicative bias, separable per axis so it costs two multiplications per voxel."""
-    out: np.ndarray | float = 1.0
-    for c in coords:
-        wave = sum(np.cos(c * np.float32(rng.uniform(0.5, 1.8)) + np.float32(rng.uniform(0, 2 * np.pi)))
+def _bias_axes(rng: np.random.Generator, axes: Sequence[np.ndarray], strength: float) -> list[np.ndarray]:
+    """Smooth multiplicative bias, separable: one factor per axis, so it costs a gather per voxel."""
+    factors = []
+    for ax in axes:
+        wave = sum(np.cos(ax * np.float32(rng.uniform(0.5, 1.8)) + np.float32(rng.uniform(0, 2 * np.pi)))
                    for _ in range(2))
-        out = out * np.exp(np.float32(strength / 2) * wave).astype(np.float32)
-    return np.asarray(out, dtype=np.float32)
+        factors.append(np.exp(np.float32(strength / 2) * wave).astype(np.float32))
+    return factors
 
 
 def _ellipsoid(coords: Sequence[np.ndarray], centre: Sequence[float], radii: Sequence[float]) -> np.ndarray:
@@ -113,9 +113,8 @@ def synthesize_arrays(shape: Sequence[int], seed: int | Sequence[int] = 0) -> tu
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < 8:
         raise ValueError(f"synthetic volumes are 3-D with every side >= 8, got shape {shape}")
-    # Axis coordinates normalised to [-1, 1] over each side, ready to broadcast.
+    # Voxel coordinates normalised to [-1, 1] along each axis.
     axes = [((np.arange(n, dtype=np.float32) - (n - 1) / 2) / (n / 2)) for n in shape]
-    grid = [axes[0][:, None, None], axes[1][None, :, None], axes[2][None, None, :]]
 
     centre = rng.uniform(-0.03, 0.03, size=3)
     radii = np.array([0.62, 0.78, 0.80]) * rng.uniform(0.93, 1.05, size=3)
@@ -162,26 +161,32 @@ def synthesize_arrays(shape: Sequence[int], seed: int | Sequence[int] = 0) -> tu
     tissue[tsub] = tt
 
     brain = tissue > 0
-    texture = _random_field(rng, q, 4, (4.0, 9.0))  # healthy-tissue heterogeneity, shared by modalities
+    # Per-modality work is confined to the brain's bounding box (plus the blur's margin) and its voxels.
+    tight = tuple(slice(max(sl.start - 1, 0), sl.stop + 1)
+                  for sl in ndimage.find_objects(brain.astype(np.uint8))[0])
+    brain_t = brain[tight]
+    voxels = np.nonzero(brain_t)
+    texture = _random_field(rng, _local(axes, tight, centre, radii), 4, (4.0, 9.0))  # shared heterogeneity
     tumor_texture = _random_field(rng, tq, 4, (4.0, 9.0))
+    tumor_t = tissue[tsub]
+    edema = tumor_t == 5
     images = {}
     for m in MODALITIES:
         means = np.asarray(_CONTRAST[m], dtype=np.float32) * rng.uniform(0.95, 1.05, size=len(TISSUES)).astype(np.float32)
-        mean = means[tissue]
-        mean[sub] *= 1 + np.float32(0.03 * rng.choice([-1, 1])) * texture
+        mean = np.zeros(shape, dtype=np.float32)
+        mean[tight] = means[tissue[tight]] * (1 + np.float32(0.03 * rng.choice([-1, 1])) * texture)
         local = mean[tsub]
-        edema = tissue[tsub] == 5
         local[edema] = (edema_weight * means[5] + (1 - edema_weight) * means[healthy])[edema]
-        local *= np.where(tissue[tsub] >= 4, 1 + np.float32(0.1) * tumor_texture, np.float32(1))
+        local *= np.where(tumor_t >= 4, 1 + np.float32(0.1) * tumor_texture, np.float32(1))
         mean[tsub] = local
-        mean[sub] = ndimage.gaussian_filter(mean[sub], sigma=0.6, truncate=2.0)  # partial volume
-        mean *= _bias_field(rng, grid, strength=0.12)
-        signal = mean[brain]
+        blurred = ndimage.gaussian_filter(mean[tight], sigma=0.6, truncate=2.0)  # partial volume
+        bias = [f[s][v] for f, s, v in zip(_bias_axes(rng, axes, strength=0.12), tight, voxels)]
+        signal = blurred[brain_t] * bias[0] * bias[1] * bias[2]
         noise = rng.standard_normal((2, signal.size), dtype=np.float32) * np.float32(_NOISE)
         magnitude = np.sqrt((signal + noise[0]) ** 2 + noise[1] ** 2)  # Rician: magnitude of complex signal
         scale = rng.uniform(400, 1600)
         out = np.zeros(shape, dtype=np.int16)
-        out[brain] = np.clip(np.rint(magnitude * scale), 1, np.iinfo(np.int16).max).astype(np.int16)
+        out[tight][brain_t] = np.clip(np.rint(magnitude * scale), 1, np.iinfo(np.int16).max).astype(np.int16)
         images[m] = out
     label = _TISSUE_LABEL[tissue]
     return images, label, "LGG" if kind == "lgg" else "HGG"
