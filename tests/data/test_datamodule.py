@@ -157,7 +157,7 @@ def _shard_names(dm, world, rank, monkeypatch):
     monkeypatch.setattr(dm, "world", lambda: (world, rank))
     train = dm.train_dataloader()
     queue = train.dataset
-    train_names = [queue.subjects_dataset._subjects[i]["name"] for i in queue.subject_sampler]
+    train_names = [queue.subjects_dataset.dry_iter()[i]["name"] for i in queue.subject_sampler]
     test_names = [item["name"][0] for item in dm.test_dataloader()]
     return train, train_names, test_names
 
