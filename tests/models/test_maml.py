@@ -1,0 +1,78 @@
+import pytest
+import torch
+
+from smml_lightning.models.maml import MAML
+
+SHAPE = (32, 32, 48)
+MASK = torch.tensor([[True, False, True, True], [False, False, False, True]])
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny() -> MAML:
+    torch.manual_seed(0)
+    return MAML(base_width=2)
+
+
+def image(batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 4, *SHAPE, generator=torch.Generator().manual_seed(1))
+
+
+def test_shapes_train_and_eval():
+    net = tiny().train()
+    out = net(image(), MASK)
+    assert out.logits.shape == (2, 4, *SHAPE)
+    assert len(out.aux_logits) == 4 and all(a.shape == (2, 4, *SHAPE) for a in out.aux_logits)
+    # level-major, coarsest first: 4 modalities at 1/8, then 1/4, then 1/2
+    assert [tuple(d.shape[2:]) for d in out.deep_logits] == [(4, 4, 6)] * 4 + [(8, 8, 12)] * 4 + [(16, 16, 24)] * 4
+    net.eval()
+    with torch.no_grad():
+        out = net(image(), MASK)
+    assert out.logits.shape == (2, 4, *SHAPE) and not out.aux_logits and not out.deep_logits
+
+
+def test_modality_models_are_independent_and_masking_removes_missing():
+    net = tiny().eval()
+    x = image()
+    with torch.no_grad():
+        enc = net.encode(x)
+        ref = net.decode(enc, MASK).logits
+        assert torch.equal(ref, net(x, MASK).logits)
+        y = x.clone()
+        y[:, 1] = 5 * torch.randn_like(y[:, 1])  # missing in both samples
+        enc_y = net.encode(y)
+        assert torch.equal(net.decode(enc_y, MASK).logits, ref)
+        # the grouped U-Nets keep modalities apart down to their predictions
+        own, own_y = enc.logits.unflatten(1, (4, -1)), enc_y.logits.unflatten(1, (4, -1))
+        assert torch.equal(own[:, [0, 2, 3]], own_y[:, [0, 2, 3]]) and not torch.allclose(own[:, 1], own_y[:, 1])
+        z = x.clone()
+        z[:, 3] = 5 * torch.randn_like(z[:, 3])  # available in both samples
+        assert (net(z, MASK).logits - ref).abs().amax(dim=(1, 2, 3, 4)).min() > 1e-4
+
+
+def test_attention_sums_to_one_over_available_and_is_zero_on_missing():
+    net = tiny().eval()
+    with torch.no_grad():
+        enc = net.encode(image())
+        att = net.attention(enc, MASK)
+        assert att.shape == (2, 4, *SHAPE)
+        torch.testing.assert_close(att.sum(dim=1), torch.ones(2, *SHAPE))
+        missing = ~MASK
+        assert torch.count_nonzero(att[missing]) == 0
+        assert (att[MASK] > 0).all()
+        # sample 1 has only T2: attention is exactly 1 there and the fused head reads T2's features alone
+        assert torch.equal(att[1, 3], torch.ones(SHAPE))
+        t2 = enc.features.unflatten(1, (4, -1))[1:, 3]
+        torch.testing.assert_close(net.decode(enc, MASK).logits[1:], net.head(t2))
+
+
+def test_missing_mask_rejected():
+    net = tiny().eval()
+    with pytest.raises(ValueError, match="no available modality"):
+        net(image(), torch.tensor([[True, True, False, False], [False] * 4]))

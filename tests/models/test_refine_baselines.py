@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from smml_lightning.models.baselines import UNetBaseline
+from smml_lightning.models.refine import PriorReweighting, SemanticRefiner
+
+MASK = torch.tensor([[True, False, True, True], [False, False, False, True]])
+SHAPE = (32, 32, 48)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_reweighting_matches_hand_computation():
+    rw = PriorReweighting()
+    with torch.no_grad():
+        rw.weight.copy_(torch.arange(16, dtype=torch.float32).view(4, 4))
+    prior = torch.rand(2, 4, 4, 3, 3, 3)
+    out = rw(prior, MASK)
+    b, m, c = 1, 3, 2
+    assert torch.allclose(out[b, m, c], prior[b, m, c] * (m * 4 + c))
+    assert torch.count_nonzero(out[~MASK]) == 0
+    with pytest.raises(ValueError, match="prior must be"):
+        rw(torch.rand(2, 4, 3, 3, 3, 3), MASK)
+
+
+def test_refiner_shape_and_ignores_missing_priors():
+    torch.manual_seed(0)
+    ref = SemanticRefiner(width=4).eval()
+    shape = (16, 16, 24)
+    prior = torch.rand(2, 4, 4, *shape)
+    logits = torch.randn(2, 4, *shape)
+    with torch.no_grad():
+        out = ref(prior, MASK, logits)
+        assert out.shape == (2, 4, *shape)
+        changed = prior.clone()
+        changed[~MASK] = torch.rand_like(changed[~MASK])
+        assert torch.equal(ref(changed, MASK, logits), out)
+        changed[:, 3] = torch.rand_like(changed[:, 3])  # T2 is available in both samples
+        assert (ref(changed, MASK, logits) - out).abs().amax(dim=(1, 2, 3, 4)).min() > 1e-4
+    with pytest.raises(ValueError, match="fused_logits"):
+        ref(prior, MASK, torch.randn(2, 4, 8, 16, 24))
+
+
+def test_unet_baseline_shapes_split_and_masking():
+    torch.manual_seed(0)
+    net = UNetBaseline(base_width=4)
+    x = torch.randn(2, 4, *SHAPE)
+    out = net.train()(x, MASK)
+    assert out.logits.shape == (2, 4, *SHAPE) and not out.aux_logits and out.bottleneck is None
+    net.eval()
+    with torch.no_grad():
+        ref = net.decode(net.encode(x), MASK).logits
+        assert torch.equal(ref, net(x, MASK).logits)
+        y = x.clone()
+        y[:, 1] = torch.randn_like(y[:, 1])
+        assert torch.equal(net(y, MASK).logits, ref)
+        y[:, 3] = torch.randn_like(y[:, 3])
+        assert (net(y, MASK).logits - ref).abs().amax(dim=(1, 2, 3, 4)).min() > 1e-4
