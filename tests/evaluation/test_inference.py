@@ -94,3 +94,21 @@ def test_rejects_bad_inputs():
         predict_subsets([model], _image(), [SUBSETS[0], SUBSETS[0]], roi_size=ROI)
     with pytest.raises(ValueError, match=r"\(1, 4, D, H, W\)"):
         predict_subsets([model], torch.zeros(1, 3, 8, 8, 8), roi_size=ROI)
+
+
+def test_volume_smaller_than_roi_is_padded_at_the_end_and_cropped_back():
+    model, image = ToySegmenter(), torch.randn(1, 4, 6, 7, 5, generator=torch.Generator().manual_seed(2))
+    out = predict_subsets([model], image, [SUBSETS[14]], roi_size=ROI)[14]
+    assert out.shape == (1, 4, 6, 7, 5)
+    with torch.no_grad():  # one window: blending is the identity
+        expected = model(torch.nn.functional.pad(image, (0, 3, 0, 1, 0, 2)), torch.ones(1, 4, dtype=torch.bool))
+    torch.testing.assert_close(out, expected.logits[..., :6, :7, :5], rtol=1e-5, atol=1e-5)
+
+
+def test_float16_accumulation_close_to_float32():
+    model, image = ToySegmenter(), _image()
+    exact = predict_subsets([model], image, SUBSETS[:3], roi_size=ROI)
+    half = predict_subsets([model], image, SUBSETS[:3], roi_size=ROI, accumulate_dtype=torch.float16)
+    for k in exact:
+        assert half[k].dtype == torch.float16
+        torch.testing.assert_close(half[k].float(), exact[k], rtol=2e-3, atol=2e-3)

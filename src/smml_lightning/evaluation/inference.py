@@ -23,7 +23,9 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
+from monai.utils import ensure_tuple_rep
 
 from smml_lightning.data.modalities import NUM_MODALITIES, SUBSETS, subset_index
 from smml_lightning.models.base import MaskedSegmenter
@@ -64,41 +66,59 @@ def predict_subsets(
     mode: str = "gaussian",
     sw_batch_size: int = 1,
     autocast_dtype: torch.dtype | None = None,
+    accumulate_dtype: torch.dtype = torch.float32,
 ) -> dict[int, torch.Tensor]:
-    """Model-averaged logits ``(1, C, D, H, W)`` (float32) for each requested subset.
+    """Model-averaged, window-blended logits ``(1, C, D, H, W)`` for each requested subset.
 
-    Keys are the subsets' indices in :data:`SUBSETS` (so ``SUBSET_NAMES[key]`` names them). Models run
-    in eval mode under ``torch.inference_mode``; ``autocast_dtype`` (e.g. ``torch.bfloat16``) enables
-    autocast on the image's device for the network calls only, blending stays float32.
+    Keys are the subsets' indices in :data:`SUBSETS` (so ``SUBSET_NAMES[key]`` names them); the values
+    are channel views of one ``(1, S * C, D, H, W)`` tensor of ``accumulate_dtype``. Models run in eval
+    mode under ``torch.inference_mode``; ``autocast_dtype`` (e.g. ``torch.bfloat16``) enables autocast
+    for the network calls only. ``accumulate_dtype=torch.float16`` halves the blending memory; the
+    networks still see the float32 image.
     """
     if not models:
         raise ValueError("predict_subsets needs at least one model")
     if image.dim() != 5 or image.shape[0] != 1 or image.shape[1] != NUM_MODALITIES:
         raise ValueError(f"image must be (1, {NUM_MODALITIES}, D, H, W), got {tuple(image.shape)}")
     keys = _subset_keys(subsets)
-    masks = {k: torch.tensor(SUBSETS[k], dtype=torch.bool, device=image.device) for k in keys}
-    image = image.float()
+    masks = [torch.tensor(SUBSETS[k], dtype=torch.bool, device=image.device) for k in keys]
+    spatial = tuple(image.shape[2:])
+    roi = ensure_tuple_rep(roi_size, len(spatial))
+    # Pad small volumes at the far end ourselves so MONAI never pads and window coordinates index `image`.
+    pad = [max(r - s, 0) for r, s in zip(roi, spatial)]
+    image = F.pad(image.float(), [p for extra in reversed(pad) for p in (0, extra)])
+    # MONAI blends in the dtype of the tensor it is given; windows are read from the float32 image.
+    carrier = image.to(accumulate_dtype)
+    weight = 1.0 / len(models)
 
     def autocast() -> contextlib.AbstractContextManager:
         if autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(image.device.type, dtype=autocast_dtype)
 
-    def predictor(window: torch.Tensor) -> dict[int, torch.Tensor]:
+    def predictor(_: torch.Tensor, coords: Sequence[Sequence[slice]]) -> torch.Tensor:
+        window = torch.cat([image[tuple(c)] for c in coords])
         batch = window.shape[0]
-        sums: dict[int, torch.Tensor] = {}
+        out: torch.Tensor | None = None
         for model in models:
             with autocast():
                 encoded = model.encode(window)
-                for k in keys:
-                    logits = model.decode(encoded, masks[k].expand(batch, -1)).logits.float()
-                    sums[k] = logits if k not in sums else sums[k].add_(logits)
+                for i, mask in enumerate(masks):
+                    logits = model.decode(encoded, mask.expand(batch, -1)).logits
+                    n_cls = logits.shape[1]
+                    if out is None:
+                        out = torch.zeros(batch, len(masks) * n_cls, *logits.shape[2:], dtype=accumulate_dtype,
+                                          device=logits.device)
+                    out[:, i * n_cls:(i + 1) * n_cls].add_(logits, alpha=weight)
             del encoded
-        return {k: s.div_(len(models)) for k, s in sums.items()}
+        return out
 
     with _eval_mode(models), torch.inference_mode():
-        out = sliding_window_inference(image, roi_size, sw_batch_size, predictor, overlap=overlap, mode=mode)
-    return {k: torch.as_tensor(out[k]) for k in keys}
+        blended = sliding_window_inference(carrier, roi, sw_batch_size, predictor, overlap=overlap, mode=mode,
+                                           with_coord=True)
+    blended = torch.as_tensor(blended)[(..., *(slice(0, s) for s in spatial))]
+    n_cls = blended.shape[1] // len(keys)
+    return {k: blended[:, i * n_cls:(i + 1) * n_cls] for i, k in enumerate(keys)}
 
 
 def _labels(logits: torch.Tensor) -> np.ndarray:
