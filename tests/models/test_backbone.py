@@ -47,7 +47,8 @@ def test_encode_decode_equals_forward_and_encode_keeps_modalities_apart():
     with torch.no_grad():
         enc = net.encode(x)
         assert torch.equal(net.decode(enc, MASK).logits, net(x, MASK).logits)
-        assert [tuple(e.shape[1:2]) for e in enc] == [(16,), (32,), (64,), (128,), (128,)]  # 4 * widths, 4 * dim
+        # 4 * stage widths, then 4 * transformer_dim
+        assert [e.shape[1] for e in enc] == [16, 32, 64, 128, 128]
         y = x.clone()
         y[:, 2] = torch.randn_like(y[:, 2])
         enc_y = net.encode(y)

@@ -30,7 +30,8 @@ def test_shapes_train_and_eval():
     assert out.logits.shape == (2, 4, *SHAPE)
     assert len(out.aux_logits) == 4 and all(a.shape == (2, 4, *SHAPE) for a in out.aux_logits)
     # level-major, coarsest first: 4 modalities at 1/8, then 1/4, then 1/2
-    assert [tuple(d.shape[2:]) for d in out.deep_logits] == [(4, 4, 6)] * 4 + [(8, 8, 12)] * 4 + [(16, 16, 24)] * 4
+    expected = [(4, 4, 6)] * 4 + [(8, 8, 12)] * 4 + [(16, 16, 24)] * 4
+    assert [tuple(d.shape[2:]) for d in out.deep_logits] == expected
     net.eval()
     with torch.no_grad():
         out = net(image(), MASK)
@@ -50,7 +51,8 @@ def test_modality_models_are_independent_and_masking_removes_missing():
         assert torch.equal(net.decode(enc_y, MASK).logits, ref)
         # the grouped U-Nets keep modalities apart down to their predictions
         own, own_y = enc.logits.unflatten(1, (4, -1)), enc_y.logits.unflatten(1, (4, -1))
-        assert torch.equal(own[:, [0, 2, 3]], own_y[:, [0, 2, 3]]) and not torch.allclose(own[:, 1], own_y[:, 1])
+        assert torch.equal(own[:, [0, 2, 3]], own_y[:, [0, 2, 3]])
+        assert not torch.allclose(own[:, 1], own_y[:, 1])
         z = x.clone()
         z[:, 3] = 5 * torch.randn_like(z[:, 3])  # available in both samples
         assert (net(z, MASK).logits - ref).abs().amax(dim=(1, 2, 3, 4)).min() > 1e-4

@@ -68,7 +68,8 @@ def check_image(image: torch.Tensor, in_modalities: int) -> None:
     bad = [s for s in image.shape[2:] if s % DOWNSAMPLING]
     if bad:
         raise ValueError(
-            f"every spatial size must be divisible by {DOWNSAMPLING} (4 downsamplings), got {tuple(image.shape[2:])}"
+            f"every spatial size must be divisible by {DOWNSAMPLING} (4 downsamplings), "
+            f"got {tuple(image.shape[2:])}"
         )
 
 
@@ -163,7 +164,9 @@ class UNetDecoder(nn.Module):
         super().__init__()
         self.groups = groups
         levels = range(len(widths) - 2, -1, -1)  # coarse to fine
-        self.up_convs = nn.ModuleList(conv_norm_act(groups * widths[i + 1], groups * widths[i], groups=groups) for i in levels)
+        self.up_convs = nn.ModuleList(
+            conv_norm_act(groups * widths[i + 1], groups * widths[i], groups=groups) for i in levels
+        )
         self.merges = nn.ModuleList(
             nn.Sequential(
                 conv_norm_act(2 * groups * widths[i], groups * widths[i], groups=groups),
@@ -176,7 +179,9 @@ class UNetDecoder(nn.Module):
             nn.Conv3d(groups * widths[i], groups * num_classes, 1, groups=groups) for i in levels if i > 0
         ) if deep_supervision else nn.ModuleList()
 
-    def forward(self, skips: Sequence[torch.Tensor], bottom: torch.Tensor, deep: bool = False) -> DecoderOutput:
+    def forward(
+        self, skips: Sequence[torch.Tensor], bottom: torch.Tensor, deep: bool = False
+    ) -> DecoderOutput:
         """``skips`` finest first (one per level above the bottleneck); ``deep`` computes deep logits."""
         if deep and not len(self.deep_heads):
             raise ValueError("this decoder was built without deep-supervision heads")
@@ -241,7 +246,9 @@ class MMFormer(MaskedSegmenter):
         super().__init__()
         sizes = (patch_size,) * 3 if isinstance(patch_size, int) else tuple(patch_size)
         if len(sizes) != 3 or any(s % DOWNSAMPLING for s in sizes):
-            raise ValueError(f"patch_size must be one or three sizes divisible by {DOWNSAMPLING}, got {patch_size}")
+            raise ValueError(
+                f"patch_size must be one or three sizes divisible by {DOWNSAMPLING}, got {patch_size}"
+            )
         self.in_modalities = in_modalities
         self.num_classes = num_classes
         self.transformer_dim = transformer_dim
@@ -253,7 +260,9 @@ class MMFormer(MaskedSegmenter):
         self.pos_embed = nn.Parameter(torch.zeros(m, dim, *(s // DOWNSAMPLING for s in sizes)))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         mlp_dim = int(dim * mlp_ratio)
-        self.intra = nn.ModuleList(_Transformer(dim, transformer_depth, num_heads, mlp_dim, dropout) for _ in range(m))
+        self.intra = nn.ModuleList(
+            _Transformer(dim, transformer_depth, num_heads, mlp_dim, dropout) for _ in range(m)
+        )
         self.inter = _Transformer(dim, transformer_depth, num_heads, mlp_dim, dropout)
         self.from_tokens = conv_norm_act(m * dim, widths[-1], kernel_size=1)
         self.skip_fusion = nn.ModuleList(conv_norm_act(m * w, w) for w in widths[:-1])

@@ -48,7 +48,11 @@ class SemanticRefiner(nn.Module):
     """
 
     def __init__(
-        self, num_classes: int = NUM_CLASSES, num_modalities: int = NUM_MODALITIES, width: int = 8, depth: int = 3
+        self,
+        num_classes: int = NUM_CLASSES,
+        num_modalities: int = NUM_MODALITIES,
+        width: int = 8,
+        depth: int = 3,
     ) -> None:
         super().__init__()
         if depth < 2:
