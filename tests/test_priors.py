@@ -141,7 +141,8 @@ def test_crash_during_export_leaves_no_partial_file(setup, monkeypatch):
 def test_feature_cache_fallback_trains_the_same_decoder(setup):
     root, ckpt, base = setup["root"], setup["ckpt"], setup["base"]
     kept = fit_prior_decoder(root, ["a", "b"], ckpt, "tiny", epochs=2, out=base / "kept.pt", slab=8)
-    fly = fit_prior_decoder(root, ["a", "b"], ckpt, "tiny", epochs=2, out=base / "fly.pt", slab=8, feature_cache_bytes=0)
+    fly = fit_prior_decoder(root, ["a", "b"], ckpt, "tiny", epochs=2, out=base / "fly.pt", slab=8,
+                            feature_cache_bytes=0)
     a, b = load_prior_decoder(kept)[0].state_dict(), load_prior_decoder(fly)[0].state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
 

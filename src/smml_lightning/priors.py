@@ -29,7 +29,9 @@ DECODER_FORMAT = 1
 DEFAULT_DECODER_NAME = "prior_decoder.pt"
 
 
-def _slice_encoder(checkpoint: str | Path, model_type: str, device: torch.device, chunk_size: int, bf16: bool) -> SliceEncoder:
+def _slice_encoder(
+    checkpoint: str | Path, model_type: str, device: torch.device, chunk_size: int, bf16: bool
+) -> SliceEncoder:
     return SliceEncoder(load_sam_image_encoder(checkpoint, model_type), chunk_size=chunk_size, bf16=bf16).to(device)
 
 
@@ -95,7 +97,8 @@ def fit_prior_decoder(
     metas = [cache.load_meta(cache_dir, n) for n in names]
     train = [m for m in metas if m.has_label and cache.load_label(cache_dir, m.name) is not None and _available(m)]
     if not train:
-        raise ValueError(f"{cache_dir}: none of the {len(metas)} given cases has a label and a modality to fit the prior decoder on")
+        raise ValueError(f"{cache_dir}: none of the {len(metas)} given cases has a label and a modality "
+                         "to fit the prior decoder on")
     encoder = _slice_encoder(checkpoint, model_type, dev, chunk_size, bf16)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -159,10 +162,13 @@ def load_prior_decoder(path: str | Path, device: str | torch.device = "cpu") -> 
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         config = payload["config"]
-        decoder = PriorDecoder3D(config["in_channels"], config["num_classes"], config["width"], config["num_modalities"])
+        decoder = PriorDecoder3D(config["in_channels"], config["num_classes"], config["width"],
+                                 config["num_modalities"])
         decoder.load_state_dict(payload["decoder"])
     except Exception as err:  # unpickling, missing keys and shape mismatches all mean a bad file
-        raise ValueError(f"{path}: not a prior decoder file written by fit_prior_decoder ({type(err).__name__}: {err})") from err
+        raise ValueError(
+            f"{path}: not a prior decoder file written by fit_prior_decoder ({type(err).__name__}: {err})"
+        ) from err
     return decoder.to(device).eval(), payload
 
 
@@ -189,9 +195,9 @@ def export_priors(
     todo = list(cache.list_cases(cache_dir) if names is None else names)
     decoder, payload = load_prior_decoder(decoder_path, dev)
     config = payload["config"]
-    result: dict[str, list[str]] = {"written": [], "skipped": []}
-    pending = [n for n in todo if overwrite or not cache.has_prior(cache_dir, n)]
-    result["skipped"] = [n for n in todo if n not in set(pending)]
+    done = set() if overwrite else {n for n in todo if cache.has_prior(cache_dir, n)}
+    pending = [n for n in todo if n not in done]
+    result: dict[str, list[str]] = {"written": [], "skipped": [n for n in todo if n in done]}
     if not pending:
         return result
     encoder = _slice_encoder(checkpoint or config["checkpoint"], config["model_type"], dev, chunk_size, bf16)
@@ -205,7 +211,8 @@ def export_priors(
         with torch.inference_mode():
             for m in _available(meta):
                 volume = image[m][None, None].to(dev)
-                logits = decoder(encoder(volume), volume, torch.tensor([m], device=dev), encoder.cell_size(*volume.shape[2:4]))
+                cell = encoder.cell_size(*volume.shape[2:4])
+                logits = decoder(encoder(volume), volume, torch.tensor([m], device=dev), cell)
                 prior[m] = logits.float().softmax(1)[0].cpu().numpy()
         cache.write_prior(cache_dir, name, prior)
         result["written"].append(name)

@@ -123,5 +123,6 @@ def test_prior_decoder_shapes_gradients_and_modality_embedding():
     assert logits.shape == (2, 4, 12, 11, 5)
     logits.sum().backward()
     assert all(p.grad is not None for p in dec.parameters())
-    same = dec(feats[:1].expand(2, -1, -1, -1, -1), image[:1].expand(2, -1, -1, -1, -1), torch.tensor([0, 3]), (4.0, 4.0))
+    twice = (2, -1, -1, -1, -1)
+    same = dec(feats[:1].expand(twice), image[:1].expand(twice), torch.tensor([0, 3]), (4.0, 4.0))
     assert not torch.allclose(same[0], same[1])  # the modality embedding changes the prediction
