@@ -51,7 +51,8 @@ def _separate(model, image, subset, mode="gaussian"):
 @pytest.mark.parametrize("mode", ["gaussian", "constant"])
 def test_encoder_reuse_matches_separate_runs_and_encodes_once_per_window(mode):
     model, image = ToySegmenter(), _image()
-    out = predict_subsets([model], image, SUBSETS, roi_size=ROI, overlap=0.5, mode=mode)
+    out = predict_subsets([model], image, SUBSETS, roi_size=ROI, overlap=0.5, mode=mode,
+                          accumulate_dtype=torch.float32)
     # Hand count: interval 4 on each axis -> ceil((12-8)/4)+1 = 2, 2, and ceil((10-8)/4)+1 = 2 windows.
     n_windows = math.prod(math.ceil((s - ROI) / (ROI // 2)) + 1 for s in SHAPE)
     assert n_windows == 8
@@ -68,7 +69,8 @@ def test_encoder_reuse_matches_separate_runs_and_encodes_once_per_window(mode):
 def test_two_models_average_equals_mean_of_separate_runs():
     models, image = [ToySegmenter(seed=0), ToySegmenter(seed=5)], _image()
     subsets = [SUBSETS[3], SUBSETS[14]]
-    out = predict_subsets(models, image, subsets, roi_size=ROI, sw_batch_size=2)
+    out = predict_subsets(models, image, subsets, roi_size=ROI, sw_batch_size=2,
+                          accumulate_dtype=torch.float32)
     assert all(m.encode_calls == 4 for m in models)  # 8 windows in batches of 2
     for subset in subsets:
         expected = (_separate(models[0], image, subset) + _separate(models[1], image, subset)) / 2
@@ -83,7 +85,8 @@ def test_labels_single_subset_path_and_mode_restored():
     assert model.training  # previous mode restored
     expected = _separate(model.eval(), image, subset)[0].argmax(0).numpy().astype(np.uint8)
     assert labels.dtype == np.uint8 and np.array_equal(labels, expected)
-    assert np.array_equal(predict_labels([model], image, [subset], roi_size=ROI)[9], labels)
+    exact = predict_labels([model], image, [subset], roi_size=ROI, accumulate_dtype=torch.float32)
+    assert np.array_equal(exact[9], labels)
 
 
 def test_rejects_bad_inputs():
@@ -98,17 +101,18 @@ def test_rejects_bad_inputs():
 
 def test_volume_smaller_than_roi_is_padded_at_the_end_and_cropped_back():
     model, image = ToySegmenter(), torch.randn(1, 4, 6, 7, 5, generator=torch.Generator().manual_seed(2))
-    out = predict_subsets([model], image, [SUBSETS[14]], roi_size=ROI)[14]
+    out = predict_subsets([model], image, [SUBSETS[14]], roi_size=ROI, accumulate_dtype=torch.float32)[14]
     assert out.shape == (1, 4, 6, 7, 5)
     with torch.no_grad():  # one window: blending is the identity
-        expected = model(torch.nn.functional.pad(image, (0, 3, 0, 1, 0, 2)), torch.ones(1, 4, dtype=torch.bool))
+        padded = torch.nn.functional.pad(image, (0, 3, 0, 1, 0, 2))
+        expected = model(padded, torch.ones(1, 4, dtype=torch.bool))
     torch.testing.assert_close(out, expected.logits[..., :6, :7, :5], rtol=1e-5, atol=1e-5)
 
 
 def test_float16_accumulation_close_to_float32():
     model, image = ToySegmenter(), _image()
-    exact = predict_subsets([model], image, SUBSETS[:3], roi_size=ROI)
-    half = predict_subsets([model], image, SUBSETS[:3], roi_size=ROI, accumulate_dtype=torch.float16)
+    exact = predict_subsets([model], image, SUBSETS[:3], roi_size=ROI, accumulate_dtype=torch.float32)
+    half = predict_subsets([model], image, SUBSETS[:3], roi_size=ROI)  # float16 by default
     for k in exact:
         assert half[k].dtype == torch.float16
         torch.testing.assert_close(half[k].float(), exact[k], rtol=2e-3, atol=2e-3)

@@ -12,7 +12,8 @@ REGIONS = ("WT", "TC", "ET", "ET_post")
 def _rows(n_cases=3, seed=0):
     rng = np.random.default_rng(seed)
     return [
-        {"case": f"case{c}", "subset": s, "region": r, "dice": float(rng.random()), "hd95": float(rng.random() * 20)}
+        {"case": f"case{c}", "subset": s, "region": r,
+         "dice": float(rng.random()), "hd95": float(rng.random() * 20)}
         for c in range(n_cases) for s in SUBSET_NAMES for r in REGIONS
     ]
 
@@ -49,7 +50,8 @@ def test_write_report_files_rows_and_markdown_order(tmp_path):
     rows = _rows()
     paths = write_report(rows, tmp_path / "rep", "SMML", dataset_layout="brats2018",
                          inference_settings={"roi_size": 128, "overlap": 0.5, "mode": "gaussian"})
-    assert set(paths) == {"per_case", "summary", "report", "heatmap"} and all(p.is_file() for p in paths.values())
+    assert set(paths) == {"per_case", "summary", "report", "heatmap"}
+    assert all(p.is_file() for p in paths.values())
     per_case = pd.read_csv(paths["per_case"])
     assert list(per_case.columns) == ["case", "subset", "region", "dice", "hd95"]
     assert len(per_case) == 3 * 15 * 4
@@ -58,7 +60,8 @@ def test_write_report_files_rows_and_markdown_order(tmp_path):
     assert {f"{r}_{m}" for r in REGIONS for m in ("dice", "hd95")} <= set(summary.columns)
 
     text = paths["report"].read_text()
-    table = [line for line in text.splitlines() if line.startswith("| ") and "●" in line or "**Average**" in line]
+    table = [line for line in text.splitlines()
+             if (line.startswith("| ") and "●" in line) or "**Average**" in line]
     assert len(table) == 16
     assert [line.split("|")[1].strip() for line in table] == [*map(str, range(1, 16)), "**Average**"]
     # Row 1 is T2 only: FLAIR, T1ce, T1 missing, T2 present; its WT Dice is the mean in percent.

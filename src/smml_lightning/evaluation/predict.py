@@ -59,7 +59,8 @@ def write_prediction(
         raise ValueError(f"{meta.name}: prediction shape {labels.shape} does not match the crop box "
                          f"{meta.crop_box} (cropped shape {meta.cropped_shape})")
     if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
-        raise ValueError(f"{meta.name}: prediction has values outside the internal classes 0..{NUM_CLASSES - 1}")
+        raise ValueError(f"{meta.name}: prediction has values outside the internal classes "
+                         f"0..{NUM_CLASSES - 1}")
     release = to_release(uncrop(labels.astype(np.uint8), meta), meta.convention)
 
     header = _source_header(meta)

@@ -9,7 +9,6 @@ finished report is never clobbered by a later run pointed at the same folder.
 
 from __future__ import annotations
 
-import csv
 import io
 from importlib import resources
 from pathlib import Path
@@ -21,7 +20,14 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from smml_lightning.data.cache import atomic_write_bytes, atomic_write_text
-from smml_lightning.data.modalities import MODALITIES, MODALITY_LABELS, SUBSET_NAMES, SUBSETS, parse_subset, subset_name
+from smml_lightning.data.modalities import (
+    MODALITIES,
+    MODALITY_LABELS,
+    SUBSET_NAMES,
+    SUBSETS,
+    parse_subset,
+    subset_name,
+)
 from smml_lightning.evaluation.metrics import case_metrics
 
 REPORT_REGIONS: tuple[str, ...] = ("WT", "TC", "ET", "ET_post")
@@ -55,7 +61,7 @@ def metric_rows(
     spacing: Sequence[float],
     et_min_voxels: int = 500,
 ) -> list[dict[str, Any]]:
-    """Report rows for one case from its labels keyed by subset index (what ``inference.predict_labels`` gives)."""
+    """Report rows for one case from its labels keyed by subset index (as ``predict_labels`` returns)."""
     rows = []
     for key in sorted(labels):
         for region, values in case_metrics(labels[key], truth, spacing, et_min_voxels).items():
@@ -79,7 +85,8 @@ def rows_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     dup = frame.duplicated(["case", "subset", "region"], keep=False)
     if dup.any():
         first = frame[dup].iloc[0]
-        raise ValueError(f"duplicate metric rows, e.g. case {first['case']!r}, {first['subset']}, {first['region']}")
+        raise ValueError(f"duplicate metric rows, e.g. case {first['case']!r}, "
+                         f"{first['subset']}, {first['region']}")
     frame["dice"] = frame["dice"].astype(float)
     frame["hd95"] = frame["hd95"].astype(float)
     frame["subset"] = pd.Categorical(frame["subset"], categories=SUBSET_NAMES, ordered=True)
@@ -149,7 +156,8 @@ def _markdown(
 
     n_subsets = len(by_subset) - 1
     where = f" on {dataset_layout}" if dataset_layout else ""
-    sw = ", ".join(f"{k}={v}" for k, v in inference_settings.items()) if inference_settings else "not recorded"
+    settings = inference_settings or {}
+    sw = ", ".join(f"{k}={v}" for k, v in settings.items()) or "not recorded"
     parts = [
         f"# {method_name}: Dice (%) and HD95 (mm) per available-modality subset",
         "",
@@ -177,9 +185,11 @@ def _markdown(
         else:
             parts += ["| Method | Dataset | WT | TC | ET | Source |", "|---|---|---|---|---|---|"]
             for rec in published.itertuples(index=False):
-                parts.append(f"| {rec.method} | {rec.dataset} | {rec.wt:.1f} | {rec.tc:.1f} | {rec.et:.1f} | {rec.source} |")
+                dice = " | ".join(f"{v:.1f}" for v in (rec.wt, rec.tc, rec.et))
+                parts.append(f"| {rec.method} | {rec.dataset} | {dice} | {rec.source} |")
             ours = [_fmt(avg.get(f"{r}_dice", np.nan), 100) for r in ("WT", "TC", "ET")]
-            parts.append(f"| **{method_name}** (this run) | {dataset_layout or '–'} | {' | '.join(ours)} | this report |")
+            parts.append(f"| **{method_name}** (this run) | {dataset_layout or '–'} | {' | '.join(ours)} "
+                         "| this report |")
             parts += ["", "Published figures are means over the papers' own splits; they are indicative, "
                       "not a paired comparison with this run."]
     return "\n".join(parts) + "\n"
@@ -229,10 +239,11 @@ def write_report(
     summary = summary_table(rows)
 
     per_case = frame.astype({"subset": str, "region": str})
-    atomic_write_text(paths["per_case"], per_case.to_csv(index=False, quoting=csv.QUOTE_MINIMAL))
+    atomic_write_text(paths["per_case"], per_case.to_csv(index=False))
     atomic_write_text(paths["summary"], summary.to_csv(index=False))
-    atomic_write_text(paths["report"], _markdown(summary, method_name, frame["case"].nunique(), dataset_layout,
-                                                 compare, et_min_voxels, inference_settings))
+    markdown = _markdown(summary, method_name, frame["case"].nunique(), dataset_layout, compare,
+                         et_min_voxels, inference_settings)
+    atomic_write_text(paths["report"], markdown)
     png = _heatmap_png(summary, method_name)
     atomic_write_bytes(paths["heatmap"], lambda f: f.write(png))
     return paths
