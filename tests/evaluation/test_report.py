@@ -49,7 +49,7 @@ def test_summary_hand_computed_two_cases():
 def test_write_report_files_rows_and_markdown_order(tmp_path):
     rows = _rows()
     paths = write_report(rows, tmp_path / "rep", "SMML", dataset_layout="brats2018",
-                         inference_settings={"roi_size": 128, "overlap": 0.5, "mode": "gaussian"})
+                         settings={"roi_size": 128, "overlap": 0.5, "mode": "gaussian"})
     assert set(paths) == {"per_case", "summary", "report", "heatmap"}
     assert all(p.is_file() for p in paths.values())
     per_case = pd.read_csv(paths["per_case"])

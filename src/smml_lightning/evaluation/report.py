@@ -135,7 +135,7 @@ def _markdown(
     dataset_layout: str | None,
     compare: bool,
     et_min_voxels: int,
-    inference_settings: Mapping[str, Any] | None,
+    settings: Mapping[str, Any] | None,
 ) -> str:
     regions = [r for r in REPORT_REGIONS if f"{r}_dice" in summary.columns]
     by_subset = summary.set_index("subset")
@@ -156,8 +156,7 @@ def _markdown(
 
     n_subsets = len(by_subset) - 1
     where = f" on {dataset_layout}" if dataset_layout else ""
-    settings = inference_settings or {}
-    sw = ", ".join(f"{k}={v}" for k, v in settings.items()) or "not recorded"
+    sw = ", ".join(f"{k}={v}" for k, v in (settings or {}).items()) or "not recorded"
     parts = [
         f"# {method_name}: Dice (%) and HD95 (mm) per available-modality subset",
         "",
@@ -223,12 +222,12 @@ def write_report(
     compare: bool = True,
     overwrite: bool = False,
     et_min_voxels: int = 500,
-    inference_settings: Mapping[str, Any] | None = None,
+    settings: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write per_case.csv, summary.csv, report.md and heatmap.png into ``out_dir``; return their paths.
 
     ``dataset_layout`` (e.g. ``brats2018``) selects the published comparison rows; ``None`` shows all.
-    ``inference_settings`` (roi_size, overlap, mode, ...) are quoted in the report's notes.
+    ``settings`` (roi_size, overlap, mode, ...) are quoted in the report's notes as passed.
     """
     out_dir = Path(out_dir)
     paths = {key: out_dir / name for key, name in FILES.items()}
@@ -242,7 +241,7 @@ def write_report(
     atomic_write_text(paths["per_case"], per_case.to_csv(index=False))
     atomic_write_text(paths["summary"], summary.to_csv(index=False))
     markdown = _markdown(summary, method_name, frame["case"].nunique(), dataset_layout, compare,
-                         et_min_voxels, inference_settings)
+                         et_min_voxels, settings)
     atomic_write_text(paths["report"], markdown)
     png = _heatmap_png(summary, method_name)
     atomic_write_bytes(paths["heatmap"], lambda f: f.write(png))
