@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from smml_lightning.data import cache, splits
 from smml_lightning.data.labels import NUM_CLASSES
-from smml_lightning.data.modalities import NUM_MODALITIES, parse_subset, sample_masks, subset_name
+from smml_lightning.data.modalities import NUM_MODALITIES, sample_masks
 from smml_lightning.data.transforms import train_transforms
 
 # --- readers: torchio calls these lazily, in the Queue's worker processes -------------------------
@@ -110,23 +110,14 @@ class CachedCaseDataset(Dataset):
     """Whole cropped cases from the cache, for validation, test and prediction (batch size 1).
 
     Items: ``image`` float (4, D, H, W), ``label`` long (1, D, H, W) when the case has one, ``name``,
-    ``available`` bool (4,) from the case's metadata and, when ``subset`` is given, ``mask`` = the
-    subset's modalities that the case has (what a fixed-subset validation should decode with).
+    and ``available`` bool (4,) from the case's metadata (which subsets are scored is the model's
+    ``val_subsets`` / ``test_subsets``, restricted to what a case has).
     """
 
-    def __init__(self, root: Path | str, names: Sequence[str], subset: tuple[bool, ...] | None = None) -> None:
+    def __init__(self, root: Path | str, names: Sequence[str]) -> None:
         self.root = Path(root)
         self.names = list(names)
-        self.subset = subset
         self.available = {n: cache.load_meta(self.root, n).available for n in self.names}
-        if subset is not None:
-            for name, avail in self.available.items():
-                if not any(a and s for a, s in zip(avail, subset)):
-                    raise ValueError(
-                        f"case {name!r} in {self.root} has none of the validation subset "
-                        f"{subset_name(subset)}'s modalities (it has {subset_name(avail)}): "
-                        "choose another data.val_subset or leave it null"
-                    )
 
     def __len__(self) -> int:
         return len(self.names)
@@ -141,8 +132,6 @@ class CachedCaseDataset(Dataset):
         label = cache.load_label(self.root, name)
         if label is not None:
             item["label"] = torch.from_numpy(np.array(label, dtype=np.int64))[None]
-        if self.subset is not None:
-            item["mask"] = item["available"] & torch.tensor(self.subset, dtype=torch.bool)
         return item
 
 
@@ -207,9 +196,10 @@ class BratsDataModule(LightningDataModule):
         distinct_masks: a sample's masks are different subsets.
         use_prior: load the SAM priors (``prior.npy``) into training batches.
         augment: flips, rotation and intensity augmentation (:func:`train_transforms`).
-        val_subset: fixed validation subset, e.g. ``"flair+t1ce"``; ``None`` = all four. Validation
-            batches carry it as ``mask`` (intersected with each case's available modalities).
-        predict_dir: cache to predict on; ``None`` = the test split.
+        predict_root: raw cases to predict on (any supported layout, modalities may be missing); they
+            are validated and prepared into ``predict_dir`` first (resumable).
+        predict_dir: cache to predict on (default with ``predict_root``: ``runs/predict_cache/<name>``);
+            neither given = the test split.
     """
 
     def __init__(
@@ -231,7 +221,7 @@ class BratsDataModule(LightningDataModule):
         distinct_masks: bool = True,
         use_prior: bool = False,
         augment: bool = True,
-        val_subset: str | None = None,
+        predict_root: str | None = None,
         predict_dir: str | None = None,
     ) -> None:
         super().__init__()
@@ -257,7 +247,6 @@ class BratsDataModule(LightningDataModule):
         self.cache_dir = Path(cache_dir)
         self.patch_size: tuple[int, int, int] = size  # type: ignore[assignment]
         self.label_probabilities = {int(c): float(p) for c, p in probs.items()}
-        self.val_subset_mask = parse_subset(val_subset) if val_subset is not None else (True,) * NUM_MODALITIES
         self.splits: dict[str, list[str]] | None = None
 
     # -- helpers -----------------------------------------------------------------------------------
@@ -373,14 +362,50 @@ class BratsDataModule(LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(
-            CachedCaseDataset(self.cache_dir, self._split("val"), self.val_subset_mask), padded=True
+            CachedCaseDataset(self.cache_dir, self._split("val")), padded=True
         )
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader(CachedCaseDataset(self.cache_dir, self._split("test")), padded=False)
 
+    @property
+    def predict_cache(self) -> Path:
+        """The cache prediction reads: ``predict_dir``, or a cache made from ``predict_root``, or ``cache_dir``."""
+        hp = self.hparams
+        if hp.predict_dir is not None:
+            return Path(hp.predict_dir)
+        if hp.predict_root is not None:
+            return Path("runs") / "predict_cache" / Path(hp.predict_root).resolve().name
+        return self.cache_dir
+
+    def prepare_data(self) -> None:
+        """Prepare raw prediction inputs (rank 0 only; skips cases already prepared)."""
+        hp = self.hparams
+        if hp.predict_root is None or self.trainer is None or self.trainer.state.fn != "predict":
+            return
+        from .prepare import prepare
+
+        prepare(hp.predict_root, self.predict_cache, min_size=self.patch_size, require_all=False,
+                require_label=False, workers=min(2, hp.num_workers) or 1)
+
+    def check_ready(self) -> None:
+        """Fail early, with what to do, when the training cache is missing."""
+        if not self.cache_dir.is_dir() or not cache.list_cases(self.cache_dir):
+            raise SystemExit(
+                f"no prepared cases in {self.cache_dir}.\n"
+                "  Real data: request BraTS from the challenge pages (e.g. https://www.med.upenn.edu/sbia/brats2018/data.html,\n"
+                "  https://www.synapse.org/brats for 2021/2023), then `smml prepare <download> "
+                f"{self.cache_dir}`\n  and, for SMML, `smml priors {self.cache_dir} --sam_checkpoint <sam.pth>`.\n"
+                "  Synthetic data instead: `make demo` (or `smml synth runs/syn --cases 24 --shape [64,64,48]`,\n"
+                "  `smml prepare runs/syn runs/syn_cache --min_size [48,48,48]`, then --data.cache_dir=runs/syn_cache)."
+            )
+
+    def case_meta(self, name: str, stage: str = "fit") -> cache.CaseMeta:
+        """Metadata of a case in the training cache, or in the prediction cache for ``stage="predict"``."""
+        return cache.load_meta(self.predict_cache if stage == "predict" else self.cache_dir, name)
+
     def predict_dataloader(self) -> DataLoader:
-        if self.hparams.predict_dir is None:
+        root = self.predict_cache
+        if root == self.cache_dir and self.hparams.predict_root is None:
             return self.test_dataloader()
-        root = Path(self.hparams.predict_dir)
         return self._eval_loader(CachedCaseDataset(root, self._cached_cases(root)), padded=False)

@@ -60,6 +60,8 @@ class MissingModalityModule(pl.LightningModule):
             CPUs with AMX and on tensor-core GPUs).
         on_nonfinite: ``"raise"`` stops with the name of the offending term; ``"skip"`` skips the step.
         report_dir: where ``test`` writes its report (default: ``<log_dir>/test-<time>``).
+        compare_published: add published BraTS figures of the same release to the report (turn off
+            for synthetic data, where they do not apply).
         method_name: name in reports (default: the class name).
     """
 
@@ -78,6 +80,7 @@ class MissingModalityModule(pl.LightningModule):
         channels_last: bool = True,
         on_nonfinite: Literal["raise", "skip"] = "raise",
         report_dir: str | None = None,
+        compare_published: bool = True,
         method_name: str | None = None,
     ) -> None:
         super().__init__()
@@ -94,6 +97,7 @@ class MissingModalityModule(pl.LightningModule):
         self.channels_last = channels_last
         self.on_nonfinite = on_nonfinite
         self.report_dir = report_dir
+        self.compare_published = compare_published
         self.method_name = method_name or type(self).__name__
         self._test_rows: list[dict[str, Any]] = []
 
@@ -165,10 +169,16 @@ class MissingModalityModule(pl.LightningModule):
             self.inference_models(), self._layout(image), [SUBSETS[i] for i in subset_ids],
             roi_size=self.roi_size, overlap=self.sw_overlap, mode=self.sw_mode,
         )
-        return {sid: logits[pos].argmax(dim=1)[0] for pos, sid in enumerate(subset_ids)}
+        return {sid: logits[sid].argmax(dim=1)[0] for sid in subset_ids}
+
+    @staticmethod
+    def _within(subset_ids: Sequence[int], batch: dict[str, Any]) -> list[int]:
+        """The subsets a case can be scored on: those made only of modalities it has."""
+        have = batch["available"][0].tolist() if "available" in batch else [True] * len(SUBSETS[0])
+        return [i for i in subset_ids if all(h or not s for h, s in zip(have, SUBSETS[i]))]
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        preds = self.predict_case(batch["image"], self.val_subset_ids)
+        preds = self.predict_case(batch["image"], self._within(self.val_subset_ids, batch))
         label = batch["label"][0, 0]
         scores = {r: [] for r in REGIONS}
         for pred in preds.values():
@@ -191,7 +201,7 @@ class MissingModalityModule(pl.LightningModule):
         name = batch["name"][0]
         spacing = self._spacing(name)
         label = batch["label"][0, 0].cpu().numpy()
-        for sid, pred in self.predict_case(batch["image"], self.test_subset_ids).items():
+        for sid, pred in self.predict_case(batch["image"], self._within(self.test_subset_ids, batch)).items():
             metrics = case_metrics(pred.cpu().numpy(), label, spacing, et_min_voxels=self.et_min_voxels)
             for region, values in metrics.items():
                 self._test_rows.append({"case": name, "subset": subset_name(SUBSETS[sid]), "region": region,
@@ -216,7 +226,9 @@ class MissingModalityModule(pl.LightningModule):
 
         if self.trainer.is_global_zero:
             out = Path(self.report_dir) if self.report_dir else self._default_report_dir()
-            paths = write_report(rows, out, method_name=self.method_name, settings=self._report_settings())
+            paths = write_report(rows, out, method_name=self.method_name, dataset_layout=self._layout_name(),
+                                 compare=self.compare_published, et_min_voxels=self.et_min_voxels,
+                                 settings=self._report_settings())
             self.print(f"test report written to {out} ({', '.join(p.name for p in paths.values())})")
             self._log_table(summary_table(rows))
         table = {}
@@ -224,6 +236,12 @@ class MissingModalityModule(pl.LightningModule):
             values = [r["dice"] for r in rows if r["region"] == region]
             table[f"test/dice_{region}"] = sum(values) / len(values)
         self.log_dict(table, rank_zero_only=True, batch_size=1)
+
+    def _layout_name(self) -> str | None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        names = getattr(datamodule, "splits", None) or {}
+        test = names.get("test") if isinstance(names, dict) else None
+        return datamodule.case_meta(test[0]).layout if test else None
 
     def _default_report_dir(self) -> Path:
         base = Path(self.trainer.log_dir or self.trainer.default_root_dir)

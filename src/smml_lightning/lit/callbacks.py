@@ -42,7 +42,7 @@ class PredictionWriter(BasePredictionWriter):
         self.written.append(path)
         if self.overlay:
             write_overlay(batch["image"][0].float().cpu().numpy(), labels, meta.available,
-                          self.output_dir / f"{name}_overlay.png")
+                          self.output_dir / f"{name}_overlay.png", overwrite=self.overwrite)
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         msg = f"predictions: {len(self.written)} written to {self.output_dir}"
