@@ -107,22 +107,45 @@ def prepare(root: str, out: str, layout: str = "auto", min_size: tuple[int, int,
 
 
 def priors(cache_dir: str, sam_checkpoint: str | None = None, model_type: str = "vit_b", epochs: int = 20,
-           split: str | None = None, device: str = "cpu", overwrite: bool = False) -> None:
+           split: str | None = None, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0,
+           device: str = "cpu", overwrite: bool = False) -> None:
     """Fit the SAM prior decoder on the training cases and export priors for all cached cases.
+
+    The decoder sees only the training split's labels, chosen exactly as the datamodule will choose it:
+    pass the same ``split`` file, or the same ``val_fraction``/``test_fraction``/``seed`` as ``data.*``.
 
     Args:
         cache_dir: the prepared cache.
         sam_checkpoint: SAM or MedSAM checkpoint (e.g. sam_vit_b_01ec64.pth).
         model_type: vit_b, vit_l, vit_h (MedSAM is vit_b), or tiny (tests and the offline demo).
         epochs: training epochs of the 3D prior decoder.
-        split: split JSON; priors are fitted on its train cases (default: all labelled cases).
+        split: split JSON or folder of train/val/test.txt (as ``data.split``).
+        val_fraction: as ``data.val_fraction`` when no split file is given.
+        test_fraction: as ``data.test_fraction`` when no split file is given.
+        seed: as ``data.seed`` when no split file is given.
         device: cpu or cuda.
         overwrite: recompute priors that exist.
     """
     from .priors import run_priors
 
-    run_priors(cache_dir, checkpoint=sam_checkpoint, model_type=model_type, epochs=epochs, split=split,
+    if sam_checkpoint is None:
+        raise SystemExit("smml priors needs --sam_checkpoint PATH: download sam_vit_b_01ec64.pth from the "
+                         "segment-anything release (or a MedSAM vit_b checkpoint) and pass --model_type vit_b")
+    train = training_names(cache_dir, split, val_fraction, test_fraction, seed)
+    run_priors(cache_dir, checkpoint=sam_checkpoint, model_type=model_type, epochs=epochs, train_names=train,
                device=device, overwrite=overwrite)
+
+
+def training_names(cache_dir: str | Path, split: str | None, val_fraction: float, test_fraction: float,
+                   seed: int) -> list[str]:
+    """The training split of a cache, as :class:`BratsDataModule` will draw it."""
+    from .data import cache, splits
+    from .data.datamodule import seeded_split
+
+    names = cache.list_cases(cache_dir)
+    if split is not None:
+        return splits.resolve_split(names, **splits.read_split(split))["train"]
+    return seeded_split(names, val_fraction, test_fraction, seed)["train"]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -32,7 +32,7 @@ def demo(out: str = "runs/demo", config: str = "experiments/synthetic.yaml", cas
         prior_epochs: training epochs of the SAM prior decoder.
         fit_args: extra Lightning CLI arguments for fit and test (e.g. ``--trainer.max_epochs=2``).
     """
-    from .cli import find_experiment, lightning_main
+    from .cli import find_experiment, lightning_main, training_names
     from .data.prepare import prepare
     from .data.synthetic import synthesize
     from .models.sam_prior import save_tiny_sam_checkpoint
@@ -51,16 +51,19 @@ def demo(out: str = "runs/demo", config: str = "experiments/synthetic.yaml", cas
         synthesize(raw, cases, layout="brats2020", shape=tuple(shape), seed=seed)
         mark_done(raw, {"cases": cases, "shape": list(shape), "seed": seed})
     step(f"prepare -> {cache}")
-    patch = _patch_size(config_path)
+    patch = _patch_size(_config(config_path))
     prepare(raw, cache, min_size=(patch,) * 3, workers=2)
     step("SAM semantic priors")
     if sam_checkpoint is None:
         sam_checkpoint = str(root / "sam_tiny_random.pth")
         if not Path(sam_checkpoint).is_file():
             save_tiny_sam_checkpoint(sam_checkpoint, seed=seed)
-    run_priors(cache, checkpoint=sam_checkpoint, model_type=model_type, epochs=prior_epochs)
+    data_cfg = _config(config_path).get("data", {})
+    train = training_names(cache, None, data_cfg.get("val_fraction", 0.1), data_cfg.get("test_fraction", 0.2),
+                           seed)
+    run_priors(cache, checkpoint=sam_checkpoint, model_type=model_type, epochs=prior_epochs, train_names=train)
 
-    common = ["--config", config_path, f"--data.cache_dir={cache}", f"--seed_everything={seed}",
+    common = ["--config", config_path, f"--data.cache_dir={cache}", f"--seed_everything={seed}", f"--data.seed={seed}",
               f"--trainer.default_root_dir={root / 'fit'}", f"--checkpoint.dirpath={root / 'fit' / 'checkpoints'}",
               f"--trainer.logger.init_args.save_dir={root}",
               *(fit_args or [])]
@@ -84,9 +87,12 @@ def demo(out: str = "runs/demo", config: str = "experiments/synthetic.yaml", cas
     print(f"report: {report}")
 
 
-def _patch_size(config_path: str) -> int:
+def _config(config_path: str) -> dict:
     import yaml
 
-    cfg = yaml.safe_load(Path(config_path).read_text())
+    return yaml.safe_load(Path(config_path).read_text())
+
+
+def _patch_size(cfg: dict) -> int:
     patch = cfg.get("data", {}).get("patch_size", 128)
     return int(patch if isinstance(patch, int) else max(patch))
