@@ -15,6 +15,7 @@ from typing import Any, Literal, Sequence
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_warn
 
 from ..data.labels import REGION_CLASSES, REGIONS
 from ..data.modalities import SUBSETS, parse_subset, subset_index, subset_name
@@ -132,7 +133,7 @@ class MissingModalityModule(pl.LightningModule):
                        f"(values: { {k: float(terms[k].detach()) for k in bad} })")
             if self.on_nonfinite == "raise":
                 raise NonFiniteLossError(message + "; set model.init_args.on_nonfinite=skip to skip such steps")
-            self.print(f"skipping step: {message}")
+            rank_zero_warn(f"skipping step: {message}")
             return None
         total = torch.stack(list(terms.values())).sum()
         bsz = batch["image"].shape[0]

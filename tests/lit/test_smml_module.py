@@ -1,0 +1,107 @@
+"""The SMML LightningModule's loss composition: terms, warm-up, gradients and masking."""
+
+import pytest
+import torch
+
+from smml_lightning.lit.base import NonFiniteLossError
+from smml_lightning.lit.smml import SMML
+from smml_lightning.models.backbone import MMFormer
+from smml_lightning.models.refine import SemanticRefiner
+
+P = 32
+
+
+def tiny_smml(**kw) -> SMML:
+    torch.manual_seed(0)
+    return SMML(network=lambda: MMFormer(base_width=4, transformer_dim=16, num_heads=2, patch_size=P),
+                refiner=lambda: SemanticRefiner(width=4), roi_size=P, channels_last=False, **kw)
+
+
+def make_batch(b=2, masks=None):
+    g = torch.Generator().manual_seed(1)
+    label = torch.zeros(b, 1, P, P, P, dtype=torch.long)
+    label[:, :, 8:24, 8:24, 8:24] = 2
+    label[:, :, 12:20, 12:20, 12:20] = 1
+    label[:, :, 12:20, 12:20, 18:20] = 3
+    image = torch.randn(b, 4, P, P, P, generator=g) + label.float()
+    prior = torch.softmax(torch.randn(b, 4, 4, P, P, P, generator=g), dim=2)
+    if masks is None:
+        masks = torch.tensor([[[1, 1, 0, 0], [0, 1, 1, 1]]] * b, dtype=torch.bool)
+    return {"image": image, "label": label, "masks": masks, "prior": prior}
+
+
+PAPER_TERMS = {"seg_fused", "seg_aux", "seg_deep", "seg_refine", "prior_consist", "hcc_pixel", "hcc_sample",
+               "hcc_class"}
+
+
+def test_all_paper_terms_after_warmup_and_gradients_reach_both_branches():
+    model = tiny_smml(warmup_epochs=0)
+    terms = model.training_losses(make_batch())
+    assert set(terms) == PAPER_TERMS
+    assert all(torch.isfinite(v) and v.dim() == 0 for v in terms.values())
+    torch.stack(list(terms.values())).sum().backward()
+    for part in (model.branches[0], model.branches[1], model.refiners[0], model.refiners[1]):
+        grads = [p.grad for p in part.parameters() if p.grad is not None]
+        assert grads and sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_warmup_holds_back_pixel_hcc_and_prior_consistency():
+    model = tiny_smml(warmup_epochs=3)
+    terms = model.training_losses(make_batch())
+    assert set(terms) == PAPER_TERMS - {"hcc_pixel", "prior_consist"}
+
+
+def test_ablations_by_weights_and_without_prior():
+    model = tiny_smml(warmup_epochs=0, w_pixel=0, w_sample=0, w_class=0, use_prior=False)
+    batch = make_batch()
+    del batch["prior"]
+    assert set(model.training_losses(batch)) == {"seg_fused", "seg_aux", "seg_deep"}
+    assert model.refiners is None
+
+
+def test_shared_mask_ablation_feeds_both_branches_the_first_mask(monkeypatch):
+    model = tiny_smml(warmup_epochs=0, share_mask=True)
+    seen = []
+    for branch in model.branches:
+        original = branch.forward
+        monkeypatch.setattr(branch, "forward", lambda x, m, _f=original: (seen.append(m.clone()), _f(x, m))[1])
+    model.training_losses(make_batch())
+    assert torch.equal(seen[0], seen[1])
+
+
+def test_missing_modality_encoder_gets_no_gradient_from_the_whole_smml_loss():
+    """Modality 2 (T1) and 3 (T2) are missing for branch 0: none of the SMML terms may reach their slices
+    of branch 0's grouped encoder, while modality 0 (FLAIR) is reached."""
+    model = tiny_smml(warmup_epochs=0)
+    batch = make_batch(b=1)
+    torch.stack(list(model.training_losses(batch).values())).sum().backward()
+    enc = model.branches[0].encoder
+    first = [m for m in enc.modules() if isinstance(m, torch.nn.Conv3d)][0]
+    per_group = first.weight.shape[0] // 4
+    grad = first.weight.grad
+    for k, available in enumerate(batch["masks"][0, 0].tolist()):
+        g = grad[k * per_group:(k + 1) * per_group].abs().sum()
+        assert (g > 0) if available else (g == 0), (k, available, float(g))
+    for k in (2, 3):
+        for p in model.branches[0].intra[k].parameters():
+            assert p.grad is None or p.grad.abs().sum() == 0
+
+
+def test_nonfinite_loss_raises_with_term_name_or_skips():
+    batch = make_batch()
+    batch["prior"][0, 0, 0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match="seg_refine"):
+        tiny_smml(warmup_epochs=0).training_step(batch, 0)
+    assert tiny_smml(warmup_epochs=0, on_nonfinite="skip").training_step(batch, 0) is None
+
+
+def test_bad_config_values_are_named():
+    with pytest.raises(ValueError, match="w_pixel"):
+        tiny_smml(w_pixel=-1)
+    with pytest.raises(ValueError, match="sw_overlap"):
+        tiny_smml(sw_overlap=1.0)
+    model = tiny_smml()
+    batch = make_batch()
+    batch["masks"] = batch["masks"][:, :1]
+    with pytest.raises(ValueError, match="n_masks=2"):
+        model.training_losses(batch)
