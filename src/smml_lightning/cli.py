@@ -21,7 +21,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from .data.datamodule import BratsDataModule
 from .lit.base import MissingModalityModule
-from .lit.callbacks import PredictionWriter
+from .lit.callbacks import EpochSummary, PredictionWriter
 
 SUBCOMMANDS_OWN = ("synth", "prepare", "priors", "demo", "sweep")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -50,6 +50,7 @@ class SMMLCLI(LightningCLI):
                              "checkpoint.save_last": True, "checkpoint.filename": "best-{epoch:03d}"})
         # Where `predict` writes NIfTI files, as `prediction.*`.
         parser.add_lightning_class_args(PredictionWriter, "prediction")
+        parser.add_lightning_class_args(EpochSummary, "epoch_summary")
 
     def before_fit(self) -> None:
         self.datamodule.check_ready()

@@ -57,8 +57,9 @@ class MissingModalityModule(pl.LightningModule):
         et_min_voxels: ET post-processing threshold for the ``ET_post`` region.
         optimizer: ``"adam"`` (Adam with amsgrad, as SMML) or ``"sgd"`` (Nesterov 0.99, as nnU-Net/MAML).
         lr, weight_decay, poly_power: learning rate, weight decay and poly decay exponent (per step).
-        channels_last: keep 5-D weights and inputs in ``channels_last_3d`` (much faster with bf16 on
-            CPUs with AMX and on tensor-core GPUs).
+        channels_last: keep 5-D weights and inputs in ``channels_last_3d``. Off by default: measured on
+            an AMX CPU (benchmarks/speed.py) it made the whole MMFormer step slower, because the instance
+            norms convert layouts back and forth; try it on tensor-core GPUs.
         on_nonfinite: ``"raise"`` stops with the name of the offending term; ``"skip"`` skips the step.
         report_dir: where ``test`` writes its report (default: ``<log_dir>/test-<time>``).
         compare_published: add published BraTS figures of the same release to the report (turn off
@@ -78,7 +79,7 @@ class MissingModalityModule(pl.LightningModule):
         lr: float = 2e-4,
         weight_decay: float = 1e-4,
         poly_power: float = 0.9,
-        channels_last: bool = True,
+        channels_last: bool = False,
         on_nonfinite: Literal["raise", "skip"] = "raise",
         report_dir: str | None = None,
         compare_published: bool = True,

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -75,3 +77,23 @@ class AutoWandbLogger(WandbLogger):
             offline = mode in ("offline", "disabled") if mode else not wandb_logged_in()
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         super().__init__(offline=offline, project=project, save_dir=save_dir, **kwargs)
+
+
+class EpochSummary(pl.Callback):
+    """One plain line per epoch (loss, validation Dice, throughput) for logs and non-interactive shells,
+    where progress bars do not render."""
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._started = time.time()
+        self._step0 = trainer.global_step
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = trainer.callback_metrics
+        seconds = time.time() - self._started
+        steps = trainer.global_step - self._step0
+        parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}", f"step {trainer.global_step}",
+                 f"{seconds / max(steps, 1):.2f} s/step"]
+        for key in ("train/loss_epoch", "val/dice_mean", "val/dice_WT", "val/dice_TC", "val/dice_ET"):
+            if key in metrics:
+                parts.append(f"{key} {float(metrics[key]):.4f}")
+        rank_zero_info(" | ".join(parts))
