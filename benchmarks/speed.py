@@ -1,0 +1,487 @@
+"""Speed benchmarks (issue 6): training step, mixed precision, SMML vs one branch, 15-subset reuse,
+data loading, whole-case inference memory and preprocessing, measured side by side in one run.
+
+The machine is shared and noisy, so the configurations of each item alternate repetition by
+repetition (A B C, C B A, ...) and the table reports medians and ratios of medians: a load spike then
+hits every configuration rather than one. Everything runs on synthetic data written to a temporary
+folder. ``--quick`` is a ~2 minute smoke version (small patches, fewer repetitions, an extrapolated
+naive 15-subset cost and a smaller inference case); the default run takes under 15 minutes on 2 cores.
+
+Results: a table ``item | measured | target | pass/fail`` on stdout and in
+``benchmarks/results/speed-<date>.{md,json}``. ``--profile`` adds torch.profiler's top operators for
+one training step per precision (where the time of a step goes).
+
+Usage: ``python benchmarks/speed.py [--quick] [--threads 2] [--profile] [--skip data,infer]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import functools
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import nibabel as nib
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from smml_lightning.data import cache
+from smml_lightning.data.datamodule import BratsDataModule
+from smml_lightning.data.layouts import discover
+from smml_lightning.data.modalities import MODALITIES, SUBSETS
+from smml_lightning.data.prepare import prepare, z_score
+from smml_lightning.data.synthetic import synthesize, synthesize_arrays
+from smml_lightning.evaluation.inference import predict_subsets
+from smml_lightning.lit.baselines import SingleBranch
+from smml_lightning.lit.smml import SMML
+from smml_lightning.models.backbone import MMFormer
+from smml_lightning.models.refine import SemanticRefiner
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FULL_SHAPE = (240, 240, 155)
+GIB = 2**30
+
+
+@dataclass
+class Settings:
+    """Sizes and repetitions of one run (``--quick`` shrinks them)."""
+
+    patch: int = 64
+    batch: int = 2
+    reps: int = 3
+    eval_case: tuple[int, int, int] = (128, 128, 96)
+    eval_roi: int = 64
+    eval_overlap: float = 0.5
+    naive_subsets: int = 15  # single-subset runs actually timed; the rest are extrapolated
+    infer_case: tuple[int, int, int] = FULL_SHAPE
+    infer_configs: tuple[str, ...] = ("default-1", "fastest-1", "fastest-15", "default-15")
+    loader_epochs: int = 2
+    prepare_reps: int = 2
+    n_cases: int = 4
+
+
+QUICK = Settings(patch=32, reps=2, eval_case=(64, 64, 48), eval_roi=32, naive_subsets=3,
+                 infer_configs=("fastest-1", "fastest-15"), loader_epochs=1, prepare_reps=1)
+
+
+@dataclass
+class Row:
+    """One line of the final table; ``passed`` is ``None`` for figures reported without a target."""
+
+    item: str
+    measured: str
+    target: str = "-"
+    passed: bool | None = None
+    value: float | None = None
+
+    @property
+    def verdict(self) -> str:
+        return {True: "pass", False: "FAIL", None: "-"}[self.passed]
+
+
+@dataclass
+class Report:
+    rows: list[Row] = field(default_factory=list)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, item: str, value: float, fmt: str, target: str = "-",
+            check: Callable[[float], bool] | None = None) -> None:
+        self.rows.append(Row(item, fmt.format(value), target, None if check is None else bool(check(value)), value))
+        print(f"  {item}: {fmt.format(value)}" + (f"  (target {target})" if check else ""), flush=True)
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per repetition of each callable, alternating their order every repetition."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    names = list(fns)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(reps):
+        for k in names if r % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - start)
+    return times
+
+
+def med(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+# ---- models and batches ----------------------------------------------------------------------------
+
+def network(patch: int) -> Callable[[], MMFormer]:
+    """The branch of experiments/synthetic.yaml (MMFormer width 8, transformer dim 64, 4 heads)."""
+    return functools.partial(MMFormer, base_width=8, transformer_dim=64, num_heads=4, transformer_depth=1,
+                             patch_size=patch)
+
+
+def build(method: str, patch: int, channels_last: bool) -> SMML | SingleBranch:
+    """A module as the CLI would build it; ``warmup_epochs=0`` so every SMML loss term is computed."""
+    torch.manual_seed(0)
+    if method == "smml":
+        module: SMML | SingleBranch = SMML(network=network(patch), refiner=functools.partial(SemanticRefiner, width=8),
+                                           warmup_epochs=0, roi_size=patch, channels_last=channels_last)
+    else:
+        module = SingleBranch(network=network(patch), roi_size=patch, channels_last=channels_last)
+    module.setup("fit")
+    return module
+
+
+def batch(size: int, patch: int) -> dict[str, torch.Tensor]:
+    """A training batch with tensor priors (no SAM) and two distinct masks per sample."""
+    g = torch.Generator().manual_seed(0)
+    shape = (size, 1, patch, patch, patch)
+    masks = torch.tensor([[[1, 0, 1, 1], [0, 1, 1, 0]], [[1, 1, 1, 1], [0, 0, 0, 1]]], dtype=torch.bool)
+    return {
+        "image": torch.randn(size, 4, *shape[2:], generator=g),
+        "label": torch.randint(0, 4, shape, generator=g),
+        "masks": masks[torch.arange(size) % 2],
+        "prior": torch.rand(size, 4, 4, *shape[2:], generator=g).softmax(dim=2),
+    }
+
+
+def train_step(module: SMML | SingleBranch, data: dict[str, torch.Tensor], bf16: bool) -> Callable[[], None]:
+    """One optimisation step as Lightning runs it (``precision=bf16-mixed`` = autocast around the step)."""
+    optimizer = module.configure_optimizers()["optimizer"]
+    data = dict(data, image=module._layout(data["image"]))
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            terms = module.training_losses(data)
+            loss = torch.stack(list(terms.values())).sum()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def count_flops(fn: Callable[[], None]) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+# ---- 1 + 2: training step ----------------------------------------------------------------------------
+
+STEP_CONFIGS = {  # name: (method, bf16, channels_last)
+    "smml fp32": ("smml", False, False),
+    "smml bf16": ("smml", True, False),
+    "smml bf16+CL": ("smml", True, True),
+    "single fp32": ("single", False, False),
+    "single bf16": ("single", True, False),
+    "single bf16+CL": ("single", True, True),
+}
+
+
+def peaks(reps: int) -> dict[str, float]:
+    """GFLOP/s of a large conv3d (fp32; bf16 + channels_last_3d) and a 2048^2 matmul (fp32, bf16)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 64, 48, 48, 48, generator=g)
+    w = torch.randn(64, 64, 3, 3, 3, generator=g)
+    x_cl, w_cl = (t.to(torch.bfloat16).contiguous(memory_format=torch.channels_last_3d) for t in (x, w))
+    a, b = torch.randn(2048, 2048, generator=g), torch.randn(2048, 2048, generator=g)
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    conv_flops = 2 * 64 * 64 * 27 * 48**3
+    mm_flops = 2 * 2048**3
+    fns = {
+        "conv3d fp32": lambda: torch.nn.functional.conv3d(x, w, padding=1),
+        "conv3d bf16+CL": lambda: torch.nn.functional.conv3d(x_cl, w_cl, padding=1),
+        "matmul fp32": lambda: a @ b,
+        "matmul bf16": lambda: a16 @ b16,
+    }
+    times = interleaved(fns, max(reps, 5))
+    return {k: (conv_flops if k.startswith("conv") else mm_flops) / med(v) / 1e9 for k, v in times.items()}
+
+
+def bench_steps(s: Settings, report: Report) -> float:
+    """Items 1 and 2; returns the fastest SMML step (seconds) for the data item's consumption rate."""
+    print(f"[1,2] training step, patch {s.patch}^3, batch {s.batch}", flush=True)
+    data = batch(s.batch, s.patch)
+    steps = {name: train_step(build(m, s.patch, cl), data, bf16) for name, (m, bf16, cl) in STEP_CONFIGS.items()}
+    flops = {name: count_flops(steps[name]) for name in ("smml fp32", "smml bf16+CL", "single bf16+CL")}
+    times = interleaved(steps, s.reps)
+    t = {k: med(v) for k, v in times.items()}
+    peak = peaks(s.reps)
+    report.raw["steps"] = {"seconds": times, "flops": flops, "peak_gflops": peak, "patch": s.patch, "batch": s.batch}
+    for name, value in t.items():
+        report.add(f"step {name} ({s.patch}^3, batch {s.batch})", value, "{:.2f} s")
+    report.add("1. SMML speed-up fp32 / bf16+CL", t["smml fp32"] / t["smml bf16+CL"], "{:.2f}x", ">= 2.5x",
+               lambda v: v >= 2.5)
+    report.add("1. SMML speed-up fp32 / bf16 (module default, no CL)", t["smml fp32"] / t["smml bf16"], "{:.2f}x")
+    report.add("1. SMML step GFLOP (fwd+bwd)", flops["smml fp32"] / 1e9, "{:.1f}")
+    report.add("1. achieved fp32 GFLOP/s", flops["smml fp32"] / t["smml fp32"] / 1e9, "{:.1f}")
+    report.add("1. achieved bf16+CL GFLOP/s", flops["smml bf16+CL"] / t["smml bf16+CL"] / 1e9, "{:.1f}")
+    for name, value in peak.items():
+        report.add(f"1. peak {name} GFLOP/s", value, "{:.0f}")
+    report.add("1. fp32 step % of conv3d fp32 peak",
+               100 * flops["smml fp32"] / t["smml fp32"] / 1e9 / peak["conv3d fp32"], "{:.1f}%")
+    report.add("1. bf16+CL step % of conv3d bf16+CL peak",
+               100 * flops["smml bf16+CL"] / t["smml bf16+CL"] / 1e9 / peak["conv3d bf16+CL"], "{:.1f}%")
+    report.add("2. SMML / single step, bf16+CL", t["smml bf16+CL"] / t["single bf16+CL"], "{:.2f}x", "<= 2.3x",
+               lambda v: v <= 2.3)
+    report.add("2. SMML / single step, bf16", t["smml bf16"] / t["single bf16"], "{:.2f}x")
+    report.add("2. SMML / single step, fp32", t["smml fp32"] / t["single fp32"], "{:.2f}x")
+    report.add("2. SMML / single FLOPs", flops["smml bf16+CL"] / flops["single bf16+CL"], "{:.2f}x")
+    return min(t["smml fp32"], t["smml bf16"], t["smml bf16+CL"])
+
+
+def profile_steps(s: Settings, report: Report, rows: int = 15) -> None:
+    """torch.profiler's top operators (self CPU time) of one SMML and one single-branch step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    data = batch(s.batch, s.patch)
+    tables = {}
+    for name in ("smml fp32", "smml bf16", "smml bf16+CL", "single fp32"):
+        method, bf16, cl = STEP_CONFIGS[name]
+        step = train_step(build(method, s.patch, cl), data, bf16)
+        step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=45)
+        print(f"--- profile: {name}, {s.patch}^3\n{table}", flush=True)
+        tables[name] = table
+    report.raw["profiles"] = tables
+
+
+# ---- 3: 15-subset evaluation with encoder reuse --------------------------------------------------------
+
+def zscored_case(shape: tuple[int, int, int], seed: int = 0) -> torch.Tensor:
+    """A synthetic case as the cache holds it: ``(1, 4, *shape)`` float32, z-scored over the brain."""
+    images, _, _ = synthesize_arrays(shape, seed=seed)
+    brain = np.logical_or.reduce([images[m] != 0 for m in MODALITIES])
+    return torch.from_numpy(np.stack([z_score(images[m], brain) for m in MODALITIES]))[None]
+
+
+def bench_subsets(s: Settings, report: Report) -> None:
+    print(f"[3] 15-subset evaluation of a {s.eval_case} case, roi {s.eval_roi}", flush=True)
+    models = build("smml", s.eval_roi, False).inference_models()
+    image = zscored_case(s.eval_case)
+    run = functools.partial(predict_subsets, models, image, roi_size=s.eval_roi, overlap=s.eval_overlap)
+    run(subsets=[SUBSETS[-1]])  # warm-up
+    reuse, singles = [], []
+    step = len(SUBSETS) / s.naive_subsets
+    picked = [SUBSETS[int(i * step)] for i in range(s.naive_subsets)]
+    for half in (picked[: len(picked) // 2], picked[len(picked) // 2:]):  # reuse, singles, reuse, singles
+        start = time.perf_counter()
+        run(subsets=SUBSETS)
+        reuse.append(time.perf_counter() - start)
+        for subset in half:
+            start = time.perf_counter()
+            run(subsets=[subset])
+            singles.append(time.perf_counter() - start)
+    one = med(singles)
+    naive = sum(singles) * len(SUBSETS) / len(singles)
+    report.raw["subsets"] = {"reuse": reuse, "single": singles, "case": s.eval_case, "roi": s.eval_roi,
+                             "extrapolated_from": len(singles)}
+    report.add("3. one subset, 2 branches (s)", one, "{:.2f} s")
+    report.add("3. all 15 with encoder reuse (s)", med(reuse), "{:.2f} s")
+    tag = "" if len(singles) == len(SUBSETS) else f", extrapolated from {len(singles)}"
+    report.add(f"3. 15 separate runs (s{tag})", naive, "{:.2f} s")
+    report.add("3. reuse / one subset", med(reuse) / one, "{:.2f}x", "<= 5x", lambda v: v <= 5)
+    report.add("3. naive 15 runs / one subset", naive / one, "{:.2f}x")
+    report.add("3. naive / reuse", naive / med(reuse), "{:.2f}x")
+
+
+# ---- 4 + 6: preprocessing and data loading ---------------------------------------------------------------
+
+def bench_prepare(s: Settings, report: Report, raw: Path, work: Path) -> Path:
+    """Item 6; returns a prepared cache for item 4."""
+    print(f"[6] preprocessing {s.n_cases} full-size cases", flush=True)
+    times: dict[str, list[float]] = {"workers=1": [], "workers=2": []}
+    out = work / "cache"
+    for r in range(s.prepare_reps):
+        for workers in (1, 2) if r % 2 == 0 else (2, 1):
+            target = work / f"cache-{r}-{workers}"
+            start = time.perf_counter()
+            prepare(raw, target, min_size=(s.patch,) * 3, workers=workers, progress=False)
+            times[f"workers={workers}"].append(time.perf_counter() - start)
+            out = target
+    report.raw["prepare"] = times
+    serial, parallel = med(times["workers=1"]) / s.n_cases, med(times["workers=2"]) / s.n_cases
+    report.add("6. prepare s/case, workers=1", serial, "{:.2f} s")
+    report.add("6. prepare s/case, workers=2", parallel, "{:.2f} s")
+    report.add("6. prepare speed-up workers=2", serial / parallel, "{:.2f}x")
+    return out
+
+
+def raw_patches(raw: Path, patch: int, per_volume: int, rng: np.random.Generator) -> int:
+    """The no-cache path: read 4 nii.gz + seg, z-score, cut ``per_volume`` random patches per case."""
+    count = 0
+    for case in discover(raw):
+        images = [np.asarray(nib.load(str(case.files[m])).dataobj, dtype=np.float32) for m in MODALITIES]
+        label = np.asarray(nib.load(str(case.files["seg"])).dataobj)
+        brain = np.logical_or.reduce([im != 0 for im in images])
+        volume = np.stack([z_score(im, brain) for im in images])
+        for _ in range(per_volume):
+            corner = [rng.integers(0, n - patch + 1) for n in volume.shape[1:]]
+            box = tuple(slice(c, c + patch) for c in corner)
+            torch.from_numpy(np.ascontiguousarray(volume[(slice(None), *box)]))
+            torch.from_numpy(np.ascontiguousarray(label[box]))
+            count += 1
+    return count
+
+
+def loader_rate(cache_dir: Path, s: Settings, augment: bool, use_prior: bool, workers: int) -> tuple[float, int]:
+    """Patches/s through BratsDataModule's train loader over ``loader_epochs`` epochs, worker start included."""
+    dm = BratsDataModule(str(cache_dir), val_fraction=0.0, test_fraction=0.0, patch_size=s.patch, batch_size=s.batch,
+                         samples_per_volume=4, queue_length=32, num_workers=workers, n_masks=2, mask_ratio=0.5,
+                         use_prior=use_prior, augment=augment)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    patches = 0
+    start = time.perf_counter()
+    for _ in range(s.loader_epochs):
+        for b in loader:
+            patches += b["image"].shape[0]
+    return patches / (time.perf_counter() - start), patches
+
+
+def bench_data(s: Settings, report: Report, raw: Path, cache_dir: Path, step_seconds: float | None) -> None:
+    print("[4] patches/s: cache loader vs raw NIfTI", flush=True)
+    for name in cache.list_cases(cache_dir):  # tensor priors (no SAM), as the configured loader reads them
+        shape = cache.load_meta(cache_dir, name).cropped_shape
+        cache.write_prior(cache_dir, name, np.full((4, 4, *shape), 0.25, dtype=np.float16))
+    rng = np.random.default_rng(0)
+    workers = 2
+    rates: dict[str, list[float]] = {"raw": [], "cache": [], "cache+aug+prior": []}
+    for r in range(2):
+        for name in rates if r == 0 else list(rates)[::-1]:
+            if name == "raw":
+                start = time.perf_counter()
+                n = raw_patches(raw, s.patch, 4, rng)
+                rates[name].append(n / (time.perf_counter() - start))
+            else:
+                rates[name].append(loader_rate(cache_dir, s, augment=name != "cache", use_prior=name != "cache",
+                                               workers=workers)[0])
+    report.raw["data"] = {"patches_per_s": rates, "num_workers": workers}
+    r = {k: med(v) for k, v in rates.items()}
+    report.add("4. raw NIfTI patches/s (1 process)", r["raw"], "{:.1f}")
+    report.add(f"4. cache loader patches/s (no aug, {workers} workers)", r["cache"], "{:.1f}")
+    report.add(f"4. cache loader patches/s (aug + priors, {workers} workers)", r["cache+aug+prior"], "{:.1f}")
+    report.add("4. cache / raw", r["cache"] / r["raw"], "{:.1f}x", ">= 5x", lambda v: v >= 5)
+    if step_seconds is not None:
+        need = s.batch / step_seconds
+        report.add("4. model consumption patches/s (fastest SMML step)", need, "{:.2f}")
+        report.add("4. loader (aug + priors) / consumption", r["cache+aug+prior"] / need, "{:.1f}x", ">= 1x",
+                   lambda v: v >= 1)
+
+
+# ---- 5: whole-case sliding window in a subprocess ------------------------------------------------------
+
+INFER = {  # name: (overlap, autocast bf16, accumulate dtype)
+    "default": (0.5, False, "float32"),
+    "fastest": (0.25, True, "float16"),
+}
+
+
+def infer_child(spec: dict[str, Any]) -> None:
+    """Run in a fresh process: one whole-case inference; print seconds and this process's peak RSS."""
+    torch.set_num_threads(spec["threads"])
+    overlap, bf16, accumulate = INFER[spec["setting"]]
+    models = build("smml", 128, False).inference_models()
+    image = zscored_case(tuple(spec["shape"]))
+    subsets = SUBSETS if spec["subsets"] == 15 else [SUBSETS[-1]]
+    start = time.perf_counter()
+    predict_subsets(models, image, subsets, roi_size=128, overlap=overlap, mode="gaussian",
+                    autocast_dtype=torch.bfloat16 if bf16 else None, accumulate_dtype=getattr(torch, accumulate))
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    print(json.dumps({"seconds": seconds, "peak_gib": peak / GIB}))
+
+
+def bench_inference(s: Settings, report: Report, threads: int) -> None:
+    print(f"[5] sliding window over a {s.infer_case} case, roi 128, 2 branches", flush=True)
+    found = {}
+    for config in s.infer_configs:
+        setting, n = config.split("-")
+        spec = {"setting": setting, "subsets": int(n), "shape": list(s.infer_case), "threads": threads}
+        proc = subprocess.run([sys.executable, __file__, "--infer-child", json.dumps(spec)],
+                              capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"inference child {config} failed:\n{proc.stderr[-2000:]}")
+        found[config] = json.loads(proc.stdout.strip().splitlines()[-1])
+        overlap, bf16, accumulate = INFER[setting]
+        label = f"{setting} (overlap {overlap}, {'bf16' if bf16 else 'fp32'}, {accumulate} blend), {n} subset(s)"
+        report.add(f"5. {label}: seconds", found[config]["seconds"], "{:.1f} s")
+        report.add(f"5. {label}: peak RSS", found[config]["peak_gib"], "{:.2f} GiB", "< 6 GiB", lambda v: v < 6)
+    report.raw["inference"] = {"case": s.infer_case, "runs": found}
+
+
+# ---- output ----------------------------------------------------------------------------------------------
+
+def markdown(report: Report, header: str) -> str:
+    lines = [header, "", "| item | measured | target | pass/fail |", "|---|---|---|---|"]
+    lines += [f"| {r.item} | {r.measured} | {r.target} | {r.verdict} |" for r in report.rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(report: Report, header: str, meta: dict[str, Any]) -> tuple[Path, Path]:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    md, js = RESULTS / f"speed-{stamp}.md", RESULTS / f"speed-{stamp}.json"
+    cache.atomic_write_text(md, markdown(report, header))
+    payload = {"meta": meta, "rows": [asdict(r) | {"verdict": r.verdict} for r in report.rows], "raw": report.raw}
+    cache.atomic_write_text(js, json.dumps(payload, indent=1, default=str))
+    return md, js
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="~2 minute smoke version")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    parser.add_argument("--profile", action="store_true", help="also print torch.profiler top ops per precision")
+    parser.add_argument("--skip", default="", help="comma list of items to skip: steps,subsets,data,infer")
+    parser.add_argument("--infer-child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.infer_child:
+        infer_child(json.loads(args.infer_child))
+        return 0
+    torch.set_num_threads(args.threads)
+    s = QUICK if args.quick else Settings()
+    skip = {x.strip() for x in args.skip.split(",") if x.strip()}
+    report = Report()
+    started = time.perf_counter()
+    step_seconds = None
+    if "steps" not in skip:
+        step_seconds = bench_steps(s, report)
+    if args.profile:
+        profile_steps(s, report)
+    if "subsets" not in skip:
+        bench_subsets(s, report)
+    if not {"data", "prepare"} <= skip:
+        with tempfile.TemporaryDirectory(prefix="smml-bench-") as tmp:
+            work = Path(tmp)
+            print(f"[4,6] writing {s.n_cases} synthetic {FULL_SHAPE} cases", flush=True)
+            synthesize(work / "raw", s.n_cases, shape=FULL_SHAPE, spacing=1.0)
+            prepared = bench_prepare(s, report, work / "raw", work)
+            if "data" not in skip:
+                bench_data(s, report, work / "raw", prepared, step_seconds)
+    if "infer" not in skip:
+        bench_inference(s, report, args.threads)
+    meta = {"quick": args.quick, "threads": args.threads, "settings": asdict(s), "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(), "seconds": time.perf_counter() - started}
+    header = (f"## Speed ({'quick' if args.quick else 'full'} run, {dt.date.today()}, torch {torch.__version__}, "
+              f"{args.threads} threads, {meta['seconds'] / 60:.1f} min)")
+    text = markdown(report, header)
+    print("\n" + text)
+    md, js = write_results(report, header, meta)
+    print(f"written {md} and {js}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
