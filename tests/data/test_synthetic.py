@@ -1,4 +1,3 @@
-import time
 
 import nibabel as nib
 import numpy as np
@@ -120,15 +119,6 @@ def test_missing_modalities_matter_for_an_independent_voxel_classifier():
     assert wt["all"] > wt["t1"] + 0.3  # T1 alone barely sees the tumor
     assert et["flair+t1ce+t2"] > et["flair+t2"] + 0.3  # enhancement needs T1ce
     assert et["all"] > 0.5 and wt["all"] > 0.6  # and with everything the classes are learnable
-
-
-def test_generation_is_fast():
-    synthesize_arrays((64, 64, 64), seed=0)  # warm-up
-    start = time.perf_counter()
-    synthesize_arrays((64, 64, 64), seed=1)
-    # The budget is 0.3 s; allow slack for a shared, loaded CPU.
-    assert time.perf_counter() - start < 1.0
-
 
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="unknown layout"):

@@ -1,0 +1,53 @@
+"""The local runner of W&B sweep files: grid/random expansion and W&B's command macros."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from smml_lightning.sweep import build_command, expand, sweep
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_sweep_file_expands_to_the_full_grid():
+    spec = yaml.safe_load((REPO / "experiments/sweeps/mask_ratio.yaml").read_text())
+    runs = expand(spec)
+    ratios = spec["parameters"]["data.mask_ratio"]["values"]
+    seeds = spec["parameters"]["seed_everything"]["values"]
+    assert len(runs) == len(ratios) * len(seeds)
+    assert {(r["data.mask_ratio"], r["seed_everything"]) for r in runs} == {(a, b) for a in ratios for b in seeds}
+    cmd = build_command(spec, runs[0])
+    assert cmd[:4] == ["smml", "fit", "--config", "experiments/synthetic.yaml"]
+    assert cmd[4:] == [f"--data.mask_ratio={runs[0]['data.mask_ratio']}", f"--seed_everything={runs[0]['seed_everything']}"]
+
+
+def test_random_search_is_seeded_and_counted():
+    spec = {"method": "random", "parameters": {"a": {"values": [1, 2, 3]}, "b": {"min": 0.0, "max": 1.0},
+                                               "c": {"value": "x"}}}
+    one, two = expand(spec, count=5, seed=3), expand(spec, count=5, seed=3)
+    assert one == two and len(one) == 5
+    assert all(r["a"] in (1, 2, 3) and 0.0 <= r["b"] <= 1.0 and r["c"] == "x" for r in one)
+    with pytest.raises(ValueError, match="--count"):
+        expand(spec)
+
+
+def test_bayes_needs_the_wandb_controller():
+    with pytest.raises(ValueError, match="controller"):
+        expand({"method": "bayes", "parameters": {}})
+
+
+def test_macros_like_the_wandb_agent():
+    spec = {"program": "train.py", "command": ["${env}", "${interpreter}", "${program}", "--flag", "${args_no_hyphens}"]}
+    assert build_command(spec, {"x": 1, "y": None}) == [sys.executable, "train.py", "--flag", "x=1", "y=null"]
+
+
+def test_runs_each_command_and_reports_failures(tmp_path, capsys):
+    spec = {"name": "t", "method": "grid", "parameters": {"code": {"values": [0, 1]}},
+            "command": [sys.executable, "-c", "import sys; sys.exit(int(sys.argv[1].split('=')[1]))", "${args}"]}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(SystemExit, match="1 of 2 sweep runs failed"):
+        sweep(str(path), out=str(tmp_path / "runs"))
+    assert "[2/2]" in capsys.readouterr().out
