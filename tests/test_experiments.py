@@ -1,0 +1,129 @@
+"""Every experiment file builds through the Lightning CLI (no training), with the method and the key
+values it promises; ablation overlays change exactly their knobs when stacked on an SMML config."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from smml_lightning.cli import REPO_ROOT, lightning_main
+from smml_lightning.lit.baselines import MAMLModule, SingleBranch
+from smml_lightning.lit.smml import SMML
+from smml_lightning.models.backbone import MMFormer
+from smml_lightning.models.baselines import UNetBaseline
+from smml_lightning.models.maml import MAML
+
+EXPERIMENTS = REPO_ROOT / "experiments"
+FULL_CONFIGS = sorted(EXPERIMENTS.glob("*.yaml"))
+OVERLAYS = sorted((EXPERIMENTS / "ablations").glob("*.yaml"))
+SMML_BASES = ("synthetic", "brats2018")
+
+# What each companion config must build: module class, network class, data.n_masks.
+COMPANIONS = {
+    "single": (SingleBranch, MMFormer, 1),
+    "unet": (SingleBranch, UNetBaseline, 1),
+    "maml": (MAMLModule, MAML, 1),
+}
+# Config keys each overlay may change, and the values it sets.
+OVERLAY_CHANGES = {
+    "no_pixel_hcc": {"model.init_args.w_pixel": 0.0},
+    "no_feature_hcc": {"model.init_args.w_sample": 0.0, "model.init_args.w_class": 0.0},
+    "no_prior": {"model.init_args.use_prior": False, "model.init_args.refiner": None, "data.use_prior": False},
+    "shared_mask": {"model.init_args.share_mask": True},
+}
+
+
+@lru_cache(maxsize=None)
+def build(*configs: Path) -> tuple[Any, dict[str, Any]]:
+    """The CLI's model, datamodule and flattened config for ``configs`` given in order (no run)."""
+    args: list[str] = []
+    for path in configs:
+        args += ["--config", str(path)]
+    # Logger off: the configs' W&B logger would create its save_dir in the working directory.
+    cli = lightning_main([*args, "--trainer.logger=false"], run=False)
+    values = cli.config.as_dict()
+    values.pop("config")  # the config file paths themselves
+    return cli, flatten(values)
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def raw(name: str) -> dict[str, Any]:
+    return yaml.safe_load((EXPERIMENTS / f"{name}.yaml").read_text())
+
+
+def test_file_sets_are_complete() -> None:
+    names = {p.stem for p in FULL_CONFIGS}
+    for base in SMML_BASES:
+        assert {f"{base}_{m}" for m in COMPANIONS} <= names
+    assert {p.stem for p in OVERLAYS} == set(OVERLAY_CHANGES)
+
+
+@pytest.mark.parametrize("path", FULL_CONFIGS, ids=lambda p: p.stem)
+def test_full_config_builds_consistently(path: Path) -> None:
+    cli, cfg = build(path)
+    model, data = cli.model, cli.datamodule
+    assert data.hparams.n_masks >= model.n_masks, f"{path.name}: data.n_masks below what the method needs"
+    needs_prior = isinstance(model, SMML) and model.refiners is not None
+    assert data.hparams.use_prior == needs_prior, f"{path.name}: data.use_prior disagrees with the method"
+    assert model.roi_size == (data.hparams.patch_size,) * 3  # linked by the CLI
+
+
+@pytest.mark.parametrize("base", SMML_BASES)
+@pytest.mark.parametrize("method", sorted(COMPANIONS))
+def test_companion_config(base: str, method: str) -> None:
+    module_cls, net_cls, n_masks = COMPANIONS[method]
+    cli, cfg = build(EXPERIMENTS / f"{base}_{method}.yaml")
+    assert type(cli.model) is module_cls
+    assert all(type(net) is net_cls for net in cli.model.inference_models())
+    assert cli.datamodule.hparams.n_masks == n_masks and cli.datamodule.hparams.use_prior is False
+    _, smml = build(EXPERIMENTS / f"{base}.yaml")
+    # Same budget as SMML: schedule, patches and (on synthetic data) the optimizer, lr and data sizes.
+    shared = [k for k in smml if k.startswith(("trainer.", "data.")) and k not in
+              ("data.n_masks", "data.use_prior", "trainer.default_root_dir")]
+    if base == "synthetic" or method != "maml":
+        shared += ["model.init_args.optimizer", "model.init_args.lr", "model.init_args.weight_decay"]
+    differing = {k: (cfg.get(k), smml[k]) for k in shared if cfg.get(k) != smml[k]}
+    assert not differing, f"{base}_{method}.yaml differs from {base}.yaml: {differing}"
+
+
+def test_brats2018_maml_uses_nnunet_optimisation() -> None:
+    model = build(EXPERIMENTS / "brats2018_maml.yaml")[0].model
+    assert (model.optimizer_name, model.lr) == ("sgd", 1e-2)
+    assert raw("synthetic_maml")["model"]["init_args"]["lr"] == raw("synthetic")["model"]["init_args"]["lr"]
+
+
+@pytest.mark.parametrize("base", SMML_BASES)
+@pytest.mark.parametrize("overlay", sorted(OVERLAY_CHANGES))
+def test_ablation_overlay_changes_only_its_knobs(base: str, overlay: str) -> None:
+    path = EXPERIMENTS / "ablations" / f"{overlay}.yaml"
+    assert f"--config experiments/ablations/{overlay}.yaml" in path.read_text(), "usage missing from header"
+    cli, cfg = build(EXPERIMENTS / f"{base}.yaml", path)
+    _, reference = build(EXPERIMENTS / f"{base}.yaml")
+    wanted = OVERLAY_CHANGES[overlay]
+    missing = object()
+    changed = {k for k in set(cfg) | set(reference) if cfg.get(k, missing) != reference.get(k, missing)}
+    # Nulling the refiner drops its nested init_args keys too.
+    changed = {k for k in changed if not k.startswith("model.init_args.refiner.")}
+    assert changed == set(wanted), f"{overlay} on {base}: changed {sorted(changed)}"
+    assert all(cfg[k] == v for k, v in wanted.items())
+    model = cli.model
+    assert isinstance(model, SMML)
+    expected = {
+        "no_pixel_hcc": lambda: model.w["pixel"] == 0 and model.w["sample"] == 1,
+        "no_feature_hcc": lambda: model.w["sample"] == 0 and model.w["cls"] == 0 and model.w["pixel"] == 1,
+        "no_prior": lambda: model.refiners is None and not cli.datamodule.hparams.use_prior,
+        "shared_mask": lambda: model.share_mask and model.refiners is not None,
+    }[overlay]
+    assert expected()
