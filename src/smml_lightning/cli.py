@@ -18,10 +18,12 @@ from typing import Any, Sequence
 from jsonargparse import CLI
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .data.datamodule import BratsDataModule
 from .lit.base import MissingModalityModule
 from .lit.callbacks import EpochSummary, PredictionWriter
+from .lit.resume import ResumeState
 
 SUBCOMMANDS_OWN = ("synth", "prepare", "priors", "demo", "sweep")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -51,6 +53,8 @@ class SMMLCLI(LightningCLI):
         # Where `predict` writes NIfTI files, as `prediction.*`.
         parser.add_lightning_class_args(PredictionWriter, "prediction")
         parser.add_lightning_class_args(EpochSummary, "epoch_summary")
+        # Random states in checkpoints (exact resumption) and last.ckpt on SIGTERM, as `resume.*`.
+        parser.add_lightning_class_args(ResumeState, "resume")
 
     def before_fit(self) -> None:
         self.datamodule.check_ready()
@@ -158,7 +162,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         commands = {"synth": synth, "prepare": prepare, "priors": priors, "demo": demo, "sweep": sweep}
         CLI(commands[argv[0]], args=argv[1:])
         return
-    lightning_main(argv)
+    try:
+        lightning_main(argv)
+    except SIGTERMException as stop:
+        # Lightning stops with a bare SystemExit (status 0); schedulers must see the job was killed.
+        raise SystemExit(143) from stop
 
 
 if __name__ == "__main__":
