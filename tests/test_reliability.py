@@ -85,3 +85,148 @@ def test_resume_from_epoch_end_gives_the_uninterrupted_weights(cache_dir, tmp_pa
     resumed = checkpoint(tmp_path / "part" / "ckpt" / "last.ckpt")
     assert resumed["global_step"] == reference["global_step"]
     assert_same_weights(resumed["state_dict"], reference["state_dict"], atol=1e-6)
+
+
+def _start_fit(config: Path, log: Path) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "smml_lightning.cli", "fit", f"--config={config}",
+                             "--checkpoint.every_n_train_steps=1"], stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            env=env)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
+    end = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"fit exited early ({proc.returncode}):\n{log.read_text()[-3000:]}"
+        assert time.time() < end, f"no checkpoint after {timeout} s:\n{log.read_text()[-3000:]}"
+        time.sleep(0.2)
+    time.sleep(0.5)  # let the first write finish
+
+
+def _resume(config: Path, ckpt: Path, extra_steps: int) -> tuple[int, int]:
+    """Resume from ``ckpt`` for ``extra_steps`` more steps; (global step at the start, at the end)."""
+    from lightning.pytorch.callbacks import Callback
+
+    start = checkpoint(ckpt)["global_step"]
+    seen: list[int] = []
+
+    class FirstStep(Callback):
+        def on_train_batch_start(self, trainer, *args):
+            seen.append(trainer.global_step)
+
+    cli = lightning_main([f"--config={config}", f"--trainer.max_steps={start + extra_steps}"], run=False)
+    cli.trainer.callbacks.append(FirstStep())
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(ckpt))
+    return seen[0], cli.trainer.global_step
+
+
+@pytest.mark.slow  # two subprocess fits, ~80 s on a shared 2-core machine
+@pytest.mark.xfail(raises=AttributeError, strict=True,
+                   reason="lit/callbacks.py EpochSummary.on_train_epoch_end reads self._started, which "
+                          "on_train_epoch_start never set: Lightning skips that hook when resuming mid-epoch")
+def test_sigterm_writes_last_checkpoint_and_sigkill_resumes_from_the_periodic_one(cache_dir, tmp_path):
+    procs = {}
+    for name in ("term", "kill"):
+        config = write_config(tmp_path / f"{name}.yaml", cache_dir, tmp_path / name, max_epochs=100)
+        procs[name] = (config, _start_fit(config, tmp_path / f"{name}.log"))
+    try:
+        for name, (config, proc) in procs.items():
+            _wait_for(tmp_path / name / "ckpt" / "last.ckpt", proc, tmp_path / f"{name}.log")
+        procs["term"][1].send_signal(signal.SIGTERM)
+        procs["kill"][1].send_signal(signal.SIGKILL)
+        term_code = procs["term"][1].wait(timeout=60)
+        assert procs["kill"][1].wait(timeout=30) == -signal.SIGKILL
+    finally:
+        for _, proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    log = (tmp_path / "term.log").read_text()
+    assert term_code == 143, log[-3000:]
+    assert "SIGTERM at epoch" in log
+    for name in ("term", "kill"):
+        ckpt = tmp_path / name / "ckpt" / "last.ckpt"
+        stopped_at = checkpoint(ckpt)["global_step"]
+        assert stopped_at >= 1
+        first, last = _resume(tmp_path / f"{name}.yaml", ckpt, extra_steps=2)
+        assert first == stopped_at, f"{name}: resumed at step {first}, checkpoint was at {stopped_at}"
+        assert last == stopped_at + 2
+
+
+def _short_fit(cache: Path, out: Path, tmp_path: Path, **model: object):
+    config = write_config(tmp_path / f"{out.name}.yaml", cache, out, max_epochs=1, limit_val_batches=0,
+                          deterministic=True)
+    args = [f"--config={config}"] + [f"--model.init_args.{k}={v}" for k, v in model.items()]
+    return lightning_main(args, run=False)
+
+
+def _nan_at_second_step(module: SMML) -> None:
+    original = module.training_losses
+
+    def losses(batch):
+        terms = original(batch)
+        if module.global_step == 1:
+            terms["seg_fused"] = terms["seg_fused"] * float("nan")
+        return terms
+
+    module.training_losses = losses
+
+
+def test_nonfinite_loss_raise_names_the_term(cache_dir, tmp_path):
+    cli = _short_fit(cache_dir, tmp_path / "raise", tmp_path, on_nonfinite="raise")
+    _nan_at_second_step(cli.model)
+    with pytest.raises(NonFiniteLossError, match=r"\['seg_fused'\].*step 1"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+
+
+def test_nonfinite_loss_skip_leaves_weights_unchanged(cache_dir, tmp_path):
+    from lightning.pytorch.callbacks import Callback
+
+    cli = _short_fit(cache_dir, tmp_path / "skip", tmp_path, on_nonfinite="skip")
+    _nan_at_second_step(cli.model)
+    snapshots: dict[tuple[int, str], dict] = {}
+
+    class Snap(Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            snapshots[batch_idx, "before"] = {k: v.clone() for k, v in module.state_dict().items()}
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            snapshots[batch_idx, "after"] = {k: v.clone() for k, v in module.state_dict().items()}
+
+    cli.trainer.callbacks.append(Snap())
+    with pytest.warns(UserWarning, match="skipping step"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == STEPS_PER_EPOCH
+    assert_same_weights(snapshots[1, "before"], snapshots[1, "after"])
+    for idx in (0, 2):  # the finite steps do train
+        changed = [k for k in snapshots[idx, "before"]
+                   if not torch.equal(snapshots[idx, "before"][k], snapshots[idx, "after"][k])]
+        assert changed, f"step {idx} changed no weight"
+    assert all(torch.isfinite(v).all() for v in cli.model.state_dict().values() if v.is_floating_point())
+
+
+def test_same_seed_deterministic_fits_are_identical(cache_dir, tmp_path):
+    results = []
+    for name in ("a", "b"):
+        config = write_config(tmp_path / f"{name}.yaml", cache_dir, tmp_path / name, max_epochs=1,
+                              deterministic=True)
+        cli = lightning_main(["fit", f"--config={config}"])
+        metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
+        results.append((metrics, {k: v.clone() for k, v in cli.model.state_dict().items()}))
+    assert results[0][0] and results[0][0] == results[1][0]
+    assert_same_weights(results[0][1], results[1][1])
+
+
+def test_prediction_case_without_modalities_is_named(tmp_path):
+    case = synthesize(tmp_path / "raw", 1, shape=SHAPE, seed=2)[0]
+    for path in case.iterdir():
+        if "seg" not in path.name:
+            path.unlink()
+    with pytest.raises(RuntimeError, match=f"{case.name}.*no modality file found"):
+        prepare(case, tmp_path / "cache", min_size=SHAPE, require_all=False, require_label=False, progress=False)
+    synthesize(tmp_path / "raw", 2, shape=SHAPE, seed=2)
+    for path in case.iterdir():
+        if "seg" not in path.name:
+            path.unlink()
+    summary = prepare(tmp_path / "raw", tmp_path / "cache", min_size=SHAPE, require_all=False,
+                      require_label=False, progress=False)
+    assert case.name in summary.failed and "no modality" in summary.failed[case.name]
