@@ -24,6 +24,8 @@ demo: $(BIN)/smml ## main job on the embedded default: synthetic data -> prepare
 	$(BIN)/smml demo --out $(OUT) $(ARGS)
 
 train: $(BIN)/smml ## fit one experiment: make train EXP=brats2018 [ARGS="--trainer.max_epochs=5"]
+	@test -f experiments/$(EXP).yaml || { echo "make train: unknown EXP=$(EXP); available:" \
+	  $$(ls experiments/*.yaml | xargs -n1 basename | sed 's/\.yaml$$//'); exit 2; }
 	$(BIN)/smml fit --config experiments/$(EXP).yaml $(ARGS)
 
 sweep: $(BIN)/smml ## run a W&B sweep file locally (offline): make sweep SWEEP=experiments/sweeps/mask_ratio.yaml

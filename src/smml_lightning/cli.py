@@ -58,6 +58,11 @@ class SMMLCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self.datamodule.check_ready()
+        needed = 1 if getattr(self.model, "share_mask", False) else getattr(self.model, "n_masks", 1)
+        if self.datamodule.hparams.n_masks < needed:
+            raise SystemExit(f"data.n_masks={self.datamodule.hparams.n_masks}, but {type(self.model).__name__} "
+                             f"needs data.n_masks >= {needed} (one mask per branch; SMML's ablation "
+                             "model.init_args.share_mask=true needs 1)")
 
 
 def lightning_main(args: Sequence[str] | None = None, run: bool = True) -> SMMLCLI:

@@ -1,0 +1,73 @@
+"""Configuration mistakes end with a message that names the offending key or value and what is allowed."""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from smml_lightning.cli import main
+from smml_lightning.data.prepare import prepare
+from smml_lightning.data.synthetic import synthesize
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPE = (32, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cli_errors")
+    synthesize(root / "raw", 3, shape=SHAPE, seed=4)
+    prepare(root / "raw", root / "cache", min_size=SHAPE, progress=False)
+    return root / "cache"
+
+
+def base(cache: Path | str) -> list[str]:
+    return ["fit", "--config", str(REPO / "experiments" / "synthetic.yaml"), "--trainer.logger=false",
+            f"--data.cache_dir={cache}", "--data.use_prior=false", "--model.init_args.use_prior=false",
+            "--data.num_workers=0", "--trainer.max_epochs=0"]
+
+
+def exit_message(args: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code not in (0, None)
+    captured = capsys.readouterr()
+    return captured.err + (info.value.code if isinstance(info.value.code, str) else "")
+
+
+def test_unknown_key(tmp_path, capsys):
+    message = exit_message(base(tmp_path) + ["--data.bogus=1"], capsys)
+    assert "unrecognized arguments" in message and "--data.bogus=1" in message
+
+
+def test_wrong_type(tmp_path, capsys):
+    message = exit_message(base(tmp_path) + ["--data.batch_size=abc"], capsys)
+    assert "data.batch_size" in message and "int" in message and "abc" in message
+
+
+def test_mask_ratio_out_of_range(tmp_path):
+    with pytest.raises(ValueError, match=r"data\.mask_ratio must be null .* or in \[0, 1\], got 1\.5"):
+        main(base(tmp_path) + ["--data.mask_ratio=1.5"])
+
+
+def test_missing_cache_says_how_to_get_data(tmp_path, capsys):
+    message = exit_message(base(tmp_path / "nope"), capsys)
+    assert str(tmp_path / "nope") in message and "smml prepare" in message and "smml synth" in message
+    assert "brats" in message.lower()
+
+
+def test_smml_with_one_mask(cache_dir, capsys):
+    message = exit_message(base(cache_dir) + ["--data.n_masks=1"], capsys)
+    assert "data.n_masks=1" in message and ">= 2" in message and "share_mask" in message
+
+
+def test_patch_larger_than_cropped_volume(cache_dir):
+    with pytest.raises(ValueError, match=r"patch size \(64, 64, 64\) is larger than its cropped size"):
+        main(base(cache_dir) + ["--data.patch_size=64"])
+
+
+def test_make_train_unknown_experiment_lists_the_available_ones():
+    result = subprocess.run(["make", "-s", "train", "EXP=nope"], cwd=REPO, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode != 0
+    assert "unknown EXP=nope" in result.stdout and "synthetic" in result.stdout and "brats2018" in result.stdout
