@@ -80,7 +80,7 @@ class Settings:
 
 
 QUICK = Settings(patch=32, reps=2, eval_case=(64, 64, 48), eval_roi=32, naive_subsets=3,
-                 infer_configs=("fastest-1", "fastest-15"), loader_epochs=1, prepare_reps=1)
+                 infer_configs=("fastest-1",), loader_epochs=1, prepare_reps=1)
 
 
 @dataclass
@@ -332,8 +332,8 @@ def raw_patches(raw: Path, patch: int, per_volume: int, rng: np.random.Generator
     """The no-cache path: read 4 nii.gz + seg, z-score, cut ``per_volume`` random patches per case."""
     count = 0
     for case in discover(raw):
-        images = [np.asarray(nib.load(str(case.files[m])).dataobj, dtype=np.float32) for m in MODALITIES]
-        label = np.asarray(nib.load(str(case.files["seg"])).dataobj)
+        images = [np.asarray(nib.load(str(case.images[m])).dataobj, dtype=np.float32) for m in MODALITIES]
+        label = np.asarray(nib.load(str(case.label)).dataobj)
         brain = np.logical_or.reduce([im != 0 for im in images])
         volume = np.stack([z_score(im, brain) for im in images])
         for _ in range(per_volume):
@@ -454,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="~2 minute smoke version")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler top ops per precision")
-    parser.add_argument("--skip", default="", help="comma list of items to skip: steps,subsets,data,infer")
+    parser.add_argument("--skip", default="", help="comma list of items to skip: steps,subsets,data,prepare,infer "
+                        "(prepare runs anyway when data does: it makes the cache)")
     parser.add_argument("--infer-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.infer_child:
@@ -466,6 +467,24 @@ def main(argv: list[str] | None = None) -> int:
     report = Report()
     started = time.perf_counter()
     load_start = os.getloadavg()
+    try:
+        run_items(args, s, skip, report)
+    except KeyboardInterrupt:  # keep what was measured: a full run is long on a loaded machine
+        report.rows.append(Row("run interrupted: items after this line are missing", "-"))
+    meta = {"quick": args.quick, "threads": args.threads, "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+            "load_average_start": load_start, "load_average_end": os.getloadavg(),
+            "settings": asdict(s), "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(), "seconds": time.perf_counter() - started}
+    header = (f"## Speed ({'quick' if args.quick else 'full'} run, {dt.date.today()}, torch {torch.__version__}, "
+              f"{args.threads} threads, OMP_WAIT_POLICY={meta['omp_wait_policy']}, {meta['seconds'] / 60:.1f} min, "
+              f"load average {load_start[0]:.1f} -> {meta['load_average_end'][0]:.1f})")
+    print("\n" + markdown(report, header))
+    md, js = write_results(report, header, meta)
+    print(f"written {md} and {js}")
+    return 0
+
+
+def run_items(args: argparse.Namespace, s: Settings, skip: set[str], report: Report) -> None:
     step_seconds = None
     if "steps" not in skip:
         step_seconds = bench_steps(s, report)
@@ -483,17 +502,6 @@ def main(argv: list[str] | None = None) -> int:
                 bench_data(s, report, work / "raw", prepared, step_seconds)
     if "infer" not in skip:
         bench_inference(s, report, args.threads)
-    meta = {"quick": args.quick, "threads": args.threads, "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
-            "load_average_start": load_start, "load_average_end": os.getloadavg(), "settings": asdict(s), "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(), "seconds": time.perf_counter() - started}
-    header = (f"## Speed ({'quick' if args.quick else 'full'} run, {dt.date.today()}, torch {torch.__version__}, "
-              f"{args.threads} threads, OMP_WAIT_POLICY={meta['omp_wait_policy']}, {meta['seconds'] / 60:.1f} min, "
-              f"load average {load_start[0]:.1f} -> {meta['load_average_end'][0]:.1f})")
-    text = markdown(report, header)
-    print("\n" + text)
-    md, js = write_results(report, header, meta)
-    print(f"written {md} and {js}")
-    return 0
 
 
 if __name__ == "__main__":
