@@ -121,9 +121,6 @@ def _resume(config: Path, ckpt: Path, extra_steps: int) -> tuple[int, int]:
 
 
 @pytest.mark.slow  # two subprocess fits, ~80 s on a shared 2-core machine
-@pytest.mark.xfail(raises=AttributeError, strict=True,
-                   reason="lit/callbacks.py EpochSummary.on_train_epoch_end reads self._started, which "
-                          "on_train_epoch_start never set: Lightning skips that hook when resuming mid-epoch")
 def test_sigterm_writes_last_checkpoint_and_sigkill_resumes_from_the_periodic_one(cache_dir, tmp_path):
     procs = {}
     for name in ("term", "kill"):

@@ -18,11 +18,12 @@ from typing import Any, Sequence
 from jsonargparse import CLI
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .data.datamodule import BratsDataModule
 from .lit.base import MissingModalityModule
-from .lit.callbacks import EpochSummary, PredictionWriter
+from .lit.callbacks import AtomicCheckpointIO, EpochSummary, PredictionWriter
 from .lit.resume import ResumeState
 
 SUBCOMMANDS_OWN = ("synth", "prepare", "priors", "demo", "sweep")
@@ -55,6 +56,12 @@ class SMMLCLI(LightningCLI):
         parser.add_lightning_class_args(EpochSummary, "epoch_summary")
         # Random states in checkpoints (exact resumption) and last.ckpt on SIGTERM, as `resume.*`.
         parser.add_lightning_class_args(ResumeState, "resume")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's own plugin
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
     def before_fit(self) -> None:
         self.datamodule.check_ready()

@@ -354,6 +354,7 @@ class BratsDataModule(LightningDataModule):
             num_workers=hp.num_workers,
             shuffle_subjects=subject_sampler is None,
             shuffle_patches=True,
+            start_background=False,  # workers start when iterated: same RNG point in fresh and resumed runs
         )
         collate = PatchCollate(hp.n_masks, hp.mask_ratio, hp.distinct_masks, hp.use_prior)
         return tio.SubjectsLoader(

@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -83,9 +84,15 @@ class EpochSummary(pl.Callback):
     """One plain line per epoch (loss, validation Dice, throughput) for logs and non-interactive shells,
     where progress bars do not render."""
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _reset(self, trainer: pl.Trainer) -> None:
         self._started = time.time()
         self._step0 = trainer.global_step
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._reset(trainer)  # a mid-epoch resume skips on_train_epoch_start for the resumed epoch
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._reset(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         metrics = trainer.callback_metrics
@@ -97,3 +104,14 @@ class EpochSummary(pl.Callback):
             if key in metrics:
                 parts.append(f"{key} {float(metrics[key]):.4f}")
         rank_zero_info(" | ".join(parts))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file beside the target and renamed into place, so a kill
+    during a save never leaves a truncated ``last.ckpt`` that a resume would trust."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        os.replace(tmp, path)
