@@ -1,0 +1,327 @@
+"""Segmentation quality of SMML against its companions at equal budget, on fixed synthetic data.
+
+    python benchmarks/quality.py --quick            # smoke run, a few minutes
+    python benchmarks/quality.py                    # full run (32 cases of 64x64x48, 2 seeds)
+    python benchmarks/quality.py --ablations        # also the four SMML ablations
+
+Pipeline: synthetic cases (fixed seed) -> prepare -> SAM priors once (tiny random SAM, decoder fitted on
+the training split) -> for each method and seed, `python -m smml_lightning.cli fit` in a subprocess for
+exactly ``--steps`` optimizer steps (no validation, the last weights are scored) -> `test` on the fixed
+test split over all 15 subsets -> one table (method x WT/TC/ET, mean over the 15 subsets, spread over
+seeds), SMML's gain over the single-branch per number of available modalities, Markdown + CSV + PNG.
+
+Every method keeps its experiment file's settings; the benchmark only sets the data, the seed and the
+step budget. SMML's warm-up (in epochs) is rescaled so it covers the same fraction of the budget as in
+its config (4 of 24 epochs), otherwise a short budget would be mostly warm-up. The data seed and the
+split are the same for every run; only the training seed changes. Work files go under ``--work``
+(default runs/quality) and finished runs are reused, so an interrupted benchmark resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = REPO / "experiments"
+REGIONS = ("WT", "TC", "ET")
+DATA_SEED = 0  # synthetic cases and split: fixed for every method and training seed
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    configs: tuple[Path, ...]
+
+
+def methods(ablations: bool) -> list[Method]:
+    smml = EXPERIMENTS / "synthetic.yaml"
+    out = [
+        Method("SMML", (smml,)),
+        Method("single-branch", (EXPERIMENTS / "synthetic_single.yaml",)),
+        Method("U-Net", (EXPERIMENTS / "synthetic_unet.yaml",)),
+        Method("MAML", (EXPERIMENTS / "synthetic_maml.yaml",)),
+    ]
+    if ablations:
+        for overlay in sorted((EXPERIMENTS / "ablations").glob("*.yaml")):
+            out.append(Method(f"SMML {overlay.stem}", (smml, overlay)))
+    return out
+
+
+def load_yaml(paths: tuple[Path, ...]) -> dict:
+    """Merge the experiment files the way the CLI does (later files win), for the few keys read here."""
+    merged: dict = {}
+
+    def merge(into: dict, new: dict) -> None:
+        for key, value in new.items():
+            if isinstance(value, dict) and isinstance(into.get(key), dict):
+                merge(into[key], value)
+            else:
+                into[key] = value
+
+    for path in paths:
+        merge(merged, yaml.safe_load(path.read_text()))
+    return merged
+
+
+# ---- data ---------------------------------------------------------------------------------------------
+
+
+def prepare_data(work: Path, cases: int, shape: tuple[int, int, int], patch: int, val_fraction: float,
+                 test_fraction: float, prior_epochs: int) -> tuple[Path, dict[str, list[str]]]:
+    """Synthetic cases, the prepared cache and the SAM priors, each made once."""
+    from smml_lightning.data import cache
+    from smml_lightning.data.cache import is_done, mark_done
+    from smml_lightning.data.datamodule import seeded_split
+    from smml_lightning.data.prepare import prepare
+    from smml_lightning.data.synthetic import synthesize
+    from smml_lightning.models.sam_prior import save_tiny_sam_checkpoint
+    from smml_lightning.priors import run_priors
+
+    raw, cache_dir = work / "raw", work / "cache"
+    if not is_done(raw):
+        synthesize(raw, cases, layout="brats2020", shape=shape, seed=DATA_SEED)
+        mark_done(raw, {"cases": cases, "shape": list(shape), "seed": DATA_SEED})
+    prepare(raw, cache_dir, min_size=(patch,) * 3, workers=2)
+    split = seeded_split(cache.list_cases(cache_dir), val_fraction, test_fraction, DATA_SEED)
+    sam = work / "sam_tiny_random.pth"
+    if not sam.is_file():
+        save_tiny_sam_checkpoint(sam, seed=DATA_SEED)
+    run_priors(cache_dir, checkpoint=sam, model_type="tiny", epochs=prior_epochs, train_names=split["train"])
+    return cache_dir, split
+
+
+# ---- one run ------------------------------------------------------------------------------------------
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
+
+
+def common_args(method: Method, cache_dir: Path, seed: int, run_dir: Path) -> list[str]:
+    args: list[str] = []
+    for path in method.configs:
+        args += ["--config", str(path)]
+    return args + [f"--data.cache_dir={cache_dir}", f"--data.seed={DATA_SEED}", f"--seed_everything={seed}",
+                   f"--trainer.default_root_dir={run_dir}", "--trainer.logger=false",
+                   f"--model.init_args.method_name={method.name}"]
+
+
+def fit(method: Method, cache_dir: Path, seed: int, steps: int, steps_per_epoch: int, run_dir: Path) -> float:
+    """Train in a subprocess (its memory is released at exit); return the wall time in seconds."""
+    from smml_lightning.data.cache import is_done, mark_done
+
+    if is_done(run_dir):
+        return float(yaml.safe_load((run_dir / ".done").read_text())["wall_seconds"])
+    cfg = load_yaml(method.configs)
+    extra = []
+    init = cfg["model"].get("init_args", {})
+    if "warmup_epochs" in init and cfg["trainer"].get("max_epochs"):
+        fraction = init["warmup_epochs"] / cfg["trainer"]["max_epochs"]
+        extra.append(f"--model.init_args.warmup_epochs={round(fraction * steps / steps_per_epoch)}")
+    cmd = [sys.executable, "-m", "smml_lightning.cli", "fit", *common_args(method, cache_dir, seed, run_dir),
+           f"--trainer.max_steps={steps}", "--trainer.max_epochs=-1", "--trainer.limit_val_batches=0",
+           "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false",
+           "--checkpoint.monitor=null", f"--checkpoint.dirpath={run_dir / 'checkpoints'}", *extra]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = run_dir / "fit.log"
+    started = time.perf_counter()
+    with log.open("w") as handle:
+        handle.write(" ".join(cmd) + "\n")
+        handle.flush()
+        done = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO,
+                              env={**os.environ, "WANDB_MODE": "disabled"})
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
+        raise RuntimeError(f"{method.name} seed {seed}: fit failed (exit {done.returncode}); {log}:\n{tail}")
+    mark_done(run_dir, {"wall_seconds": wall, "steps": steps})
+    return wall
+
+
+def test(method: Method, cache_dir: Path, seed: int, run_dir: Path) -> pd.DataFrame:
+    """Score the last weights on the test split over all 15 subsets; per-case rows."""
+    from smml_lightning.cli import lightning_main
+
+    report = run_dir / "report"
+    per_case = report / "per_case.csv"
+    if not per_case.is_file():
+        ckpt = run_dir / "checkpoints" / "last.ckpt"
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"{method.name} seed {seed}: no checkpoint {ckpt} after fit")
+        lightning_main(["test", *common_args(method, cache_dir, seed, run_dir), f"--ckpt_path={ckpt}",
+                        f"--model.init_args.report_dir={report}", "--trainer.enable_progress_bar=false"])
+    frame = pd.read_csv(per_case)
+    return frame[frame["region"].isin(REGIONS)].assign(method=method.name, seed=seed)
+
+
+# ---- tables and figure --------------------------------------------------------------------------------
+
+
+def n_modalities(subset: str) -> int:
+    return subset.count("+") + 1
+
+
+def summarise(rows: pd.DataFrame, walls: pd.DataFrame, order: list[str]) -> dict[str, pd.DataFrame]:
+    """Per run: mean over cases per subset, then the 15-subset average; per method: spread over seeds."""
+    per_subset = rows.groupby(["method", "seed", "subset", "region"])["dice"].mean().reset_index()
+    per_run = per_subset.groupby(["method", "seed", "region"])["dice"].mean().unstack("region")[list(REGIONS)]
+    per_run = per_run.reset_index().merge(walls, on=["method", "seed"])
+    stats = per_run.groupby("method")[list(REGIONS)].agg(["mean", "std", "min", "max"])
+    stats[("fit_wall_seconds", "mean")] = per_run.groupby("method")["wall_seconds"].mean()
+    stats = stats.reindex(order)
+    subsets = per_subset.groupby(["method", "subset", "region"])["dice"].agg(["mean", "std"]).reset_index()
+    subsets["n_modalities"] = subsets["subset"].map(n_modalities)
+    return {"per_run": per_run, "stats": stats, "subsets": subsets, "per_subset": per_subset}
+
+
+def gains(per_subset: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
+    """Dice gain of ``a`` over ``b`` per number of available modalities (mean over subsets), with the
+    min-max over seed pairs (seed i of ``a`` against seed i of ``b``)."""
+    wide = per_subset[per_subset["method"].isin([a, b])].pivot_table(
+        index=["seed", "subset", "region"], columns="method", values="dice").dropna()
+    wide["gain"] = wide[a] - wide[b]
+    wide = wide.reset_index()
+    wide["n_modalities"] = wide["subset"].map(n_modalities)
+    by_seed = wide.groupby(["n_modalities", "region", "seed"])["gain"].mean()
+    table = by_seed.groupby(["n_modalities", "region"]).agg(["mean", "min", "max"]).reset_index()
+    return table
+
+
+def pct(value: float) -> str:
+    return "nan" if value is None or math.isnan(value) else f"{100 * value:.1f}"
+
+
+def markdown(summary: dict[str, pd.DataFrame], gain: pd.DataFrame | None, meta: dict) -> str:
+    stats = summary["stats"]
+    lines = [f"# Quality benchmark ({meta['date']})", "",
+             f"{meta['cases']} synthetic cases of {'x'.join(map(str, meta['shape']))} (data seed {DATA_SEED}); "
+             f"split {meta['split']}; {meta['steps']} optimizer steps per run; training seeds {meta['seeds']}. "
+             "Dice (%) on the test split, mean over the 15 subsets; mean ± std over seeds [min–max]. "
+             "Wall time: the fit subprocess (includes ~10-20 s start-up; the machine is shared, so noisy).",
+             f"Command: `{meta['command']}`", "",
+             "| method | WT | TC | ET | fit wall (s) |", "|---|---|---|---|---|"]
+    for method, row in stats.iterrows():
+        cells = [f"{pct(row[(r, 'mean')])} ± {pct(row[(r, 'std')])} [{pct(row[(r, 'min')])}–{pct(row[(r, 'max')])}]"
+                 for r in REGIONS]
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {row[('fit_wall_seconds', 'mean')]:.0f} |")
+    if gain is not None:
+        lines += ["", "## SMML minus single-branch, by number of available modalities",
+                  "Dice points, mean over the subsets with that many modalities [min–max over seed pairs].", "",
+                  "| modalities | " + " | ".join(REGIONS) + " |", "|---|---|---|---|"]
+        for k in sorted(gain["n_modalities"].unique()):
+            cells = []
+            for region in REGIONS:
+                row = gain[(gain["n_modalities"] == k) & (gain["region"] == region)].iloc[0]
+                cells.append(f"{100 * row['mean']:+.1f} [{100 * row['min']:+.1f}, {100 * row['max']:+.1f}]")
+            lines.append(f"| {k} | " + " | ".join(cells) + " |")
+        lines += ["", "## Acceptance: SMML above single-branch by more than the seed spread", ""]
+        for region in REGIONS:
+            delta = stats.loc["SMML", (region, "mean")] - stats.loc["single-branch", (region, "mean")]
+            spread = max(stats.loc[m, (region, "max")] - stats.loc[m, (region, "min")]
+                         for m in ("SMML", "single-branch"))
+            verdict = "yes" if delta > spread else "no"
+            lines.append(f"- {region}: gain {100 * delta:+.1f} points, largest seed range {100 * spread:.1f} -> {verdict}")
+    return "\n".join(lines) + "\n"
+
+
+def figure(subsets: pd.DataFrame, order: list[str]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from smml_lightning.data.modalities import SUBSET_NAMES
+
+    fig, axes = plt.subplots(len(REGIONS), 1, figsize=(12, 9), sharex=True)
+    width = 0.8 / len(order)
+    for ax, region in zip(axes, REGIONS):
+        for i, method in enumerate(order):
+            part = subsets[(subsets["method"] == method) & (subsets["region"] == region)]
+            part = part.set_index("subset").reindex(SUBSET_NAMES)
+            xs = [x + (i - (len(order) - 1) / 2) * width for x in range(len(SUBSET_NAMES))]
+            ax.bar(xs, 100 * part["mean"], width, yerr=100 * part["std"].fillna(0), label=method, capsize=1.5)
+        ax.set_ylabel(f"{region} Dice (%)")
+        ax.set_ylim(0, 100)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(ncol=min(len(order), 4), fontsize=8)
+    axes[-1].set_xticks(range(len(SUBSET_NAMES)), SUBSET_NAMES, rotation=45, ha="right", fontsize=8)
+    fig.suptitle("Test Dice per modality subset (mean ± std over seeds)")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+# ---- main ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: 8 small cases, 3 steps, one seed")
+    parser.add_argument("--steps", type=int, help="optimizer steps per run (default 120, quick 3)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (default 0 1, quick 0)")
+    parser.add_argument("--cases", type=int, help="synthetic cases (default 32, quick 8)")
+    parser.add_argument("--ablations", action="store_true", help="also train the four SMML ablations")
+    parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results/quality-<date>)")
+    parser.add_argument("--work", type=Path, help="data and runs (default runs/quality or runs/quality-quick)")
+    args = parser.parse_args(argv)
+
+    from smml_lightning.data.cache import atomic_write_bytes, atomic_write_text
+
+    date = time.strftime("%Y%m%d")
+    quick = args.quick
+    steps = args.steps or (3 if quick else 120)
+    cases = args.cases or (8 if quick else 32)
+    seeds = args.seeds or ([0] if quick else [0, 1])
+    shape = (48, 48, 32) if quick else (64, 64, 48)
+    work = args.work or REPO / "runs" / ("quality-quick" if quick else "quality")
+    out = args.out or REPO / "benchmarks" / "results" / f"quality-{date}{'-quick' if quick else ''}"
+    chosen = methods(args.ablations)
+    base = load_yaml((EXPERIMENTS / "synthetic.yaml",))["data"]
+    patch = int(base["patch_size"])
+
+    started = time.time()
+    print(f"== data: {cases} cases of {shape} in {work}", flush=True)
+    cache_dir, split = prepare_data(work, cases, shape, patch, base["val_fraction"], base["test_fraction"],
+                                    prior_epochs=2 if quick else 8)
+    steps_per_epoch = math.ceil(len(split["train"]) * base["samples_per_volume"] / base["batch_size"])
+    rows, walls = [], []
+    for method in chosen:
+        for seed in seeds:
+            run_dir = work / f"{slug(method.name)}-seed{seed}-steps{steps}"
+            print(f"== {method.name} seed {seed}: fit {steps} steps ({time.time() - started:.0f} s)", flush=True)
+            wall = fit(method, cache_dir, seed, steps, steps_per_epoch, run_dir)
+            print(f"   fit {wall:.0f} s; test on {len(split['test'])} cases x 15 subsets", flush=True)
+            rows.append(test(method, cache_dir, seed, run_dir))
+            walls.append({"method": method.name, "seed": seed, "wall_seconds": wall})
+    order = [m.name for m in chosen]
+    summary = summarise(pd.concat(rows), pd.DataFrame(walls), order)
+    gain = gains(summary["per_subset"], "SMML", "single-branch")
+    meta = {"date": date, "cases": cases, "shape": shape, "steps": steps, "seeds": seeds,
+            "split": "/".join(str(len(split[p])) for p in ("train", "val", "test")) + " train/val/test",
+            "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    text = markdown(summary, gain, meta)
+    atomic_write_text(out / "quality.md", text)
+    atomic_write_text(out / "runs.csv", summary["per_run"].to_csv(index=False))
+    atomic_write_text(out / "subsets.csv", summary["subsets"].to_csv(index=False))
+    atomic_write_text(out / "gain_smml_vs_single.csv", gain.to_csv(index=False))
+    png = figure(summary["subsets"], order)
+    atomic_write_bytes(out / "quality.png", lambda f: f.write(png))
+    print(text)
+    print(f"results in {out} ({time.time() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
