@@ -16,15 +16,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from jsonargparse import CLI
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-from .data.datamodule import BratsDataModule
-from .lit.base import MissingModalityModule
-from .lit.callbacks import AtomicCheckpointIO, EpochSummary, PredictionWriter
-from .lit.resume import ResumeState
 
 SUBCOMMANDS_OWN = ("synth", "prepare", "priors", "demo", "sweep")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -41,49 +32,11 @@ def find_experiment(path: str | Path) -> Path:
     raise FileNotFoundError(f"experiment config {str(path)!r} not found; available experiments: {available}")
 
 
-class SMMLCLI(LightningCLI):
-    """LightningCLI with the data's patch size linked to the model's sliding-window size, and a clear
-    error before ``fit`` when the data folder is missing."""
-
-    def add_arguments_to_parser(self, parser: Any) -> None:
-        parser.link_arguments("data.patch_size", "model.init_args.roi_size")
-        # Best (by validation Dice over the subsets) and last checkpoints, top-level as `checkpoint.*`.
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.monitor": "val/dice_mean", "checkpoint.mode": "max",
-                             "checkpoint.save_last": True, "checkpoint.filename": "best-{epoch:03d}"})
-        # Where `predict` writes NIfTI files, as `prediction.*`.
-        parser.add_lightning_class_args(PredictionWriter, "prediction")
-        parser.add_lightning_class_args(EpochSummary, "epoch_summary")
-        # Random states in checkpoints (exact resumption) and last.ckpt on SIGTERM, as `resume.*`.
-        parser.add_lightning_class_args(ResumeState, "resume")
-
-    def instantiate_trainer(self, **kwargs: Any) -> Any:
-        trainer = super().instantiate_trainer(**kwargs)
-        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's own plugin
-            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        return trainer
-
-    def before_fit(self) -> None:
-        self.datamodule.check_ready()
-        needed = 1 if getattr(self.model, "share_mask", False) else getattr(self.model, "n_masks", 1)
-        if self.datamodule.hparams.n_masks < needed:
-            raise SystemExit(f"data.n_masks={self.datamodule.hparams.n_masks}, but {type(self.model).__name__} "
-                             f"needs data.n_masks >= {needed} (one mask per branch; SMML's ablation "
-                             "model.init_args.share_mask=true needs 1)")
-
-
-def lightning_main(args: Sequence[str] | None = None, run: bool = True) -> SMMLCLI:
+def lightning_main(args: Sequence[str] | None = None, run: bool = True) -> Any:
     """Run the Lightning CLI (``fit``/``validate``/``test``/``predict``) with ``args`` (default: argv)."""
-    return SMMLCLI(
-        MissingModalityModule,
-        BratsDataModule,
-        subclass_mode_model=True,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"parser_mode": "omegaconf"},
-        args=list(args) if args is not None else None,
-        run=run,
-    )
+    from .lit.cli import lightning_main as run_cli
+
+    return run_cli(args, run)
 
 
 def synth(out: str, cases: int = 8, layout: str = "brats2020", shape: tuple[int, int, int] = (240, 240, 155),
@@ -157,12 +110,11 @@ def training_names(cache_dir: str | Path, split: str | None, val_fraction: float
                    seed: int) -> list[str]:
     """The training split of a cache, as :class:`BratsDataModule` will draw it."""
     from .data import cache, splits
-    from .data.datamodule import seeded_split
 
     names = cache.list_cases(cache_dir)
     if split is not None:
         return splits.resolve_split(names, **splits.read_split(split))["train"]
-    return seeded_split(names, val_fraction, test_fraction, seed)["train"]
+    return splits.seeded_split(names, val_fraction, test_fraction, seed)["train"]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -174,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         commands = {"synth": synth, "prepare": prepare, "priors": priors, "demo": demo, "sweep": sweep}
         CLI(commands[argv[0]], args=argv[1:])
         return
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     try:
         lightning_main(argv)
     except SIGTERMException as stop:

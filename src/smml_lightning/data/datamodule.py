@@ -63,24 +63,6 @@ def read_prior_npy(path: Path) -> tuple[torch.Tensor, np.ndarray]:
 # --- splits ---------------------------------------------------------------------------------------
 
 
-def seeded_split(names: Sequence[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[str]]:
-    """A random train/val/test split of ``names``, reproducible from ``seed``; each part sorted."""
-    if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
-        raise ValueError(
-            f"data.val_fraction ({val_fraction}) and data.test_fraction ({test_fraction}) must be >= 0 and "
-            "sum to less than 1"
-        )
-    order = np.random.default_rng(seed).permutation(len(names))
-    shuffled = [names[i] for i in order]
-    n_test = int(round(test_fraction * len(names)))
-    n_val = int(round(val_fraction * len(names)))
-    return {
-        "test": sorted(shuffled[:n_test]),
-        "val": sorted(shuffled[n_test : n_test + n_val]),
-        "train": sorted(shuffled[n_test + n_val :]),
-    }
-
-
 # --- samplers -------------------------------------------------------------------------------------
 
 
@@ -277,7 +259,7 @@ class BratsDataModule(LightningDataModule):
             except ValueError as err:  # also malformed JSON
                 raise ValueError(f"split {path}: {err}") from err
         else:
-            split = seeded_split(names, hp.val_fraction, hp.test_fraction, hp.seed)
+            split = splits.seeded_split(names, hp.val_fraction, hp.test_fraction, hp.seed)
         if hp.output_dir is not None and self.world()[1] == 0:
             splits.write_split(split, Path(hp.output_dir) / "split.json")
         return split

@@ -131,3 +131,21 @@ def read_split(path: Path | str) -> dict[str, list[str]]:
         data = json.loads(path.read_text())
         return {p: list(data.get(p, [])) for p in PARTS}
     return {p: read_split_file(path / f"{p}.txt") if (path / f"{p}.txt").is_file() else [] for p in PARTS}
+
+
+def seeded_split(names: Sequence[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[str]]:
+    """A random train/val/test split of ``names``, reproducible from ``seed``; each part sorted."""
+    if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
+        raise ValueError(
+            f"data.val_fraction ({val_fraction}) and data.test_fraction ({test_fraction}) must be >= 0 and "
+            "sum to less than 1"
+        )
+    order = np.random.default_rng(seed).permutation(len(names))
+    shuffled = [names[i] for i in order]
+    n_test = int(round(test_fraction * len(names)))
+    n_val = int(round(val_fraction * len(names)))
+    return {
+        "test": sorted(shuffled[:n_test]),
+        "val": sorted(shuffled[n_test : n_test + n_val]),
+        "train": sorted(shuffled[n_test + n_val :]),
+    }
