@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 EXP ?= synthetic
 OUT ?= runs/demo
 ARGS ?=
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install test demo train sweep bench quality freeze clean
 
