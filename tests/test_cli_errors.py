@@ -1,5 +1,6 @@
 """Configuration mistakes end with a message that names the offending key or value and what is allowed."""
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -45,9 +46,12 @@ def test_wrong_type(tmp_path, capsys):
     assert "data.batch_size" in message and "int" in message and "abc" in message
 
 
-def test_mask_ratio_out_of_range(tmp_path):
-    with pytest.raises(ValueError, match=r"data\.mask_ratio must be null .* or in \[0, 1\], got 1\.5"):
+def test_mask_ratio_out_of_range(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
         main(base(tmp_path) + ["--data.mask_ratio=1.5"])
+    message = str(info.value.code)  # what the user sees: one message, no traceback
+    assert message.startswith("smml: error: ") and "Traceback" not in message
+    assert re.search(r"data\.mask_ratio must be null .* or in \[0, 1\], got 1\.5", message)
 
 
 def test_missing_cache_says_how_to_get_data(tmp_path, capsys):
@@ -61,9 +65,15 @@ def test_smml_with_one_mask(cache_dir, capsys):
     assert "data.n_masks=1" in message and ">= 2" in message and "share_mask" in message
 
 
-def test_patch_larger_than_cropped_volume(cache_dir):
-    with pytest.raises(ValueError, match=r"patch size \(64, 64, 64\) is larger than its cropped size"):
-        main(base(cache_dir) + ["--data.patch_size=64"])
+def test_patch_larger_than_cropped_volume(cache_dir, capsys):
+    message = exit_message(base(cache_dir) + ["--data.patch_size=64"], capsys)
+    assert re.search(r"patch size \(64, 64, 64\) is larger than its cropped size", message)
+
+
+def test_traceback_on_request(cache_dir, monkeypatch):
+    monkeypatch.setenv("SMML_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="mask_ratio"):
+        main(base(cache_dir) + ["--data.mask_ratio=1.5"])
 
 
 def test_make_train_unknown_experiment_lists_the_available_ones():

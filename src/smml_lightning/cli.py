@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -118,7 +119,19 @@ def training_names(cache_dir: str | Path, split: str | None, val_fraction: float
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``smml``. Input and config errors (``ValueError``, ``FileNotFoundError`` raised by our
+    checks, whose messages name the file or key) end with that message instead of a traceback; set
+    ``SMML_TRACEBACK=1`` to see the traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        _dispatch(argv)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        if os.environ.get("SMML_TRACEBACK"):
+            raise
+        raise SystemExit(f"smml: error: {err}\n(set SMML_TRACEBACK=1 for the traceback)") from err
+
+
+def _dispatch(argv: list[str]) -> None:
     if argv and argv[0] in SUBCOMMANDS_OWN:
         from .demo import demo
         from .sweep import sweep
