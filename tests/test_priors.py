@@ -15,15 +15,6 @@ SHAPE = (32, 32, 16)
 CARRIER = 1  # t1ce: its intensity follows the label; the other modalities are noise
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two OpenMP threads on a shared 2-core machine slow conv backward by 10x or more."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _write_case(root: Path, name: str, seed: int, available=(True, True, True, True)) -> None:
     rng = np.random.default_rng(seed)
     grid = np.meshgrid(*[np.arange(s) for s in SHAPE], indexing="ij")

@@ -7,15 +7,6 @@ from smml_lightning.models.backbone import GroupedEncoder, MMFormer, mask_modali
 SHAPE = (32, 32, 48)  # non-cubic; bottleneck grid 2x2x3 differs from the 2x2x2 reference grid
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two intra-op threads on a shared 2-core machine spin more than they compute."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(**kw) -> MMFormer:
     torch.manual_seed(0)
     return MMFormer(base_width=4, transformer_dim=32, num_heads=4, patch_size=32, **kw)

@@ -7,14 +7,6 @@ SHAPE = (32, 32, 48)
 MASK = torch.tensor([[True, False, True, True], [False, False, False, True]])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny() -> MAML:
     torch.manual_seed(0)
     return MAML(base_width=2)

@@ -8,14 +8,6 @@ MASK = torch.tensor([[True, False, True, True], [False, False, False, True]])
 SHAPE = (32, 32, 48)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_reweighting_matches_hand_computation():
     rw = PriorReweighting()
     with torch.no_grad():

@@ -15,15 +15,6 @@ from smml_lightning.models.sam_prior import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two OpenMP threads on a shared 2-core machine slow conv backward by 10x or more."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory) -> Path:
     return save_tiny_sam_checkpoint(tmp_path_factory.mktemp("sam") / "tiny.pth", seed=3, img_size=32)

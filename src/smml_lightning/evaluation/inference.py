@@ -20,7 +20,7 @@ under a 6 GiB budget for a real network's activations. Windows always reach the 
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -130,38 +130,26 @@ def predict_labels(
     models: Sequence[MaskedSegmenter],
     image: torch.Tensor,
     subsets: Sequence[Sequence[bool]] = SUBSETS,
-    roi_size: Sequence[int] | int = 128,
-    overlap: float = 0.5,
-    mode: str = "gaussian",
-    sw_batch_size: int = 1,
-    autocast_dtype: torch.dtype | None = None,
-    accumulate_dtype: torch.dtype = torch.float16,
+    **window: Any,
 ) -> dict[int, np.ndarray]:
-    """Internal label maps ``(D, H, W)`` uint8 per subset index: argmax of :func:`predict_subsets`."""
-    logits = predict_subsets(models, image, subsets, roi_size, overlap, mode, sw_batch_size, autocast_dtype,
-                             accumulate_dtype)
-    return {k: _labels(v) for k, v in logits.items()}
+    """Internal label maps ``(D, H, W)`` uint8 per subset index: argmax of :func:`predict_subsets`
+    (``window`` takes its keyword arguments)."""
+    return {k: _labels(v) for k, v in predict_subsets(models, image, subsets, **window).items()}
 
 
 def predict_available(
     models: Sequence[MaskedSegmenter],
     image: torch.Tensor,
     available: Sequence[bool] | torch.Tensor,
-    roi_size: Sequence[int] | int = 128,
-    overlap: float = 0.5,
-    mode: str = "gaussian",
-    sw_batch_size: int = 1,
-    autocast_dtype: torch.dtype | None = None,
-    accumulate_dtype: torch.dtype = torch.float32,
+    **window: Any,
 ) -> np.ndarray:
     """Labels ``(D, H, W)`` uint8 for a case that has only the ``available`` modalities.
 
     The prediction path: a case missing modalities is segmented under exactly its own subset (one
-    subset blends cheaply, hence float32 by default).
+    subset blends cheaply, hence float32 blending unless ``accumulate_dtype`` says otherwise).
     """
     flags = tuple(bool(v) for v in (available.tolist() if isinstance(available, torch.Tensor) else available))
     if not any(flags):
         raise ValueError("the case has no available modality: nothing to segment from")
-    labels = predict_labels(models, image, [flags], roi_size, overlap, mode, sw_batch_size, autocast_dtype,
-                            accumulate_dtype)
-    return labels[subset_index(flags)]
+    window.setdefault("accumulate_dtype", torch.float32)
+    return predict_labels(models, image, [flags], **window)[subset_index(flags)]
