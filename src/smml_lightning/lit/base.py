@@ -41,6 +41,13 @@ def channels_last_weights(module: torch.nn.Module) -> None:
             tensor.data = tensor.data.contiguous(memory_format=torch.channels_last_3d)
 
 
+def check_weights(**weights: float) -> None:
+    """Loss weights are config values: a negative one is a mistake, named in the error."""
+    for key, value in weights.items():
+        if value < 0:
+            raise ValueError(f"model.{key} must be >= 0, got {value}")
+
+
 class NonFiniteLossError(RuntimeError):
     """A loss term became NaN or infinite."""
 

@@ -12,13 +12,7 @@ from ..losses.segmentation import DiceCELoss, deep_supervision_loss, masked_aux_
 from ..models.backbone import MMFormer
 from ..models.base import MaskedSegmenter
 from ..models.maml import MAML
-from .base import MissingModalityModule
-
-
-def _check_weights(**weights: float) -> None:
-    for key, value in weights.items():
-        if value < 0:
-            raise ValueError(f"model.{key} must be >= 0, got {value}")
+from .base import MissingModalityModule, check_weights
 
 
 class SingleBranch(MissingModalityModule):
@@ -42,7 +36,7 @@ class SingleBranch(MissingModalityModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        _check_weights(w_fused=w_fused, w_aux=w_aux, w_deep=w_deep)
+        check_weights(w_fused=w_fused, w_aux=w_aux, w_deep=w_deep)
         self.net = (network or MMFormer)()
         self.w = dict(fused=w_fused, aux=w_aux, deep=w_deep)
         self.seg_loss = DiceCELoss()
@@ -87,7 +81,7 @@ class MAMLModule(MissingModalityModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        _check_weights(w_fused=w_fused, w_modality=w_modality, w_deep=w_deep, w_mutual=w_mutual)
+        check_weights(w_fused=w_fused, w_modality=w_modality, w_deep=w_deep, w_mutual=w_mutual)
         self.net = (network or MAML)()
         self.w = dict(fused=w_fused, modality=w_modality, deep=w_deep, mutual=w_mutual)
         self.temperature = temperature

@@ -34,7 +34,7 @@ from ..losses.segmentation import DiceCELoss, deep_supervision_loss, masked_aux_
 from ..models.backbone import MMFormer
 from ..models.base import MaskedSegmenter, SegmentationOutput
 from ..models.refine import SemanticRefiner
-from .base import MissingModalityModule
+from .base import MissingModalityModule, check_weights
 
 
 class SMML(MissingModalityModule):
@@ -73,10 +73,8 @@ class SMML(MissingModalityModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        for key, value in dict(w_fused=w_fused, w_aux=w_aux, w_deep=w_deep, w_refine=w_refine, w_prior=w_prior,
-                               w_pixel=w_pixel, w_sample=w_sample, w_class=w_class).items():
-            if value < 0:
-                raise ValueError(f"model.{key} must be >= 0, got {value}")
+        check_weights(w_fused=w_fused, w_aux=w_aux, w_deep=w_deep, w_refine=w_refine, w_prior=w_prior,
+                      w_pixel=w_pixel, w_sample=w_sample, w_class=w_class)
         if temperature <= 0:
             raise ValueError(f"model.temperature must be > 0, got {temperature}")
         build = network or MMFormer
