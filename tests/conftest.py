@@ -2,6 +2,7 @@
 and oversubscribed threads slow everything several-fold), W&B offline."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,3 +17,13 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def prepared_cache(root: Path, n_cases: int, seed: int, shape: tuple[int, int, int] = (32, 32, 32)) -> Path:
+    """Synthetic cases written as NIfTI under ``root/raw`` and prepared into ``root/cache``."""
+    from smml_lightning.data.prepare import prepare
+    from smml_lightning.data.synthetic import synthesize
+
+    synthesize(root / "raw", n_cases, shape=shape, seed=seed)
+    prepare(root / "raw", root / "cache", min_size=shape, progress=False)
+    return root / "cache"

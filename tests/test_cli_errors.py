@@ -5,10 +5,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import prepared_cache
 
 from smml_lightning.cli import main
-from smml_lightning.data.prepare import prepare
-from smml_lightning.data.synthetic import synthesize
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (32, 32, 32)
@@ -16,10 +15,7 @@ SHAPE = (32, 32, 32)
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cli_errors")
-    synthesize(root / "raw", 3, shape=SHAPE, seed=4)
-    prepare(root / "raw", root / "cache", min_size=SHAPE, progress=False)
-    return root / "cache"
+    return prepared_cache(tmp_path_factory.mktemp("cli_errors"), 3, seed=4, shape=SHAPE)
 
 
 def base(cache: Path | str) -> list[str]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import prepared_cache
 
 from smml_lightning.cli import lightning_main
 from smml_lightning.data.prepare import prepare
@@ -25,10 +26,7 @@ STEPS_PER_EPOCH = 3  # 5 training cases x 1 patch in batches of 2
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("reliability")
-    synthesize(root / "raw", 6, shape=SHAPE, seed=5)
-    prepare(root / "raw", root / "cache", min_size=SHAPE, progress=False)
-    return root / "cache"
+    return prepared_cache(tmp_path_factory.mktemp("reliability"), 6, seed=5, shape=SHAPE)
 
 
 def write_config(path: Path, cache: Path, out: Path, max_epochs: int = 2, **trainer: object) -> Path:
