@@ -277,10 +277,12 @@ def zscored_case(shape: tuple[int, int, int], seed: int = 0) -> torch.Tensor:
 
 
 def bench_subsets(s: Settings, report: Report) -> None:
-    print(f"[3] 15-subset evaluation of a {s.eval_case} case, roi {s.eval_roi}", flush=True)
+    print(f"[3] 15-subset evaluation of a {s.eval_case} case, roi {s.eval_roi}, bf16 (the configs' precision)",
+          flush=True)
     models = build("smml", s.eval_roi, False).inference_models()
     image = zscored_case(s.eval_case)
-    run = functools.partial(predict_subsets, models, image, roi_size=s.eval_roi, overlap=s.eval_overlap)
+    run = functools.partial(predict_subsets, models, image, roi_size=s.eval_roi, overlap=s.eval_overlap,
+                            autocast_dtype=torch.bfloat16)
     run(subsets=[SUBSETS[-1]])  # warm-up
     reuse, singles = [], []
     step = len(SUBSETS) / s.naive_subsets

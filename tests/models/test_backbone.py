@@ -49,6 +49,22 @@ def test_encode_decode_equals_forward_and_encode_keeps_modalities_apart():
         assert not torch.allclose(a[:, 2], b[:, 2])
 
 
+def test_eval_skip_shares_equal_the_training_fusion_conv():
+    """Eval decodes from per-modality shares of the skip-fusion conv; training runs the conv itself.
+
+    Instance norm keeps no running statistics and dropout is 0, so the two modes must agree on the fused
+    logits for every subset, to float rounding.
+    """
+    net = tiny()
+    x = image()
+    for mask in (MASK, torch.tensor([[True, True, True, True], [True, False, False, False]])):
+        with torch.no_grad():
+            trained_path = net.train()(x, mask).logits
+            shares_path = net.eval()(x, mask).logits
+        assert torch.allclose(trained_path, shares_path, atol=1e-5, rtol=1e-5)
+        assert trained_path.abs().max() > 0.1
+
+
 def test_missing_modality_input_has_no_effect_available_one_does():
     net = tiny().eval()
     x = image()

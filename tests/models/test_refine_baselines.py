@@ -21,9 +21,22 @@ def test_reweighting_matches_hand_computation():
         rw(torch.rand(2, 4, 3, 3, 3, 3), MASK)
 
 
+def test_refiner_starts_as_the_identity_on_the_fused_logits():
+    """A fresh refiner returns the fused logits unchanged, so it never teaches worse than it learnt."""
+    torch.manual_seed(0)
+    ref = SemanticRefiner(width=4)
+    prior = torch.rand(2, 4, 4, 16, 16, 24)
+    logits = torch.randn(2, 4, 16, 16, 24)
+    assert torch.equal(ref(prior, MASK, logits), logits)
+    label = torch.randint(0, 4, (2, 16, 16, 24))
+    torch.nn.functional.cross_entropy(ref(prior, MASK, logits), label).backward()
+    assert ref.correction[1].weight.grad.abs().sum() > 0  # the correction head learns from the first step
+
+
 def test_refiner_shape_and_ignores_missing_priors():
     torch.manual_seed(0)
     ref = SemanticRefiner(width=4).eval()
+    torch.nn.init.normal_(ref.correction[1].weight)  # a trained refiner: its correction depends on the priors
     shape = (16, 16, 24)
     prior = torch.rand(2, 4, 4, *shape)
     logits = torch.randn(2, 4, *shape)

@@ -65,7 +65,7 @@ def predict_subsets(
     roi_size: Sequence[int] | int = 128,
     overlap: float = 0.5,
     mode: str = "gaussian",
-    sw_batch_size: int = 1,
+    sw_batch_size: int = 2,
     autocast_dtype: torch.dtype | None = None,
     accumulate_dtype: torch.dtype = torch.float16,
 ) -> dict[int, torch.Tensor]:

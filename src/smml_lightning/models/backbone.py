@@ -226,6 +226,12 @@ class MMFormer(MaskedSegmenter):
     stages ``(B, 4 * w_i, *S / 2^i)`` and the intra-transformer output at the bottleneck
     ``(B, 4 * transformer_dim, *S / 16)``. Nothing in ``encode`` mixes modalities.
 
+    In eval mode the four stage tensors are instead each modality's *share* of the skip-fusion
+    convolution (see :meth:`skip_shares`): the fusion conv is linear in its masked input, so a subset's
+    fused skip is the sum of its available modalities' shares plus the bias. Decoding 15 subsets from
+    one ``encode`` then costs a sum per subset instead of a full-width convolution (same parameters,
+    same result to float rounding).
+
     ``decode(features, mask)`` in training mode returns fused ``logits``, ``aux_logits`` (the shared
     auxiliary decoder on each modality's unmasked features, canonical order; the loss should use only
     the available ones), ``deep_logits`` (fused decoder at 1/8, 1/4, 1/2 resolution, coarsest first)
@@ -288,7 +294,36 @@ class MMFormer(MaskedSegmenter):
         pos = self._positions(grid)
         intra = torch.stack([t(tokens[:, k], pos[k]) for k, t in enumerate(self.intra)], dim=1)
         bottleneck = intra.transpose(2, 3).reshape(b, -1, *grid)
-        return [*features[:-1], bottleneck]
+        skips = features[:-1] if self.training else self.skip_shares(features[:-1])
+        return [*skips, bottleneck]
+
+    def skip_shares(self, skips: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Each modality's contribution to each skip-fusion conv, ``(B, M * w_i, *S / 2^i)``, no bias.
+
+        The fusion conv's weight ``(w, M * w, k, k, k)`` is regrouped as a ``groups=M`` conv, so share
+        ``k`` is the conv of modality ``k``'s features with that modality's slice of the weight.
+        """
+        m = self.in_modalities
+        shares = []
+        for fuse, skip in zip(self.skip_fusion, skips):
+            conv = fuse.conv
+            w_out, _, *kernel = conv.weight.shape
+            weight = conv.weight.view(w_out, m, -1, *kernel).transpose(0, 1).reshape(m * w_out, -1, *kernel)
+            shares.append(F.conv3d(skip, weight, None, conv.stride, conv.padding, conv.dilation, groups=m))
+        return shares
+
+    def _fuse_skips(self, skips: Sequence[torch.Tensor], mask: torch.Tensor) -> list[torch.Tensor]:
+        """Fused skips under ``mask``: the fusion conv on the masked features (training), or the sum of
+        the available modalities' precomputed shares plus the bias (eval, see :meth:`skip_shares`)."""
+        if self.training:
+            return [fuse(mask_modalities(s, mask)) for fuse, s in zip(self.skip_fusion, skips)]
+        m = self.in_modalities
+        fused = []
+        for fuse, shares in zip(self.skip_fusion, skips):
+            weights = mask.to(shares.dtype).view(*mask.shape, *([1] * (shares.ndim - 1)))
+            x = (shares.unflatten(1, (m, -1)) * weights).sum(dim=1)
+            fused.append(fuse.adn(x + fuse.conv.bias.to(x.dtype).view(1, -1, *([1] * (x.ndim - 2)))))
+        return fused
 
     def decode(self, encoded: list[torch.Tensor], mask: torch.Tensor) -> SegmentationOutput:
         *skips, tokens_map = encoded
@@ -305,8 +340,7 @@ class MMFormer(MaskedSegmenter):
         inter = inter * mask.to(inter.dtype)[:, :, None, None]
         bottleneck = self.from_tokens(inter.transpose(2, 3).reshape(b, -1, *grid))
 
-        fused_skips = [fuse(mask_modalities(s, mask)) for fuse, s in zip(self.skip_fusion, skips)]
-        fused = self.decoder(fused_skips, bottleneck, deep=self.training)
+        fused = self.decoder(self._fuse_skips(skips, mask), bottleneck, deep=self.training)
         if not self.training:
             return SegmentationOutput(logits=fused.logits, bottleneck=bottleneck)
 

@@ -45,6 +45,12 @@ class SemanticRefiner(nn.Module):
     ``2^(depth-1)``). The caller passes the fused logits *detached*: the refinement loss should train
     the refiner and the reweighting, not pull the segmentation network towards the priors (that is the
     prior-consistency KL's job).
+
+    The refiner is residual: it predicts a correction added to the fused logits, through a head whose
+    weights start at zero. So at initialisation the refined prediction *is* the fused one, and the
+    prior-consistency KL (refined teaches fused) only ever passes on what the refiner has learnt to
+    improve. Without this, a freshly initialised refiner is a much worse teacher than the network it
+    teaches, and pulling the fused output towards it cost 10-20 Dice points on TC/ET in a short run.
     """
 
     def __init__(
@@ -62,13 +68,16 @@ class SemanticRefiner(nn.Module):
         self.unet = UNet(
             spatial_dims=3,
             in_channels=(num_modalities + 1) * num_classes,
-            out_channels=num_classes,
+            out_channels=width,
             channels=tuple(width * 2**i for i in range(depth)),
             strides=(2,) * (depth - 1),
             num_res_units=1,
             act=("leakyrelu", {"negative_slope": 0.2, "inplace": True}),
             norm=("instance", {"affine": True}),
         )
+        self.correction = nn.Sequential(nn.LeakyReLU(0.2), nn.Conv3d(width, num_classes, 1))
+        nn.init.zeros_(self.correction[1].weight)
+        nn.init.zeros_(self.correction[1].bias)
 
     def forward(self, prior: torch.Tensor, mask: torch.Tensor, fused_logits: torch.Tensor) -> torch.Tensor:
         if fused_logits.shape[1] != self.num_classes or fused_logits.shape[2:] != prior.shape[3:]:
@@ -77,4 +86,5 @@ class SemanticRefiner(nn.Module):
                 f"got {tuple(fused_logits.shape)}"
             )
         priors = self.reweight(prior, mask).flatten(1, 2)
-        return self.unet(torch.cat([priors, fused_logits.to(priors.dtype)], dim=1))
+        fused_logits = fused_logits.to(priors.dtype)
+        return fused_logits + self.correction(self.unet(torch.cat([priors, fused_logits], dim=1)))
