@@ -1,4 +1,4 @@
-"""Prior consistency: value by hand, gradient into the fused prediction only."""
+"""Prior consistency: value by hand on the refiner's reliable voxels, gradient into the fused prediction only."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ def _probs(logits: list[float], t: float) -> list[float]:
 
 
 FUSED = [[0.5, -0.2, 1.0], [2.0, 0.1, -1.0]]  # two voxels, three classes
-REFINED = [[1.0, 0.0, 0.0], [0.0, 1.5, 0.2]]
+REFINED = [[1.0, 0.0, 0.0], [0.0, 1.5, 0.2]]  # argmax: class 0, class 1
+BOTH_RIGHT = torch.tensor([0, 1]).reshape(1, 1, 2, 1, 1)
 
 
 def _vol(voxels: list[list[float]], requires_grad: bool = False) -> torch.Tensor:
@@ -30,15 +31,31 @@ def test_prior_consistency_is_kl_refined_to_fused_by_hand(t: float) -> None:
         p_r, p_f = _probs(r, t), _probs(f, t)
         expected += t * t * sum(a * math.log(a / b) for a, b in zip(p_r, p_f))
     expected /= 2
-    assert prior_consistency(_vol(FUSED), _vol(REFINED), temperature=t).item() == pytest.approx(expected, rel=1e-5)
+    got = prior_consistency(_vol(FUSED), _vol(REFINED), BOTH_RIGHT, temperature=t).item()
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_prior_consistency_skips_voxels_the_refiner_gets_wrong() -> None:
+    """Only the first voxel is reliable when the label says class 2 at the second."""
+    f, r = FUSED[0], REFINED[0]
+    p_r, p_f = _probs(r, 1.0), _probs(f, 1.0)
+    expected = sum(a * math.log(a / b) for a, b in zip(p_r, p_f))
+    label = torch.tensor([0, 2]).reshape(1, 1, 2, 1, 1)
+    assert prior_consistency(_vol(FUSED), _vol(REFINED), label).item() == pytest.approx(expected, rel=1e-5)
+    nowhere = torch.tensor([2, 2]).reshape(1, 1, 2, 1, 1)
+    fused = _vol(FUSED, requires_grad=True)
+    loss = prior_consistency(fused, _vol(REFINED), nowhere)
+    loss.backward()
+    assert loss.item() == 0.0 and fused.grad.abs().sum() == 0
 
 
 def test_prior_consistency_gradient_goes_to_fused_only() -> None:
     fused, refined = _vol(FUSED, requires_grad=True), _vol(REFINED, requires_grad=True)
-    prior_consistency(fused, refined).backward()
+    prior_consistency(fused, refined, BOTH_RIGHT).backward()
     assert refined.grad is None
     assert fused.grad.abs().sum() > 0
 
 
 def test_prior_consistency_is_zero_for_equal_predictions() -> None:
-    assert prior_consistency(_vol(FUSED), _vol(FUSED)).item() == pytest.approx(0.0, abs=1e-7)
+    assert prior_consistency(_vol(FUSED), _vol(FUSED), torch.zeros(1, 1, 2, 1, 1, dtype=torch.long)).item() == \
+        pytest.approx(0.0, abs=1e-7)

@@ -15,7 +15,7 @@ name                paper term                                           functio
 ``seg_aux``         modality-specific auxiliary decoder                  ``masked_aux_loss``
 ``seg_deep``        deep supervision                                     ``deep_supervision_loss``
 ``seg_refine``      semantic-guided refinement (CE + Dice)               ``DiceCELoss``
-``prior_consist``   consistency between refined and fused predictions    ``prior_consistency``
+``prior_consist``   refined teaches fused on its reliable voxels (KL)    ``prior_consistency``
 ``hcc_pixel``       HCC pixel level: reliable-voxel KL, both directions  ``bidirectional_pixel_consistency``
 ``hcc_sample``      HCC feature level: inter-sample relations            ``inter_sample_relation``
 ``hcc_class``       HCC feature level: inter-class relations             ``inter_class_relation``
@@ -108,7 +108,7 @@ class SMML(MissingModalityModule):
             refined = self.refiners[k](prior, mask, out.logits.detach())
             terms["seg_refine"] = self.w["refine"] * self.seg_loss(refined, label)
             if warm:
-                terms["prior_consist"] = self.w["prior"] * prior_consistency(out.logits, refined, self.temperature)
+                terms["prior_consist"] = self.w["prior"] * prior_consistency(out.logits, refined, label, self.temperature)
         return terms
 
     def training_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
