@@ -1,6 +1,8 @@
-"""Reliability of training runs on a tiny synthetic cache: exact resumption, SIGTERM and SIGKILL,
-non-finite losses, determinism, and prediction inputs without any modality."""
+"""Reliability of training runs on a tiny synthetic cache: exact resumption (at epoch boundaries and
+mid-epoch), SIGTERM and SIGKILL, non-finite losses, determinism, and prediction inputs without any
+modality."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -14,6 +16,7 @@ import yaml
 from conftest import prepared_cache
 
 from smml_lightning.cli import lightning_main
+from smml_lightning.data.datamodule import BratsDataModule
 from smml_lightning.data.prepare import prepare
 from smml_lightning.data.synthetic import synthesize
 from smml_lightning.lit.base import NonFiniteLossError
@@ -83,6 +86,94 @@ def test_resume_from_epoch_end_gives_the_uninterrupted_weights(cache_dir, tmp_pa
     resumed = checkpoint(tmp_path / "part" / "ckpt" / "last.ckpt")
     assert resumed["global_step"] == reference["global_step"]
     assert_same_weights(resumed["state_dict"], reference["state_dict"], atol=1e-6)
+
+
+def _epoch_loader(cache: Path, workers: int):
+    torch.manual_seed(3)
+    dm = BratsDataModule(cache_dir=str(cache), patch_size=16, batch_size=2, samples_per_volume=2, queue_length=3,
+                         num_workers=workers, val_fraction=0, test_fraction=0)
+    dm.setup("fit")
+    return dm.train_dataloader()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_epoch_replays_from_a_mid_epoch_loader_state(cache_dir, workers):
+    """The loader state of a checkpoint written after batch k gives the epoch's remaining batches exactly;
+    queue_length 3 with 2 patches per case splits cases across refills."""
+    loader = _epoch_loader(cache_dir, workers)
+    before = torch.get_rng_state()
+    epochs = []
+    for epoch in (0, 1):
+        loader.sampler.set_epoch(epoch)
+        epochs.append(list(loader))
+    assert torch.equal(torch.get_rng_state(), before), "the data drew from the global generator"
+    assert len(epochs[1]) == len(loader) == 6
+    assert not torch.equal(epochs[0][0]["image"], epochs[1][0]["image"]), "two epochs gave the same batches"
+    assert loader.state_dict() == {"epoch": 1, "batches": 6}
+
+    resumed = _epoch_loader(cache_dir, workers)
+    resumed.load_state_dict({"epoch": 1, "batches": 2})
+    resumed.sampler.set_epoch(1)
+    rest = list(resumed)
+    assert len(rest) == 4
+    for i, (got, want) in enumerate(zip(rest, epochs[1][2:])):
+        for key in ("image", "label", "masks"):
+            assert torch.equal(got[key], want[key]), f"batch {i + 2}: {key} differs"
+    resumed.sampler.set_epoch(2)  # the checkpoint's position is used once, for its own epoch
+    assert len(list(resumed)) == 6
+
+
+def test_resume_mid_epoch_gives_the_uninterrupted_weights(cache_dir, tmp_path):
+    """A SIGTERM after step 2 (epoch 0, batch 2 of 3), then a crash after the periodic checkpoint of
+    step 4 (epoch 1, batch 1 of 3); each resumed from its checkpoint ends where the uninterrupted run does."""
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    every_step = "--checkpoint.every_n_train_steps=1"
+    full = write_config(tmp_path / "full.yaml", cache_dir, tmp_path / "full")
+    lightning_main(["fit", f"--config={full}", every_step])
+    reference = checkpoint(tmp_path / "full" / "ckpt" / "last.ckpt")
+    assert reference["global_step"] == 2 * STEPS_PER_EPOCH
+
+    class Crash(Exception):
+        pass
+
+    class Interrupt(Callback):
+        def __init__(self, sigterm_after: int = -1, crash_before: int = -1) -> None:
+            self.sigterm_after, self.crash_before = sigterm_after, crash_before
+
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == self.sigterm_after:
+                os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler: stop after this batch
+
+        def on_train_batch_start(self, trainer, *args):
+            if trainer.global_step == self.crash_before:
+                raise Crash  # like SIGKILL: only the periodic checkpoint of the last step is left
+
+    part = write_config(tmp_path / "part.yaml", cache_dir, tmp_path / "part")
+    last = tmp_path / "part" / "ckpt" / "last.ckpt"
+
+    def run(interrupt: Interrupt, ckpt: Path | None, raises: type[BaseException] | None) -> tuple[int, dict]:
+        cli = lightning_main([f"--config={part}", every_step], run=False)
+        cli.trainer.callbacks.append(interrupt)
+        with pytest.raises(raises) if raises else contextlib.nullcontext():
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+        saved = checkpoint(last)
+        return saved["global_step"], saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+
+    steps = [run(Interrupt(sigterm_after=2), None, SIGTERMException),
+             run(Interrupt(crash_before=4), last, Crash),
+             run(Interrupt(), last, None)]
+    # where each run stopped, and the loader's position in its epoch at that point
+    assert steps == [(2, {"epoch": 0, "batches": 2}), (4, {"epoch": 1, "batches": 1}),
+                     (6, {"epoch": 1, "batches": 3})]
+    saved = checkpoint(last)
+    assert_same_weights(saved["state_dict"], reference["state_dict"], atol=1e-6)
+    for got, want in zip(saved["optimizer_states"][0]["state"].values(),
+                         reference["optimizer_states"][0]["state"].values()):
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6)
+    assert saved["lr_schedulers"] == reference["lr_schedulers"]
 
 
 def _start_fit(config: Path, log: Path) -> subprocess.Popen:

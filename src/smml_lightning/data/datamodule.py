@@ -6,8 +6,8 @@ masks (SMML's two branches see two different subsets of the same patch). Evaluat
 cropped cases one at a time.
 
 Each training epoch's batches are a pure function of (seed, epoch, rank) (:class:`EpochStream`), and the
-training loader's ``state_dict`` says how far the current epoch got; Lightning stores it in checkpoints,
-so a run resumed mid-epoch replays the epoch's stream up to that point and continues with exactly the
+datamodule's ``state_dict`` says how far the current epoch got; Lightning stores it in checkpoints, so a
+run resumed mid-epoch replays the epoch's stream up to that point and continues with exactly the
 batches an uninterrupted run sees.
 """
 
@@ -80,8 +80,10 @@ class EpochStream:
     of the global random state that the model also draws from. An epoch's batches can then be made again
     at will: a run resumed from a checkpoint written after batch k of an epoch starts that epoch's stream
     afresh, produces and discards its first k batches' patches (data time only, no model work) and
-    continues with exactly the batches the uninterrupted run saw. ``batches`` (handed out this epoch) and
-    ``epoch`` are what the training loader's ``state_dict`` puts into checkpoints.
+    continues with exactly the batches the uninterrupted run saw. ``epoch`` and ``batches`` (handed out
+    this epoch) are what :meth:`BratsDataModule.state_dict` puts into checkpoints. Iterating the loader
+    without ``set_epoch`` (outside Lightning) replays the same epoch each time, as a
+    ``DistributedSampler`` does.
 
     The queue's draws come from ``generator``, reseeded at the start of each epoch and swapped in for
     torch's global CPU generator while the queue fills (:meth:`drawing`): torchio's samplers and
@@ -202,8 +204,14 @@ class QueueSampler(DistributedSampler):
 
 
 class PatchLoader(tio.SubjectsLoader):
-    """The training loader. Its ``state_dict`` (epoch and batches used) is what Lightning saves for
-    stateful loaders in every checkpoint and gives back, on a mid-epoch resume, before iterating."""
+    """The training loader, stateful in Lightning's sense (``state_dict``/``load_state_dict``).
+
+    Lightning saves a stateful loader's state with its loop state and gives it back on a mid-epoch
+    resume when it sets up the data after restoring the loops. When the loader is built earlier (a
+    model whose ``configure_optimizers`` asks for ``trainer.estimated_stepping_batches``, as ours do),
+    Lightning never gives it back; :meth:`BratsDataModule.load_state_dict` covers that case with the
+    same position, so whichever arrives, the epoch resumes at the same batch.
+    """
 
     def state_dict(self) -> dict[str, int]:
         return self.dataset.stream.state_dict()
@@ -359,6 +367,8 @@ class BratsDataModule(LightningDataModule):
         self.patch_size: tuple[int, int, int] = size  # type: ignore[assignment]
         self.label_probabilities = {int(c): float(p) for c, p in probs.items()}
         self.splits: dict[str, list[str]] | None = None
+        self._train_stream: EpochStream | None = None
+        self._train_stream_resume: dict[str, int] | None = None
 
     # -- helpers -----------------------------------------------------------------------------------
 
@@ -458,6 +468,10 @@ class BratsDataModule(LightningDataModule):
             )
         # The run's torch seed: seed_everything's, also after a resume restored the global states.
         stream = EpochStream((torch.initial_seed(), hp.seed), rank)
+        if self._train_stream_resume is not None:
+            stream.load_state_dict(self._train_stream_resume)
+            self._train_stream_resume = None
+        self._train_stream = stream
         queue = EpochQueue(
             dataset,
             max_length=hp.queue_length,
@@ -474,6 +488,15 @@ class BratsDataModule(LightningDataModule):
         # A generator of its own: creating an iterator then draws nothing from the global generator.
         return PatchLoader(queue, batch_size=hp.batch_size, sampler=QueueSampler(queue, hp.batch_size),
                            num_workers=0, collate_fn=collate, generator=torch.Generator())
+
+    def state_dict(self) -> dict[str, Any]:
+        """How far the training stream got in its epoch; Lightning puts it in every checkpoint."""
+        return {} if self._train_stream is None else {"train_stream": self._train_stream.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Lightning calls this on resume before it builds the training loader, which then replays the
+        batches the checkpoint's epoch had used (see :class:`EpochStream`)."""
+        self._train_stream_resume = state_dict.get("train_stream")
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(

@@ -1,16 +1,23 @@
 """Exact resumption and preemption: random states in checkpoints, a last checkpoint on SIGTERM.
 
 Lightning 2.6 restores weights, optimiser, schedulers, loop counters and callback states from
-``--ckpt_path``, but not the global random generators (torch, numpy, Python). This package draws the
-training patches, their augmentation and the modality masks from those generators, so without them
-a resumed run trains on different data from the run it continues. :class:`ResumeState` stores them.
+``--ckpt_path``, but not the global random generators (torch, numpy, Python). Two things make a resumed
+run train exactly like the uninterrupted one, at an epoch boundary or in the middle of an epoch:
 
-When they are restored matters. The trainer restores callback states (``load_state_dict``) before it
-builds the training loader and its first iterator; an uninterrupted run creates the next epoch's
-iterator after the checkpoint was written. So the generators are set in ``load_state_dict``: both runs
-then make the same draws from the same state. Resumption is exact at epoch boundaries (the checkpoint
-written after validation at the end of an epoch); a mid-epoch checkpoint resumes the counters but the
-patch queue restarts, so the rest of that epoch sees other patches.
+- The training data does not draw from the global generators. Each epoch's batches are a pure function
+  of (seed, epoch, rank) (:class:`~smml_lightning.data.datamodule.EpochStream`), and the datamodule's
+  ``state_dict`` (epoch, batches used) is in every checkpoint; on a mid-epoch resume the training loader
+  rebuilds that epoch's stream and discards the batches already trained on (data time only).
+- The model-side randomness (dropout, anything a module or loss draws) does, so :class:`ResumeState`
+  stores the global states of every rank and restores each rank's own. They are set in
+  ``load_state_dict``, which the trainer calls before the first training step; nothing between then and
+  that step draws from them (the sanity check runs with its own isolated states, and the training
+  loader has a generator of its own, so making its iterator draws nothing either).
+
+Under DDP the trainer builds the checkpoint on every rank and rank 0 writes it, so :class:`ResumeState`
+gathers all ranks' states in ``on_save_checkpoint``, a hook every rank runs. If the world size changed,
+the saved states do not map onto the new ranks: a warning says so and the seeded states stay (the data
+stream does not depend on them; only model-side randomness differs from the interrupted run).
 
 On SIGTERM (a scheduler's preemption, ``kill``, ``scancel``) Lightning stops after the current batch by
 raising ``SIGTERMException``; this callback then writes ``last.ckpt`` so at most one step is lost.
@@ -26,8 +33,9 @@ import random
 import lightning.pytorch as pl
 import numpy as np
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
@@ -55,16 +63,17 @@ def set_rng_states(states: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), py_gauss))
 
 
-def last_checkpoint_path(trainer: pl.Trainer) -> Path | None:
-    """Where the trainer's first :class:`ModelCheckpoint` keeps its last checkpoint (``None``: no such callback)."""
+def last_checkpoint_callback(trainer: pl.Trainer) -> ModelCheckpoint | None:
+    """The trainer's first :class:`ModelCheckpoint` with a folder (``None``: no such callback)."""
     for callback in trainer.checkpoint_callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.dirpath is not None:
-            return Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+            return callback
     return None
 
 
 class ResumeState(Callback):
-    """Random states in every checkpoint, restored on resume; ``last.ckpt`` written on SIGTERM.
+    """Every rank's random states in every checkpoint, each rank's restored on resume; ``last.ckpt``
+    written on SIGTERM.
 
     Args:
         save_on_sigterm: write the trainer's last checkpoint when Lightning stops on SIGTERM.
@@ -73,22 +82,45 @@ class ResumeState(Callback):
     def __init__(self, save_on_sigterm: bool = True) -> None:
         self.save_on_sigterm = save_on_sigterm
         self.sigterm_checkpoint: Path | None = None
+        self.world_size = 1
+        self.rank = 0
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Before the checkpoint is restored: load_state_dict needs to know which rank it runs on.
+        self.world_size, self.rank = trainer.world_size, trainer.global_rank
 
     def state_dict(self) -> dict[str, Any]:
-        # Called while the checkpoint is being written, so these are the states at that moment.
-        return {"rng": rng_states()}
+        # Called while the checkpoint is being built, so these are the states at that moment.
+        return {"rng": rng_states(), "world_size": self.world_size}
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Every rank builds the checkpoint (only rank 0 writes it), so every rank takes part here.
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            per_rank: list[Any] = [None] * trainer.world_size
+            dist.all_gather_object(per_rank, checkpoint["callbacks"][self.state_key]["rng"])
+            checkpoint["callbacks"][self.state_key]["rng_per_rank"] = per_rank
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        set_rng_states(state_dict["rng"])
+        saved = int(state_dict.get("world_size", 1))
+        if saved != self.world_size:
+            rank_zero_warn(f"the checkpoint holds the random states of {saved} rank(s) but this run has "
+                           f"{self.world_size}: keeping the seeded states, so model-side randomness (not the "
+                           "data) differs from the interrupted run")
+            return
+        set_rng_states(state_dict["rng_per_rank"][self.rank] if saved > 1 else state_dict["rng"])
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if not (self.save_on_sigterm and isinstance(exception, SIGTERMException)) or trainer.sanity_checking:
             return
-        path = last_checkpoint_path(trainer)
-        if path is None:
+        callback = last_checkpoint_callback(trainer)
+        if callback is None:
             return
+        path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
         if path.is_symlink():  # ModelCheckpoint(save_last="link"): replace the link, not its target
             path.unlink()
+        # Recorded in the checkpoint, so the resumed run's ModelCheckpoint keeps writing last.ckpt (it would
+        # otherwise take the file for someone else's and write last-v1.ckpt).
+        callback.last_model_path = str(path)
         trainer.save_checkpoint(path)
         self.sigterm_checkpoint = path
         rank_zero_info(f"SIGTERM at epoch {trainer.current_epoch}, step {trainer.global_step}: wrote {path}; "
