@@ -118,3 +118,18 @@ def test_float16_accumulation_close_to_float32():
     for k in exact:
         assert half[k].dtype == torch.float16
         torch.testing.assert_close(half[k].float(), exact[k], rtol=2e-3, atol=2e-3)
+
+
+def test_ambient_autocast_is_used_for_the_networks_only():
+    """Inside bf16 autocast (as Lightning runs test_step), windows batched in pairs with float16 blending
+    work, and give what an explicit ``autocast_dtype`` gives."""
+    model, image = ToySegmenter(), _image()
+    explicit = predict_subsets([model], image, [SUBSETS[14]], roi_size=ROI, sw_batch_size=2,
+                               autocast_dtype=torch.bfloat16, accumulate_dtype=torch.float16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ambient = predict_subsets([model], image, [SUBSETS[14]], roi_size=ROI, sw_batch_size=2,
+                                  accumulate_dtype=torch.float16)
+    fp32 = predict_subsets([model], image, [SUBSETS[14]], roi_size=ROI, sw_batch_size=2,
+                           accumulate_dtype=torch.float16)
+    assert torch.equal(ambient[14], explicit[14])
+    assert not torch.equal(ambient[14], fp32[14])  # the networks really ran in bf16

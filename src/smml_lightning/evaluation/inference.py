@@ -73,9 +73,10 @@ def predict_subsets(
 
     Keys are the subsets' indices in :data:`SUBSETS` (so ``SUBSET_NAMES[key]`` names them); the values
     are channel views of one ``(1, S * C, D, H, W)`` tensor of ``accumulate_dtype``. Models run in eval
-    mode under ``torch.inference_mode``; ``autocast_dtype`` (e.g. ``torch.bfloat16``) enables autocast
-    for the network calls only. ``accumulate_dtype`` is the blending dtype (float16 halves the memory,
-    see the module notes; float32 for exact blending); the networks always see the float32 image.
+    mode under ``torch.inference_mode``; ``autocast_dtype`` (e.g. ``torch.bfloat16``, default: the
+    ambient autocast dtype if autocast is on) enables autocast for the network calls only.
+    ``accumulate_dtype`` is the blending dtype (float16 halves the memory, see the module notes; float32
+    for exact blending); the networks always see the float32 image.
     """
     if not models:
         raise ValueError("predict_subsets needs at least one model")
@@ -91,11 +92,14 @@ def predict_subsets(
     # MONAI blends in the dtype of the tensor it is given; windows are read from the float32 image.
     carrier = image.to(accumulate_dtype)
     weight = 1.0 / len(models)
+    device = image.device.type
+    if autocast_dtype is None and torch.is_autocast_enabled(device):
+        autocast_dtype = torch.get_autocast_dtype(device)  # e.g. Lightning's bf16-mixed around test_step
 
     def autocast() -> contextlib.AbstractContextManager:
         if autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(image.device.type, dtype=autocast_dtype)
+        return torch.autocast(device, dtype=autocast_dtype)
 
     def predictor(_: torch.Tensor, coords: Sequence[Sequence[slice]]) -> torch.Tensor:
         window = torch.cat([image[tuple(c)] for c in coords])
@@ -114,7 +118,9 @@ def predict_subsets(
             del encoded
         return out
 
-    with _eval_mode(models), torch.inference_mode():
+    # MONAI's own tensor work (batching windows with torch.cat, blending) runs outside autocast: CPU
+    # autocast rejects a float16 carrier in torch.cat. Only the network calls above are autocast.
+    with _eval_mode(models), torch.inference_mode(), torch.autocast(device, enabled=False):
         blended = sliding_window_inference(carrier, roi, sw_batch_size, predictor, overlap=overlap, mode=mode,
                                            with_coord=True)
     blended = torch.as_tensor(blended)[(..., *(slice(0, s) for s in spatial))]
