@@ -159,12 +159,14 @@ def test_resume_mid_epoch_gives_the_uninterrupted_weights(cache_dir, tmp_path):
         with pytest.raises(raises) if raises else contextlib.nullcontext():
             cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
         saved = checkpoint(last)
-        return saved["global_step"], saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+        position = saved["BratsDataModule"]["train_stream"]  # what the next resume replays to
+        assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [position]
+        return saved["global_step"], position
 
     steps = [run(Interrupt(sigterm_after=2), None, SIGTERMException),
              run(Interrupt(crash_before=4), last, Crash),
              run(Interrupt(), last, None)]
-    # where each run stopped, and the loader's position in its epoch at that point
+    # where each run stopped, and the training stream's position in its epoch at that point
     assert steps == [(2, {"epoch": 0, "batches": 2}), (4, {"epoch": 1, "batches": 1}),
                      (6, {"epoch": 1, "batches": 3})]
     saved = checkpoint(last)
