@@ -183,7 +183,8 @@ class MissingModalityModule(pl.LightningModule):
         """Internal label maps ``(D, H, W)`` per subset index for one whole (cropped) case."""
         logits = predict_subsets(
             self.inference_models(), self._layout(image), [SUBSETS[i] for i in subset_ids],
-            roi_size=self.roi_size, overlap=self.sw_overlap, mode=self.sw_mode, sw_batch_size=self.sw_batch_size,
+            roi_size=self.roi_size, overlap=self.sw_overlap, mode=self.sw_mode,
+            sw_batch_size=self.sw_batch_size,
         )
         return {sid: logits[sid].argmax(dim=1)[0] for sid in subset_ids}
 
@@ -265,7 +266,8 @@ class MissingModalityModule(pl.LightningModule):
 
     def _report_settings(self) -> dict[str, Any]:
         return {"roi_size": list(self.roi_size), "overlap": self.sw_overlap, "blend": self.sw_mode,
-                "sw_batch_size": self.sw_batch_size, "et_min_voxels": self.et_min_voxels, "branches_averaged": len(self.inference_models())}
+                "sw_batch_size": self.sw_batch_size, "et_min_voxels": self.et_min_voxels,
+                "branches_averaged": len(self.inference_models())}
 
     def _log_table(self, frame: Any) -> None:
         from lightning.pytorch.loggers import WandbLogger

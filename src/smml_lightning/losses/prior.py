@@ -18,8 +18,8 @@ def prior_consistency(
 
     Reliable voxels are those where the refined argmax equals the label, the rule SMML's pixel-level
     HCC applies to a peer branch (:func:`~smml_lightning.losses.hcc.pixel_level_consistency`, reused
-    here): a teacher passes on only what it gets right. Ungated, the KL pulled the fused prediction
-    towards the refiner's mistakes while the refiner lagged behind the network it teaches, which cost
-    TC and ET most (issue 5's quality benchmark).
+    here): a teacher passes on only what it gets right, so a refiner that lags behind the network it
+    teaches (early in training, or on a class its priors say little about) cannot pull the fused
+    prediction towards its mistakes.
     """
     return pixel_level_consistency(fused_logits, refined_logits, label, temperature)

@@ -230,7 +230,7 @@ class MMFormer(MaskedSegmenter):
     convolution (see :meth:`skip_shares`): the fusion conv is linear in its masked input, so a subset's
     fused skip is the sum of its available modalities' shares plus the bias. Decoding 15 subsets from
     one ``encode`` then costs a sum per subset instead of a full-width convolution (same parameters,
-    same result to float rounding).
+    same result to float rounding). So ``encode`` and ``decode`` must run in the same mode.
 
     ``decode(features, mask)`` in training mode returns fused ``logits``, ``aux_logits`` (the shared
     auxiliary decoder on each modality's unmasked features, canonical order; the loss should use only

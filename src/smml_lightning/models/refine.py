@@ -49,8 +49,7 @@ class SemanticRefiner(nn.Module):
     The refiner is residual: it predicts a correction added to the fused logits, through a head whose
     weights start at zero. So at initialisation the refined prediction *is* the fused one, and the
     prior-consistency KL (refined teaches fused) only ever passes on what the refiner has learnt to
-    improve. Without this, a freshly initialised refiner is a much worse teacher than the network it
-    teaches, and pulling the fused output towards it cost 10-20 Dice points on TC/ET in a short run.
+    improve, never the output of a freshly initialised network.
     """
 
     def __init__(
