@@ -77,8 +77,18 @@ def load_yaml(paths: tuple[Path, ...]) -> dict:
 # ---- data ---------------------------------------------------------------------------------------------
 
 
-def prepare_data(work: Path, cases: int, shape: tuple[int, int, int], patch: int, val_fraction: float,
-                 test_fraction: float, prior_epochs: int) -> tuple[Path, dict[str, list[str]]]:
+def held_out_fraction(cases: int, val_fraction: float, test_fraction: float) -> float:
+    """The test fraction that scores the config's validation and test cases together.
+
+    Runs here never validate (the last weights are scored), so the validation cases join the test set:
+    twice the cases per score, half the noise a 5-case test set puts on small regions like ET. The
+    fraction is exact, so the split's shuffled order gives the same training cases as the config's.
+    """
+    return (round(val_fraction * cases) + round(test_fraction * cases)) / cases
+
+
+def prepare_data(work: Path, cases: int, shape: tuple[int, int, int], patch: int, test_fraction: float,
+                 prior_epochs: int) -> tuple[Path, dict[str, list[str]]]:
     """Synthetic cases, the prepared cache and the SAM priors, each made once."""
     from smml_lightning.data import cache
     from smml_lightning.data.cache import is_done, mark_done
@@ -93,7 +103,7 @@ def prepare_data(work: Path, cases: int, shape: tuple[int, int, int], patch: int
         synthesize(raw, cases, layout="brats2020", shape=shape, seed=DATA_SEED)
         mark_done(raw, {"cases": cases, "shape": list(shape), "seed": DATA_SEED})
     prepare(raw, cache_dir, min_size=(patch,) * 3, workers=2)
-    split = seeded_split(cache.list_cases(cache_dir), val_fraction, test_fraction, DATA_SEED)
+    split = seeded_split(cache.list_cases(cache_dir), 0.0, test_fraction, DATA_SEED)
     sam = work / "sam_tiny_random.pth"
     if not sam.is_file():
         save_tiny_sam_checkpoint(sam, seed=DATA_SEED)
@@ -108,16 +118,22 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
 
 
-def common_args(method: Method, cache_dir: Path, seed: int, run_dir: Path) -> list[str]:
+def data_args(cache_dir: Path, test_fraction: float) -> list[str]:
+    """CLI arguments fixing the data and the split for every run."""
+    return [f"--data.cache_dir={cache_dir}", f"--data.seed={DATA_SEED}", "--data.val_fraction=0",
+            f"--data.test_fraction={test_fraction}"]
+
+
+def common_args(method: Method, data: list[str], seed: int, run_dir: Path) -> list[str]:
     args: list[str] = []
     for path in method.configs:
         args += ["--config", str(path)]
-    return args + [f"--data.cache_dir={cache_dir}", f"--data.seed={DATA_SEED}", f"--seed_everything={seed}",
+    return args + [*data, f"--seed_everything={seed}",
                    f"--trainer.default_root_dir={run_dir}", "--trainer.logger=false",
                    f"--model.init_args.method_name={method.name}"]
 
 
-def fit(method: Method, cache_dir: Path, seed: int, steps: int, steps_per_epoch: int, run_dir: Path) -> float:
+def fit(method: Method, data: list[str], seed: int, steps: int, steps_per_epoch: int, run_dir: Path) -> float:
     """Train in a subprocess (its memory is released at exit); return the wall time in seconds."""
     from smml_lightning.data.cache import is_done, mark_done
 
@@ -129,7 +145,7 @@ def fit(method: Method, cache_dir: Path, seed: int, steps: int, steps_per_epoch:
     if "warmup_epochs" in init and cfg["trainer"].get("max_epochs"):
         fraction = init["warmup_epochs"] / cfg["trainer"]["max_epochs"]
         extra.append(f"--model.init_args.warmup_epochs={round(fraction * steps / steps_per_epoch)}")
-    cmd = [sys.executable, "-m", "smml_lightning.cli", "fit", *common_args(method, cache_dir, seed, run_dir),
+    cmd = [sys.executable, "-m", "smml_lightning.cli", "fit", *common_args(method, data, seed, run_dir),
            f"--trainer.max_steps={steps}", "--trainer.max_epochs=-1", "--trainer.limit_val_batches=0",
            "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false",
            "--checkpoint.monitor=null", f"--checkpoint.dirpath={run_dir / 'checkpoints'}", *extra]
@@ -149,7 +165,7 @@ def fit(method: Method, cache_dir: Path, seed: int, steps: int, steps_per_epoch:
     return wall
 
 
-def test(method: Method, cache_dir: Path, seed: int, run_dir: Path) -> pd.DataFrame:
+def test(method: Method, data: list[str], seed: int, run_dir: Path) -> pd.DataFrame:
     """Score the last weights on the test split over all 15 subsets; per-case rows."""
     from smml_lightning.cli import lightning_main
 
@@ -159,7 +175,7 @@ def test(method: Method, cache_dir: Path, seed: int, run_dir: Path) -> pd.DataFr
         ckpt = run_dir / "checkpoints" / "last.ckpt"
         if not ckpt.is_file():
             raise FileNotFoundError(f"{method.name} seed {seed}: no checkpoint {ckpt} after fit")
-        lightning_main(["test", *common_args(method, cache_dir, seed, run_dir), f"--ckpt_path={ckpt}",
+        lightning_main(["test", *common_args(method, data, seed, run_dir), f"--ckpt_path={ckpt}",
                         f"--model.init_args.report_dir={report}", "--trainer.enable_progress_bar=false"])
     frame = pd.read_csv(per_case)
     return frame[frame["region"].isin(REGIONS)].assign(method=method.name, seed=seed)
@@ -299,26 +315,28 @@ def main(argv: list[str] | None = None) -> None:
         chosen = [m for m in chosen if m.name in {*args.methods, "SMML", "single-branch"}]
     base = load_yaml((EXPERIMENTS / "synthetic.yaml",))["data"]
     patch = int(base["patch_size"])
+    test_fraction = held_out_fraction(cases, base["val_fraction"], base["test_fraction"])
 
     started = time.time()
     print(f"== data: {cases} cases of {shape} in {work}", flush=True)
-    cache_dir, split = prepare_data(work, cases, shape, patch, base["val_fraction"], base["test_fraction"],
-                                    prior_epochs=2 if quick else 8)
+    cache_dir, split = prepare_data(work, cases, shape, patch, test_fraction, prior_epochs=2 if quick else 30)
+    data = data_args(cache_dir, test_fraction)
     steps_per_epoch = math.ceil(len(split["train"]) * base["samples_per_volume"] / base["batch_size"])
     rows, walls = [], []
     for method in chosen:
         for seed in seeds:
             run_dir = work / f"{slug(method.name)}-seed{seed}-steps{steps}"
             print(f"== {method.name} seed {seed}: fit {steps} steps ({time.time() - started:.0f} s)", flush=True)
-            wall = fit(method, cache_dir, seed, steps, steps_per_epoch, run_dir)
+            wall = fit(method, data, seed, steps, steps_per_epoch, run_dir)
             print(f"   fit {wall:.0f} s; test on {len(split['test'])} cases x 15 subsets", flush=True)
-            rows.append(test(method, cache_dir, seed, run_dir))
+            rows.append(test(method, data, seed, run_dir))
             walls.append({"method": method.name, "seed": seed, "wall_seconds": wall})
     order = [m.name for m in chosen]
     summary = summarise(pd.concat(rows), pd.DataFrame(walls), order)
     gain = gains(summary["per_subset"], "SMML", "single-branch")
     meta = {"date": date, "cases": cases, "shape": shape, "steps": steps, "seeds": seeds,
-            "split": "/".join(str(len(split[p])) for p in ("train", "val", "test")) + " train/val/test",
+            "split": f"{len(split['train'])}/{len(split['test'])} train/test (the config's validation cases "
+                     "join the test set: runs here do not validate)",
             "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     text = markdown(summary, gain, meta)
     atomic_write_text(out / "quality.md", text)

@@ -146,8 +146,12 @@ def test_run_priors_fits_exports_and_reuses_the_decoder(setup):
     stamp = first["decoder"].stat().st_mtime_ns
     second = run_priors(root, setup["ckpt"], "tiny", epochs=1, train_names=["a"], slab=8)
     assert second["skipped"] == ["a", "b", "c"] and first["decoder"].stat().st_mtime_ns == stamp
+    before = cache.load_prior(root, "a", mmap=False)
     third = run_priors(root, setup["ckpt"], "tiny", epochs=2, train_names=["a"], slab=8)  # new settings: refit
-    assert first["decoder"].stat().st_mtime_ns != stamp and third["skipped"] == ["a", "b", "c"]
+    assert first["decoder"].stat().st_mtime_ns != stamp
+    # The old priors came from the old decoder: all are exported again, none kept stale.
+    assert third["written"] == ["a", "b", "c"] and third["skipped"] == []
+    assert not np.array_equal(before, cache.load_prior(root, "a", mmap=False))
 
 
 def test_clear_errors(setup, tmp_path):

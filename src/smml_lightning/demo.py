@@ -18,7 +18,7 @@ from .data.cache import is_done as done, mark_done
 
 def demo(out: str = "runs/demo", config: str = "experiments/synthetic.yaml", cases: int = 24,
          shape: tuple[int, int, int] = (64, 64, 48), seed: int = 0, sam_checkpoint: str | None = None,
-         model_type: str = "tiny", prior_epochs: int = 8, fit_args: list[str] | None = None) -> None:
+         model_type: str = "tiny", prior_epochs: int = 30, fit_args: list[str] | None = None) -> None:
     """Run the whole pipeline on synthetic data with offline logging.
 
     Args:
@@ -29,7 +29,8 @@ def demo(out: str = "runs/demo", config: str = "experiments/synthetic.yaml", cas
         seed: seed of the data, the split and training.
         sam_checkpoint: a real SAM/MedSAM checkpoint; default: a tiny random SAM saved under ``out``.
         model_type: SAM type of the checkpoint (tiny, vit_b, vit_l, vit_h).
-        prior_epochs: training epochs of the SAM prior decoder.
+        prior_epochs: training epochs of the SAM prior decoder (on a few small cases it is still
+            learning TC and ET at 8-20 epochs; 30 take about a minute here).
         fit_args: extra Lightning CLI arguments for fit and test (e.g. ``--trainer.max_epochs=2``).
     """
     from .cli import find_experiment, lightning_main, training_names

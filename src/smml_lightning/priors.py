@@ -253,13 +253,15 @@ def run_priors(
     wanted = {"model_type": model_type, "checkpoint": str(Path(checkpoint).expanduser().resolve())}
     settings = _fit_settings(epochs, lr, width, slab, seed, train_names)
     start = time.perf_counter()
-    if overwrite or not _reusable(path, wanted, settings):
+    refit = overwrite or not _reusable(path, wanted, settings)
+    if refit:
         fit_prior_decoder(cache_dir, train_names, checkpoint, model_type, epochs, lr, device, path,
                           width=width, slab=slab, chunk_size=chunk_size, bf16=bf16, seed=seed)
     else:
         logger.info("reusing prior decoder %s (fitted with the same settings)", path)
     fitted = time.perf_counter()
-    summary = export_priors(cache_dir, all_names, path, checkpoint, device, overwrite, chunk_size=chunk_size, bf16=bf16)
+    # A new decoder makes every exported prior stale: export them all again.
+    summary = export_priors(cache_dir, all_names, path, checkpoint, device, refit, chunk_size=chunk_size, bf16=bf16)
     return {"decoder": path, **summary, "fit_seconds": fitted - start, "export_seconds": time.perf_counter() - fitted}
 
 
