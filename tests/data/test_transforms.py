@@ -1,3 +1,10 @@
+"""Per-patch sampling and augmentation in the workers (data/transforms.py).
+
+The cached image's channels 0-2 hold each voxel's own coordinates (in mm), so every output voxel says
+where in the case it was sampled from; the prior is a copy of the image (and its negative), so it must
+follow the image exactly; the label is a ball whose inside is known from the coordinates.
+"""
+
 import itertools
 
 import numpy as np
@@ -5,98 +12,132 @@ import pytest
 import torch
 import torchio as tio
 
-from smml_lightning.data.transforms import RandomChannelScaleShift, train_transforms
+from smml_lightning.data import cache
+from smml_lightning.data.datamodule import read_label_npy
+from smml_lightning.data.transforms import AugmentedPatches, StackedPatches, case_subject, rotation_matrix
+
+SHAPE = (34, 32, 28)
+SPACING = (1.0, 1.0, 2.0)  # anisotropic: rotations must act in millimetres
+PATCH = (12, 12, 8)
+CENTRE = np.array([17.0, 16.0, 14.0])  # voxels; the ball's rotated patches stay inside the case
+RADIUS = 6.0  # mm
 
 
-def _subject(shape=(12, 10, 8), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    image = torch.randn(4, *shape, generator=g)
-    label = torch.randint(0, 4, (1, *shape), generator=g, dtype=torch.uint8)
-    prior = torch.cat([image, -image])  # two "classes" per modality, flattened as the datamodule does
-    return tio.Subject(image=tio.ScalarImage(tensor=image), label=tio.LabelMap(tensor=label),
-                       prior=tio.ScalarImage(tensor=prior))
+def _coords_mm() -> np.ndarray:
+    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in SHAPE], indexing="ij"))
+    return grid * np.array(SPACING, np.float32)[:, None, None, None]
 
 
-def _fit(x, y):
-    """Least-squares y = a x + c and the largest residual."""
-    a, c = np.polyfit(x.flatten().double().numpy(), y.flatten().double().numpy(), 1)
-    return a, c, (y.double() - (a * x.double() + c)).abs().max().item()
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    root = tmp_path_factory.mktemp("patches")
+    mm = _coords_mm()
+    noise = np.random.default_rng(0).normal(size=SHAPE).astype(np.float32)
+    image = np.concatenate([mm, noise[None]])
+    inside = np.linalg.norm(mm - (CENTRE * SPACING)[:, None, None, None], axis=0) < RADIUS
+    label = np.where(inside, 3, 0).astype(np.uint8)
+    meta = cache.CaseMeta(name="c", layout="synthetic", convention="brats2018", available=(True,) * 4,
+                          original_shape=SHAPE, affine=np.diag([*SPACING, 1.0]).tolist(), spacing=SPACING,
+                          crop_box=tuple((0, s) for s in SHAPE))
+    cache.write_case(root, meta, image, label)
+    prior = np.stack([image, -image], axis=1)  # (4, 2, D, H, W): two "classes" per modality
+    cache.write_prior(root, "c", prior)
+    return root
 
 
-def test_no_augment_is_identity_up_to_storage_dtypes():
-    s = _subject()
-    out = train_transforms(False)(s)
-    assert torch.equal(out["image"].data, s["image"].data)
-    assert out["label"].data.dtype == torch.uint8 and torch.equal(out["label"].data, s["label"].data)
-    assert out["prior"].data.dtype == torch.float16
-    assert torch.allclose(out["prior"].data.float(), s["prior"].data, atol=5e-3)
+def _patches(root, seed=0, n=6, probabilities=None, **kwargs):
+    options = dict(augment=True, use_prior=True, degrees=0.0, flip_axes=(), scale=(1.0, 1.0), shift=0.0)
+    options.update(kwargs)
+    transform = AugmentedPatches(PATCH, n, probabilities or {0: 1.0, 3: 1.0}, **options)
+    torch.manual_seed(seed)
+    stacked = transform(case_subject(root, "c", read_label_npy))
+    return list(StackedPatches(PATCH)(stacked))
 
 
-def test_intensity_per_channel_on_image_only():
-    s = _subject()
+def _source_voxels(patch: tio.Subject) -> torch.Tensor:
+    """Case voxel coordinates ``(3, *PATCH)`` each output voxel was sampled from (from channels 0-2)."""
+    return patch["image"].data[:3].double() / torch.tensor(SPACING, dtype=torch.float64).view(3, 1, 1, 1)
+
+
+def test_without_augmentation_patches_are_exact_crops_and_label_balanced(case):
+    patches = _patches(case, augment=False)
+    assert len(patches) == 6
+    image, label = np.load(case / "c" / "image.npy"), np.load(case / "c" / "label.npy")
+    centres = []
+    for p in patches:
+        corner = [int(round(float(v))) for v in _source_voxels(p)[:, 0, 0, 0]]
+        box = tuple(slice(c, c + s) for c, s in zip(corner, PATCH))
+        assert torch.equal(p["image"].data, torch.from_numpy(image[(slice(None), *box)]))
+        assert torch.equal(p["label"].data[0], torch.from_numpy(label[box]))
+        prior = p["prior"].data.float()
+        assert p["prior"].data.dtype == torch.float16 and p["label"].data.dtype == torch.uint8
+        assert torch.allclose(prior[0::2], p["image"].data, rtol=1e-3) and torch.allclose(prior[1::2], -prior[0::2])
+        centres.append(label[tuple(c + s // 2 for c, s in zip(corner, PATCH))])
+    # torchio's LabelSampler with equal weights for background and tumor: both kinds of centre occur.
     torch.manual_seed(0)
-    out = RandomChannelScaleShift(include=["image"])(s)
-    assert torch.equal(out["prior"].data, s["prior"].data)
-    params = []
-    for m in range(4):
-        a, c, resid = _fit(s["image"].data[m], out["image"].data[m])
-        assert resid < 1e-4 and 0.9 <= a <= 1.1 and -0.1 <= c <= 0.1
-        params.append((a, c))
-    assert len({round(a, 6) for a, _ in params}) == 4, "each channel draws its own scale"
+    many = [int(p["label"].data[0][tuple(s // 2 for s in PATCH)]) for p in _patches(case, augment=False, n=40)]
+    assert 0.2 < np.mean(np.array(many) == 3) < 0.8
 
 
-def test_flips_on_all_three_axes_and_nothing_else():
-    s = _subject()
-    transform = train_transforms(True, degrees=0, scale=(1.0, 1.0), shift=0.0)
-    image = s["image"].data
-    flipped_axes = set()
-    for seed in range(30):
-        torch.manual_seed(seed)
-        out = transform(s)
-        matches = [axes for r in range(4) for axes in itertools.combinations((1, 2, 3), r)
-                   if torch.equal(out["image"].data, image.flip(axes) if axes else image)]
-        assert len(matches) == 1, "output must be exactly one of the 8 flips of the input"
-        axes = matches[0]
-        assert torch.equal(out["label"].data, s["label"].data.flip(axes) if axes else s["label"].data)
-        assert torch.allclose(out["prior"].data.float(), s["prior"].data.flip(axes) if axes else s["prior"].data,
-                              atol=5e-3)
-        flipped_axes |= set(axes)
-    assert flipped_axes == {1, 2, 3}
+def test_flips_on_each_axis_keep_image_prior_and_label_together(case):
+    seen = set()
+    for seed in range(6):
+        for p in _patches(case, seed=seed, flip_axes=(0, 1, 2)):
+            src = _source_voxels(p)
+            # Along each axis the source coordinate steps by +1 (kept) or -1 (flipped), nothing else.
+            steps = [src[a].diff(dim=a) for a in range(3)]
+            flipped = tuple(a for a in range(3) if bool((steps[a] == -1).all()))
+            assert all(bool((steps[a].abs() == 1).all()) for a in range(3))
+            seen |= set(flipped)
+            corner = src.amin(dim=(1, 2, 3)).round().long().tolist()
+            box = tuple(slice(c, c + s) for c, s in zip(corner, PATCH))
+            label = torch.from_numpy(np.load(case / "c" / "label.npy")[box])
+            dims = [a for a in flipped]
+            assert torch.equal(p["label"].data[0], label.flip(dims) if dims else label)
+            assert torch.allclose(p["prior"].data[0::2].float(), p["image"].data, rtol=1e-3)
+    assert seen == {0, 1, 2}
 
 
-def test_rotation_within_ten_degrees_moves_image_prior_and_label_together():
-    shape = (16, 16, 16)
-    s = _subject(shape=shape)
-    # a smooth channel (distance from a corner) and a label thresholded from it: a rotation that moves
-    # both alike keeps "label == (image > t)" except on voxels next to the threshold surface
-    grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in shape], indexing="ij"))
-    ramp = grid.norm(dim=0) / 4 + 1
-    s["image"].set_data(torch.cat([ramp[None], s["image"].data[1:]]))
-    s["prior"].set_data(torch.cat([s["image"].data, -s["image"].data]))
-    s["label"].set_data((ramp > 4)[None].to(torch.uint8))
-    transform = train_transforms(True, flip_axes=(), scale=(1.0, 1.0), shift=0.0)
-    for seed in range(3):
-        torch.manual_seed(seed)
-        out = transform(s)
-        (affine,) = [t for t in out.history if isinstance(t, tio.Affine)]
-        degrees = np.asarray(affine.degrees)
-        assert (np.abs(degrees) <= 10).all() and (np.abs(degrees) > 1).any()
-        assert not torch.allclose(out["image"].data, s["image"].data, atol=1e-2)
+def test_rotation_is_a_rotation_in_millimetres_within_ten_degrees(case):
+    rotated = 0
+    for seed in range(4):
+        for p in _patches(case, seed=seed, degrees=10.0, probabilities={3: 1.0}):
+            src_mm = p["image"].data[:3].double()
+            inside = src_mm.abs().sum(0) > 0
+            assert bool(inside.all()), "patches centred in the ball never reach the zero padding"
+            idx = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in PATCH],
+                                             indexing="ij")) * torch.tensor(SPACING, dtype=torch.float64).view(3, 1, 1, 1)
+            x = torch.cat([idx[:, inside].T, torch.ones(int(inside.sum()), 1, dtype=torch.float64)], dim=1)
+            fit = torch.linalg.lstsq(x, src_mm[:, inside].T).solution  # (4, 3): linear part and offset
+            linear = fit[:3].T
+            assert torch.allclose(linear @ linear.T, torch.eye(3, dtype=torch.float64), atol=1e-3)
+            assert torch.linalg.det(linear) > 0
+            angle = torch.rad2deg(torch.arccos(((torch.trace(linear) - 1) / 2).clamp(-1, 1)))
+            assert angle <= 30 + 1e-3  # three rotations of at most 10 degrees each
+            rotated += bool(angle > 1)
+            # The label moved with the image: inside the ball exactly where the coordinates say so.
+            dist = (src_mm - torch.tensor(CENTRE * SPACING).view(3, 1, 1, 1)).norm(dim=0)
+            label = p["label"].data[0].bool()
+            clear = inside & ((dist - RADIUS).abs() > 1.5)
+            assert torch.equal(label[clear], (dist < RADIUS)[clear])
+            assert torch.allclose(p["prior"].data[0::2].float(), p["image"].data, rtol=2e-3, atol=2e-2)
+    assert rotated > 10
+
+
+def test_intensity_scale_and_shift_per_channel_on_the_image_only(case):
+    for p in _patches(case, seed=3, scale=(0.9, 1.1), shift=0.1):
+        prior = p["prior"].data[0::2].double()  # the untouched copy of the image
+        draws = []
         for m in range(4):
-            assert torch.allclose(out["prior"].data[m].float(), out["image"].data[m], atol=5e-3)
-            assert torch.allclose(out["prior"].data[4 + m].float(), -out["image"].data[m], atol=5e-3)
-        label = out["label"].data[0].bool()
-        assert not torch.equal(label, s["label"].data[0].bool())
-        agree = (label == (out["image"].data[0] > 4)).float().mean().item()
-        assert agree > 0.97, agree
+            a, c = np.polyfit(prior[m].flatten().numpy(), p["image"].data[m].double().flatten().numpy(), 1)
+            assert 0.9 - 1e-3 <= a <= 1.1 + 1e-3 and abs(c) <= 0.1 + 1e-2
+            draws.append(round(a, 4))
+        assert len(set(draws)) == 4, "each channel draws its own scale"
 
 
-@pytest.mark.parametrize("augment", [True, False])
-def test_full_pipeline_keeps_prior_an_affine_copy_of_image(augment):
-    s = _subject(shape=(14, 12, 10), seed=3)
-    torch.manual_seed(1)
-    out = train_transforms(augment)(s)
-    for m in range(4):
-        a, c, resid = _fit(out["prior"].data[m].float(), out["image"].data[m])
-        assert resid < 0.02 and 0.9 - 1e-3 <= a <= 1.1 + 1e-3 and abs(c) <= 0.1 + 1e-3
-    assert out["image"].data.dtype == torch.float32 and out["label"].data.dtype == torch.uint8
+def test_rotation_matrix_composes_axis_rotations():
+    r = rotation_matrix([0.0, 0.0, np.pi / 2])
+    assert torch.allclose(r @ torch.tensor([1.0, 0, 0], dtype=torch.float64), torch.tensor([0, 1.0, 0], dtype=torch.float64))
+    for angles in itertools.product([-0.17, 0.0, 0.17], repeat=3):
+        q = rotation_matrix(angles)
+        assert torch.allclose(q @ q.T, torch.eye(3, dtype=torch.float64)) and torch.isclose(torch.linalg.det(q), torch.tensor(1.0, dtype=torch.float64))

@@ -29,9 +29,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from smml_lightning.data import cache, splits
 from smml_lightning.data.labels import NUM_CLASSES
 from smml_lightning.data.modalities import NUM_MODALITIES, sample_masks
-from smml_lightning.data.transforms import train_transforms
+from smml_lightning.data.transforms import AugmentedPatches, StackedPatches, case_subject
 
-# --- readers: torchio calls these lazily, in the Queue's worker processes -------------------------
+# --- reader: torchio calls it lazily, in the Queue's worker processes ----------------------------
 
 
 def _affine(npy_path: Path) -> np.ndarray:
@@ -43,27 +43,10 @@ def _affine(npy_path: Path) -> np.ndarray:
     return np.diag([*meta.spacing, 1.0])
 
 
-def read_image_npy(path: Path) -> tuple[torch.Tensor, np.ndarray]:
-    """torchio reader of a cached ``image.npy`` (4, D, H, W)."""
-    path = Path(path)
-    return torch.from_numpy(np.array(np.load(path, mmap_mode="r"), dtype=np.float32)), _affine(path)
-
-
 def read_label_npy(path: Path) -> tuple[torch.Tensor, np.ndarray]:
     """torchio reader of a cached ``label.npy`` (D, H, W) uint8, as one channel."""
     path = Path(path)
     return torch.from_numpy(np.array(np.load(path, mmap_mode="r"))[None]), _affine(path)
-
-
-def read_prior_npy(path: Path) -> tuple[torch.Tensor, np.ndarray]:
-    """torchio reader of a cached ``prior.npy`` (4, C, D, H, W) float16, as 4*C float32 channels.
-
-    float32 because torchio resamples through SimpleITK, which has no half precision; the
-    augmentation casts the prior back to float16 before patches are queued.
-    """
-    path = Path(path)
-    prior = np.load(path, mmap_mode="r")
-    return torch.from_numpy(np.array(prior, dtype=np.float32).reshape(-1, *prior.shape[2:])), _affine(path)
 
 
 # --- splits ---------------------------------------------------------------------------------------
@@ -285,12 +268,13 @@ class PatchCollate:
 class BratsDataModule(LightningDataModule):
     """BraTS cases from a preprocessed cache.
 
-    Training subjects are torchio images backed by a path and a ``reader`` (not tensors): the dataset
-    then holds only paths, the main process never loads a volume, and each of the queue's workers
-    reads one case at a time from the memory-mapped ``.npy`` files when its transform first touches
-    it, then drops it once its patches are queued. With 300 cases of ~4x150x180x140 float32
-    (~60 MB each, plus 4C prior channels) nothing scales with the number of cases; memory is
-    ``num_workers`` cases plus ``queue_length`` patches of (5 + 4C) x P^3 values.
+    Training subjects hold a case's label (a path and a ``reader``) and its cache folder: the dataset
+    holds only paths and the main process never loads a volume. Each of the queue's workers takes one
+    case at a time, reads its label, and cuts and augments ``samples_per_volume`` patches from windows
+    of the memory-mapped image and prior (:class:`~smml_lightning.data.transforms.AugmentedPatches`);
+    only the patches travel to the main process. With 300 cases nothing scales with the number of
+    cases; memory is ``num_workers`` labels and windows plus ``queue_length`` patches of
+    (5 + 4C) x P^3 values.
 
     Under DDP each rank's queue reads its own shard of the training cases through a
     ``DistributedSampler`` (padded to equal length so ranks run the same number of steps; with an
@@ -314,7 +298,7 @@ class BratsDataModule(LightningDataModule):
             modalities (see :func:`~smml_lightning.data.modalities.subset_probabilities`).
         distinct_masks: a sample's masks are different subsets.
         use_prior: load the SAM priors (``prior.npy``) into training batches.
-        augment: flips, rotation and intensity augmentation (:func:`train_transforms`).
+        augment: flips, rotation and intensity augmentation, per patch (:class:`AugmentedPatches`).
         predict_root: raw cases to predict on (any supported layout, modalities may be missing); they
             are validated and prepared into ``predict_dir`` first (resumable).
         predict_dir: cache to predict on (default with ``predict_root``: ``runs/predict_cache/<name>``);
@@ -422,16 +406,6 @@ class BratsDataModule(LightningDataModule):
                     "is missing: run `smml priors` first"
                 )
 
-    def _subject(self, name: str) -> tio.Subject:
-        d = cache.case_dir(self.cache_dir, name)
-        images: dict[str, Any] = {
-            "image": tio.ScalarImage(d / "image.npy", reader=read_image_npy),
-            "label": tio.LabelMap(d / "label.npy", reader=read_label_npy),
-        }
-        if self.hparams.use_prior:
-            images["prior"] = tio.ScalarImage(d / "prior.npy", reader=read_prior_npy)
-        return tio.Subject(name=name, **images)
-
     def _eval_loader(self, dataset: CachedCaseDataset, padded: bool) -> DataLoader:
         world_size, rank = self.world()
         sampler = None
@@ -457,8 +431,9 @@ class BratsDataModule(LightningDataModule):
         hp = self.hparams
         names = self._split("train")
         dataset = tio.SubjectsDataset(
-            [self._subject(n) for n in names],
-            transform=train_transforms(hp.augment, intensity_keys=("image",), half_keys=("prior",)),
+            [case_subject(self.cache_dir, n, read_label_npy) for n in names],
+            transform=AugmentedPatches(self.patch_size, hp.samples_per_volume, self.label_probabilities,
+                                       augment=hp.augment, use_prior=hp.use_prior),
         )
         world_size, rank = self.world()
         subject_sampler = None
@@ -476,7 +451,7 @@ class BratsDataModule(LightningDataModule):
             dataset,
             max_length=hp.queue_length,
             samples_per_volume=hp.samples_per_volume,
-            sampler=tio.LabelSampler(self.patch_size, "label", self.label_probabilities),
+            sampler=StackedPatches(self.patch_size),  # the workers cut and augmented the patches
             subject_sampler=subject_sampler,
             num_workers=hp.num_workers,
             shuffle_subjects=subject_sampler is None,

@@ -1,101 +1,178 @@
-"""Training augmentation, as torchio transforms over a subject of ``image``, ``label`` and ``prior``.
+"""Training patches, cut and augmented in the queue's workers, one case at a time.
 
 The recipe follows the methods (RFNet, mmFormer, SMML): flips on the three axes, a rotation of up to
-10 degrees, and a per-channel intensity scale (0.9-1.1) and shift (+-0.1). Geometric transforms act on
-every image of the subject (so priors stay aligned with the image and the label); the intensity
-transform touches only the keys it is given (the MRI image, never the priors or the label).
+10 degrees, and a per-channel intensity scale (0.9-1.1) and shift (+-0.1) of the MRI channels, drawn
+per patch (the methods crop one patch per case and augment it).
+
+Why per patch and in the worker: augmenting a whole case before cutting patches resamples every voxel
+of 4 image and 4*C prior channels (~4 M voxels per channel at BraTS size) to use four patches of it, and
+torchio's queue then builds the label-balanced sampling map and cuts the patches in the main process,
+serial with training. Here a worker reads the label, picks the patch centres with torchio's
+``LabelSampler`` map, reads from the memory-mapped cache only a window around each centre large enough
+for that patch's rotation, resamples the window to the patch, and hands the finished patches to the
+main process stacked along the first axis (:class:`StackedPatches` cuts them apart there).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from pathlib import Path
+from typing import Generator, Sequence
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 import torchio as tio
-from torchio.transforms.augmentation import RandomTransform
-from torchio.transforms.intensity_transform import IntensityTransform
+
+from smml_lightning.data import cache
+
+PRIOR_DTYPE = torch.float16
+"""Priors wait in the queue as float16: a 4*C-channel prior in float32 would dominate its memory."""
 
 
-class RandomChannelScaleShift(RandomTransform, IntensityTransform):
-    """``x * s_c + t_c`` with ``s_c`` and ``t_c`` drawn per channel.
+def rotation_matrix(angles: Sequence[float]) -> torch.Tensor:
+    """``R_2 @ R_1 @ R_0`` for rotations by ``angles`` (radians) about voxel axes 0, 1 and 2."""
+    out = torch.eye(3, dtype=torch.float64)
+    for axis, angle in enumerate(angles):
+        c, s = math.cos(angle), math.sin(angle)
+        i, j = [a for a in range(3) if a != axis]
+        r = torch.eye(3, dtype=torch.float64)
+        r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+        out = r @ out
+    return out
 
-    torchio's own intensity transforms draw one parameter per image, but the methods scale and shift
-    each modality independently, so this draws one pair per channel. Randomness comes from torch's
-    RNG, which the DataLoader seeds per worker.
+
+def rotated_grid(
+    patch: Sequence[int], spacing: Sequence[float], rotation: torch.Tensor
+) -> torch.Tensor:
+    """Voxel offsets ``(P0, P1, P2, 3)`` from the patch centre at which a rotated patch samples its source.
+
+    The rotation acts in millimetres (``spacing``), so anisotropic grids rotate like the anatomy does.
+    """
+    s = torch.tensor(spacing, dtype=torch.float64)
+    axes = [(torch.arange(p, dtype=torch.float64) - (p - 1) / 2) for p in patch]
+    mm = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1) * s
+    return (mm @ rotation.T) / s
+
+
+def read_window(array: np.ndarray, lo: Sequence[int], hi: Sequence[int]) -> np.ndarray:
+    """``array[..., lo:hi]`` over the last three axes, zero outside the array (the cache's background)."""
+    shape = array.shape[-3:]
+    inner = tuple(slice(max(a, 0), min(b, n)) for a, b, n in zip(lo, hi, shape))
+    pad = [(max(-a, 0), max(b - n, 0)) for a, b, n in zip(lo, hi, shape)]
+    window = np.asarray(array[(Ellipsis, *inner)])
+    if any(p != (0, 0) for p in pad):
+        window = np.pad(window, [(0, 0)] * (window.ndim - 3) + pad)
+    return window
+
+
+class AugmentedPatches(tio.Transform):
+    """Worker-side transform: a case subject -> its ``num_patches`` training patches, augmented, stacked.
+
+    The input subject holds the case's ``label`` (a ``LabelMap``) and, as attributes, the cache folder
+    ``case_dir`` and whether to read priors. The output has ``image`` (4, n*P0, P1, P2) float32,
+    ``label`` (1, n*P0, P1, P2) uint8 and, with priors, ``prior`` (4*C, n*P0, P1, P2) float16.
+    Random draws use torch's global generator, which the DataLoader seeds per worker.
     """
 
     def __init__(
         self,
+        patch_size: Sequence[int],
+        num_patches: int,
+        label_probabilities: dict[int, float],
+        augment: bool = True,
+        use_prior: bool = False,
+        flip_axes: Sequence[int] = (0, 1, 2),
+        degrees: float = 10.0,
         scale: tuple[float, float] = (0.9, 1.1),
-        shift: tuple[float, float] = (-0.1, 0.1),
+        shift: float = 0.1,
         **kwargs: object,
     ) -> None:
         super().__init__(**kwargs)
-        self.scale_range = self._parse_range(scale, "scale", min_constraint=0)
-        self.shift_range = self._parse_range(shift, "shift")
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.num_patches = int(num_patches)
+        self.sampler = tio.LabelSampler(self.patch_size, "label", label_probabilities)
+        self.augment = augment
+        self.use_prior = use_prior
+        self.flip_axes = tuple(flip_axes) if augment else ()
+        self.degrees = float(degrees) if augment else 0.0
+        self.scale = tuple(scale) if augment else (1.0, 1.0)
+        self.shift = float(shift) if augment else 0.0
+        self.args_names = ["patch_size", "num_patches", "augment", "use_prior"]
+
+    def _corners(self, subject: tio.Subject) -> list[np.ndarray]:
+        """First voxel of each patch, label-balanced (torchio's ``LabelSampler`` probability map)."""
+        probability = self.sampler.process_probability_map(self.sampler.get_probability_map(subject), subject)
+        cdf = self.sampler.get_cumulative_distribution_function(probability)
+        return [self.sampler.get_random_index_ini(probability, cdf) for _ in range(self.num_patches)]
+
+    def _patch(
+        self, arrays: list[np.ndarray], corner: np.ndarray, spacing: Sequence[float]
+    ) -> list[torch.Tensor]:
+        """Cut (and rotate) one patch from each array; the last array is the label (nearest neighbour)."""
+        p = self.patch_size
+        angles = [math.radians(float(torch.empty(1).uniform_(-self.degrees, self.degrees))) for _ in range(3)]
+        if not any(angles):
+            hi = [c + s for c, s in zip(corner, p)]
+            return [torch.from_numpy(read_window(a, corner, hi).astype(np.float32)) for a in arrays]
+        offsets = rotated_grid(p, spacing, rotation_matrix(angles))
+        centre = corner + (np.array(p) - 1) / 2
+        reach = offsets.abs().flatten(0, 2).amax(dim=0).numpy()
+        lo = np.floor(centre - reach).astype(int) - 1
+        hi = np.ceil(centre + reach).astype(int) + 2
+        size = hi - lo
+        coords = offsets + torch.from_numpy(centre - lo)  # voxel coordinates inside the window
+        # grid_sample: align_corners=True maps -1/1 to the first/last voxel; its last axis is (x, y, z) =
+        # (axis 2, axis 1, axis 0).
+        grid = (2 * coords / torch.from_numpy(size - 1) - 1).flip(-1)[None].float()
+        out = []
+        for k, array in enumerate(arrays):
+            window = torch.from_numpy(read_window(array, lo, hi).astype(np.float32))
+            mode = "nearest" if k == len(arrays) - 1 else "bilinear"
+            flat = window.reshape(-1, *window.shape[-3:])[None]
+            sampled = F.grid_sample(flat, grid, mode=mode, padding_mode="zeros", align_corners=True)[0]
+            out.append(sampled.reshape(*window.shape[:-3], *p))
+        return out
 
     def apply_transform(self, subject: tio.Subject) -> tio.Subject:
-        for image in self.get_images(subject):
-            data = image.data.float()
-            view = (data.shape[0],) + (1,) * (data.dim() - 1)
-            scale = torch.empty(view).uniform_(*self.scale_range)
-            shift = torch.empty(view).uniform_(*self.shift_range)
-            image.set_data(data * scale + shift)
-        return subject
+        folder = Path(subject["case_dir"])
+        label_image = subject["label"]
+        spacing = label_image.spacing
+        arrays = [np.load(folder / "image.npy", mmap_mode="r")]
+        if self.use_prior:
+            prior = np.load(folder / "prior.npy", mmap_mode="r")
+            arrays.append(prior.reshape(-1, *prior.shape[2:]))
+        arrays.append(label_image.data.numpy())
+        stacks: list[list[torch.Tensor]] = [[] for _ in arrays]
+        for corner in self._corners(subject):
+            patch = self._patch(arrays, corner, spacing)
+            dims = [1 + a for a in self.flip_axes if float(torch.rand(1)) < 0.5]
+            if dims:
+                patch = [t.flip(dims) for t in patch]
+            channels = patch[0].shape[0]
+            scale = torch.empty(channels, 1, 1, 1).uniform_(*self.scale)
+            shift = torch.empty(channels, 1, 1, 1).uniform_(-self.shift, self.shift)
+            patch[0] = patch[0] * scale + shift
+            for stack, t in zip(stacks, patch):
+                stack.append(t)
+        affine = label_image.affine
+        images = {"image": tio.ScalarImage(tensor=torch.cat(stacks[0], dim=1), affine=affine),
+                  "label": tio.LabelMap(tensor=torch.cat(stacks[-1], dim=1).round().to(torch.uint8), affine=affine)}
+        if self.use_prior:
+            images["prior"] = tio.ScalarImage(tensor=torch.cat(stacks[1], dim=1).to(PRIOR_DTYPE), affine=affine)
+        return tio.Subject(name=subject["name"], **images)
 
 
-class CompactDtypes(tio.Transform):
-    """Store label maps as uint8 and the named images as float16 once augmentation is done.
+class StackedPatches(tio.data.PatchSampler):
+    """Main-process sampler: cuts the patches :class:`AugmentedPatches` stacked along axis 0 apart again."""
 
-    Resampling turns everything into float32; patches then wait in the queue, where a 16-channel
-    prior in float32 would dominate memory. Casting back costs nothing measurable and halves it.
-    """
-
-    def __init__(self, half_keys: Sequence[str] = ("prior",), **kwargs: object) -> None:
-        super().__init__(**kwargs)
-        self.half_keys = tuple(half_keys)
-        self.args_names = ["half_keys"]
-
-    def apply_transform(self, subject: tio.Subject) -> tio.Subject:
-        for name, image in subject.get_images_dict(intensity_only=False).items():
-            if isinstance(image, tio.LabelMap):
-                image.set_data(image.data.round().to(torch.uint8))
-            elif name in self.half_keys:
-                image.set_data(image.data.to(torch.float16))
-        return subject
+    def _generate_patches(self, subject: tio.Subject, num_patches: int | None = None) -> Generator[tio.Subject]:
+        count = subject.spatial_shape[0] // int(self.patch_size[0])
+        for k in range(count if num_patches is None else min(count, num_patches)):
+            yield self.extract_patch(subject, (k * int(self.patch_size[0]), 0, 0))
 
 
-def train_transforms(
-    augment: bool,
-    intensity_keys: Sequence[str] = ("image",),
-    half_keys: Sequence[str] = ("prior",),
-    flip_axes: Sequence[int] = (0, 1, 2),
-    degrees: float = 10.0,
-    scale: tuple[float, float] = (0.9, 1.1),
-    shift: float = 0.1,
-) -> tio.Compose:
-    """The augmentation applied to a whole case before patches are drawn from it.
-
-    Rotating the whole case (rather than a patch) keeps the padded corners out of most patches.
-    Padding is 0, the background value of the z-scored cache, for images and priors alike, and
-    labels are resampled with nearest-neighbour interpolation. The last step (the only one when
-    ``augment=False``) is :class:`CompactDtypes`.
-    """
-    steps: list[tio.Transform] = []
-    if augment and flip_axes:
-        steps.append(tio.RandomFlip(axes=tuple(flip_axes), flip_probability=0.5))
-    if augment and degrees > 0:
-        steps.append(
-            tio.RandomAffine(
-                scales=0,
-                degrees=degrees,
-                translation=0,
-                default_pad_value=0,
-                image_interpolation="linear",
-                label_interpolation="nearest",
-            )
-        )
-    if augment and intensity_keys and (tuple(scale) != (1.0, 1.0) or shift > 0):
-        steps.append(RandomChannelScaleShift(scale=scale, shift=(-shift, shift), include=list(intensity_keys)))
-    steps.append(CompactDtypes(half_keys))
-    return tio.Compose(steps)
+def case_subject(root: Path | str, name: str, reader: object) -> tio.Subject:
+    """A training case as the worker transform expects it: the label (read lazily) and the case folder."""
+    folder = cache.case_dir(root, name)
+    return tio.Subject(name=name, case_dir=str(folder), label=tio.LabelMap(folder / "label.npy", reader=reader))
