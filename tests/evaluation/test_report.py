@@ -4,7 +4,7 @@ import pytest
 from matplotlib.image import imread
 
 from smml_lightning.data.modalities import SUBSET_NAMES
-from smml_lightning.evaluation.report import load_published, metric_rows, summary_table, write_report
+from smml_lightning.evaluation.report import load_published, metric_rows, subset_ranking, summary_table, write_report
 
 REGIONS = ("WT", "TC", "ET", "ET_post")
 
@@ -120,3 +120,21 @@ def test_metric_rows_from_labels_hand_dice():
     assert by["FLAIR+T1ce+T1+T2", "ET_post"]["dice"] == 1.0  # 1 voxel < 2: emptied, empty/empty = 1
     assert all(by["FLAIR", r]["dice"] == 1.0 and by["FLAIR", r]["hd95"] == 0.0 for r in REGIONS)
     assert summary_table(rows).set_index("subset").loc["FLAIR", "WT_dice"] == 1.0
+
+
+def test_subset_ranking_and_its_line_in_the_report(tmp_path):
+    # Dice grows with the number of modalities; T1 alone is made the worst; ET_post is not ranked.
+    rows = []
+    for subset in SUBSET_NAMES:
+        n = subset.count("+") + 1
+        for region in REGIONS:
+            dice = 0.2 * n - (0.1 if subset == "T1" else 0.0)
+            rows.append({"case": "a", "subset": subset, "region": region,
+                         "dice": 0.0 if region == "ET_post" else dice, "hd95": 1.0})
+    ranking = subset_ranking(summary_table(rows))
+    assert ranking.index[0] == "FLAIR+T1ce+T1+T2" and ranking.index[-1] == "T1"
+    assert ranking.iloc[0] == pytest.approx(0.8) and ranking.iloc[-1] == pytest.approx(0.1)
+    assert len(ranking) == 15
+    text = write_report(rows, tmp_path / "rep", "SMML")["report"].read_text()
+    assert ("Mean Dice over WT, TC and ET: best FLAIR+T1ce+T1+T2 (80.0), worst T1 (10.0); "
+            "all four modalities rank 1 of 15.") in text

@@ -117,6 +117,17 @@ def summary_table(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     return table.rename_axis("subset").reset_index()
 
 
+def subset_ranking(summary: pd.DataFrame, regions: Sequence[str] = ("WT", "TC", "ET")) -> pd.Series:
+    """Mean Dice over ``regions`` per subset, best first (the average row left out).
+
+    The sanity check a reader makes first: with all four modalities a model should do best, and from
+    T1 alone (which shows the tumor least) worst.
+    """
+    rows = summary[summary["subset"] != AVERAGE].set_index("subset")
+    columns = [f"{r}_dice" for r in regions if f"{r}_dice" in rows.columns]
+    return rows[columns].mean(axis=1).sort_values(ascending=False, kind="stable")
+
+
 def load_published(dataset: str | None = None) -> pd.DataFrame:
     """Published 15-subset Dice averages (%) from ``resources/published.csv``, optionally one dataset's."""
     text = resources.files("smml_lightning").joinpath("resources/published.csv").read_text()
@@ -155,6 +166,12 @@ def _markdown(
     lines.append("| " + " | ".join(cells) + " |")
 
     n_subsets = len(by_subset) - 1
+    ranking = subset_ranking(summary)
+    all_four = SUBSET_NAMES[-1]
+    rank_note = (f"Mean Dice over WT, TC and ET: best {ranking.index[0]} ({_fmt(ranking.iloc[0], 100)}), "
+                 f"worst {ranking.index[-1]} ({_fmt(ranking.iloc[-1], 100)})")
+    if all_four in ranking.index and n_subsets > 1:
+        rank_note += f"; all four modalities rank {list(ranking.index).index(all_four) + 1} of {n_subsets}"
     where = f" on {dataset_layout}" if dataset_layout else ""
     sw = ", ".join(f"{k}={v}" for k, v in (settings or {}).items()) or "not recorded"
     parts = [
@@ -163,6 +180,8 @@ def _markdown(
         f"{n_cases} cases{where}; {n_subsets} of 15 subsets evaluated (● available, ○ missing).",
         "",
         *lines,
+        "",
+        rank_note + ".",
         "",
         "## How these figures were computed",
         "",
