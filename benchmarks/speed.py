@@ -416,8 +416,22 @@ def infer_child(spec: dict[str, Any]) -> None:
     predict_subsets(models, image, subsets, roi_size=128, overlap=overlap, mode="gaussian",
                     autocast_dtype=torch.bfloat16 if bf16 else None, accumulate_dtype=getattr(torch, accumulate))
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    print(json.dumps({"seconds": seconds, "peak_gib": peak / GIB}))
+    print(json.dumps({"seconds": seconds, "peak_gib": peak_rss() / GIB}))
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes.
+
+    Linux keeps ``ru_maxrss`` across fork + exec, so a child started by a large parent would report the
+    parent's size; ``VmHWM`` in /proc/self/status is the peak of this program's own memory map.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux, bytes on macOS
 
 
 def bench_inference(s: Settings, report: Report, threads: int) -> None:
