@@ -59,6 +59,23 @@ def test_ablations_by_weights_and_without_prior():
     assert model.refiners is None
 
 
+@pytest.mark.parametrize("balanced", [True, False])
+def test_prior_consistency_term_follows_the_class_balance_switch(monkeypatch, balanced):
+    from smml_lightning.lit import smml as smml_module
+    from smml_lightning.losses.prior import prior_consistency
+
+    calls = []
+
+    def spy(*args):
+        calls.append(args[-1])
+        return prior_consistency(*args)
+
+    monkeypatch.setattr(smml_module, "prior_consistency", spy)
+    model = tiny_smml(warmup_epochs=0, prior_class_balanced=balanced)
+    assert "prior_consist" in model.training_losses(make_batch())
+    assert calls == [balanced, balanced]  # one call per branch, with the configured switch
+
+
 def test_shared_mask_ablation_feeds_both_branches_the_first_mask(monkeypatch):
     model = tiny_smml(warmup_epochs=0, share_mask=True)
     seen = []

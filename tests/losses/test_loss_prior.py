@@ -59,3 +59,20 @@ def test_prior_consistency_gradient_goes_to_fused_only() -> None:
 def test_prior_consistency_is_zero_for_equal_predictions() -> None:
     assert prior_consistency(_vol(FUSED), _vol(FUSED), torch.zeros(1, 1, 2, 1, 1, dtype=torch.long)).item() == \
         pytest.approx(0.0, abs=1e-7)
+
+
+def test_prior_consistency_balances_classes_by_hand() -> None:
+    """Three reliable voxels, two of class 0 and one of class 1: the class means are averaged."""
+    fused = [[0.5, -0.2, 1.0], [2.0, 0.1, -1.0], [0.3, 0.3, 0.0]]
+    refined = [[1.0, 0.0, 0.0], [0.0, 1.5, 0.2], [2.0, 0.0, 0.5]]  # argmax 0, 1, 0
+    label = torch.tensor([0, 1, 0]).reshape(1, 1, 3, 1, 1)
+    kl = [sum(a * math.log(a / b) for a, b in zip(_probs(r, 1.0), _probs(f, 1.0))) for f, r in zip(fused, refined)]
+
+    def vol(voxels):
+        return torch.tensor(voxels).T.reshape(1, 3, 3, 1, 1)
+
+    balanced = prior_consistency(vol(fused), vol(refined), label).item()
+    plain = prior_consistency(vol(fused), vol(refined), label, class_balanced=False).item()
+    assert balanced == pytest.approx(((kl[0] + kl[2]) / 2 + kl[1]) / 2, rel=1e-5)
+    assert plain == pytest.approx(sum(kl) / 3, rel=1e-5)
+    assert balanced != pytest.approx(plain, rel=1e-3)

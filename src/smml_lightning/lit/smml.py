@@ -48,6 +48,8 @@ class SMML(MissingModalityModule):
         temperature: softening of the KL terms.
         warmup_epochs: epochs before the pixel-level HCC and prior-consistency terms switch on (100 of
             1000 in the public code). Feature-level HCC is on from the start.
+        prior_class_balanced: average the prior consistency per ground-truth class, then over classes
+            (default), instead of over all reliable voxels; see :func:`~smml_lightning.losses.prior.prior_consistency`.
         share_mask: ablation: both branches use the first mask (``masks[:, 0]``).
         **kwargs: see :class:`MissingModalityModule`.
     """
@@ -69,6 +71,7 @@ class SMML(MissingModalityModule):
         w_class: float = 1.0,
         temperature: float = 1.0,
         warmup_epochs: int = 100,
+        prior_class_balanced: bool = True,
         share_mask: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -86,6 +89,7 @@ class SMML(MissingModalityModule):
                       sample=w_sample, cls=w_class)
         self.temperature = temperature
         self.warmup_epochs = warmup_epochs
+        self.prior_class_balanced = prior_class_balanced
         self.share_mask = share_mask
         self.seg_loss = DiceCELoss()
 
@@ -108,7 +112,8 @@ class SMML(MissingModalityModule):
             refined = self.refiners[k](prior, mask, out.logits.detach())
             terms["seg_refine"] = self.w["refine"] * self.seg_loss(refined, label)
             if warm:
-                terms["prior_consist"] = self.w["prior"] * prior_consistency(out.logits, refined, label, self.temperature)
+                terms["prior_consist"] = self.w["prior"] * prior_consistency(
+                    out.logits, refined, label, self.temperature, self.prior_class_balanced)
         return terms
 
     def training_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

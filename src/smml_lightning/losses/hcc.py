@@ -42,14 +42,28 @@ def _zero_like_graph(*tensors: torch.Tensor) -> torch.Tensor:
     return torch.stack([t.sum() for t in tensors]).sum() * 0.0
 
 
+def class_balanced_mean(values: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Mean over the classes present of the mean of ``values`` within each class (1-D tensors)."""
+    n = int(classes.max()) + 1
+    sums = values.float().new_zeros(n).index_add(0, classes, values.float())
+    counts = torch.bincount(classes, minlength=n)
+    present = counts > 0
+    return (sums[present] / counts[present]).mean()
+
+
 def pixel_level_consistency(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, label: torch.Tensor, temperature: float = 1.0
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    label: torch.Tensor,
+    temperature: float = 1.0,
+    class_balanced: bool = False,
 ) -> torch.Tensor:
     """``T^2 * KL(p_teacher || p_student)`` averaged over the teacher's reliable voxels.
 
     A voxel is reliable when the teacher's argmax equals the label: a wrong teacher would only pass on
     its mistakes. The teacher is detached, so only the student learns from this term. Zero (with the
-    graph intact) when the teacher is right nowhere.
+    graph intact) when the teacher is right nowhere. ``class_balanced`` averages per ground-truth class
+    first, then over classes, so background voxels (most of any patch) do not outweigh the tumor's.
     """
     if label.shape[0] != student_logits.shape[0] or label.shape[2:] != student_logits.shape[2:]:
         raise ValueError(
@@ -59,7 +73,8 @@ def pixel_level_consistency(
     reliable = teacher_logits.argmax(dim=1) == label[:, 0]
     if not bool(reliable.any()):
         return _zero_like_graph(student_logits)
-    return softened_kl(teacher_logits, student_logits, temperature)[reliable].mean()
+    kl = softened_kl(teacher_logits, student_logits, temperature)[reliable]
+    return class_balanced_mean(kl, label[:, 0][reliable].long()) if class_balanced else kl.mean()
 
 
 def bidirectional_pixel_consistency(
