@@ -27,6 +27,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import datetime as dt
 import functools
+import gc
 import json
 import platform
 import resource
@@ -361,7 +362,12 @@ def loader_rate(cache_dir: Path, s: Settings, augment: bool, use_prior: bool, wo
     for _ in range(s.loader_epochs):
         for b in loader:
             patches += b["image"].shape[0]
-    return patches / (time.perf_counter() - start), patches
+    rate = patches / (time.perf_counter() - start)
+    # Free the queue's worker iterators now: left to a later GC pass, they are copied into the next
+    # loader's forked workers, whose exit then fails on them ("can only test a child process").
+    del loader, dm
+    gc.collect()
+    return rate, patches
 
 
 def bench_data(s: Settings, report: Report, raw: Path, cache_dir: Path, step_seconds: float | None) -> None:
