@@ -158,3 +158,50 @@ def test_mask_helper_and_errors():
         net.encode(torch.randn(1, 4, 32, 32, 40))
     with pytest.raises(ValueError, match="availability mask"):
         net(image(), torch.ones(2, 3, dtype=torch.bool))
+
+
+def test_group_form_instance_norm_equals_torch_instance_norm():
+    """instance_norm (GroupNorm, one group per channel) against F.instance_norm, in float64, with affine."""
+    from smml_lightning.models.backbone import instance_norm
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 5, 7, 4, generator=g, dtype=torch.float64) * 3 + 2
+    norm = instance_norm(6).double()
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(6, generator=g) + 0.5)
+        norm.bias.copy_(torch.randn(6, generator=g))
+    expected = F.instance_norm(x, weight=norm.weight, bias=norm.bias, eps=1e-5)
+    torch.testing.assert_close(norm(x), expected)
+    # the statistics are per sample and channel: each output channel has mean = bias, std = weight
+    y = (norm(x) - norm.bias.view(1, -1, 1, 1, 1)) / norm.weight.view(1, -1, 1, 1, 1)
+    torch.testing.assert_close(y.mean(dim=(2, 3, 4)), torch.zeros(2, 6, dtype=torch.float64))
+
+
+def test_use_group_instance_norms_swaps_monai_norms_keeping_parameters_and_outputs():
+    from monai.networks.nets import BasicUNet
+
+    from smml_lightning.models.backbone import use_group_instance_norms
+
+    torch.manual_seed(0)
+    net = BasicUNet(spatial_dims=3, in_channels=2, out_channels=3, features=(4, 4, 8, 8, 16, 4)).eval()
+    for m in net.modules():  # non-trivial affine parameters, so a swap that dropped them would show
+        if isinstance(m, torch.nn.InstanceNorm3d):
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+            torch.nn.init.normal_(m.bias)
+    x = torch.randn(1, 2, 32, 32, 32)
+    before, state = net(x), {k: v.clone() for k, v in net.state_dict().items()}
+    use_group_instance_norms(net)
+    assert not any(isinstance(m, torch.nn.InstanceNorm3d) for m in net.modules())
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in net.modules()) > 0
+    assert net.state_dict().keys() == state.keys()
+    torch.testing.assert_close(net(x), before, rtol=1e-4, atol=1e-5)
+
+
+def test_predicted_labels_equal_argmax_including_ties():
+    from smml_lightning.models.base import predicted_labels
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 3, (2, 4, 5, 6, 7), generator=g).float()  # many ties
+    assert torch.equal(predicted_labels(logits), logits.argmax(dim=1))
+    assert torch.equal(predicted_labels(logits[0], dim=0), logits[0].argmax(dim=0))
+    assert torch.equal(predicted_labels(logits.bfloat16()), logits.argmax(dim=1))

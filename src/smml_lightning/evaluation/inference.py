@@ -29,7 +29,7 @@ from monai.inferers import sliding_window_inference
 from monai.utils import ensure_tuple_rep
 
 from smml_lightning.data.modalities import NUM_MODALITIES, SUBSETS, subset_index
-from smml_lightning.models.base import MaskedSegmenter
+from smml_lightning.models.base import MaskedSegmenter, predicted_labels
 
 
 def _subset_keys(subsets: Sequence[Sequence[bool]]) -> list[int]:
@@ -129,7 +129,7 @@ def predict_subsets(
 
 
 def _labels(logits: torch.Tensor) -> np.ndarray:
-    return logits[0].argmax(dim=0).to(torch.uint8).cpu().numpy()
+    return predicted_labels(logits[0], dim=0).to(torch.uint8).cpu().numpy()
 
 
 def predict_labels(

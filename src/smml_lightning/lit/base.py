@@ -21,7 +21,7 @@ from ..data.labels import REGION_CLASSES, REGIONS
 from ..data.modalities import SUBSETS, parse_subset, subset_index, subset_name
 from ..evaluation.inference import predict_subsets
 from ..evaluation.metrics import case_metrics, dice
-from ..models.base import MaskedSegmenter
+from ..models.base import MaskedSegmenter, predicted_labels
 
 
 def _subset_indices(names: Sequence[str] | None) -> list[int]:
@@ -68,8 +68,8 @@ class MissingModalityModule(pl.LightningModule):
         optimizer: ``"adam"`` (Adam with amsgrad, as SMML) or ``"sgd"`` (Nesterov 0.99, as nnU-Net/MAML).
         lr, weight_decay, poly_power: learning rate, weight decay and poly decay exponent (per step).
         channels_last: keep 5-D weights and inputs in ``channels_last_3d``. Off by default: measured on
-            an AMX CPU (benchmarks/speed.py) it made the whole MMFormer step slower, because the instance
-            norms convert layouts back and forth; try it on tensor-core GPUs.
+            an AMX CPU (benchmarks/speed.py) it made the whole MMFormer step slower, because PyTorch's CPU
+            norm kernels are slow on that layout or convert it back; try it on tensor-core GPUs.
         on_nonfinite: ``"raise"`` stops with the name of the offending term; ``"skip"`` skips the step.
         report_dir: where ``test`` writes its report (default: ``<log_dir>/test-<time>``).
         compare_published: add published BraTS figures of the same release to the report (turn off
@@ -186,7 +186,7 @@ class MissingModalityModule(pl.LightningModule):
             roi_size=self.roi_size, overlap=self.sw_overlap, mode=self.sw_mode,
             sw_batch_size=self.sw_batch_size,
         )
-        return {sid: logits[sid].argmax(dim=1)[0] for sid in subset_ids}
+        return {sid: predicted_labels(logits[sid])[0] for sid in subset_ids}
 
     @staticmethod
     def _within(subset_ids: Sequence[int], batch: dict[str, Any]) -> list[int]:

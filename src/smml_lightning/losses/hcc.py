@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from smml_lightning.data.labels import NUM_CLASSES
+from smml_lightning.models.base import predicted_labels
 
 
 def softened_kl(target_logits: torch.Tensor, input_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -70,7 +71,7 @@ def pixel_level_consistency(
             f"pixel_level_consistency: label {tuple(label.shape)} does not match logits {tuple(student_logits.shape)}"
         )
     teacher_logits = teacher_logits.detach()
-    reliable = teacher_logits.argmax(dim=1) == label[:, 0]
+    reliable = predicted_labels(teacher_logits) == label[:, 0]
     if not bool(reliable.any()):
         return _zero_like_graph(student_logits)
     kl = softened_kl(teacher_logits, student_logits, temperature)[reliable]

@@ -13,8 +13,9 @@ order.
 
 Design choices, documented because mmFormer's public code differs in places:
 
-* Norm is ``InstanceNorm3d(affine=True)`` everywhere (no BatchNorm: statistics must not mix samples or
-  modalities). Training therefore needs a bottleneck of more than one voxel: patches of at least 32.
+* Norm is instance norm with affine parameters everywhere (no BatchNorm: statistics must not mix
+  samples or modalities), computed as a one-group-per-channel ``GroupNorm`` (:func:`instance_norm`).
+  Training therefore needs a bottleneck of more than one voxel: patches of at least 32.
 * Convolutions pad with zeros (mmFormer reflects), so that tiny bottlenecks work.
 * Skip fusion is a 3x3x3 conv over the concatenated masked modality features (mmFormer's region-aware
   fusion is replaced by this plain fusion; the inter-modal transformer does the bottleneck fusion).
@@ -43,7 +44,10 @@ DOWNSAMPLING = 2 ** (NUM_STAGES - 1)
 def conv_norm_act(
     in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, groups: int = 1
 ) -> Convolution:
-    """Conv3d -> InstanceNorm(affine) -> LeakyReLU(0.2), mmFormer's basic unit (grouped if asked)."""
+    """Conv3d -> instance norm (affine) -> LeakyReLU(0.2), mmFormer's basic unit (grouped if asked).
+
+    The instance norm is a ``GroupNorm`` with one group per channel (see :func:`instance_norm`).
+    """
     return Convolution(
         spatial_dims=3,
         in_channels=in_channels,
@@ -52,8 +56,33 @@ def conv_norm_act(
         kernel_size=kernel_size,
         groups=groups,
         act=("leakyrelu", {"negative_slope": 0.2, "inplace": True}),
-        norm=("instance", {"affine": True}),
+        norm=("group", {"num_groups": out_channels, "affine": True}),
     )
+
+
+def instance_norm(channels: int, eps: float = 1e-5, affine: bool = True) -> nn.GroupNorm:
+    """Instance normalisation as ``GroupNorm(channels, channels)``: the same maths and parameters.
+
+    Why not ``InstanceNorm3d``: PyTorch computes it as a batch norm over a reshaped copy of the input,
+    while group norm has its own kernels; on the development CPU (AMX, bf16) the group form ran a
+    forward + backward 2.5x faster and the whole SMML training step about 8% faster. The parameter
+    names (``weight``, ``bias``) are those of ``InstanceNorm3d(affine=True)``, so checkpoints load either way.
+    """
+    return nn.GroupNorm(channels, channels, eps=eps, affine=affine)
+
+
+def use_group_instance_norms(module: nn.Module) -> nn.Module:
+    """Replace every ``InstanceNorm1d/2d/3d`` without running statistics in ``module`` (in place) by
+    :func:`instance_norm`, keeping its parameters; for networks built by MONAI with instance norm."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.instancenorm._InstanceNorm) and not child.track_running_stats:
+            norm = instance_norm(child.num_features, child.eps, child.affine)
+            if child.affine:
+                norm.load_state_dict(child.state_dict())
+            setattr(module, name, norm)
+        else:
+            use_group_instance_norms(child)
+    return module
 
 
 def stage_widths(base_width: int) -> list[int]:

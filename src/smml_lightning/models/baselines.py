@@ -12,7 +12,7 @@ from monai.networks.nets import BasicUNet
 
 from smml_lightning.data.labels import NUM_CLASSES
 from smml_lightning.data.modalities import NUM_MODALITIES
-from smml_lightning.models.backbone import check_image, check_mask, mask_modalities
+from smml_lightning.models.backbone import check_image, check_mask, mask_modalities, use_group_instance_norms
 from smml_lightning.models.base import MaskedSegmenter, SegmentationOutput
 
 
@@ -29,12 +29,12 @@ class UNetBaseline(MaskedSegmenter):
         super().__init__()
         self.in_modalities = in_modalities
         w = base_width
-        self.net = BasicUNet(
+        self.net = use_group_instance_norms(BasicUNet(
             spatial_dims=3,
             in_channels=in_modalities,
             out_channels=num_classes,
             features=(w, w, 2 * w, 4 * w, 8 * w, w),
-        )
+        ))
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         check_image(image, self.in_modalities)

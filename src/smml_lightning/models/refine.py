@@ -14,7 +14,7 @@ from torch import nn
 
 from smml_lightning.data.labels import NUM_CLASSES
 from smml_lightning.data.modalities import NUM_MODALITIES
-from smml_lightning.models.backbone import check_mask
+from smml_lightning.models.backbone import check_mask, use_group_instance_norms
 
 
 class PriorReweighting(nn.Module):
@@ -64,7 +64,7 @@ class SemanticRefiner(nn.Module):
             raise ValueError(f"SemanticRefiner depth must be >= 2 (one downsampling at least), got {depth}")
         self.num_classes = num_classes
         self.reweight = PriorReweighting(num_modalities, num_classes)
-        self.unet = UNet(
+        self.unet = use_group_instance_norms(UNet(
             spatial_dims=3,
             in_channels=(num_modalities + 1) * num_classes,
             out_channels=width,
@@ -73,7 +73,7 @@ class SemanticRefiner(nn.Module):
             num_res_units=1,
             act=("leakyrelu", {"negative_slope": 0.2, "inplace": True}),
             norm=("instance", {"affine": True}),
-        )
+        ))
         self.correction = nn.Sequential(nn.LeakyReLU(0.2), nn.Conv3d(width, num_classes, 1))
         nn.init.zeros_(self.correction[1].weight)
         nn.init.zeros_(self.correction[1].bias)
