@@ -3,6 +3,7 @@
     python benchmarks/quality.py --quick            # smoke run, a few minutes
     python benchmarks/quality.py                    # full run (32 cases of 64x64x48, 600 steps, 3 seeds)
     python benchmarks/quality.py --ablations        # also the four SMML ablations
+    python benchmarks/quality.py --fp32             # also SMML in fp32 (bf16-mixed's accuracy check)
 
 Pipeline: synthetic cases (fixed seed) -> prepare -> SAM priors once (tiny random SAM, decoder fitted on
 the training split) -> for each method and seed, `python -m smml_lightning.cli fit` in a subprocess for
@@ -43,9 +44,10 @@ DATA_SEED = 0  # synthetic cases and split: fixed for every method and training 
 class Method:
     name: str
     configs: tuple[Path, ...]
+    args: tuple[str, ...] = ()  # CLI overrides after the configs (fit and test alike)
 
 
-def methods(ablations: bool) -> list[Method]:
+def methods(ablations: bool, fp32: bool = False) -> list[Method]:
     smml = EXPERIMENTS / "synthetic.yaml"
     out = [
         Method("SMML", (smml,)),
@@ -56,6 +58,8 @@ def methods(ablations: bool) -> list[Method]:
     if ablations:
         for overlay in sorted((EXPERIMENTS / "ablations").glob("*.yaml")):
             out.append(Method(f"SMML {overlay.stem}", (smml, overlay)))
+    if fp32:  # the accuracy check behind bf16-mixed as the default precision
+        out.append(Method("SMML fp32", (smml,), ("--trainer.precision=32-true",)))
     return out
 
 
@@ -129,7 +133,7 @@ def common_args(method: Method, data: list[str], seed: int, run_dir: Path) -> li
     args: list[str] = []
     for path in method.configs:
         args += ["--config", str(path)]
-    return args + [*data, f"--seed_everything={seed}",
+    return args + [*method.args, *data, f"--seed_everything={seed}",
                    f"--trainer.default_root_dir={run_dir}", "--trainer.logger=false",
                    f"--model.init_args.method_name={method.name}"]
 
@@ -293,6 +297,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (default 0 1 2, quick 0)")
     parser.add_argument("--cases", type=int, help="synthetic cases (default 32, quick 8)")
     parser.add_argument("--ablations", action="store_true", help="also train the four SMML ablations")
+    parser.add_argument("--fp32", action="store_true", help="also train SMML in fp32 (checks that the default "
+                        "bf16-mixed keeps accuracy)")
     parser.add_argument("--methods", nargs="+", help="only these methods (names as in the table; SMML and "
                         "single-branch are always kept for the gain table)")
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results/quality-<date>)")
@@ -309,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     shape = (48, 48, 32) if quick else (64, 64, 48)
     work = args.work or REPO / "runs" / ("quality-quick" if quick else "quality")
     out = args.out or REPO / "benchmarks" / "results" / f"quality-{date}{'-quick' if quick else ''}"
-    chosen = methods(args.ablations)
+    chosen = methods(args.ablations, args.fp32)
     if args.methods:
         known = [m.name for m in chosen]
         unknown = sorted(set(args.methods) - set(known))
