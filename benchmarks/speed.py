@@ -47,6 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from smml_lightning.data import cache
 from smml_lightning.data.datamodule import BratsDataModule, read_label_npy
+from smml_lightning.data.labels import NUM_CLASSES
 from smml_lightning.data.layouts import discover
 from smml_lightning.data.modalities import MODALITIES, SUBSETS
 from smml_lightning.data.prepare import prepare, z_score
@@ -356,7 +357,7 @@ def raw_patches(raw: Path, patch: int, per_volume: int, rng: np.random.Generator
 def cache_patches(cache_dir: Path, patch: int, per_volume: int) -> int:
     """The cache path in this process: what one loader worker does per case (label-balanced centres,
     memory-mapped windows, no augmentation), for a like-for-like comparison with :func:`raw_patches`."""
-    cut = AugmentedPatches((patch,) * 3, per_volume, {0: 1, 1: 1, 2: 1, 3: 1}, augment=False)
+    cut = AugmentedPatches((patch,) * 3, per_volume, dict.fromkeys(range(NUM_CLASSES), 1.0), augment=False)
     count = 0
     for name in cache.list_cases(cache_dir):
         count += cut(case_subject(cache_dir, name, read_label_npy))["image"].shape[1] // patch

@@ -70,8 +70,9 @@ class AugmentedPatches(tio.Transform):
     """Worker-side transform: a case subject -> its ``num_patches`` training patches, augmented, stacked.
 
     The input subject (:func:`case_subject`) holds the case's ``label`` (a ``LabelMap``) and its cache
-    folder ``case_dir``; image and prior are read from there, window by window. The output has ``image`` (4, n*P0, P1, P2) float32,
-    ``label`` (1, n*P0, P1, P2) uint8 and, with priors, ``prior`` (4*C, n*P0, P1, P2) float16.
+    folder ``case_dir``; image and prior are read from there, window by window. The output has
+    ``image`` (4, n*P0, P1, P2) float32, ``label`` (1, n*P0, P1, P2) uint8 and, with priors, ``prior``
+    (4*C, n*P0, P1, P2) float16.
     Random draws use torch's global generator, which the DataLoader seeds per worker.
     """
 

@@ -48,7 +48,7 @@ def conv_norm_act(
 
     The instance norm is a ``GroupNorm`` with one group per channel (see :func:`instance_norm`).
     """
-    return Convolution(
+    return use_group_instance_norms(Convolution(
         spatial_dims=3,
         in_channels=in_channels,
         out_channels=out_channels,
@@ -56,8 +56,8 @@ def conv_norm_act(
         kernel_size=kernel_size,
         groups=groups,
         act=("leakyrelu", {"negative_slope": 0.2, "inplace": True}),
-        norm=("group", {"num_groups": out_channels, "affine": True}),
-    )
+        norm=("instance", {"affine": True}),
+    ))
 
 
 def instance_norm(channels: int, eps: float = 1e-5, affine: bool = True) -> nn.GroupNorm:
