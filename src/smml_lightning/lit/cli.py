@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ..data.datamodule import BratsDataModule
 from .base import MissingModalityModule
-from .callbacks import AtomicCheckpointIO, EpochSummary, PredictionWriter
+from .callbacks import AtomicCheckpointIO, BestAndLastCheckpoint, EpochSummary, PredictionWriter
 from .resume import ResumeState
 
 
@@ -22,7 +21,7 @@ class SMMLCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("data.patch_size", "model.init_args.roi_size")
         # Best (by validation Dice over the subsets) and last checkpoints, top-level as `checkpoint.*`.
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.monitor": "val/dice_mean", "checkpoint.mode": "max",
                              "checkpoint.save_last": True, "checkpoint.filename": "best-{epoch:03d}"})
         # Where `predict` writes NIfTI files, as `prediction.*`.
