@@ -17,12 +17,8 @@ Design choices, documented because mmFormer's public code differs in places:
   samples or modalities), computed as a one-group-per-channel ``GroupNorm`` (:func:`instance_norm`).
   Training therefore needs a bottleneck of more than one voxel: patches of at least 32.
 * Convolutions pad with zeros (mmFormer reflects), so that tiny bottlenecks work.
-* Skip fusion is :class:`ModalityAttentionFusion`: each modality's features go through its own 3x3x3
-  conv, and a voxel-wise softmax over the *available* modalities (per head, a group of channels) weights
-  them. This keeps what mmFormer's region-aware fusion (from RFNet) is for, letting each region draw on
-  the modalities that show it (T1ce for enhancing tumour, FLAIR/T2 for edema), without its
-  region-probability maps and their extra loss. A plain conv over the concatenated masked features, as
-  before, weighs modalities the same whichever are present: adding FLAIR and T2 to T1ce diluted ET.
+* Skip fusion is a 3x3x3 conv over the concatenated masked modality features (mmFormer's region-aware
+  fusion is replaced by this plain fusion; the inter-modal transformer does the bottleneck fusion).
 * Positional embeddings are learnt per modality for a reference grid (``patch_size / 16``) and
   trilinearly resized to the actual grid, so sliding windows and tiny test patches share weights.
 """
@@ -133,63 +129,6 @@ def group_cat(a: torch.Tensor, b: torch.Tensor, groups: int) -> torch.Tensor:
     if groups == 1:
         return torch.cat([a, b], dim=1)
     return torch.cat([a.unflatten(1, (groups, -1)), b.unflatten(1, (groups, -1))], dim=2).flatten(1, 2)
-
-
-def attend_modalities(
-    features: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Voxel-wise softmax attention over the available modalities and the weighted feature sum.
-
-    ``features`` ``(B, M, H, c, *S)`` and ``scores`` ``(B, M, H, *S)`` (any strides): head ``h`` weights
-    channels ``[h * c, (h + 1) * c)`` of every modality. Missing modalities score ``-inf``, so their
-    attention is exactly 0 and their features cannot leak in. Returns the attention ``(B, M, H, *S)``
-    (float32, sums to 1 over the available modalities) and the weighted sum ``(B, H * c, *S)``.
-    """
-    b, m = mask.shape
-    missing = ~mask.view(b, m, *([1] * (scores.ndim - 2)))
-    attention = scores.float().masked_fill(missing, float("-inf")).softmax(dim=1)
-    weighted = (attention.to(features.dtype).unsqueeze(3) * features).sum(dim=1)
-    return attention, weighted.flatten(1, 2)
-
-
-class ModalityAttentionFusion(nn.Module):
-    """Skip fusion: voxel-wise attention over the available modalities, then conv, instance norm, act.
-
-    Each modality scores its own features (a ``groups=M`` 1x1x1 conv, ``heads`` scores per voxel); a
-    softmax over the available modalities weights their features, head ``h`` a block of
-    ``width / heads`` channels; a 3x3x3 conv-norm-act mixes the sum. :meth:`prepare` depends on one
-    modality at a time, so 15-subset evaluation runs it once per window and only :meth:`combine` per
-    subset. The scores start at zero: at initialisation the fusion sees the mean of the available
-    modalities' features. Summing features channel by channel across modalities is what the shared
-    auxiliary decoder already asks of them: it decodes every modality's features with the same weights.
-    """
-
-    def __init__(self, width: int, modalities: int = NUM_MODALITIES, heads: int = 4) -> None:
-        super().__init__()
-        if heads < 1 or width % heads:
-            raise ValueError(f"fusion heads must divide the stage width {width}, got {heads}")
-        self.width, self.heads, self.modalities = width, heads, modalities
-        self.score = nn.Conv3d(modalities * width, modalities * heads, 1, groups=modalities)
-        nn.init.zeros_(self.score.weight)
-        nn.init.zeros_(self.score.bias)
-        self.mix = conv_norm_act(width, width)
-
-    def prepare(self, features: torch.Tensor) -> torch.Tensor:
-        """``(B, M * width, *S)`` -> ``(B, M * (width + heads), *S)``: each modality's features and scores."""
-        return group_cat(features, self.score(features), self.modalities)
-
-    def _attend(self, prepared: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        p = prepared.unflatten(1, (self.modalities, -1))
-        feats = p[:, :, : self.width].unflatten(2, (self.heads, -1))
-        return attend_modalities(feats, p[:, :, self.width :], mask)
-
-    def combine(self, prepared: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Fuse the available modalities' prepared features: ``(B, width, *S)``."""
-        return self.mix(self._attend(prepared, mask)[1])
-
-    def attention(self, prepared: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The attention maps ``(B, M, heads, *S)`` that :meth:`combine` uses."""
-        return self._attend(prepared, mask)[0]
 
 
 class _EncoderStage(nn.Module):
@@ -316,10 +255,11 @@ class MMFormer(MaskedSegmenter):
     stages ``(B, 4 * w_i, *S / 2^i)`` and the intra-transformer output at the bottleneck
     ``(B, 4 * transformer_dim, *S / 16)``. Nothing in ``encode`` mixes modalities.
 
-    In eval mode the four stage tensors are instead the skip fusion's per-modality part
-    (:meth:`ModalityAttentionFusion.prepare`, ``(B, M * (w_i + heads), *S / 2^i)``), so decoding 15
-    subsets from one ``encode`` runs only the cheap per-subset part of the fusion (same parameters, same
-    result to float rounding). So ``encode`` and ``decode`` must run in the same mode.
+    In eval mode the four stage tensors are instead each modality's *share* of the skip-fusion
+    convolution (see :meth:`skip_shares`): the fusion conv is linear in its masked input, so a subset's
+    fused skip is the sum of its available modalities' shares plus the bias. Decoding 15 subsets from
+    one ``encode`` then costs a sum per subset instead of a full-width convolution (same parameters,
+    same result to float rounding). So ``encode`` and ``decode`` must run in the same mode.
 
     ``decode(features, mask)`` in training mode returns fused ``logits``, ``aux_logits`` (the shared
     auxiliary decoder on each modality's unmasked features, canonical order; the loss should use only
@@ -339,7 +279,6 @@ class MMFormer(MaskedSegmenter):
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
         patch_size: int | Sequence[int] = 128,
-        fusion_heads: int = 4,
     ) -> None:
         super().__init__()
         sizes = (patch_size,) * 3 if isinstance(patch_size, int) else tuple(patch_size)
@@ -363,7 +302,7 @@ class MMFormer(MaskedSegmenter):
         )
         self.inter = _Transformer(dim, transformer_depth, num_heads, mlp_dim, dropout)
         self.from_tokens = conv_norm_act(m * dim, widths[-1], kernel_size=1)
-        self.skip_fusion = nn.ModuleList(ModalityAttentionFusion(w, m, fusion_heads) for w in widths[:-1])
+        self.skip_fusion = nn.ModuleList(conv_norm_act(m * w, w) for w in widths[:-1])
         self.decoder = UNetDecoder(widths, num_classes, deep_supervision=True)
         self.aux_in = conv_norm_act(dim, widths[-1], kernel_size=1)
         self.aux_decoder = UNetDecoder(widths, num_classes, deep_supervision=False)
@@ -384,16 +323,36 @@ class MMFormer(MaskedSegmenter):
         pos = self._positions(grid)
         intra = torch.stack([t(tokens[:, k], pos[k]) for k, t in enumerate(self.intra)], dim=1)
         bottleneck = intra.transpose(2, 3).reshape(b, -1, *grid)
-        skips = features[:-1] if self.training else self._prepare_skips(features[:-1])
+        skips = features[:-1] if self.training else self.skip_shares(features[:-1])
         return [*skips, bottleneck]
 
-    def _prepare_skips(self, skips: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return [fuse.prepare(skip) for fuse, skip in zip(self.skip_fusion, skips)]
+    def skip_shares(self, skips: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Each modality's contribution to each skip-fusion conv, ``(B, M * w_i, *S / 2^i)``, no bias.
+
+        The fusion conv's weight ``(w, M * w, k, k, k)`` is regrouped as a ``groups=M`` conv, so share
+        ``k`` is the conv of modality ``k``'s features with that modality's slice of the weight.
+        """
+        m = self.in_modalities
+        shares = []
+        for fuse, skip in zip(self.skip_fusion, skips):
+            conv = fuse.conv
+            w_out, _, *kernel = conv.weight.shape
+            weight = conv.weight.view(w_out, m, -1, *kernel).transpose(0, 1).reshape(m * w_out, -1, *kernel)
+            shares.append(F.conv3d(skip, weight, None, conv.stride, conv.padding, conv.dilation, groups=m))
+        return shares
 
     def _fuse_skips(self, skips: Sequence[torch.Tensor], mask: torch.Tensor) -> list[torch.Tensor]:
-        """Fused skips under ``mask``, from raw stage features (training) or prepared ones (eval)."""
-        prepared = self._prepare_skips(skips) if self.training else skips
-        return [fuse.combine(p, mask) for fuse, p in zip(self.skip_fusion, prepared)]
+        """Fused skips under ``mask``: the fusion conv on the masked features (training), or the sum of
+        the available modalities' precomputed shares plus the bias (eval, see :meth:`skip_shares`)."""
+        if self.training:
+            return [fuse(mask_modalities(s, mask)) for fuse, s in zip(self.skip_fusion, skips)]
+        m = self.in_modalities
+        fused = []
+        for fuse, shares in zip(self.skip_fusion, skips):
+            weights = mask.to(shares.dtype).view(*mask.shape, *([1] * (shares.ndim - 1)))
+            x = (shares.unflatten(1, (m, -1)) * weights).sum(dim=1)
+            fused.append(fuse.adn(x + fuse.conv.bias.to(x.dtype).view(1, -1, *([1] * (x.ndim - 2)))))
+        return fused
 
     def decode(self, encoded: list[torch.Tensor], mask: torch.Tensor) -> SegmentationOutput:
         *skips, tokens_map = encoded

@@ -34,7 +34,6 @@ from smml_lightning.data.modalities import NUM_MODALITIES
 from smml_lightning.models.backbone import (
     GroupedEncoder,
     UNetDecoder,
-    attend_modalities,
     check_image,
     check_mask,
     conv_norm_act,
@@ -96,9 +95,11 @@ class MAML(MaskedSegmenter):
         masked = mask_modalities(feats, mask)
         fused = self.fuse(masked)
         paired = group_cat(masked, fused.repeat(1, m, *([1] * (fused.ndim - 2))), m)
-        features = masked.unflatten(1, (m, 1, -1))
-        attention, weighted = attend_modalities(features, self.score(paired).unflatten(1, (m, 1)), mask)
-        return attention.squeeze(2), weighted
+        scores = self.score(paired).float()
+        scores = scores.masked_fill(~mask.view(*mask.shape, *([1] * (scores.ndim - 2))), float("-inf"))
+        attention = scores.softmax(dim=1)
+        weighted = (attention.to(masked.dtype).unsqueeze(2) * masked.unflatten(1, (m, -1))).sum(dim=1)
+        return attention, weighted
 
     def attention(self, encoded: MAMLFeatures, mask: torch.Tensor) -> torch.Tensor:
         """Voxel-wise modality attention ``(B, M, *S)``: sums to 1 over available modalities, 0 on missing."""
