@@ -18,7 +18,9 @@ Design choices, documented because mmFormer's public code differs in places:
   Training therefore needs a bottleneck of more than one voxel: patches of at least 32.
 * Convolutions pad with zeros (mmFormer reflects), so that tiny bottlenecks work.
 * Skip fusion is a 3x3x3 conv over the concatenated masked modality features (mmFormer's region-aware
-  fusion is replaced by this plain fusion; the inter-modal transformer does the bottleneck fusion).
+  fusion is replaced by this plain fusion; the inter-modal transformer does the bottleneck fusion). A
+  voxel-wise attention over the available modalities was tried in its place and reverted: no quality
+  change at the benchmark's budget, slower (``benchmarks/results/quality-20261122h/``).
 * Positional embeddings are learnt per modality for a reference grid (``patch_size / 16``) and
   trilinearly resized to the actual grid, so sliding windows and tiny test patches share weights.
 """
