@@ -134,7 +134,8 @@ class BestAndLastCheckpoint(ModelCheckpoint):
         self._last_step = trainer.global_step
 
     def _refresh_last(self, trainer: pl.Trainer) -> None:
-        if self.save_last and self._last_step != trainer.global_step and not self._should_skip_saving_checkpoint(trainer):
+        stale = self._last_step != trainer.global_step
+        if self.save_last and stale and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
