@@ -234,9 +234,13 @@ def markdown(summary: dict[str, pd.DataFrame], gain: pd.DataFrame | None, meta: 
              "Wall time: the fit subprocess (includes ~10-20 s start-up; the machine is shared, so noisy).",
              f"Command: `{meta['command']}`", "",
              "| method | WT | TC | ET | fit wall (s) |", "|---|---|---|---|---|"]
+    def cell(row: pd.Series, r: str) -> str:
+        if math.isnan(row[(r, "std")]):  # one seed: no spread to show
+            return pct(row[(r, "mean")])
+        return f"{pct(row[(r, 'mean')])} ± {pct(row[(r, 'std')])} [{pct(row[(r, 'min')])}–{pct(row[(r, 'max')])}]"
+
     for method, row in stats.iterrows():
-        cells = [f"{pct(row[(r, 'mean')])} ± {pct(row[(r, 'std')])} [{pct(row[(r, 'min')])}–{pct(row[(r, 'max')])}]"
-                 for r in REGIONS]
+        cells = [cell(row, r) for r in REGIONS]
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {row[('fit_wall_seconds', 'mean')]:.0f} |")
     if gain is not None:
         lines += ["", "## SMML minus single-branch, by number of available modalities",
