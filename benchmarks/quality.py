@@ -225,6 +225,14 @@ def pct(value: float) -> str:
     return "nan" if value is None or math.isnan(value) else f"{100 * value:.1f}"
 
 
+def spread_cell(row: pd.Series, region: str) -> str:
+    """``mean ± std [min–max]`` over seeds, or just the mean for a single seed (no spread to show)."""
+    mean, std = row[(region, "mean")], row[(region, "std")]
+    if math.isnan(std):
+        return pct(mean)
+    return f"{pct(mean)} ± {pct(std)} [{pct(row[(region, 'min')])}–{pct(row[(region, 'max')])}]"
+
+
 def markdown(summary: dict[str, pd.DataFrame], gain: pd.DataFrame | None, meta: dict) -> str:
     stats = summary["stats"]
     lines = [f"# Quality benchmark ({meta['date']})", "",
@@ -234,13 +242,8 @@ def markdown(summary: dict[str, pd.DataFrame], gain: pd.DataFrame | None, meta: 
              "Wall time: the fit subprocess (includes ~10-20 s start-up; the machine is shared, so noisy).",
              f"Command: `{meta['command']}`", "",
              "| method | WT | TC | ET | fit wall (s) |", "|---|---|---|---|---|"]
-    def cell(row: pd.Series, r: str) -> str:
-        if math.isnan(row[(r, "std")]):  # one seed: no spread to show
-            return pct(row[(r, "mean")])
-        return f"{pct(row[(r, 'mean')])} ± {pct(row[(r, 'std')])} [{pct(row[(r, 'min')])}–{pct(row[(r, 'max')])}]"
-
     for method, row in stats.iterrows():
-        cells = [cell(row, r) for r in REGIONS]
+        cells = [spread_cell(row, r) for r in REGIONS]
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {row[('fit_wall_seconds', 'mean')]:.0f} |")
     if gain is not None:
         lines += ["", "## SMML minus single-branch, by number of available modalities",
