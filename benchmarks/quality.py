@@ -1,15 +1,16 @@
 """Segmentation quality of SMML against its companions at equal budget, on fixed synthetic data.
 
     python benchmarks/quality.py --quick            # smoke run, a few minutes
-    python benchmarks/quality.py                    # full run (32 cases of 64x64x48, 600 steps, 3 seeds)
+    python benchmarks/quality.py                    # full run (32 cases of 64x64x48 + 40 held out, 600 steps, 3 seeds)
     python benchmarks/quality.py --ablations        # also the four SMML ablations
     python benchmarks/quality.py --fp32             # also SMML in fp32 (bf16-mixed's accuracy check)
 
 Pipeline: synthetic cases (fixed seed) -> prepare -> SAM priors once (tiny random SAM, decoder fitted on
 the training split) -> for each method and seed, `python -m smml_lightning.cli fit` in a subprocess for
-exactly ``--steps`` optimizer steps (no validation, the last weights are scored) -> `test` on the fixed
-test split over all 15 subsets -> one table (method x WT/TC/ET, mean over the 15 subsets, spread over
-seeds), SMML's gain over the single-branch per number of available modalities, Markdown + CSV + PNG.
+exactly ``--steps`` optimizer steps (no validation, the last weights are scored) -> `test` over all 15
+subsets on the fixed test split and on 40 more held-out cases -> one table (method x WT/TC/ET, mean over
+the 15 subsets, spread over seeds), SMML's gain over the single-branch per number of available
+modalities, Markdown + CSV + PNG.
 
 Every method keeps its experiment file's settings; the benchmark only sets the data, the seed and the
 step budget. SMML's warm-up (in epochs) is rescaled so it covers the same fraction of the budget as in
@@ -116,6 +117,28 @@ def prepare_data(work: Path, cases: int, shape: tuple[int, int, int], patch: int
     return cache_dir, split
 
 
+def prepare_heldout(work: Path, first: int, n: int, shape: tuple[int, int, int], patch: int) -> list[str]:
+    """``n`` more cases of the same generator and data seed, numbered after the training set's (so
+    disjoint from it), prepared in a cache of their own; CLI arguments that test on all of them.
+
+    Ten test cases are too few for ET: a case without enhancement scores 0 or 1 per subset depending
+    on whether any ET is predicted, so one such case moves a 15-subset ET average by up to 10 points.
+    """
+    from smml_lightning.data.cache import is_done, list_cases, mark_done
+    from smml_lightning.data.prepare import prepare
+    from smml_lightning.data.splits import write_split
+    from smml_lightning.data.synthetic import synthesize
+
+    root = work / f"heldout-{first}-{n}"
+    raw, cache_dir = root / "raw", root / "cache"
+    if not is_done(raw):
+        synthesize(raw, n, layout="brats2020", shape=shape, seed=DATA_SEED, first=first)
+        mark_done(raw, {"first": first, "cases": n, "shape": list(shape), "seed": DATA_SEED})
+    prepare(raw, cache_dir, min_size=(patch,) * 3, workers=2)
+    split = write_split({"test": list_cases(cache_dir)}, root / "split.json")
+    return [f"--data.cache_dir={cache_dir}", f"--data.split={split}"]
+
+
 # ---- one run ------------------------------------------------------------------------------------------
 
 
@@ -170,11 +193,11 @@ def fit(method: Method, data: list[str], seed: int, steps: int, steps_per_epoch:
     return wall
 
 
-def test(method: Method, data: list[str], seed: int, run_dir: Path) -> pd.DataFrame:
-    """Score the last weights on the test split over all 15 subsets; per-case rows."""
+def test(method: Method, data: list[str], seed: int, run_dir: Path, report: str = "report") -> pd.DataFrame:
+    """Score the last weights on the test split of ``data`` over all 15 subsets; per-case rows."""
     from smml_lightning.cli import lightning_main
 
-    report = run_dir / "report"
+    report = run_dir / report
     per_case = report / "per_case.csv"
     if not per_case.is_file():
         ckpt = run_dir / "checkpoints" / "last.ckpt"
@@ -306,6 +329,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, help="optimizer steps per run (default 600, quick 3)")
     parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (default 0 1 2, quick 0)")
     parser.add_argument("--cases", type=int, help="synthetic cases (default 32, quick 8)")
+    parser.add_argument("--heldout", type=int, help="more synthetic test cases, never trained on, scored with "
+                        "the split's test cases (default 40, quick 2; 0: the split's only)")
     parser.add_argument("--ablations", action="store_true", help="also train the four SMML ablations")
     parser.add_argument("--fp32", action="store_true", help="also train SMML in fp32 (checks that the default "
                         "bf16-mixed keeps accuracy)")
@@ -322,6 +347,10 @@ def main(argv: list[str] | None = None) -> None:
     steps = args.steps or (3 if quick else 600)
     cases = args.cases or (8 if quick else 32)
     seeds = args.seeds or ([0] if quick else [0, 1, 2])
+    if args.heldout is None:
+        args.heldout = 2 if quick else 40
+    if args.heldout < 0:
+        parser.error(f"--heldout must be >= 0, got {args.heldout}")
     shape = (48, 48, 32) if quick else (64, 64, 48)
     work = args.work or REPO / "runs" / ("quality-quick" if quick else "quality")
     out = args.out or REPO / "benchmarks" / "results" / f"quality-{date}{'-quick' if quick else ''}"
@@ -340,6 +369,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"== data: {cases} cases of {shape} in {work}", flush=True)
     cache_dir, split = prepare_data(work, cases, shape, patch, test_fraction, prior_epochs=2 if quick else 30)
     data = data_args(cache_dir, test_fraction)
+    heldout = prepare_heldout(work, cases, args.heldout, shape, patch) if args.heldout else []
+    n_test = len(split["test"]) + args.heldout
     steps_per_epoch = math.ceil(len(split["train"]) * base["samples_per_volume"] / base["batch_size"])
     rows, walls = [], []
     for method in chosen:
@@ -347,15 +378,19 @@ def main(argv: list[str] | None = None) -> None:
             run_dir = work / f"{slug(method.name)}-seed{seed}-steps{steps}"
             print(f"== {method.name} seed {seed}: fit {steps} steps ({time.time() - started:.0f} s)", flush=True)
             wall = fit(method, data, seed, steps, steps_per_epoch, run_dir)
-            print(f"   fit {wall:.0f} s; test on {len(split['test'])} cases x 15 subsets", flush=True)
+            print(f"   fit {wall:.0f} s; test on {n_test} cases x 15 subsets", flush=True)
             rows.append(test(method, data, seed, run_dir))
+            if heldout:
+                rows.append(test(method, heldout, seed, run_dir, f"report-heldout-{cases}-{args.heldout}"))
             walls.append({"method": method.name, "seed": seed, "wall_seconds": wall})
     order = [m.name for m in chosen]
     summary = summarise(pd.concat(rows), pd.DataFrame(walls), order)
     gain = gains(summary["per_subset"], "SMML", "single-branch")
     meta = {"date": date, "cases": cases, "shape": shape, "steps": steps, "seeds": seeds,
             "split": f"{len(split['train'])}/{len(split['test'])} train/test (the config's validation cases "
-                     "join the test set: runs here do not validate)",
+                     "join the test set: runs here do not validate)"
+                     + (f", and {args.heldout} more held-out test cases (numbered {cases + 1}-{cases + args.heldout}, "
+                        f"same generator), {n_test} test cases in all" if args.heldout else ""),
             "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     text = markdown(summary, gain, meta)
     atomic_write_text(out / "quality.md", text)

@@ -38,6 +38,16 @@ def test_written_files_types_spacing_and_determinism(tmp_path):
     assert set(np.unique(_arrays(a[0])[1])) <= {0, 1, 2, 4}
 
 
+def test_first_continues_the_numbering_with_the_same_cases(tmp_path):
+    """A held-out set made later (``first``) holds exactly the cases a longer run would have added."""
+    synthesize(tmp_path / "all", 3, layout="brats2020", shape=SHAPE, seed=4)
+    synthesize(tmp_path / "later", 1, layout="brats2020", shape=SHAPE, seed=4, first=2)
+    (whole,), (later,) = discover(tmp_path / "all")[2:], discover(tmp_path / "later")
+    assert later.name == whole.name == "BraTS20_Training_003"
+    (ia, la), (ib, lb) = _arrays(whole), _arrays(later)
+    assert all(np.array_equal(ia[m], ib[m]) for m in MODALITIES) and np.array_equal(la, lb)
+
+
 def test_label_convention_per_layout(tmp_path):
     synthesize(tmp_path / "old", 3, layout="brats2020", shape=SHAPE, seed=0)
     synthesize(tmp_path / "new", 3, layout="brats2023", shape=SHAPE, seed=0)
@@ -125,3 +135,5 @@ def test_bad_arguments(tmp_path):
         synthesize(tmp_path, 1, layout="brats2030")
     with pytest.raises(ValueError, match="every side >= 8"):
         synthesize(tmp_path, 1, shape=(4, 32, 32))
+    with pytest.raises(ValueError, match="first >= 0"):
+        synthesize(tmp_path, 1, first=-1)

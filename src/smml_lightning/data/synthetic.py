@@ -207,17 +207,18 @@ def _save(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
 
 def synthesize(out: Path | str, n_cases: int, layout: str = "brats2020",
                shape: Sequence[int] = (240, 240, 155), seed: int = 0,
-               spacing: float | Sequence[float] | None = None) -> list[Path]:
-    """Write ``n_cases`` synthetic cases under ``out`` in ``layout``'s naming; return their folders.
+               spacing: float | Sequence[float] | None = None, first: int = 0) -> list[Path]:
+    """Write cases ``first`` to ``first + n_cases - 1`` under ``out`` in ``layout``'s naming; return their folders.
 
     Images are int16 and labels uint8 in the layout's convention (ET = 4, or 3 for 2023). The
     default spacing is ``240 / shape[0]`` mm, so a small volume stands for a downsampled head.
-    Case ``i`` depends only on ``(seed, i)``: adding cases does not change earlier ones.
+    Case ``i`` depends only on ``(seed, i)``: adding cases does not change earlier ones, and a later
+    ``first`` gives new cases disjoint from earlier ones (a held-out set for a model trained on them).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {list(LAYOUTS)}")
-    if n_cases < 1:
-        raise ValueError(f"n_cases must be >= 1, got {n_cases}")
+    if n_cases < 1 or first < 0:
+        raise ValueError(f"n_cases must be >= 1 and first >= 0, got n_cases={n_cases}, first={first}")
     shape = tuple(int(s) for s in shape)
     if spacing is None:
         spacing = 240.0 / shape[0]
@@ -227,7 +228,7 @@ def synthesize(out: Path | str, n_cases: int, layout: str = "brats2020",
     affine = _affine(shape, sp)  # type: ignore[arg-type]
     out = Path(out)
     folders = []
-    for i in range(n_cases):
+    for i in range(first, first + n_cases):
         images, label, grade = synthesize_arrays(shape, seed=[seed, i])
         name = case_name(layout, i)
         folder = out / grade / name if layout == "brats2018" else out / name
