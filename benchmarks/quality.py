@@ -25,6 +25,7 @@ import argparse
 import io
 import math
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -261,7 +262,7 @@ def markdown(summary: dict[str, pd.DataFrame], gain: pd.DataFrame | None, meta: 
     lines = [f"# Quality benchmark ({meta['date']})", "",
              f"{meta['cases']} synthetic cases of {'x'.join(map(str, meta['shape']))} (data seed {DATA_SEED}); "
              f"split {meta['split']}; {meta['steps']} optimizer steps per run; training seeds {meta['seeds']}. "
-             "Dice (%) on the test split, mean over the 15 subsets; mean ± std over seeds [min–max]. "
+             "Dice (%) on the test cases, mean over the 15 subsets; mean ± std over seeds [min–max]. "
              "Wall time: the fit subprocess (includes ~10-20 s start-up; the machine is shared, so noisy).",
              f"Command: `{meta['command']}`", "",
              "| method | WT | TC | ET | fit wall (s) |", "|---|---|---|---|---|"]
@@ -391,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
                      "join the test set: runs here do not validate)"
                      + (f", and {args.heldout} more held-out test cases (numbered {cases + 1}-{cases + args.heldout}, "
                         f"same generator), {n_test} test cases in all" if args.heldout else ""),
-            "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+            "command": shlex.join(["python", "benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])])}
     text = markdown(summary, gain, meta)
     atomic_write_text(out / "quality.md", text)
     atomic_write_text(out / "runs.csv", summary["per_run"].to_csv(index=False))
