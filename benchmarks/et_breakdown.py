@@ -1,0 +1,75 @@
+"""Where a quality run's ET Dice comes from: cases with and without enhancement, subsets with and without T1ce.
+
+    python benchmarks/et_breakdown.py runs/quality-1200 smml-seed0-steps1200 single_branch-seed0-steps1200
+
+ET is the region that decides the quality benchmark's spread. Its 15-subset average mixes two different
+things: how well the enhancing rim is outlined where there is one, and whether any ET is predicted in
+a tumor without enhancement (there Dice is 1 for an empty prediction and 0 otherwise). This prints, per
+run, the mean ET Dice over (case, subset) pairs in each group, from the runs' ``report*/per_case.csv``
+(the benchmark's test split and held-out set) and the true ET volumes in ``<work>/cache`` and
+``<work>/heldout-*/cache``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from smml_lightning.data import cache
+from smml_lightning.data.labels import CLASS_NAMES
+
+SMALL_ET = 300  # voxels: "small" enhancing regions, where a few voxels move Dice a lot
+
+
+def true_et_volumes(work: Path) -> dict[str, int]:
+    volumes = {}
+    for root in [work / "cache", *sorted(work.glob("heldout-*/cache"))]:
+        for name in cache.list_cases(root):
+            label = cache.load_label(root, name)
+            if label is not None:
+                volumes[name] = int((np.asarray(label) == CLASS_NAMES.index("ET")).sum())
+    return volumes
+
+
+def breakdown(work: Path, run: str, volumes: dict[str, int], region: str = "ET") -> pd.Series:
+    frames = [pd.read_csv(p) for p in sorted((work / run).glob("report*/per_case.csv"))]
+    if not frames:
+        raise FileNotFoundError(f"{work / run}: no report*/per_case.csv (run the quality benchmark first)")
+    rows = pd.concat(frames)
+    rows = rows[rows["region"] == region].copy()
+    missing = sorted(set(rows["case"]) - set(volumes))
+    if missing:
+        raise KeyError(f"{run}: no prepared label for cases {missing[:5]} under {work}")
+    et = rows["case"].map(volumes)
+    rows["cases"] = np.where(et == 0, "no ET", np.where(et < SMALL_ET, f"ET < {SMALL_ET} vox", "ET"))
+    rows["subsets"] = np.where(rows["subset"].str.contains("T1ce"), "with T1ce", "without T1ce")
+    table = 100 * rows.groupby(["cases", "subsets"])["dice"].mean()
+    table["all", "all"] = 100 * rows["dice"].mean()
+    table["cases", "n"] = rows["case"].nunique()
+    table["cases", "no ET"] = rows.loc[rows["cases"] == "no ET", "case"].nunique()
+    return table.rename(run)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("work", type=Path, help="the quality benchmark's --work folder")
+    parser.add_argument("runs", nargs="+", help="run folders under it, e.g. smml-seed0-steps1200")
+    parser.add_argument("--region", default="ET", help="ET (default) or ET_post")
+    args = parser.parse_args(argv)
+    volumes = true_et_volumes(args.work)
+    table = pd.concat([breakdown(args.work, run, volumes, args.region) for run in args.runs], axis=1)
+    print(f"{args.region} Dice (%), mean over (case, subset) pairs; cases by true ET volume "
+          "(test cases without any ET in brackets)\n")
+    columns = [c for c in table.index if c[0] != "cases"]
+    print("| run | test cases (no ET) | " + " | ".join(f"{a}, {b}" for a, b in columns) + " |")
+    print("|---" * (len(columns) + 2) + "|")
+    for run in table.columns:
+        cells = " | ".join(f"{table.loc[c, run]:.1f}" for c in columns)
+        print(f"| {run} | {table.loc[('cases', 'n'), run]:.0f} ({table.loc[('cases', 'no ET'), run]:.0f}) | {cells} |")
+
+
+if __name__ == "__main__":
+    main()
