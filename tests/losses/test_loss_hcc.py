@@ -75,21 +75,6 @@ def test_pixel_level_gradient_reaches_only_the_student_on_reliable_voxels() -> N
     assert (per_voxel[[0, 1, 3]] > 0).all() and per_voxel[2] == 0
 
 
-def test_pixel_level_right_and_surer_drops_voxels_where_the_student_is_surer() -> None:
-    """Teacher right on voxels 0, 1, 3 with p(label) 0.95, 0.69, 0.71 against the student's 0.48, 0.12
-    and 0.69; a surer student on voxel 3 (0.90) takes it out of the average."""
-    surer = [row[:] for row in STUDENT]
-    surer[3] = [1.5, -0.7]
-    expected = sum(_kl(TEACHER[v], surer[v], 1.0) for v in (0, 1)) / 2
-    value = pixel_level_consistency(_vol(surer), _vol(TEACHER), _label(LABEL), reliable_rule="right_and_surer")
-    assert value.item() == pytest.approx(expected, rel=1e-5)
-    # With the original student the teacher is surer everywhere it is right: same as the paper's rule.
-    same = pixel_level_consistency(_vol(STUDENT), _vol(TEACHER), _label(LABEL), reliable_rule="right_and_surer")
-    assert same.item() == pytest.approx(pixel_level_consistency(_vol(STUDENT), _vol(TEACHER), _label(LABEL)).item())
-    with pytest.raises(ValueError, match="reliable_rule must be one of"):
-        pixel_level_consistency(_vol(STUDENT), _vol(TEACHER), _label(LABEL), reliable_rule="sure")
-
-
 def test_bidirectional_pixel_consistency_sums_both_directions() -> None:
     a, b, label = _vol(STUDENT), _vol(TEACHER), _label(LABEL)
     b_to_a = sum(_kl(TEACHER[v], STUDENT[v], 1.0) for v in (0, 1, 3)) / 3

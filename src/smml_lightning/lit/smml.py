@@ -28,12 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..losses.hcc import (
-    RELIABLE_RULES,
-    bidirectional_pixel_consistency,
-    inter_class_relation,
-    inter_sample_relation,
-)
+from ..losses.hcc import bidirectional_pixel_consistency, inter_class_relation, inter_sample_relation
 from ..losses.prior import prior_consistency
 from ..losses.segmentation import DiceCELoss, deep_supervision_loss, masked_aux_loss
 from ..models.backbone import MMFormer
@@ -59,10 +54,6 @@ class SMML(MissingModalityModule):
             background and edema carry most of the term (ET: 6.5% of it on a trained model), but balanced
             it pulls six to ten times the gradient, more than any segmentation loss, and ET collapsed
             (quality benchmark, seed 0: 21.7 against 50.2; ``benchmarks/results/quality-20261122j/``).
-        pixel_reliable: which voxels of the teaching branch the pixel-level HCC trusts: ``"right"``
-            (its argmax is the label; the paper's rule) or ``"right_and_surer"`` (also gives the label a
-            higher probability than the student); see
-            :func:`~smml_lightning.losses.hcc.pixel_level_consistency`.
         share_mask: ablation: both branches use the first mask (``masks[:, 0]``).
         sample_relation_across_ranks: under DDP, relate the samples of the global batch (all ranks')
             in the inter-sample HCC, not only this rank's: with SMML's one volume per GPU a rank alone
@@ -89,7 +80,6 @@ class SMML(MissingModalityModule):
         warmup_epochs: int = 100,
         prior_class_balanced: bool = True,
         pixel_class_balanced: bool = False,
-        pixel_reliable: str = "right",
         share_mask: bool = False,
         sample_relation_across_ranks: bool = True,
         **kwargs: Any,
@@ -99,8 +89,6 @@ class SMML(MissingModalityModule):
                       w_pixel=w_pixel, w_sample=w_sample, w_class=w_class)
         if temperature <= 0:
             raise ValueError(f"model.temperature must be > 0, got {temperature}")
-        if pixel_reliable not in RELIABLE_RULES:
-            raise ValueError(f"model.pixel_reliable must be one of {RELIABLE_RULES}, got {pixel_reliable!r}")
         build = network or MMFormer
         self.branches = torch.nn.ModuleList([build(), build()])
         make_refiner = refiner or SemanticRefiner
@@ -112,7 +100,6 @@ class SMML(MissingModalityModule):
         self.warmup_epochs = warmup_epochs
         self.prior_class_balanced = prior_class_balanced
         self.pixel_class_balanced = pixel_class_balanced
-        self.pixel_reliable = pixel_reliable
         self.share_mask = share_mask
         self.sample_relation_across_ranks = sample_relation_across_ranks
         self.seg_loss = DiceCELoss()
@@ -160,6 +147,5 @@ class SMML(MissingModalityModule):
             terms["hcc_class"] = self.w["cls"] * inter_class_relation(feat_a, feat_b, label)
         if warm and self.w["pixel"] > 0:
             terms["hcc_pixel"] = self.w["pixel"] * bidirectional_pixel_consistency(
-                outs[0].logits, outs[1].logits, label, self.temperature, self.pixel_class_balanced,
-                self.pixel_reliable)
+                outs[0].logits, outs[1].logits, label, self.temperature, self.pixel_class_balanced)
         return terms

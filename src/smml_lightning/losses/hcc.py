@@ -54,41 +54,26 @@ def class_balanced_mean(values: torch.Tensor, classes: torch.Tensor) -> torch.Te
     return (sums[present] / counts[present]).mean()
 
 
-RELIABLE_RULES = ("right", "right_and_surer")
-
-
 def pixel_level_consistency(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     label: torch.Tensor,
     temperature: float = 1.0,
     class_balanced: bool = False,
-    reliable_rule: str = "right",
 ) -> torch.Tensor:
     """``T^2 * KL(p_teacher || p_student)`` averaged over the teacher's reliable voxels.
 
-    A voxel is reliable when the teacher's argmax equals the label (``reliable_rule="right"``, the
-    paper's rule): a wrong teacher would only pass on its mistakes. ``"right_and_surer"`` also asks
-    that the teacher give the label a higher probability than the student does: a teacher that is
-    right but unsure (SMML's peer without T1ce, torn between enhancing and non-enhancing core) then
-    cannot pass its doubt to a student that already knows better. The teacher is detached, so only the
-    student learns from this term. Zero (with the graph intact) when no voxel is reliable.
-    ``class_balanced`` averages per ground-truth class first, then over classes, so background voxels
-    (most of any patch) do not outweigh the tumor's.
+    A voxel is reliable when the teacher's argmax equals the label: a wrong teacher would only pass on
+    its mistakes. The teacher is detached, so only the student learns from this term. Zero (with the
+    graph intact) when the teacher is right nowhere. ``class_balanced`` averages per ground-truth class
+    first, then over classes, so background voxels (most of any patch) do not outweigh the tumor's.
     """
     if label.shape[0] != student_logits.shape[0] or label.shape[2:] != student_logits.shape[2:]:
         raise ValueError(
             f"pixel_level_consistency: label {tuple(label.shape)} does not match logits {tuple(student_logits.shape)}"
         )
-    if reliable_rule not in RELIABLE_RULES:
-        raise ValueError(f"pixel_level_consistency: reliable_rule must be one of {RELIABLE_RULES}, got {reliable_rule!r}")
     teacher_logits = teacher_logits.detach()
     reliable = predicted_labels(teacher_logits) == label[:, 0]
-    if reliable_rule == "right_and_surer":
-        index = label.long()
-        p_teacher = F.softmax(teacher_logits.float(), dim=1).gather(1, index)[:, 0]
-        p_student = F.softmax(student_logits.detach().float(), dim=1).gather(1, index)[:, 0]
-        reliable &= p_teacher > p_student
     if not bool(reliable.any()):
         return _zero_like_graph(student_logits)
     kl = softened_kl(teacher_logits, student_logits, temperature)[reliable]
@@ -101,11 +86,10 @@ def bidirectional_pixel_consistency(
     label: torch.Tensor,
     temperature: float = 1.0,
     class_balanced: bool = False,
-    reliable_rule: str = "right",
 ) -> torch.Tensor:
     """Sum of both directions: ``b`` teaches ``a`` on ``b``'s reliable voxels and vice versa."""
-    a_learns = pixel_level_consistency(logits_a, logits_b, label, temperature, class_balanced, reliable_rule)
-    b_learns = pixel_level_consistency(logits_b, logits_a, label, temperature, class_balanced, reliable_rule)
+    a_learns = pixel_level_consistency(logits_a, logits_b, label, temperature, class_balanced)
+    b_learns = pixel_level_consistency(logits_b, logits_a, label, temperature, class_balanced)
     return a_learns + b_learns
 
 
