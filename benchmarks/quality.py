@@ -204,9 +204,11 @@ def test(method: Method, data: list[str], seed: int, run_dir: Path, report: str 
         ckpt = run_dir / "checkpoints" / "last.ckpt"
         if not ckpt.is_file():
             raise FileNotFoundError(f"{method.name} seed {seed}: no checkpoint {ckpt} after fit")
+        # The test's root is its report folder, so its config.yaml lands there and the run folder's
+        # config.yaml stays the one of the fit (benchmarks/loss_terms.py rebuilds runs from it).
         # LightningCLI warns when it gets both ``args`` and command-line arguments (this script's own).
         with mock.patch.object(sys, "argv", sys.argv[:1]):
-            lightning_main(["test", *common_args(method, data, seed, run_dir), f"--ckpt_path={ckpt}",
+            lightning_main(["test", *common_args(method, data, seed, report), f"--ckpt_path={ckpt}",
                             f"--model.init_args.report_dir={report}", "--trainer.enable_progress_bar=false"])
     frame = pd.read_csv(per_case)
     return frame[frame["region"].isin(REGIONS)].assign(method=method.name, seed=seed)
