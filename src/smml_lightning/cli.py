@@ -41,7 +41,7 @@ def lightning_main(args: Sequence[str] | None = None, run: bool = True) -> Any:
 
 
 def synth(out: str, cases: int = 8, layout: str = "brats2020", shape: tuple[int, int, int] = (240, 240, 155),
-          seed: int = 0) -> None:
+          seed: int = 0, first: int = 0) -> None:
     """Write synthetic BraTS cases as NIfTI in a real layout.
 
     Args:
@@ -49,11 +49,13 @@ def synth(out: str, cases: int = 8, layout: str = "brats2020", shape: tuple[int,
         cases: number of cases.
         layout: brats2018, brats2020, brats2021 or brats2023.
         shape: volume shape in voxels; smaller than 240x240x155 stands for a downsampled head.
-        seed: the data are a pure function of the seed.
+        seed: the data are a pure function of the seed (and of each case's number).
+        first: number of the first case (0-based); e.g. ``--cases 40 --first 32`` after a 32-case set of
+            the same seed gives 40 new cases, disjoint from it, for a held-out test.
     """
     from .data.synthetic import synthesize
 
-    paths = synthesize(out, cases, layout=layout, shape=tuple(shape), seed=seed)
+    paths = synthesize(out, cases, layout=layout, shape=tuple(shape), seed=seed, first=first)
     print(f"wrote {len(paths)} synthetic {layout} cases to {out}")
 
 

@@ -3,6 +3,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from smml_lightning.cli import main
 from smml_lightning.data.layouts import discover
 from smml_lightning.data.modalities import MODALITIES
 from smml_lightning.data.synthetic import synthesize, synthesize_arrays
@@ -46,6 +47,12 @@ def test_first_continues_the_numbering_with_the_same_cases(tmp_path):
     assert later.name == whole.name == "BraTS20_Training_003"
     (ia, la), (ib, lb) = _arrays(whole), _arrays(later)
     assert all(np.array_equal(ia[m], ib[m]) for m in MODALITIES) and np.array_equal(la, lb)
+    # The same through the command line: `smml synth ... --first 2`.
+    main(["synth", str(tmp_path / "cli"), "--cases", "1", "--first", "2", "--shape", "[32, 32, 24]", "--seed", "4"])
+    (from_cli,) = discover(tmp_path / "cli")
+    (ic, lc) = _arrays(from_cli)
+    assert from_cli.name == whole.name
+    assert all(np.array_equal(ia[m], ic[m]) for m in MODALITIES) and np.array_equal(la, lc)
 
 
 def test_label_convention_per_layout(tmp_path):
