@@ -94,22 +94,30 @@ def held_out_fraction(cases: int, val_fraction: float, test_fraction: float) -> 
     return (round(val_fraction * cases) + round(test_fraction * cases)) / cases
 
 
+def synthetic_cache(root: Path, cases: int, shape: tuple[int, int, int], patch: int, first: int = 0) -> Path:
+    """Synthetic cases ``first``.. of the data seed under ``root/raw`` (written once), prepared into
+    ``root/cache`` (finished cases skipped); returns the cache folder."""
+    from smml_lightning.data.cache import is_done, mark_done
+    from smml_lightning.data.prepare import prepare
+    from smml_lightning.data.synthetic import synthesize
+
+    raw, cache_dir = root / "raw", root / "cache"
+    if not is_done(raw):
+        synthesize(raw, cases, layout="brats2020", shape=shape, seed=DATA_SEED, first=first)
+        mark_done(raw, {"first": first, "cases": cases, "shape": list(shape), "seed": DATA_SEED})
+    prepare(raw, cache_dir, min_size=(patch,) * 3, workers=2)
+    return cache_dir
+
+
 def prepare_data(work: Path, cases: int, shape: tuple[int, int, int], patch: int, test_fraction: float,
                  prior_epochs: int) -> tuple[Path, dict[str, list[str]]]:
     """Synthetic cases, the prepared cache and the SAM priors, each made once."""
     from smml_lightning.data import cache
-    from smml_lightning.data.cache import is_done, mark_done
-    from smml_lightning.data.prepare import prepare
     from smml_lightning.data.splits import seeded_split
-    from smml_lightning.data.synthetic import synthesize
     from smml_lightning.models.sam_prior import save_tiny_sam_checkpoint
     from smml_lightning.priors import run_priors
 
-    raw, cache_dir = work / "raw", work / "cache"
-    if not is_done(raw):
-        synthesize(raw, cases, layout="brats2020", shape=shape, seed=DATA_SEED)
-        mark_done(raw, {"cases": cases, "shape": list(shape), "seed": DATA_SEED})
-    prepare(raw, cache_dir, min_size=(patch,) * 3, workers=2)
+    cache_dir = synthetic_cache(work, cases, shape, patch)
     split = seeded_split(cache.list_cases(cache_dir), 0.0, test_fraction, DATA_SEED)
     sam = work / "sam_tiny_random.pth"
     if not sam.is_file():
@@ -125,17 +133,11 @@ def prepare_heldout(work: Path, first: int, n: int, shape: tuple[int, int, int],
     Ten test cases are too few for ET: a case without enhancement scores 0 or 1 per subset depending
     on whether any ET is predicted, so one such case moves a 15-subset ET average by up to 10 points.
     """
-    from smml_lightning.data.cache import is_done, list_cases, mark_done
-    from smml_lightning.data.prepare import prepare
+    from smml_lightning.data.cache import list_cases
     from smml_lightning.data.splits import write_split
-    from smml_lightning.data.synthetic import synthesize
 
     root = work / f"heldout-{first}-{n}"
-    raw, cache_dir = root / "raw", root / "cache"
-    if not is_done(raw):
-        synthesize(raw, n, layout="brats2020", shape=shape, seed=DATA_SEED, first=first)
-        mark_done(raw, {"first": first, "cases": n, "shape": list(shape), "seed": DATA_SEED})
-    prepare(raw, cache_dir, min_size=(patch,) * 3, workers=2)
+    cache_dir = synthetic_cache(root, n, shape, patch, first)
     split = write_split({"test": list_cases(cache_dir)}, root / "split.json")
     return [f"--data.cache_dir={cache_dir}", f"--data.split={split}"]
 
