@@ -8,7 +8,7 @@
 Pipeline: synthetic cases (fixed seed) -> prepare -> SAM priors once (tiny random SAM, decoder fitted on
 the training split) -> for each method and seed, `python -m smml_lightning.cli fit` in a subprocess for
 exactly ``--steps`` optimizer steps (no validation, the last weights are scored) -> `test` over all 15
-subsets on the fixed test split and on 40 more held-out cases -> one table (method x WT/TC/ET, mean over
+subsets on the fixed test split and on 40 more held-out cases -> one table (method x WT/TC/ET/ET_post, mean over
 the 15 subsets, spread over seeds), SMML's gain over the single-branch per number of available
 modalities, Markdown + CSV + PNG.
 
