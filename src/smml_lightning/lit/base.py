@@ -23,6 +23,7 @@ from ..data.modalities import SUBSETS, parse_subset, subset_index, subset_name
 from ..evaluation.inference import predict_subsets
 from ..evaluation.metrics import case_metrics, dice
 from ..models.base import MaskedSegmenter, predicted_labels
+from ..models.numerics import guard_small_bf16_convs
 
 
 def _subset_indices(names: Sequence[str] | None) -> list[int]:
@@ -135,6 +136,7 @@ class MissingModalityModule(pl.LightningModule):
         return x.contiguous(memory_format=torch.channels_last_3d) if self.channels_last and x.dim() == 5 else x
 
     def setup(self, stage: str) -> None:
+        guard_small_bf16_convs(self)  # before the optimizer is built; see models/numerics.py
         if self.channels_last:
             channels_last_weights(self)
 
