@@ -5,7 +5,8 @@ oneDNN's bfloat16 weight gradient of a 3D convolution whose input is smaller tha
 (PyTorch 2.14.1, AMX): values near 1e36, inf or NaN, from one call to the next. Adam (amsgrad) then
 freezes the weight for good or, on an inf, turns the whole model into NaN a step later. The forward
 pass and the input gradient are correct, and larger inputs are correct. :func:`guard_small_bf16_convs`
-makes such convolutions compute in float32; they are tiny, so this costs nothing measurable.
+makes such convolutions compute in float32. They are tiny: an MMFormer branch's bf16 training step
+on a 32^3 patch took 1.003x and 1.05x as long guarded as unguarded (two runs, medians of 30 and 12).
 ``tests/models/test_numerics.py`` checks the guarded gradients against float32.
 """
 
