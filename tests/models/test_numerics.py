@@ -89,3 +89,13 @@ def test_every_method_module_guards_its_convolutions_at_setup():
     assert any(type(m) is nn.Conv3d for m in module.modules())
     module.setup("fit")
     assert not any(type(m) is nn.Conv3d for m in module.modules())
+
+
+def test_guarded_path_keeps_the_padding_mode():
+    conv = nn.Conv3d(4, 4, 3, padding=1, padding_mode="replicate")
+    x = torch.randn(1, 4, 2, 2, 2)
+    reference = conv(x).detach()
+    guard_small_bf16_convs(conv)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        guarded = conv(x).detach()
+    torch.testing.assert_close(guarded, reference)

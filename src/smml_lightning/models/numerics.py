@@ -13,7 +13,6 @@ on a 32^3 patch took 1.003x and 1.05x as long guarded as unguarded (two runs, me
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -32,11 +31,9 @@ class SmallInputSafeConv3d(nn.Conv3d):
         small = any(s < k for s, k in zip(x.shape[2:], self.kernel_size))
         if not (small and _bf16_on_cpu(x)):
             return super().forward(x)
-        if self.padding_mode != "zeros":
-            raise NotImplementedError(f"the small-input guard supports zero padding only, not {self.padding_mode!r}")
         bias = None if self.bias is None else self.bias.float()
         with torch.autocast("cpu", enabled=False):
-            y = F.conv3d(x.float(), self.weight.float(), bias, self.stride, self.padding, self.dilation, self.groups)
+            y = self._conv_forward(x.float(), self.weight.float(), bias)  # honours padding_mode
         # Under autocast the next op casts as it needs; a pure-bf16 network gets bf16 back.
         return y if torch.is_autocast_enabled("cpu") else y.to(x.dtype)
 
