@@ -131,3 +131,31 @@ def test_bad_config_values_are_named():
     batch["masks"] = batch["masks"][:, :1]
     with pytest.raises(ValueError, match="n_masks=2"):
         model.training_losses(batch)
+
+
+def test_inference_branches_pick_the_peers_whose_logits_are_averaged():
+    from smml_lightning.evaluation.inference import predict_subsets
+
+    model = tiny_smml().eval()
+    # Make the peers disagree strongly so a wrong choice of peer would change the labels.
+    with torch.no_grad():
+        model.branches[1].decoder.head.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 50.0]))
+    image = make_batch(b=1)["image"]
+
+    def logits(models, dtype=torch.float16):  # float16 blending is what predict_case uses
+        return predict_subsets(models, image, roi_size=P, accumulate_dtype=dtype)
+
+    exact = [logits([b], torch.float32) for b in model.branches]
+    both = logits(list(model.branches), torch.float32)
+    for sid in (0, 14):
+        torch.testing.assert_close(both[sid], (exact[0][sid] + exact[1][sid]) / 2, rtol=1e-5, atol=1e-4)
+    assert not torch.equal(exact[0][14].argmax(1), exact[1][14].argmax(1))  # the choice is visible
+    for choice in ([0], [1], [0, 1]):
+        model.inference_branches = choice
+        labels = model.predict_case(image, [0, 14])
+        expect = logits([model.branches[k] for k in choice])
+        for sid in (0, 14):
+            assert torch.equal(labels[sid], expect[sid].argmax(1)[0])
+    for bad in ([], [2], [0, 0]):
+        with pytest.raises(ValueError, match="inference_branches"):
+            tiny_smml(inference_branches=bad)

@@ -58,6 +58,9 @@ class SMML(MissingModalityModule):
         sample_relation_across_ranks: under DDP, relate the samples of the global batch (all ranks')
             in the inter-sample HCC, not only this rank's: with SMML's one volume per GPU a rank alone
             has no pair of samples to relate and the term would be zero. No effect in one process.
+        inference_branches: the peers whose logits are averaged by ``validate``, ``test`` and
+            ``predict``: both (default, the method) or one, ``[0]`` or ``[1]``, to score a peer alone
+            (separates what averaging two networks gives from what mutual learning gives each one).
         **kwargs: see :class:`MissingModalityModule`.
     """
 
@@ -82,6 +85,7 @@ class SMML(MissingModalityModule):
         pixel_class_balanced: bool = False,
         share_mask: bool = False,
         sample_relation_across_ranks: bool = True,
+        inference_branches: list[int] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -89,6 +93,9 @@ class SMML(MissingModalityModule):
                       w_pixel=w_pixel, w_sample=w_sample, w_class=w_class)
         if temperature <= 0:
             raise ValueError(f"model.temperature must be > 0, got {temperature}")
+        branches = [0, 1] if inference_branches is None else list(inference_branches)
+        if not branches or len(set(branches)) != len(branches) or not set(branches) <= {0, 1}:
+            raise ValueError(f"model.inference_branches must be [0], [1] or [0, 1], got {inference_branches}")
         build = network or MMFormer
         self.branches = torch.nn.ModuleList([build(), build()])
         make_refiner = refiner or SemanticRefiner
@@ -102,10 +109,11 @@ class SMML(MissingModalityModule):
         self.pixel_class_balanced = pixel_class_balanced
         self.share_mask = share_mask
         self.sample_relation_across_ranks = sample_relation_across_ranks
+        self.inference_branches = branches
         self.seg_loss = DiceCELoss()
 
     def inference_models(self) -> list[MaskedSegmenter]:
-        return list(self.branches)
+        return [self.branches[k] for k in self.inference_branches]
 
     def _branch_terms(self, k: int, out: SegmentationOutput, batch: dict[str, Any], mask: torch.Tensor,
                       warm: bool) -> dict[str, torch.Tensor]:
