@@ -4,6 +4,7 @@
     python benchmarks/quality.py                    # full run (32 cases of 64x64x48 + 40 held out, 600 steps, 3 seeds)
     python benchmarks/quality.py --ablations        # also the four SMML ablations
     python benchmarks/quality.py --fp32             # also SMML in fp32 (bf16-mixed's accuracy check)
+    python benchmarks/quality.py --peers            # also each SMML peer scored alone (no extra training)
 
 Pipeline: synthetic cases (fixed seed) -> prepare -> SAM priors once (tiny random SAM, decoder fitted on
 the training split) -> for each method and seed, `python -m smml_lightning.cli fit` in a subprocess for
@@ -40,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
 REGIONS = ("WT", "TC", "ET", "ET_post")  # ET_post: small predicted ET emptied, as in the community's tables
 DATA_SEED = 0  # synthetic cases and split: fixed for every method and training seed
+PEER = "SMML one peer"  # --peers: each SMML peer scored alone; its rows average the two peers per seed
 
 
 @dataclass(frozen=True)
@@ -261,7 +263,7 @@ def spread_cell(row: pd.Series, region: str) -> str:
     return f"{pct(mean)} ± {pct(std)} [{pct(row[(region, 'min')])}–{pct(row[(region, 'max')])}]"
 
 
-def markdown(summary: dict[str, pd.DataFrame], gain: pd.DataFrame | None, meta: dict) -> str:
+def markdown(summary: dict[str, pd.DataFrame], gain: dict[tuple[str, str], pd.DataFrame], meta: dict) -> str:
     stats = summary["stats"]
     lines = [f"# Quality benchmark ({meta['date']})", "",
              f"{meta['cases']} synthetic cases of {'x'.join(map(str, meta['shape']))} (data seed {DATA_SEED}); "
@@ -275,16 +277,20 @@ def markdown(summary: dict[str, pd.DataFrame], gain: pd.DataFrame | None, meta: 
     for method, row in stats.iterrows():
         cells = [spread_cell(row, r) for r in REGIONS]
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {row[('fit_wall_seconds', 'mean')]:.0f} |")
-    if gain is not None:
-        lines += ["", "## SMML minus single-branch, by number of available modalities",
+    if PEER in stats.index:
+        lines += ["", f"{PEER}: the SMML weights with one peer's logits instead of both averaged "
+                  "(`model.init_args.inference_branches=[k]`), the mean of peers 0 and 1 per seed."]
+    for (a, b), table in gain.items():
+        lines += ["", f"## {a} minus {b}, by number of available modalities",
                   "Dice points, mean over the subsets with that many modalities [min–max over seed pairs].", "",
                   "| modalities | " + " | ".join(REGIONS) + " |", "|---" * (len(REGIONS) + 1) + "|"]
-        for k in sorted(gain["n_modalities"].unique()):
+        for k in sorted(table["n_modalities"].unique()):
             cells = []
             for region in REGIONS:
-                row = gain[(gain["n_modalities"] == k) & (gain["region"] == region)].iloc[0]
+                row = table[(table["n_modalities"] == k) & (table["region"] == region)].iloc[0]
                 cells.append(f"{100 * row['mean']:+.1f} [{100 * row['min']:+.1f}, {100 * row['max']:+.1f}]")
             lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    if gain:
         lines += ["", "## Acceptance: SMML above single-branch by more than the seed spread", ""]
         per_run = summary["per_run"].set_index(["method", "seed"])
         for region in REGIONS:
@@ -341,6 +347,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ablations", action="store_true", help="also train the four SMML ablations")
     parser.add_argument("--fp32", action="store_true", help="also train SMML in fp32 (checks that the default "
                         "bf16-mixed keeps accuracy)")
+    parser.add_argument("--peers", action="store_true", help="also score each SMML peer alone on the same "
+                        "weights (row 'SMML one peer', the mean of the two): what averaging two networks "
+                        "adds, apart from what mutual learning gives each one")
     parser.add_argument("--methods", nargs="+", help="only these methods (names as in the table; SMML and "
                         "single-branch are always kept for the gain table)")
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results/quality-<date>)")
@@ -390,9 +399,18 @@ def main(argv: list[str] | None = None) -> None:
             if heldout:
                 rows.append(test(method, heldout, seed, run_dir, f"report-heldout-{cases}-{args.heldout}"))
             walls.append({"method": method.name, "seed": seed, "wall_seconds": wall})
+            if args.peers and method.name == "SMML":
+                for k in (0, 1):
+                    peer = Method(PEER, method.configs, (*method.args, f"--model.init_args.inference_branches=[{k}]"))
+                    rows.append(test(peer, data, seed, run_dir, f"report-peer{k}"))
+                    if heldout:
+                        rows.append(test(peer, heldout, seed, run_dir, f"report-heldout-{cases}-{args.heldout}-peer{k}"))
+                walls.append({"method": PEER, "seed": seed, "wall_seconds": wall})
     order = [m.name for m in chosen]
+    if args.peers:
+        order.insert(order.index("SMML") + 1, PEER)
     summary = summarise(pd.concat(rows), pd.DataFrame(walls), order)
-    gain = gains(summary["per_subset"], "SMML", "single-branch")
+    gain = {(a, "single-branch"): gains(summary["per_subset"], a, "single-branch") for a in order if a in ("SMML", PEER)}
     meta = {"date": date, "cases": cases, "shape": shape, "steps": steps, "seeds": seeds,
             "split": f"{len(split['train'])}/{len(split['test'])} train/test (the config's validation cases "
                      "join the test set: runs here do not validate)"
@@ -403,7 +421,8 @@ def main(argv: list[str] | None = None) -> None:
     atomic_write_text(out / "quality.md", text)
     atomic_write_text(out / "runs.csv", summary["per_run"].to_csv(index=False))
     atomic_write_text(out / "subsets.csv", summary["subsets"].to_csv(index=False))
-    atomic_write_text(out / "gain_smml_vs_single.csv", gain.to_csv(index=False))
+    for (a, _), table in gain.items():
+        atomic_write_text(out / f"gain_{slug(a)}_vs_single.csv", table.to_csv(index=False))
     png = figure(summary["subsets"], order)
     atomic_write_bytes(out / "quality.png", lambda f: f.write(png))
     print(text)
