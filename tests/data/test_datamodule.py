@@ -271,3 +271,18 @@ def test_error_use_prior_without_prior(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"case00.*prior\.npy.*smml priors"):
         dm.setup("fit")
 
+
+
+def test_error_training_case_lacking_a_modality(tmp_path):
+    """Training simulates missing modalities with masks, so its cases must have all four; the same
+    case is fine to score (test/predict split)."""
+    make_cache(tmp_path / "c", n=2, missing=2)
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps({"train": ["case00"], "test": ["case01"]}))
+    with pytest.raises(ValueError, match=r"case00.*lacks t1\b.*all four.*test.*predict"):
+        dm_for(tmp_path / "c", split=str(path)).setup("fit")
+    path.write_text(json.dumps({"train": ["case01"], "test": ["case00"]}))
+    dm = dm_for(tmp_path / "c", split=str(path))
+    dm.setup("fit")
+    dm.setup("test")
+    assert [b["available"].tolist() for b in dm.test_dataloader()] == [[[True, True, False, True]]]

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from smml_lightning.data import cache, splits
 from smml_lightning.data.labels import NUM_CLASSES
-from smml_lightning.data.modalities import NUM_MODALITIES, sample_masks
+from smml_lightning.data.modalities import MODALITIES, NUM_MODALITIES, sample_masks
 from smml_lightning.data.transforms import AugmentedPatches, StackedPatches, case_subject
 
 # --- reader: torchio calls it lazily, in the Queue's worker processes ----------------------------
@@ -400,6 +400,13 @@ class BratsDataModule(LightningDataModule):
                 )
             if not meta.has_label or not (cache.case_dir(self.cache_dir, name) / "label.npy").is_file():
                 raise ValueError(f"case {name!r} in {self.cache_dir} has no label and cannot be used for training")
+            if not all(meta.available):
+                absent = [m for m, have in zip(MODALITIES, meta.available) if not have]
+                raise ValueError(
+                    f"case {name!r} in {self.cache_dir} lacks {', '.join(absent)}: training needs all four "
+                    "modalities (the modality masks simulate the missing ones, and each encoder's auxiliary "
+                    "loss reads its own modality); score such a case with `test` or `predict` instead"
+                )
             if self.hparams.use_prior and not cache.has_prior(self.cache_dir, name):
                 raise FileNotFoundError(
                     f"case {name!r}: data.use_prior is set but {cache.case_dir(self.cache_dir, name)}/prior.npy "
