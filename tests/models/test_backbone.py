@@ -107,6 +107,24 @@ def test_missing_modality_gets_exactly_zero_gradient():
         assert sum(g.abs().sum() for g in _modality_params(net, k)) > 0
 
 
+@pytest.mark.parametrize("all_modalities", [True, False])
+def test_auxiliary_decoder_reads_every_modality_or_only_the_kept_ones(all_modalities):
+    """Default (mmFormer/RFNet/SMML): every modality's own prediction is made and scored, so a masked
+    modality's encoder learns through the auxiliary loss alone; otherwise masked pairs are absent."""
+    net = tiny(aux_all_modalities=all_modalities).train()
+    mask = torch.tensor([[True, False, True, False], [True, True, True, True]])
+    out = net(image(), mask)
+    expected = torch.ones_like(mask) if all_modalities else mask
+    assert torch.equal(out.aux_mask, expected)
+    for k in range(4):
+        for b in range(2):
+            assert bool(out.aux_logits[k][b].abs().sum() > 0) == bool(expected[b, k]), (b, k)
+    # Own prediction of modality 1 for sample 0 (masked there): reaches modality 1's encoder iff scored.
+    (out.aux_logits[1][0].float() ** 2).mean().backward()
+    assert bool(sum(g.abs().sum() for g in _modality_params(net, 1)) > 0) == all_modalities
+    assert all(torch.count_nonzero(g) == 0 for g in _modality_params(net, 3))
+
+
 def _run_separately(block, x: torch.Tensor, k: int, groups: int) -> torch.Tensor:
     """One MONAI Convolution unit of the grouped stack, computed as an ordinary conv for modality k."""
     conv, norm = block.conv, block.adn.N

@@ -49,7 +49,7 @@ class SingleBranch(MissingModalityModule):
         out = self.net(batch["image"], mask)
         terms = {"seg_fused": self.w["fused"] * self.seg_loss(out.logits, label)}
         if out.aux_logits:
-            terms["seg_aux"] = self.w["aux"] * masked_aux_loss(self.seg_loss, out.aux_logits, label, mask)
+            terms["seg_aux"] = self.w["aux"] * masked_aux_loss(self.seg_loss, out.aux_logits, label, out.aux_mask)
         if out.deep_logits:
             terms["seg_deep"] = self.w["deep"] * deep_supervision_loss(self.seg_loss, out.deep_logits, label)
         return terms

@@ -12,7 +12,7 @@ Loss terms (logged as ``train/<name>``), each in :mod:`smml_lightning.losses`:
 name                paper term                                           function
 =================== ==================================================== =====================
 ``seg_fused``       fused segmentation (CE + Dice)                       ``DiceCELoss``
-``seg_aux``         modality-specific auxiliary decoder                  ``masked_aux_loss``
+``seg_aux``         modality-specific auxiliary decoder, every modality  ``masked_aux_loss``
 ``seg_deep``        deep supervision                                     ``deep_supervision_loss``
 ``seg_refine``      semantic-guided refinement (CE + Dice)               ``DiceCELoss``
 ``prior_consist``   refined teaches fused on its reliable voxels (KL)    ``prior_consistency``
@@ -120,7 +120,7 @@ class SMML(MissingModalityModule):
         label = batch["label"]
         terms = {
             "seg_fused": self.w["fused"] * self.seg_loss(out.logits, label),
-            "seg_aux": self.w["aux"] * masked_aux_loss(self.seg_loss, out.aux_logits, label, mask),
+            "seg_aux": self.w["aux"] * masked_aux_loss(self.seg_loss, out.aux_logits, label, out.aux_mask),
             "seg_deep": self.w["deep"] * deep_supervision_loss(self.seg_loss, out.deep_logits, label),
         }
         if self.refiners is not None:

@@ -264,8 +264,8 @@ class MMFormer(MaskedSegmenter):
     same result to float rounding). So ``encode`` and ``decode`` must run in the same mode.
 
     ``decode(features, mask)`` in training mode returns fused ``logits``, ``aux_logits`` (the shared
-    auxiliary decoder on each modality's unmasked features, canonical order; the loss should use only
-    the available ones), ``deep_logits`` (fused decoder at 1/8, 1/4, 1/2 resolution, coarsest first)
+    auxiliary decoder on each modality's own features, canonical order, for the modalities in
+    ``aux_mask``: all four by default, see ``aux_all_modalities``), ``deep_logits`` (fused decoder at 1/8, 1/4, 1/2 resolution, coarsest first)
     and ``bottleneck`` (fused bottleneck ``(B, 16 * base_width, *S / 16)``). In eval mode the aux and
     deep outputs are skipped.
     """
@@ -281,7 +281,13 @@ class MMFormer(MaskedSegmenter):
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
         patch_size: int | Sequence[int] = 128,
+        aux_all_modalities: bool = True,
     ) -> None:
+        """``aux_all_modalities``: the auxiliary decoder reads every modality of the (complete) training
+        input, kept by the mask or not, as in mmFormer's, RFNet's and SMML's public code: the mask
+        simulates missing modalities for the fused path, and each encoder is still supervised on every
+        sample. ``False`` restricts it to the modalities the mask keeps (cheaper; a masked modality's
+        encoder then gets no gradient at all)."""
         super().__init__()
         sizes = (patch_size,) * 3 if isinstance(patch_size, int) else tuple(patch_size)
         if len(sizes) != 3 or any(s % DOWNSAMPLING for s in sizes):
@@ -291,6 +297,7 @@ class MMFormer(MaskedSegmenter):
         self.in_modalities = in_modalities
         self.num_classes = num_classes
         self.transformer_dim = transformer_dim
+        self.aux_all_modalities = aux_all_modalities
         widths = stage_widths(base_width)
         m, dim = in_modalities, transformer_dim
 
@@ -375,9 +382,10 @@ class MMFormer(MaskedSegmenter):
         if not self.training:
             return SegmentationOutput(logits=fused.logits, bottleneck=bottleneck)
 
-        # Shared auxiliary decoder on each AVAILABLE modality's own features, folded into the batch: the
-        # loss uses only available (sample, modality) pairs, so the others are not computed (zeros).
-        pairs = mask.flatten()
+        # Shared auxiliary decoder on each modality's own features, folded into the batch; pairs outside
+        # aux_mask are not computed (zeros) and not scored.
+        aux_mask = torch.ones_like(mask) if self.aux_all_modalities else mask
+        pairs = aux_mask.flatten()
         own_skips = [s.unflatten(1, (m, -1)).flatten(0, 1)[pairs] for s in skips]
         own_bottom = self.aux_in(tokens_map.unflatten(1, (m, -1)).flatten(0, 1)[pairs])
         own_logits = self.aux_decoder(own_skips, own_bottom).logits
@@ -388,4 +396,5 @@ class MMFormer(MaskedSegmenter):
             aux_logits=list(aux.unbind(1)),
             deep_logits=fused.deep_logits,
             bottleneck=bottleneck,
+            aux_mask=aux_mask,
         )

@@ -26,12 +26,15 @@ class SegmentationOutput:
             per modality in canonical order (empty in eval mode or for networks without one).
         deep_logits: deep-supervision predictions at coarser scales, coarsest first (empty in eval mode).
         bottleneck: fused bottleneck features ``(B, F, *s)`` for feature-level consistency, or ``None``.
+        aux_mask: bool ``(B, M)``, which ``aux_logits`` are computed and to be scored (``None`` when
+            there are none).
     """
 
     logits: torch.Tensor
     aux_logits: list[torch.Tensor] = field(default_factory=list)
     deep_logits: list[torch.Tensor] = field(default_factory=list)
     bottleneck: torch.Tensor | None = None
+    aux_mask: torch.Tensor | None = None
 
 
 def predicted_labels(logits: torch.Tensor, dim: int = 1) -> torch.Tensor:

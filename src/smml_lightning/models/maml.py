@@ -112,5 +112,6 @@ class MAML(MaskedSegmenter):
         m = self.in_modalities
         deep = [x for level in encoded.deep_logits for x in level.unflatten(1, (m, -1)).unbind(1)]
         return SegmentationOutput(
-            logits=logits, aux_logits=list(encoded.logits.unflatten(1, (m, -1)).unbind(1)), deep_logits=deep
+            logits=logits, aux_logits=list(encoded.logits.unflatten(1, (m, -1)).unbind(1)), deep_logits=deep,
+            aux_mask=mask,  # MAML teaches only the available modality models
         )
