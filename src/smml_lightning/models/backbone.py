@@ -265,9 +265,9 @@ class MMFormer(MaskedSegmenter):
 
     ``decode(features, mask)`` in training mode returns fused ``logits``, ``aux_logits`` (the shared
     auxiliary decoder on each modality's own features, canonical order, for the modalities in
-    ``aux_mask``: all four by default, see ``aux_all_modalities``), ``deep_logits`` (fused decoder at 1/8, 1/4, 1/2 resolution, coarsest first)
-    and ``bottleneck`` (fused bottleneck ``(B, 16 * base_width, *S / 16)``). In eval mode the aux and
-    deep outputs are skipped.
+    ``aux_mask``: all four by default, see ``aux_all_modalities``), ``deep_logits`` (fused decoder at
+    1/8, 1/4, 1/2 resolution, coarsest first) and ``bottleneck`` (fused bottleneck
+    ``(B, 16 * base_width, *S / 16)``). In eval mode the aux and deep outputs are skipped.
     """
 
     def __init__(
