@@ -272,7 +272,6 @@ def test_error_use_prior_without_prior(tmp_path):
         dm.setup("fit")
 
 
-
 def test_error_training_case_lacking_a_modality(tmp_path):
     """Training simulates missing modalities with masks, so its cases must have all four; the same
     case is fine to score (test/predict split)."""
