@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.heldout < 0:
         parser.error(f"--heldout must be >= 0, got {args.heldout}")
     shape = (48, 48, 32) if quick else (64, 64, 48)
-    work = args.work or REPO / "runs" / ("quality-quick" if quick else "quality")
+    work = (args.work or REPO / "runs" / ("quality-quick" if quick else "quality")).resolve()
     out = args.out or REPO / "benchmarks" / "results" / f"quality-{date}{'-quick' if quick else ''}"
     chosen = methods(args.ablations, args.fp32)
     if args.methods:
