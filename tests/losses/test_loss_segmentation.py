@@ -68,7 +68,7 @@ def test_dice_ce_rejects_a_label_without_channel_axis() -> None:
         DiceCELoss()(torch.zeros(1, 4, 2, 2, 2), torch.zeros(1, 2, 2, 2, dtype=torch.long))
 
 
-def test_deep_supervision_downsamples_labels_by_nearest_neighbour_and_averages() -> None:
+def test_deep_supervision_downsamples_labels_by_nearest_neighbour_and_sums() -> None:
     label = torch.randint(0, 4, (2, 1, 4, 4, 4))
     seen: list[torch.Tensor] = []
 
@@ -78,7 +78,7 @@ def test_deep_supervision_downsamples_labels_by_nearest_neighbour_and_averages()
 
     outputs = [torch.zeros(2, 4, 1, 1, 1), torch.zeros(2, 4, 2, 2, 2), torch.zeros(2, 4, 4, 4, 4)]
     value = deep_supervision_loss(recording_loss, outputs, label)
-    assert value.item() == pytest.approx((1 + 2 + 4) / 3)
+    assert value.item() == pytest.approx(1 + 2 + 4)
     # Voxel-centre sampling: a factor-2 reduction keeps voxels 1 and 3 along each axis.
     assert torch.equal(seen[1], label[:, :, 1::2, 1::2, 1::2])
     assert torch.equal(seen[0], label[:, :, 2:3, 2:3, 2:3])
@@ -90,7 +90,7 @@ def test_deep_supervision_with_dice_ce_matches_explicit_sum() -> None:
     label = torch.randint(0, 4, (1, 1, 4, 4, 4))
     outputs = [torch.randn(1, 4, 2, 2, 2), torch.randn(1, 4, 4, 4, 4)]
     loss_fn = DiceCELoss()
-    expected = (loss_fn(outputs[0], label[:, :, 1::2, 1::2, 1::2]) + loss_fn(outputs[1], label)) / 2
+    expected = loss_fn(outputs[0], label[:, :, 1::2, 1::2, 1::2]) + loss_fn(outputs[1], label)
     assert deep_supervision_loss(loss_fn, outputs, label).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
@@ -102,8 +102,9 @@ def test_masked_aux_loss_ignores_missing_pairs_in_value_and_gradient() -> None:
     loss_fn = DiceCELoss()
 
     value = masked_aux_loss(loss_fn, aux, label, mask)
-    pairs = [(0, 0), (0, 3), (1, 1), (1, 2), (1, 3)]
-    expected = sum(loss_fn(aux[m][b : b + 1], label[b : b + 1]) for b, m in pairs) / len(pairs)
+    # Modalities 0, 1, 2 are scored on one sample of two (half weight), modality 3 on both (batch Dice).
+    one = [(0, 0), (1, 1), (1, 2)]
+    expected = sum(loss_fn(aux[m][b : b + 1], label[b : b + 1]) for b, m in one) / 2 + loss_fn(aux[3], label)
     assert value.item() == pytest.approx(expected.item(), rel=1e-6)
 
     value.backward()
@@ -114,6 +115,16 @@ def test_masked_aux_loss_ignores_missing_pairs_in_value_and_gradient() -> None:
                 assert grad_norm > 0, f"available pair ({b}, {m}) got no gradient"
             else:
                 assert grad_norm == 0, f"missing pair ({b}, {m}) got a gradient"
+
+
+def test_masked_aux_loss_with_every_modality_scored_is_the_sum_of_the_four_losses() -> None:
+    torch.manual_seed(1)
+    label = torch.randint(0, 4, (2, 1, 4, 4, 4))
+    aux = [torch.randn(2, 4, 4, 4, 4) for _ in range(4)]
+    loss_fn = DiceCELoss()
+    expected = sum(loss_fn(a, label) for a in aux)  # mmFormer's sep_loss: one batch loss per modality
+    value = masked_aux_loss(loss_fn, aux, label, torch.ones(2, 4, dtype=torch.bool))
+    assert value.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_masked_aux_loss_without_available_pairs_is_zero_with_a_graph() -> None:

@@ -73,35 +73,42 @@ def resize_label(label: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 
 def deep_supervision_loss(loss_fn: LossFn, logits_list: Sequence[torch.Tensor], label: torch.Tensor) -> torch.Tensor:
-    """Mean of ``loss_fn`` over deep-supervision outputs, each against the label resampled to its grid.
+    """Sum of ``loss_fn`` over deep-supervision outputs, each against the label resampled to its grid.
 
-    Equal weights match the SMML public code (all loss weights 1); averaging keeps the term's scale
-    independent of the number of decoder stages.
+    A sum, as the public SMML and mmFormer code (``prm_loss``): each output weighs as much as the fused
+    prediction's loss, so the decoder's coarse stages are trained as hard as in the paper.
     """
     if len(logits_list) == 0:
         raise ValueError("deep_supervision_loss: logits_list is empty (the network returned no deep outputs)")
     losses = [loss_fn(logits, resize_label(label, logits.shape[2:])) for logits in logits_list]
-    return torch.stack(losses).mean()
+    return torch.stack(losses).sum()
 
 
 def masked_aux_loss(
     loss_fn: LossFn, aux_logits: Sequence[torch.Tensor], label: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
-    """Mean of per-modality losses over the available (sample, modality) pairs only.
+    """Sum over modalities of each auxiliary output's loss on the samples where it is scored.
 
-    Each available pair is scored on its own sample, so a modality's auxiliary output for a sample
-    where that modality is missing enters neither the value nor the gradient. With no available pair
-    the result is a zero that still depends on the logits (so ``backward`` works everywhere).
+    Modality ``m``'s loss is taken over the samples with ``mask[:, m]`` (one batch Dice, like the fused
+    loss) and weighted by their fraction of the batch, so a modality scored on every sample weighs as
+    much as the fused loss: with all four scored this is the public code's sum of four per-modality losses
+    (mmFormer's ``sep_loss``). An output for a sample where its modality is not scored enters neither the
+    value nor the gradient. With nothing scored the result is a zero that still depends on the logits
+    (so ``backward`` works everywhere).
     """
     if not aux_logits or mask.dim() != 2 or mask.shape[1] != len(aux_logits):
         raise ValueError(
             f"masked_aux_loss: mask must be (B, {len(aux_logits)}) for {len(aux_logits)} auxiliary outputs, "
             f"got {tuple(mask.shape)}"
         )
-    losses = [
-        loss_fn(aux_logits[m][b : b + 1], label[b : b + 1])
-        for b, m in mask.nonzero().tolist()
-    ]
+    batch = mask.shape[0]
+    losses = []
+    for m, logits in enumerate(aux_logits):
+        keep = mask[:, m].nonzero()[:, 0]
+        if len(keep) == batch:
+            losses.append(loss_fn(logits, label))
+        elif len(keep):
+            losses.append(loss_fn(logits[keep], label[keep]) * (len(keep) / batch))
     if not losses:
         return torch.stack([logits.sum() for logits in aux_logits]).sum() * 0.0
-    return torch.stack(losses).mean()
+    return torch.stack(losses).sum()
