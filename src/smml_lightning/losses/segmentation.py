@@ -105,9 +105,7 @@ def masked_aux_loss(
     losses = []
     for m, logits in enumerate(aux_logits):
         keep = mask[:, m].nonzero()[:, 0]
-        if len(keep) == batch:
-            losses.append(loss_fn(logits, label))
-        elif len(keep):
+        if len(keep):
             losses.append(loss_fn(logits[keep], label[keep]) * (len(keep) / batch))
     if not losses:
         return torch.stack([logits.sum() for logits in aux_logits]).sum() * 0.0
