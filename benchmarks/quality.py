@@ -5,6 +5,8 @@
     python benchmarks/quality.py --ablations        # also the four SMML ablations
     python benchmarks/quality.py --fp32             # also SMML in fp32 (bf16-mixed's accuracy check)
     python benchmarks/quality.py --peers            # also each SMML peer scored alone (no extra training)
+    python benchmarks/quality.py --overlay experiments/variants/public_seg_loss.yaml --work runs/quality-wce
+                                                    # every method with a config overlay (here: the loss)
 
 Pipeline: synthetic cases (fixed seed) -> prepare -> SAM priors once (tiny random SAM, decoder fitted on
 the training split) -> for each method and seed, `python -m smml_lightning.cli fit` in a subprocess for
@@ -30,7 +32,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from unittest import mock
 
@@ -352,6 +354,10 @@ def main(argv: list[str] | None = None) -> None:
                         "adds, apart from what mutual learning gives each one")
     parser.add_argument("--methods", nargs="+", help="only these methods (names as in the table; SMML and "
                         "single-branch are always kept for the gain table)")
+    parser.add_argument("--overlay", type=Path, action="append", default=[],
+                        help="config overlay stacked on every method's configs (repeatable), e.g. "
+                             "experiments/variants/public_seg_loss.yaml; give it its own --work, since run "
+                             "folders are named by method, seed and steps only")
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results/quality-<date>)")
     parser.add_argument("--work", type=Path, help="data and runs (default runs/quality or runs/quality-quick)")
     args = parser.parse_args(argv)
@@ -377,6 +383,10 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             parser.error(f"unknown --methods {unknown}; choose from {known}")
         chosen = [m for m in chosen if m.name in {*args.methods, "SMML", "single-branch"}]
+    for overlay in args.overlay:
+        if not overlay.is_file():
+            parser.error(f"--overlay {overlay}: no such file")
+    chosen = [replace(m, configs=(*m.configs, *(o.resolve() for o in args.overlay))) for m in chosen]
     base = load_yaml((EXPERIMENTS / "synthetic.yaml",))["data"]
     patch = int(base["patch_size"])
     test_fraction = held_out_fraction(cases, base["val_fraction"], base["test_fraction"])

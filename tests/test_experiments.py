@@ -127,3 +127,14 @@ def test_ablation_overlay_changes_only_its_knobs(base: str, overlay: str) -> Non
         "shared_mask": lambda: model.share_mask and model.refiners is not None,
     }[overlay]
     assert expected()
+
+
+@pytest.mark.parametrize("config", ["synthetic", "synthetic_single", "synthetic_maml", "brats2018_unet"])
+def test_public_seg_loss_variant_sets_the_loss_of_any_method(config: str) -> None:
+    path = EXPERIMENTS / "variants" / "public_seg_loss.yaml"
+    assert "--config experiments/variants/public_seg_loss.yaml" in path.read_text(), "usage missing from header"
+    model = build(EXPERIMENTS / f"{config}.yaml", path)[0].model
+    loss = model.seg_loss
+    assert loss.class_weighted_ce is True and loss.dice.include_background is True
+    default = build(EXPERIMENTS / f"{config}.yaml")[0].model.seg_loss
+    assert default.class_weighted_ce is False and default.dice.include_background is False

@@ -63,6 +63,43 @@ def test_dice_ce_with_absent_classes_is_finite_and_zero_for_an_empty_prediction(
     assert (unsure.grad[:, 1:] > 1e-4).all()
 
 
+def test_class_weighted_ce_weighs_each_voxel_by_one_minus_its_class_share_per_sample() -> None:
+    # Sample 0: labels 0, 0, 0, 1 (shares 3/4, 1/4); sample 1: labels 2, 2, 0, 2 (shares 1/4, 3/4).
+    labels = [[0, 0, 0, 1], [2, 2, 0, 2]]
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 4, 1, 1)
+    label = torch.tensor(labels).reshape(2, 1, 4, 1, 1)
+    total = 0.0
+    for b, row in enumerate(labels):
+        for v, y in enumerate(row):
+            p = _softmax(logits[b, :, v, 0, 0].tolist())
+            total += (1 - row.count(y) / 4) * -math.log(p[y])
+    expected = total / 8  # mean over every voxel of the batch, as the public code
+    loss = DiceCELoss(lambda_dice=0.0, class_weighted_ce=True)(logits, label)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    # Unweighted, the same voxels give the plain mean cross-entropy.
+    plain = DiceCELoss(lambda_dice=0.0)(logits, label)
+    assert plain.item() == pytest.approx(torch.nn.functional.cross_entropy(logits, label[:, 0]).item(), rel=1e-6)
+
+
+def test_public_code_loss_matches_its_per_class_formula() -> None:
+    # mmFormer's criterions written out per class on one-hot targets: weighted CE + batch Dice averaged
+    # over all classes, background included (smoothing 1 here instead of its eps).
+    torch.manual_seed(1)
+    logits = torch.randn(2, 4, 5, 4, 3)
+    label = torch.randint(0, 4, (2, 1, 5, 4, 3))
+    prob = torch.softmax(logits, 1)
+    target = torch.nn.functional.one_hot(label[:, 0], 4).permute(0, 4, 1, 2, 3).float()
+    cross, dice = 0.0, 0.0
+    for c in range(4):
+        share = target[:, c].sum((1, 2, 3)) / target.sum((1, 2, 3, 4))
+        cross = cross - ((1 - share).view(-1, 1, 1, 1) * target[:, c] * prob[:, c].log())
+        dice = dice + (2 * (prob[:, c] * target[:, c]).sum() + 1) / (prob[:, c].sum() + target[:, c].sum() + 1)
+    expected = cross.mean() + 1 - dice / 4
+    loss = DiceCELoss(include_background=True, class_weighted_ce=True)(logits, label)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_dice_ce_rejects_a_label_without_channel_axis() -> None:
     with pytest.raises(ValueError, match="label must be"):
         DiceCELoss()(torch.zeros(1, 4, 2, 2, 2), torch.zeros(1, 2, 2, 2, dtype=torch.long))

@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 
 from ..losses.mutual import modality_mutual_loss
-from ..losses.segmentation import DiceCELoss, deep_supervision_loss, masked_aux_loss
+from ..losses.segmentation import deep_supervision_loss, masked_aux_loss
 from ..models.backbone import MMFormer
 from ..models.base import MaskedSegmenter
 from ..models.maml import MAML
@@ -39,7 +39,6 @@ class SingleBranch(MissingModalityModule):
         check_weights(w_fused=w_fused, w_aux=w_aux, w_deep=w_deep)
         self.net = (network or MMFormer)()
         self.w = dict(fused=w_fused, aux=w_aux, deep=w_deep)
-        self.seg_loss = DiceCELoss()
 
     def inference_models(self) -> list[MaskedSegmenter]:
         return [self.net]
@@ -86,7 +85,6 @@ class MAMLModule(MissingModalityModule):
         self.w = dict(fused=w_fused, modality=w_modality, deep=w_deep, mutual=w_mutual)
         self.temperature = temperature
         self.warmup_epochs = warmup_epochs
-        self.seg_loss = DiceCELoss()
 
     def inference_models(self) -> list[MaskedSegmenter]:
         return [self.net]

@@ -30,7 +30,7 @@ import torch
 
 from ..losses.hcc import bidirectional_pixel_consistency, inter_class_relation, inter_sample_relation
 from ..losses.prior import prior_consistency
-from ..losses.segmentation import DiceCELoss, deep_supervision_loss, masked_aux_loss
+from ..losses.segmentation import deep_supervision_loss, masked_aux_loss
 from ..models.backbone import MMFormer
 from ..models.base import MaskedSegmenter, SegmentationOutput
 from ..models.refine import SemanticRefiner
@@ -110,7 +110,6 @@ class SMML(MissingModalityModule):
         self.share_mask = share_mask
         self.sample_relation_across_ranks = sample_relation_across_ranks
         self.inference_branches = branches
-        self.seg_loss = DiceCELoss()
 
     def inference_models(self) -> list[MaskedSegmenter]:
         return [self.branches[k] for k in self.inference_branches]

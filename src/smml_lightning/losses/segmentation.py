@@ -10,14 +10,14 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceCELoss as MonaiDiceCELoss
+from monai.losses import DiceLoss
 from torch import nn
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class DiceCELoss(nn.Module):
-    """Cross-entropy plus soft multi-class Dice over softmax probabilities (MONAI's ``DiceCELoss``).
+    """Cross-entropy plus soft multi-class Dice over softmax probabilities (MONAI's ``DiceLoss``).
 
     The defaults are chosen for 128^3 BraTS patches where tumor classes are often absent:
 
@@ -30,6 +30,13 @@ class DiceCELoss(nn.Module):
     - ``batch=True``: intersections and sums are pooled over the batch before the ratio, so a class
       missing from one sample but present in another yields one proper Dice instead of an absent-class
       term per sample (the nnU-Net "batch Dice" choice for 3D patches).
+    - ``class_weighted_ce=False``: every voxel's cross-entropy counts alike. ``True`` is the public
+      SMML/mmFormer weighting (``softmax_weighted_loss``): a voxel of class ``c`` in sample ``b`` weighs
+      ``1 - (share of class c in sample b)``, so background (~95 % of a patch) weighs ~0.05 and the
+      small tumour classes ~1; still averaged over all voxels. (The public code also clamps the
+      probability at 0.005 inside the log, which zeroes the gradient of the worst voxels; not done here.)
+      Together with ``include_background=True`` this is the public code's segmentation loss, up to the
+      Dice smoothing.
     """
 
     def __init__(
@@ -39,18 +46,22 @@ class DiceCELoss(nn.Module):
         batch: bool = True,
         lambda_dice: float = 1.0,
         lambda_ce: float = 1.0,
+        class_weighted_ce: bool = False,
     ) -> None:
         super().__init__()
-        self.loss = MonaiDiceCELoss(
+        if smooth < 0 or lambda_dice < 0 or lambda_ce < 0:
+            raise ValueError(f"DiceCELoss: smooth, lambda_dice and lambda_ce must be >= 0, "
+                             f"got {smooth}, {lambda_dice}, {lambda_ce}")
+        self.dice = DiceLoss(
             include_background=include_background,
             to_onehot_y=True,
             softmax=True,
             smooth_nr=smooth,
             smooth_dr=smooth,
             batch=batch,
-            lambda_dice=lambda_dice,
-            lambda_ce=lambda_ce,
         )
+        self.lambda_dice, self.lambda_ce = lambda_dice, lambda_ce
+        self.class_weighted_ce = class_weighted_ce
 
     def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         if label.dim() != logits.dim() or label.shape[1] != 1 or label.shape[2:] != logits.shape[2:]:
@@ -58,7 +69,15 @@ class DiceCELoss(nn.Module):
                 f"DiceCELoss: label must be (B, 1, *spatial) matching logits {tuple(logits.shape)}, "
                 f"got {tuple(label.shape)}"
             )
-        return self.loss(logits, label.long())
+        label = label.long()
+        ce = F.cross_entropy(logits, label[:, 0], reduction="none")  # (B, *spatial)
+        if self.class_weighted_ce:
+            flat = label.flatten(1)  # (B, N)
+            counts = torch.zeros(flat.shape[0], logits.shape[1], device=flat.device).scatter_add_(
+                1, flat, torch.ones_like(flat, dtype=torch.float))
+            weight = 1.0 - counts / flat.shape[1]  # (B, C): one minus each class's share of the sample
+            ce = ce * weight.gather(1, flat).view_as(ce)
+        return self.lambda_dice * self.dice(logits, label) + self.lambda_ce * ce.mean()
 
 
 def resize_label(label: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
