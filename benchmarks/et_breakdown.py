@@ -13,6 +13,7 @@ run, the mean ET Dice over (case, subset) pairs in each group, from the runs' ``
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +35,17 @@ def true_et_volumes(work: Path) -> dict[str, int]:
     return volumes
 
 
-def breakdown(work: Path, run: str, volumes: dict[str, int], region: str = "ET") -> pd.Series:
-    frames = [pd.read_csv(p) for p in sorted((work / run).glob("report*/per_case.csv"))]
+def reports(run_dir: Path, peer: int | None = None) -> list[Path]:
+    """The run's per-case CSVs: the method's own reports, or with ``peer`` only that peer's
+    (``--peers`` writes ``report-peer<k>`` and ``report-heldout-*-peer<k>`` next to them)."""
+    paths = sorted(run_dir.glob("report*/per_case.csv"))
+    if peer is None:
+        return [p for p in paths if not re.search(r"-peer\d+$", p.parent.name)]
+    return [p for p in paths if p.parent.name.endswith(f"-peer{peer}")]
+
+
+def breakdown(work: Path, run: str, volumes: dict[str, int], region: str = "ET", peer: int | None = None) -> pd.Series:
+    frames = [pd.read_csv(p) for p in reports(work / run, peer)]
     if not frames:
         raise FileNotFoundError(f"{work / run}: no report*/per_case.csv (run the quality benchmark first)")
     rows = pd.concat(frames)
@@ -58,9 +68,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("work", type=Path, help="the quality benchmark's --work folder")
     parser.add_argument("runs", nargs="+", help="run folders under it, e.g. smml-seed0-steps1200")
     parser.add_argument("--region", default="ET", help="ET (default) or ET_post")
+    parser.add_argument("--peer", type=int, choices=(0, 1), help="an SMML peer's reports (runs with --peers)")
     args = parser.parse_args(argv)
     volumes = true_et_volumes(args.work)
-    table = pd.concat([breakdown(args.work, run, volumes, args.region) for run in args.runs], axis=1)
+    table = pd.concat([breakdown(args.work, run, volumes, args.region, args.peer) for run in args.runs], axis=1)
     print(f"{args.region} Dice (%), mean over (case, subset) pairs; cases by true ET volume "
           "(test cases without any ET in brackets)\n")
     columns = [c for c in table.index if c[0] != "cases"]
