@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from smml_lightning.models.baselines import UNetBaseline
-from smml_lightning.models.refine import PriorReweighting, SemanticRefiner
+from smml_lightning.models.refine import LabelGuidedPriorWeighting, PriorReweighting, SemanticRefiner
 
 MASK = torch.tensor([[True, False, True, True], [False, False, False, True]])
 SHAPE = (32, 32, 48)
@@ -19,6 +19,48 @@ def test_reweighting_matches_hand_computation():
     assert torch.count_nonzero(out[~MASK]) == 0
     with pytest.raises(ValueError, match="prior must be"):
         rw(torch.rand(2, 4, 3, 3, 3, 3), MASK)
+
+
+def test_label_guided_weighting_matches_hand_computation():
+    """The public code's weights: per class k, MLP_k([mean prior_m,k / (share_k + eps) for m] + [share_k]),
+    sigmoid; the shares and means are counted by hand here with numpy."""
+    torch.manual_seed(0)
+    lg = LabelGuidedPriorWeighting()
+    prior = torch.rand(2, 4, 4, 2, 3, 4)
+    label = torch.zeros(2, 1, 2, 3, 4, dtype=torch.long)
+    label[0, 0, 0] = 1  # sample 0: NCR in half the patch, no ED, no ET
+    label[1, 0, :, :, 0] = 3  # sample 1: ET in a quarter
+    out = lg(prior, MASK, label)
+    voxels = 2 * 3 * 4
+    for b in range(2):
+        lab = label[b, 0].numpy()
+        for k in range(4):
+            share = (lab == k).sum() / voxels + 1e-7
+            ratios = [float(prior[b, m, k].numpy().mean()) * MASK[b, m].item() / share for m in range(4)]
+            x = torch.tensor([*ratios, share], dtype=torch.float32).view(1, 5, 1, 1, 1)
+            with torch.no_grad():
+                w = torch.sigmoid(lg.mlps[k](x)).flatten()
+            for m in range(4):
+                expected = prior[b, m, k] * w[m] * MASK[b, m]
+                assert torch.allclose(out[b, m, k], expected, rtol=1e-5, atol=1e-6), (b, m, k)
+    assert torch.count_nonzero(out[~MASK]) == 0
+    out.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lg.mlps[1].parameters())
+    with pytest.raises(ValueError, match="label must be"):
+        lg(prior, MASK, label[:, :, :1])
+
+
+def test_refiner_with_label_guided_weighting_needs_the_label():
+    torch.manual_seed(0)
+    ref = SemanticRefiner(width=4, reweighting="label_guided")
+    prior = torch.rand(2, 4, 4, 16, 16, 24)
+    logits = torch.randn(2, 4, 16, 16, 24)
+    label = torch.randint(0, 4, (2, 1, 16, 16, 24))
+    assert torch.equal(ref(prior, MASK, logits, label), logits)  # residual: identity at initialisation
+    with pytest.raises(ValueError, match="needs the label"):
+        ref(prior, MASK, logits)
+    with pytest.raises(ValueError, match="reweighting must be one of"):
+        SemanticRefiner(reweighting="learnt")
 
 
 def test_refiner_starts_as_the_identity_on_the_fused_logits():

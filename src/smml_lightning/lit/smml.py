@@ -127,7 +127,7 @@ class SMML(MissingModalityModule):
                 raise KeyError("SMML with use_prior=true needs priors in the batch: set data.use_prior=true "
                                "and run `smml priors` (or set model.init_args.use_prior=false)")
             prior = batch["prior"].to(out.logits.dtype)
-            refined = self.refiners[k](prior, mask, out.logits.detach())
+            refined = self.refiners[k](prior, mask, out.logits.detach(), label)
             terms["seg_refine"] = self.w["refine"] * self.seg_loss(refined, label)
             if warm:
                 terms["prior_consist"] = self.w["prior"] * prior_consistency(

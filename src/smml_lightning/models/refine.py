@@ -1,14 +1,17 @@
 """SMML's semantic-prior refinement: reweighted SAM priors plus the fused logits -> refined logits.
 
 Priors are per-modality class-probability volumes ``(B, M, C, *S)`` computed offline by the SAM prior
-model. Each branch reweights them with learnt per-(modality, class) weights, zeroes the missing
-modalities, and a small 3D U-Net refines the branch's fused prediction from them. Training-time only:
-inference uses the fused decoder.
+model. Each branch reweights them (per modality and class), zeroes the missing modalities, and a small
+3D U-Net refines the branch's fused prediction from them. Training-time only: inference uses the fused
+decoder.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+import torch.nn.functional as F
 from monai.networks.nets import UNet
 from torch import nn
 
@@ -38,6 +41,52 @@ class PriorReweighting(nn.Module):
         return prior * weight * mask.to(prior.dtype).view(*mask.shape, 1, *spatial)
 
 
+class LabelGuidedPriorWeighting(nn.Module):
+    """The public SMML code's prior weighting (``sam_weight_fuse``): a weight per sample, modality and class.
+
+    For class ``c`` and modality ``m`` the input is how much probability the prior puts on ``c`` over the
+    patch relative to how much of the patch truly is ``c`` (mean prior / (mean one-hot label + 1e-7)),
+    next to that true share; a small MLP per class (1x1x1 convs 5 -> 64 -> 128 -> 64 -> M, LeakyReLU)
+    and a sigmoid turn it into the modalities' weights. It reads the ground truth, which the refiner may
+    (it is training-only): a prior that claims a class the patch lacks, e.g. enhancement from FLAIR on a
+    tumour without it, can be turned down for that sample. Missing modalities are zeroed.
+    """
+
+    def __init__(self, num_modalities: int = NUM_MODALITIES, num_classes: int = NUM_CLASSES,
+                 eps: float = 1e-7) -> None:
+        super().__init__()
+        self.num_modalities, self.num_classes, self.eps = num_modalities, num_classes, eps
+        m = num_modalities
+        self.mlps = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv3d(m + 1, 64, 1), nn.LeakyReLU(0.2), nn.Conv3d(64, 128, 1), nn.LeakyReLU(0.2),
+                nn.Conv3d(128, 64, 1), nn.LeakyReLU(0.2), nn.Conv3d(64, m, 1),
+            )
+            for _ in range(num_classes)
+        )
+
+    def weights(self, prior: torch.Tensor, mask: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """Weights ``(B, M, C)`` in (0, 1), computed in float32 (the ratio reaches 1e7 on absent classes)."""
+        b, m, c = prior.shape[:3]
+        masked = prior.float() * mask.float().view(b, m, 1, *([1] * (prior.ndim - 3)))
+        share = F.one_hot(label[:, 0].long(), c).float().flatten(1, -2).mean(dim=1) + self.eps  # (B, C)
+        ratio = masked.flatten(3).mean(dim=3) / share[:, None, :]  # (B, M, C)
+        with torch.autocast(prior.device.type, enabled=False):
+            logits = [mlp(torch.cat([ratio[:, :, k], share[:, k:k + 1]], dim=1).view(b, m + 1, 1, 1, 1))
+                      for k, mlp in enumerate(self.mlps)]
+        return torch.sigmoid(torch.stack(logits, dim=2).view(b, m, c))
+
+    def forward(self, prior: torch.Tensor, mask: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        m, c = self.num_modalities, self.num_classes
+        if prior.ndim < 3 or prior.shape[1:3] != (m, c):
+            raise ValueError(f"prior must be (B, {m}, {c}, *spatial), got {tuple(prior.shape)}")
+        if label.shape != (prior.shape[0], 1, *prior.shape[3:]):
+            raise ValueError(f"label must be (B, 1, *spatial of prior), got {tuple(label.shape)}")
+        mask = check_mask(mask, prior.shape[0], m)
+        weight = self.weights(prior, mask, label) * mask.float()[:, :, None]
+        return prior * weight.to(prior.dtype).view(*weight.shape, *([1] * (prior.ndim - 3)))
+
+
 class SemanticRefiner(nn.Module):
     """Reweighted priors (flattened to ``M * C`` channels) + fused logits -> refined logits ``(B, C, *S)``.
 
@@ -50,6 +99,11 @@ class SemanticRefiner(nn.Module):
     weights start at zero. So at initialisation the refined prediction *is* the fused one, and the
     prior-consistency KL (refined teaches fused) only ever passes on what the refiner has learnt to
     improve, never the output of a freshly initialised network.
+
+    ``reweighting``: ``"per_class"`` (default) learns one weight per (modality, class) shared by all
+    samples (:class:`PriorReweighting`); ``"label_guided"`` is the public code's per-sample weighting
+    from the priors and the ground truth (:class:`LabelGuidedPriorWeighting`; ``forward`` then needs
+    ``label``).
     """
 
     def __init__(
@@ -58,12 +112,17 @@ class SemanticRefiner(nn.Module):
         num_modalities: int = NUM_MODALITIES,
         width: int = 8,
         depth: int = 3,
+        reweighting: Literal["per_class", "label_guided"] = "per_class",
     ) -> None:
         super().__init__()
         if depth < 2:
             raise ValueError(f"SemanticRefiner depth must be >= 2 (one downsampling at least), got {depth}")
+        weightings = {"per_class": PriorReweighting, "label_guided": LabelGuidedPriorWeighting}
+        if reweighting not in weightings:
+            raise ValueError(f"SemanticRefiner reweighting must be one of {list(weightings)}, got {reweighting!r}")
         self.num_classes = num_classes
-        self.reweight = PriorReweighting(num_modalities, num_classes)
+        self.label_guided = reweighting == "label_guided"
+        self.reweight = weightings[reweighting](num_modalities, num_classes)
         self.unet = use_group_instance_norms(UNet(
             spatial_dims=3,
             in_channels=(num_modalities + 1) * num_classes,
@@ -78,12 +137,18 @@ class SemanticRefiner(nn.Module):
         nn.init.zeros_(self.correction[1].weight)
         nn.init.zeros_(self.correction[1].bias)
 
-    def forward(self, prior: torch.Tensor, mask: torch.Tensor, fused_logits: torch.Tensor) -> torch.Tensor:
+    def forward(self, prior: torch.Tensor, mask: torch.Tensor, fused_logits: torch.Tensor,
+                label: torch.Tensor | None = None) -> torch.Tensor:
         if fused_logits.shape[1] != self.num_classes or fused_logits.shape[2:] != prior.shape[3:]:
             raise ValueError(
                 f"fused_logits must be (B, {self.num_classes}, *spatial of prior {tuple(prior.shape[3:])}), "
                 f"got {tuple(fused_logits.shape)}"
             )
-        priors = self.reweight(prior, mask).flatten(1, 2)
+        if self.label_guided:
+            if label is None:
+                raise ValueError("SemanticRefiner(reweighting='label_guided') needs the label")
+            priors = self.reweight(prior, mask, label).flatten(1, 2)
+        else:
+            priors = self.reweight(prior, mask).flatten(1, 2)
         fused_logits = fused_logits.to(priors.dtype)
         return fused_logits + self.correction(self.unet(torch.cat([priors, fused_logits], dim=1)))
