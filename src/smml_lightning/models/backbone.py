@@ -17,10 +17,13 @@ Design choices, documented because mmFormer's public code differs in places:
   samples or modalities), computed as a one-group-per-channel ``GroupNorm`` (:func:`instance_norm`).
   Training therefore needs a bottleneck of more than one voxel: patches of at least 32.
 * Convolutions pad with zeros (mmFormer reflects), so that tiny bottlenecks work.
-* Skip fusion is a 3x3x3 conv over the concatenated masked modality features (mmFormer's region-aware
-  fusion is replaced by this plain fusion; the inter-modal transformer does the bottleneck fusion). A
-  voxel-wise attention over the available modalities was tried in its place and reverted: no quality
-  change at the benchmark's budget, slower (``benchmarks/results/quality-20261122h/``).
+* Skip fusion is one 3x3x3 conv (+ norm, activation) over the concatenated masked modality features;
+  the inter-modal transformer does the bottleneck fusion. The public mmFormer and SMML code fuse each
+  skip with ``fusion_prenorm``: three convs (1x1x1 over the modalities, 3x3x3, 1x1x1), each after a
+  norm and an activation (RFNet's region-aware fusion is not used there). That form made a bf16 CPU
+  training step of one branch about 1.35x slower here (more norms and activations at full resolution),
+  so it is not used. A voxel-wise attention over the available modalities was tried and reverted: no
+  quality change at the benchmark's budget, slower (``benchmarks/results/quality-20261122h/``).
 * Positional embeddings are learnt per modality for a reference grid (``patch_size / 16``) and
   trilinearly resized to the actual grid, so sliding windows and tiny test patches share weights.
 """
