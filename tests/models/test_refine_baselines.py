@@ -63,35 +63,41 @@ def test_refiner_with_label_guided_weighting_needs_the_label():
         SemanticRefiner(reweighting="learnt")
 
 
-def test_refiner_starts_as_the_identity_on_the_fused_logits():
+WEIGHTINGS = ("per_class", "label_guided")
+
+
+@pytest.mark.parametrize("reweighting", WEIGHTINGS)
+def test_refiner_starts_as_the_identity_on_the_fused_logits(reweighting):
     """A fresh refiner returns the fused logits unchanged, so it never teaches worse than it learnt."""
     torch.manual_seed(0)
-    ref = SemanticRefiner(width=4)
+    ref = SemanticRefiner(width=4, reweighting=reweighting)
     prior = torch.rand(2, 4, 4, 16, 16, 24)
     logits = torch.randn(2, 4, 16, 16, 24)
-    assert torch.equal(ref(prior, MASK, logits), logits)
-    label = torch.randint(0, 4, (2, 16, 16, 24))
-    torch.nn.functional.cross_entropy(ref(prior, MASK, logits), label).backward()
+    label = torch.randint(0, 4, (2, 1, 16, 16, 24))
+    assert torch.equal(ref(prior, MASK, logits, label), logits)
+    torch.nn.functional.cross_entropy(ref(prior, MASK, logits, label), label[:, 0]).backward()
     assert ref.correction[1].weight.grad.abs().sum() > 0  # the correction head learns from the first step
 
 
-def test_refiner_shape_and_ignores_missing_priors():
+@pytest.mark.parametrize("reweighting", WEIGHTINGS)
+def test_refiner_shape_and_ignores_missing_priors(reweighting):
     torch.manual_seed(0)
-    ref = SemanticRefiner(width=4).eval()
+    ref = SemanticRefiner(width=4, reweighting=reweighting).eval()
     torch.nn.init.normal_(ref.correction[1].weight)  # a trained refiner: its correction depends on the priors
     shape = (16, 16, 24)
     prior = torch.rand(2, 4, 4, *shape)
     logits = torch.randn(2, 4, *shape)
+    label = torch.randint(0, 4, (2, 1, *shape))
     with torch.no_grad():
-        out = ref(prior, MASK, logits)
+        out = ref(prior, MASK, logits, label)
         assert out.shape == (2, 4, *shape)
         changed = prior.clone()
         changed[~MASK] = torch.rand_like(changed[~MASK])
-        assert torch.equal(ref(changed, MASK, logits), out)
+        assert torch.equal(ref(changed, MASK, logits, label), out)
         changed[:, 3] = torch.rand_like(changed[:, 3])  # T2 is available in both samples
-        assert (ref(changed, MASK, logits) - out).abs().amax(dim=(1, 2, 3, 4)).min() > 1e-4
+        assert (ref(changed, MASK, logits, label) - out).abs().amax(dim=(1, 2, 3, 4)).min() > 1e-4
     with pytest.raises(ValueError, match="fused_logits"):
-        ref(prior, MASK, torch.randn(2, 4, 8, 16, 24))
+        ref(prior, MASK, torch.randn(2, 4, 8, 16, 24), label)
 
 
 def test_unet_baseline_shapes_split_and_masking():
