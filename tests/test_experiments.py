@@ -138,3 +138,17 @@ def test_public_seg_loss_variant_sets_the_loss_of_any_method(config: str) -> Non
     assert loss.class_weighted_ce is True and loss.dice.include_background is True
     default = build(EXPERIMENTS / f"{config}.yaml")[0].model.seg_loss
     assert default.class_weighted_ce is False and default.dice.include_background is False
+
+
+@pytest.mark.parametrize("config", SMML_BASES)
+def test_per_class_prior_weighting_variant_switches_both_refiners(config: str) -> None:
+    from smml_lightning.models.refine import LabelGuidedPriorWeighting, PriorReweighting
+
+    path = EXPERIMENTS / "variants" / "per_class_prior_weighting.yaml"
+    assert f"--config experiments/variants/{path.name}" in path.read_text(), "usage missing from header"
+    default = build(EXPERIMENTS / f"{config}.yaml")[0].model
+    assert all(isinstance(r.reweight, LabelGuidedPriorWeighting) for r in default.refiners)
+    model = build(EXPERIMENTS / f"{config}.yaml", path)[0].model
+    assert all(isinstance(r.reweight, PriorReweighting) for r in model.refiners)
+    size = lambda m: sum(p.numel() for p in m.refiners[0].unet.parameters())  # noqa: E731
+    assert size(model) == size(default)  # the overlay keeps the config's refiner width and depth

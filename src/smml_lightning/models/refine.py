@@ -100,10 +100,11 @@ class SemanticRefiner(nn.Module):
     prior-consistency KL (refined teaches fused) only ever passes on what the refiner has learnt to
     improve, never the output of a freshly initialised network.
 
-    ``reweighting``: ``"per_class"`` (default) learns one weight per (modality, class) shared by all
-    samples (:class:`PriorReweighting`); ``"label_guided"`` is the public code's per-sample weighting
-    from the priors and the ground truth (:class:`LabelGuidedPriorWeighting`; ``forward`` then needs
-    ``label``).
+    ``reweighting``: ``"label_guided"`` (default) is the public code's per-sample weighting from the
+    priors and the ground truth (:class:`LabelGuidedPriorWeighting`; ``forward`` then needs ``label``);
+    ``"per_class"`` learns one weight per (modality, class) shared by all samples
+    (:class:`PriorReweighting`), this package's form before 2026-12-01. Both score alike on the quality
+    benchmark (three seeds, within the seed spread; docs/quality-history.md).
     """
 
     def __init__(
@@ -112,7 +113,7 @@ class SemanticRefiner(nn.Module):
         num_modalities: int = NUM_MODALITIES,
         width: int = 8,
         depth: int = 3,
-        reweighting: Literal["per_class", "label_guided"] = "per_class",
+        reweighting: Literal["per_class", "label_guided"] = "label_guided",
     ) -> None:
         super().__init__()
         if depth < 2:
