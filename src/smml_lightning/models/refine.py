@@ -31,7 +31,10 @@ class PriorReweighting(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(num_modalities, num_classes))
 
-    def forward(self, prior: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, prior: torch.Tensor, mask: torch.Tensor, label: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``label`` is unused (the same call as :class:`LabelGuidedPriorWeighting`)."""
         m, c = self.weight.shape
         if prior.ndim < 3 or prior.shape[1:3] != (m, c):
             raise ValueError(f"prior must be (B, {m}, {c}, *spatial), got {tuple(prior.shape)}")
@@ -76,10 +79,12 @@ class LabelGuidedPriorWeighting(nn.Module):
                       for k, mlp in enumerate(self.mlps)]
         return torch.sigmoid(torch.stack(logits, dim=2).view(b, m, c))
 
-    def forward(self, prior: torch.Tensor, mask: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    def forward(self, prior: torch.Tensor, mask: torch.Tensor, label: torch.Tensor | None) -> torch.Tensor:
         m, c = self.num_modalities, self.num_classes
         if prior.ndim < 3 or prior.shape[1:3] != (m, c):
             raise ValueError(f"prior must be (B, {m}, {c}, *spatial), got {tuple(prior.shape)}")
+        if label is None:
+            raise ValueError("the label-guided prior weighting (SemanticRefiner's default) needs the label")
         if label.shape != (prior.shape[0], 1, *prior.shape[3:]):
             raise ValueError(f"label must be (B, 1, *spatial of prior), got {tuple(label.shape)}")
         mask = check_mask(mask, prior.shape[0], m)
@@ -122,7 +127,6 @@ class SemanticRefiner(nn.Module):
         if reweighting not in weightings:
             raise ValueError(f"SemanticRefiner reweighting must be one of {list(weightings)}, got {reweighting!r}")
         self.num_classes = num_classes
-        self.label_guided = reweighting == "label_guided"
         self.reweight = weightings[reweighting](num_modalities, num_classes)
         self.unet = use_group_instance_norms(UNet(
             spatial_dims=3,
@@ -145,11 +149,6 @@ class SemanticRefiner(nn.Module):
                 f"fused_logits must be (B, {self.num_classes}, *spatial of prior {tuple(prior.shape[3:])}), "
                 f"got {tuple(fused_logits.shape)}"
             )
-        if self.label_guided:
-            if label is None:
-                raise ValueError("SemanticRefiner(reweighting='label_guided') needs the label")
-            priors = self.reweight(prior, mask, label).flatten(1, 2)
-        else:
-            priors = self.reweight(prior, mask).flatten(1, 2)
+        priors = self.reweight(prior, mask, label).flatten(1, 2)
         fused_logits = fused_logits.to(priors.dtype)
         return fused_logits + self.correction(self.unet(torch.cat([priors, fused_logits], dim=1)))
