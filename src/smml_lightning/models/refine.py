@@ -125,7 +125,9 @@ class SemanticRefiner(nn.Module):
             raise ValueError(f"SemanticRefiner depth must be >= 2 (one downsampling at least), got {depth}")
         weightings = {"per_class": PriorReweighting, "label_guided": LabelGuidedPriorWeighting}
         if reweighting not in weightings:
-            raise ValueError(f"SemanticRefiner reweighting must be one of {list(weightings)}, got {reweighting!r}")
+            raise ValueError(
+                f"SemanticRefiner reweighting must be one of {list(weightings)}, got {reweighting!r}"
+            )
         self.num_classes = num_classes
         self.reweight = weightings[reweighting](num_modalities, num_classes)
         self.unet = use_group_instance_norms(UNet(
