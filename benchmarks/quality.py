@@ -7,6 +7,8 @@
     python benchmarks/quality.py --peers            # also each SMML peer scored alone (no extra training)
     python benchmarks/quality.py --overlay experiments/variants/public_seg_loss.yaml --work runs/quality-wce
                                                     # every method with a config overlay (here: the loss)
+    python benchmarks/quality.py --overlay experiments/variants/per_class_prior_weighting.yaml --overlay-on SMML \
+        --work runs/quality-per-class                # an overlay of SMML's own settings, SMML only
 
 Pipeline: synthetic cases (fixed seed) -> prepare -> SAM priors once (tiny random SAM, decoder fitted on
 the training split) -> for each method and seed, `python -m smml_lightning.cli fit` in a subprocess for
@@ -358,6 +360,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="config overlay stacked on every method's configs (repeatable), e.g. "
                              "experiments/variants/public_seg_loss.yaml; give it its own --work, since run "
                              "folders are named by method, seed and steps only")
+    parser.add_argument("--overlay-on", nargs="+", metavar="METHOD",
+                        help="stack the overlays on these methods only (default: every method), e.g. "
+                             "--overlay-on SMML for an overlay of SMML's own settings; the others train as in "
+                             "their experiment files")
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results/quality-<date>)")
     parser.add_argument("--work", type=Path, help="data and runs (default runs/quality or runs/quality-quick)")
     args = parser.parse_args(argv)
@@ -386,7 +392,13 @@ def main(argv: list[str] | None = None) -> None:
     for overlay in args.overlay:
         if not overlay.is_file():
             parser.error(f"--overlay {overlay}: no such file")
-    chosen = [replace(m, configs=(*m.configs, *(o.resolve() for o in args.overlay))) for m in chosen]
+    overlaid = set(args.overlay_on or [m.name for m in chosen])
+    if not args.overlay and args.overlay_on:
+        parser.error("--overlay-on needs at least one --overlay")
+    if unknown := sorted(overlaid - {m.name for m in chosen}):
+        parser.error(f"--overlay-on {unknown}: not among the methods run ({[m.name for m in chosen]})")
+    chosen = [replace(m, configs=(*m.configs, *(o.resolve() for o in args.overlay))) if m.name in overlaid else m
+              for m in chosen]
     base = load_yaml((EXPERIMENTS / "synthetic.yaml",))["data"]
     patch = int(base["patch_size"])
     test_fraction = held_out_fraction(cases, base["val_fraction"], base["test_fraction"])
