@@ -31,6 +31,7 @@ import io
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -186,6 +187,10 @@ def fit(method: Method, data: list[str], seed: int, steps: int, steps_per_epoch:
            f"--trainer.max_steps={steps}", "--trainer.max_epochs=-1", "--trainer.limit_val_batches=0",
            "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false",
            "--checkpoint.monitor=null", f"--checkpoint.dirpath={run_dir / 'checkpoints'}", *extra]
+    stale = run_dir / "checkpoints"
+    if stale.exists():  # an interrupted fit: start over, or Lightning would save last-v1.ckpt beside it
+        print(f"   {run_dir.name}: removing the checkpoints of an unfinished fit", flush=True)
+        shutil.rmtree(stale)
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "fit.log"
     started = time.perf_counter()
