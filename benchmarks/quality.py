@@ -183,14 +183,14 @@ def fit(method: Method, data: list[str], seed: int, steps: int, steps_per_epoch:
     if "warmup_epochs" in init and cfg["trainer"].get("max_epochs"):
         fraction = init["warmup_epochs"] / cfg["trainer"]["max_epochs"]
         extra.append(f"--model.init_args.warmup_epochs={round(fraction * steps / steps_per_epoch)}")
+    checkpoints = run_dir / "checkpoints"
     cmd = [sys.executable, "-m", "smml_lightning.cli", "fit", *common_args(method, data, seed, run_dir),
            f"--trainer.max_steps={steps}", "--trainer.max_epochs=-1", "--trainer.limit_val_batches=0",
            "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false",
-           "--checkpoint.monitor=null", f"--checkpoint.dirpath={run_dir / 'checkpoints'}", *extra]
-    stale = run_dir / "checkpoints"
-    if stale.exists():  # an interrupted fit: start over, or Lightning would save last-v1.ckpt beside it
+           "--checkpoint.monitor=null", f"--checkpoint.dirpath={checkpoints}", *extra]
+    if checkpoints.exists():  # an interrupted fit: start over, or Lightning would save last-v1.ckpt beside it
         print(f"   {run_dir.name}: removing the checkpoints of an unfinished fit", flush=True)
-        shutil.rmtree(stale)
+        shutil.rmtree(checkpoints)
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "fit.log"
     started = time.perf_counter()
