@@ -4,7 +4,14 @@ import pytest
 from matplotlib.image import imread
 
 from smml_lightning.data.modalities import SUBSET_NAMES
-from smml_lightning.evaluation.report import load_published, metric_rows, subset_ranking, summary_table, write_report
+from smml_lightning.evaluation.report import (
+    load_published,
+    metric_rows,
+    modality_gains,
+    subset_ranking,
+    summary_table,
+    write_report,
+)
 
 REGIONS = ("WT", "TC", "ET", "ET_post")
 
@@ -50,7 +57,7 @@ def test_write_report_files_rows_and_markdown_order(tmp_path):
     rows = _rows()
     paths = write_report(rows, tmp_path / "rep", "SMML", dataset_layout="brats2018",
                          settings={"roi_size": 128, "overlap": 0.5, "mode": "gaussian"})
-    assert set(paths) == {"per_case", "summary", "report", "heatmap"}
+    assert set(paths) == {"per_case", "summary", "report", "heatmap", "modality_gains"}
     assert all(p.is_file() for p in paths.values())
     per_case = pd.read_csv(paths["per_case"])
     assert list(per_case.columns) == ["case", "subset", "region", "dice", "hd95"]
@@ -138,3 +145,60 @@ def test_subset_ranking_and_its_line_in_the_report(tmp_path):
     text = write_report(rows, tmp_path / "rep", "SMML")["report"].read_text()
     assert ("Mean Dice over WT, TC and ET: best FLAIR+T1ce+T1+T2 (80.0), worst T1 (10.0); "
             "all four modalities rank 1 of 15.") in text
+
+
+def _additive_rows(n_cases=4):
+    """Dice = case offset + 0.1 per modality + 0.3 more for T1ce: every gain is known exactly."""
+    rows = []
+    for c in range(n_cases):
+        for subset in SUBSET_NAMES:
+            dice = 0.05 * c + 0.1 * (subset.count("+") + 1) + (0.3 if "T1ce" in subset else 0.0)
+            rows += [{"case": f"c{c}", "subset": subset, "region": r, "dice": dice, "hd95": 1.0} for r in REGIONS]
+    return rows
+
+
+def test_modality_gains_hand_computed_and_pairing_by_case(tmp_path):
+    gains = modality_gains(_additive_rows()).set_index(["modality", "added", "region"])
+    assert len(gains) == 4 * 2 * 3  # modalities x (any, last) x (WT, TC, ET); ET_post not by default
+    for modality in ("FLAIR", "T1", "T2", "T1ce"):
+        expected = 0.4 if modality == "T1ce" else 0.1  # the case offsets cancel in the paired differences
+        for added in ("any", "last"):
+            row = gains.loc[(modality, added, "ET")]
+            assert row["gain"] == pytest.approx(expected)
+            assert row["ci_low"] == pytest.approx(expected) and row["ci_high"] == pytest.approx(expected)
+            assert row["n_cases"] == 4
+    text = write_report(_additive_rows(), tmp_path / "rep", "m", compare=False)["report"].read_text()
+    assert "## What each modality adds" in text
+    assert "| T1ce | +40.0 [+40.0, +40.0] | +40.0 [+40.0, +40.0] |" in text
+    saved = pd.read_csv(tmp_path / "rep" / "modality_gains.csv")
+    assert len(saved) == 24 and set(saved["added"]) == {"any", "last"}
+
+
+def test_modality_gains_random_against_numpy_and_an_independent_bootstrap():
+    rows = _rows(n_cases=40, seed=3)
+    frame = pd.DataFrame(rows)
+    dice = frame[frame.region == "TC"].pivot(index="case", columns="subset", values="dice")
+    without_t2 = [s for s in SUBSET_NAMES if "T2" not in s]
+    per_case = np.mean([dice[f"{s}+T2"] - dice[s] for s in without_t2], axis=0)
+    got = modality_gains(rows, n_resamples=4000).set_index(["modality", "added", "region"])
+    row = got.loc[("T2", "any", "TC")]
+    assert len(without_t2) == 7
+    assert row["gain"] == pytest.approx(per_case.mean())
+    # A plain numpy percentile bootstrap of the same per-case gains agrees to Monte Carlo precision.
+    rng = np.random.default_rng(123)
+    means = per_case[rng.integers(0, len(per_case), (20000, len(per_case)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    assert row["ci_low"] == pytest.approx(low, abs=0.01) and row["ci_high"] == pytest.approx(high, abs=0.01)
+    assert row["ci_low"] < row["gain"] < row["ci_high"]
+    last = got.loc[("FLAIR", "last", "WT")]
+    wt = frame[frame.region == "WT"].pivot(index="case", columns="subset", values="dice")
+    assert last["gain"] == pytest.approx((wt["FLAIR+T1ce+T1+T2"] - wt["T1ce+T1+T2"]).mean())
+
+
+def test_modality_gains_use_only_evaluated_pairs():
+    rows = [r for r in _additive_rows() if r["subset"] in ("FLAIR", "FLAIR+T1ce")]
+    gains = modality_gains(rows)
+    assert set(zip(gains["modality"], gains["added"])) == {("T1ce", "any")}
+    assert gains["gain"].to_numpy() == pytest.approx([0.4] * 3)
+    one_case = modality_gains([r for r in rows if r["case"] == "c0"])
+    assert one_case["ci_low"].isna().all() and one_case["gain"].to_numpy() == pytest.approx([0.4] * 3)

@@ -2,8 +2,9 @@
 
 Input is one row per (case, subset, region) with that case's Dice (fraction, 0..1) and HD95 (mm).
 Outputs: ``per_case.csv`` (the rows), ``summary.csv`` (subset x region means plus the 15-subset
-average), ``report.md`` (the papers' table, how the figures were computed, published comparison rows)
-and ``heatmap.png``. Every file is written atomically and nothing is overwritten unless asked, so a
+average), ``report.md`` (the papers' table, how the figures were computed, published comparison rows),
+``heatmap.png`` and ``modality_gains.csv`` (what adding each modality changes, with bootstrap
+intervals over cases). Every file is written atomically and nothing is overwritten unless asked, so a
 finished report is never clobbered by a later run pointed at the same folder.
 """
 
@@ -18,6 +19,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from scipy import stats
 
 from smml_lightning.data.cache import atomic_write_bytes, atomic_write_text
 from smml_lightning.data.modalities import (
@@ -40,6 +42,7 @@ FILES: dict[str, str] = {
     "summary": "summary.csv",
     "report": "report.md",
     "heatmap": "heatmap.png",
+    "modality_gains": "modality_gains.csv",
 }
 
 
@@ -128,6 +131,61 @@ def subset_ranking(summary: pd.DataFrame, regions: Sequence[str] = ("WT", "TC", 
     return rows[columns].mean(axis=1).sort_values(ascending=False, kind="stable")
 
 
+def _gain_interval(gains: np.ndarray, confidence: float, n_resamples: int, seed: int) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean gain over cases; NaN with fewer than two cases."""
+    if len(gains) < 2:
+        return np.nan, np.nan
+    if np.ptp(gains) == 0:  # every resample has the same mean
+        return float(gains[0]), float(gains[0])
+    result = stats.bootstrap((gains,), np.mean, n_resamples=n_resamples, confidence_level=confidence,
+                             method="percentile", rng=np.random.default_rng(seed))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def modality_gains(
+    rows: Sequence[Mapping[str, Any]],
+    regions: Sequence[str] = ("WT", "TC", "ET"),
+    confidence: float = 0.95,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Dice gained by adding each modality, paired by case, with a bootstrap interval over cases.
+
+    Two questions a reader of the 15-subset table asks: does a modality help at all ("any": the mean,
+    over the up-to-7 evaluated subsets it can join, of Dice with it minus Dice without it), and does it
+    still help once the other three are there ("last": all four minus the other three; a negative gain
+    is why all four modalities may not rank first). Differences are taken per case, then averaged over
+    cases, so case difficulty cancels; the interval is a percentile bootstrap of that mean over cases
+    (case-level noise only: a second training seed varies more). Columns: ``modality``, ``added``
+    ("any" or "last"), ``region``, ``n_cases``, ``gain``, ``ci_low``, ``ci_high`` (Dice fractions).
+    Pairs whose two subsets were not both evaluated are left out; a modality without any is absent.
+    """
+    frame = rows_frame(rows)
+    records = []
+    for k, modality in enumerate(MODALITY_LABELS[m] for m in MODALITIES):
+        without = [mask for mask in SUBSETS if not mask[k]]
+        pairs = {
+            "any": [(subset_name(m), subset_name(tuple(v or i == k for i, v in enumerate(m)))) for m in without],
+            "last": [(subset_name(tuple(i != k for i in range(len(MODALITIES)))), SUBSET_NAMES[-1])],
+        }
+        for region in regions:
+            dice = frame[frame["region"] == region].pivot(index="case", columns="subset", values="dice")
+            dice.columns = dice.columns.astype(str)
+            for added, subset_pairs in pairs.items():
+                present = [(a, b) for a, b in subset_pairs if a in dice.columns and b in dice.columns]
+                if not present:
+                    continue
+                per_case = pd.concat([dice[b] - dice[a] for a, b in present], axis=1).mean(axis=1).dropna()
+                gains = per_case.to_numpy(dtype=float)
+                if not len(gains):
+                    continue
+                low, high = _gain_interval(gains, confidence, n_resamples, seed)
+                records.append({"modality": modality, "added": added, "region": region, "n_cases": len(gains),
+                                "gain": float(gains.mean()), "ci_low": low, "ci_high": high})
+    return pd.DataFrame.from_records(
+        records, columns=["modality", "added", "region", "n_cases", "gain", "ci_low", "ci_high"])
+
+
 def load_published(dataset: str | None = None) -> pd.DataFrame:
     """Published 15-subset Dice averages (%) from ``resources/published.csv``, optionally one dataset's."""
     text = resources.files("smml_lightning").joinpath("resources/published.csv").read_text()
@@ -147,6 +205,7 @@ def _markdown(
     compare: bool,
     et_min_voxels: int,
     settings: Mapping[str, Any] | None,
+    gains: pd.DataFrame,
 ) -> str:
     regions = [r for r in REPORT_REGIONS if f"{r}_dice" in summary.columns]
     by_subset = summary.set_index("subset")
@@ -182,6 +241,7 @@ def _markdown(
         *lines,
         "",
         rank_note + ".",
+        *_gains_markdown(gains),
         "",
         "## How these figures were computed",
         "",
@@ -211,6 +271,32 @@ def _markdown(
             parts += ["", "Published figures are means over the papers' own splits; they are indicative, "
                       "not a paired comparison with this run."]
     return "\n".join(parts) + "\n"
+
+
+def _gains_markdown(gains: pd.DataFrame) -> list[str]:
+    """The modality-gain table: one row per modality, "any" then "last" columns per region."""
+    if gains.empty:
+        return []
+    cells = gains.set_index(["modality", "added", "region"])
+    columns = [(added, region) for added in ("any", "last") for region in dict.fromkeys(gains["region"])]
+    head = ["added modality", *(f"{r} {'to any subset' if a == 'any' else 'to the other three'}" for a, r in columns)]
+    lines = ["", "## What each modality adds", "",
+             "Dice points with the modality minus without it, paired by case, mean over cases [95% bootstrap "
+             "interval over cases]. *To any subset*: averaged over the subsets it can join; *to the other "
+             "three*: all four against the other three (below zero, all four modalities cannot rank first). "
+             "The interval covers case-to-case variation only; a retrained model varies more.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for modality in dict.fromkeys(gains["modality"]):
+        row = [modality]
+        for key in columns:
+            if (modality, *key) not in cells.index:
+                row.append("–")
+                continue
+            gain, low, high = cells.loc[(modality, *key), ["gain", "ci_low", "ci_high"]]
+            interval = "" if pd.isna(low) else f" [{low * 100:+.1f}, {high * 100:+.1f}]"
+            row.append(f"{gain * 100:+.1f}{interval}")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
 
 
 def _heatmap_png(summary: pd.DataFrame, method_name: str) -> bytes:
@@ -243,7 +329,9 @@ def write_report(
     et_min_voxels: int = 500,
     settings: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
-    """Write per_case.csv, summary.csv, report.md and heatmap.png into ``out_dir``; return their paths.
+    """Write per_case.csv, summary.csv, modality_gains.csv, report.md and heatmap.png into ``out_dir``.
+
+    Returns the paths written, keyed as in :data:`FILES`.
 
     ``dataset_layout`` (e.g. ``brats2018``) selects the published comparison rows; ``None`` shows all.
     ``settings`` (roi_size, overlap, mode, ...) are quoted in the report's notes as passed.
@@ -255,12 +343,14 @@ def write_report(
         raise FileExistsError(f"report files already exist: {existing}; pass overwrite=True to replace them")
     frame = rows_frame(rows)
     summary = summary_table(rows)
+    gains = modality_gains(rows)
 
     per_case = frame.astype({"subset": str, "region": str})
     atomic_write_text(paths["per_case"], per_case.to_csv(index=False))
     atomic_write_text(paths["summary"], summary.to_csv(index=False))
+    atomic_write_text(paths["modality_gains"], gains.to_csv(index=False))
     markdown = _markdown(summary, method_name, frame["case"].nunique(), dataset_layout, compare,
-                         et_min_voxels, settings)
+                         et_min_voxels, settings, gains)
     atomic_write_text(paths["report"], markdown)
     png = _heatmap_png(summary, method_name)
     atomic_write_bytes(paths["heatmap"], lambda f: f.write(png))
