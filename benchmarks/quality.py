@@ -260,6 +260,23 @@ def gains(per_subset: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
     return table
 
 
+def last_modality_gains(rows: pd.DataFrame, order: list[str]) -> pd.DataFrame:
+    """Per method, seed, modality and region: all four modalities minus the other three (paired by
+    case, :func:`~smml_lightning.evaluation.report.modality_gains`); why all four may not rank first."""
+    from smml_lightning.evaluation.report import modality_gains
+
+    parts = []
+    for (method, seed), run in rows[rows["region"] != "ET_post"].groupby(["method", "seed"], sort=False):
+        # The peer rows hold both peers' scores: their mean per case (the gain is linear in Dice).
+        run = run.groupby(["case", "subset", "region"], as_index=False)[["dice", "hd95"]].mean()
+        table = modality_gains(run.to_dict("records"), n_resamples=200)
+        parts.append(table[table["added"] == "last"].assign(method=method, seed=seed))
+    frame = pd.concat(parts)
+    frame["method"] = pd.Categorical(frame["method"], categories=order, ordered=True)
+    return frame.groupby(["method", "modality", "region"], observed=True, sort=False)["gain"].agg(
+        ["mean", "min", "max"]).reset_index()
+
+
 def pct(value: float) -> str:
     return "nan" if value is None or math.isnan(value) else f"{100 * value:.1f}"
 
@@ -299,6 +316,18 @@ def markdown(summary: dict[str, pd.DataFrame], gain: dict[tuple[str, str], pd.Da
                 row = table[(table["n_modalities"] == k) & (table["region"] == region)].iloc[0]
                 cells.append(f"{100 * row['mean']:+.1f} [{100 * row['min']:+.1f}, {100 * row['max']:+.1f}]")
             lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    last = summary.get("last_modality")
+    if last is not None and not last.empty:
+        regions = list(dict.fromkeys(last["region"]))
+        lines += ["", "## All four modalities minus the other three",
+                  "Dice points gained by adding each modality last (paired by case), mean over seeds "
+                  "[min–max]; below zero, that three-modality subset beats all four.", "",
+                  "| method | added | " + " | ".join(regions) + " |", "|---" * (len(regions) + 2) + "|"]
+        for (method, modality), part in last.groupby(["method", "modality"], observed=True, sort=False):
+            by_region = part.set_index("region")
+            cells = [f"{100 * by_region.loc[r, 'mean']:+.1f} [{100 * by_region.loc[r, 'min']:+.1f}, "
+                     f"{100 * by_region.loc[r, 'max']:+.1f}]" for r in regions]
+            lines.append(f"| {method} | {modality} | " + " | ".join(cells) + " |")
     if gain:
         lines += ["", "## Acceptance: SMML above single-branch by more than the seed spread", ""]
         per_run = summary["per_run"].set_index(["method", "seed"])
@@ -437,6 +466,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.peers:
         order.insert(order.index("SMML") + 1, PEER)
     summary = summarise(pd.concat(rows), pd.DataFrame(walls), order)
+    summary["last_modality"] = last_modality_gains(pd.concat(rows), order)
     gain = {(a, "single-branch"): gains(summary["per_subset"], a, "single-branch") for a in order if a in ("SMML", PEER)}
     meta = {"date": date, "cases": cases, "shape": shape, "steps": steps, "seeds": seeds,
             "split": f"{len(split['train'])}/{len(split['test'])} train/test (the config's validation cases "
@@ -448,6 +478,7 @@ def main(argv: list[str] | None = None) -> None:
     atomic_write_text(out / "quality.md", text)
     atomic_write_text(out / "runs.csv", summary["per_run"].to_csv(index=False))
     atomic_write_text(out / "subsets.csv", summary["subsets"].to_csv(index=False))
+    atomic_write_text(out / "last_modality.csv", summary["last_modality"].to_csv(index=False))
     for (a, _), table in gain.items():
         atomic_write_text(out / f"gain_{slug(a)}_vs_single.csv", table.to_csv(index=False))
     png = figure(summary["subsets"], order)
