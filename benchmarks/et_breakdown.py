@@ -7,7 +7,8 @@ things: how well the enhancing rim is outlined where there is one, and whether a
 a tumor without enhancement (there Dice is 1 for an empty prediction and 0 otherwise). This prints, per
 run, the mean ET Dice over (case, subset) pairs in each group, from the runs' ``report*/per_case.csv``
 (the benchmark's test split and held-out set) and the true ET volumes in ``<work>/cache`` and
-``<work>/heldout-*/cache``.
+``<work>/heldout-*/cache``. A second table splits the same way what adding each modality last (all
+four against the other three) changes: why all four modalities may rank below a three-modality subset.
 """
 
 from __future__ import annotations
@@ -63,6 +64,22 @@ def breakdown(work: Path, run: str, volumes: dict[str, int], region: str = "ET",
     return table.rename(run)
 
 
+def added_last(work: Path, run: str, volumes: dict[str, int], region: str = "ET", peer: int | None = None) -> pd.Series:
+    """Dice points gained by adding each modality last (all four minus the other three), paired by
+    case, on the tumours with and without enhancement: where all four modalities lose their rank."""
+    from smml_lightning.evaluation.report import modality_gains
+
+    rows = pd.concat([pd.read_csv(p) for p in reports(work / run, peer)])
+    rows = rows[rows["region"] == region]
+    table = {}
+    for group, keep in (("no ET", rows["case"].map(volumes) == 0), ("ET", rows["case"].map(volumes) > 0)):
+        if keep.any():
+            gains = modality_gains(rows[keep].to_dict("records"), regions=(region,), n_resamples=200)
+            for rec in gains[gains["added"] == "last"].itertuples():
+                table[group, f"+{rec.modality}"] = 100 * rec.gain
+    return pd.Series(table, name=run)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("work", type=Path, help="the quality benchmark's --work folder")
@@ -80,6 +97,13 @@ def main(argv: list[str] | None = None) -> None:
     for run in table.columns:
         cells = " | ".join(f"{table.loc[c, run]:.1f}" for c in columns)
         print(f"| {run} | {table.loc[('cases', 'n'), run]:.0f} ({table.loc[('cases', 'no ET'), run]:.0f}) | {cells} |")
+    last = pd.concat([added_last(args.work, run, volumes, args.region, args.peer) for run in args.runs], axis=1)
+    print(f"\n{args.region} Dice points gained by adding each modality last (all four minus the other three, "
+          "paired by case), on the test cases without and with enhancement\n")
+    print("| run | " + " | ".join(f"{a}: {b}" for a, b in last.index) + " |")
+    print("|---" * (len(last.index) + 1) + "|")
+    for run in last.columns:
+        print(f"| {run} | " + " | ".join(f"{last.loc[c, run]:+.1f}" for c in last.index) + " |")
 
 
 if __name__ == "__main__":
