@@ -284,7 +284,8 @@ def _gains_markdown(gains: pd.DataFrame) -> list[str]:
              "Dice points with the modality minus without it, paired by case, mean over cases [95% bootstrap "
              "interval over cases]. *To any subset*: averaged over the subsets it can join; *to the other "
              "three*: all four against the other three (below zero, all four modalities cannot rank first). "
-             "The interval covers case-to-case variation only; a retrained model varies more.", "",
+             "The interval covers case-to-case variation only (a retrained model varies more) and is too narrow "
+             "with few cases (a percentile bootstrap under about 20).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for modality in dict.fromkeys(gains["modality"]):
         row = [modality]
