@@ -161,6 +161,10 @@ def modality_gains(
     Pairs whose two subsets were not both evaluated are left out; a modality without any is absent.
     """
     frame = rows_frame(rows)
+    tables = {}
+    for region in regions:
+        tables[region] = frame[frame["region"] == region].pivot(index="case", columns="subset", values="dice")
+        tables[region].columns = tables[region].columns.astype(str)
     records = []
     for k, modality in enumerate(MODALITY_LABELS[m] for m in MODALITIES):
         without = [mask for mask in SUBSETS if not mask[k]]
@@ -168,9 +172,7 @@ def modality_gains(
             "any": [(subset_name(m), subset_name(tuple(v or i == k for i, v in enumerate(m)))) for m in without],
             "last": [(subset_name(tuple(i != k for i in range(len(MODALITIES)))), SUBSET_NAMES[-1])],
         }
-        for region in regions:
-            dice = frame[frame["region"] == region].pivot(index="case", columns="subset", values="dice")
-            dice.columns = dice.columns.astype(str)
+        for region, dice in tables.items():
             for added, subset_pairs in pairs.items():
                 present = [(a, b) for a, b in subset_pairs if a in dice.columns and b in dice.columns]
                 if not present:
