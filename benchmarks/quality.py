@@ -465,8 +465,9 @@ def main(argv: list[str] | None = None) -> None:
     order = [m.name for m in chosen]
     if args.peers:
         order.insert(order.index("SMML") + 1, PEER)
-    summary = summarise(pd.concat(rows), pd.DataFrame(walls), order)
-    summary["last_modality"] = last_modality_gains(pd.concat(rows), order)
+    all_rows = pd.concat(rows)
+    summary = summarise(all_rows, pd.DataFrame(walls), order)
+    summary["last_modality"] = last_modality_gains(all_rows, order)
     gain = {(a, "single-branch"): gains(summary["per_subset"], a, "single-branch") for a in order if a in ("SMML", PEER)}
     meta = {"date": date, "cases": cases, "shape": shape, "steps": steps, "seeds": seeds,
             "split": f"{len(split['train'])}/{len(split['test'])} train/test (the config's validation cases "
