@@ -9,6 +9,8 @@ run, the mean ET Dice over (case, subset) pairs in each group, from the runs' ``
 (the benchmark's test split and held-out set) and the true ET volumes in ``<work>/cache`` and
 ``<work>/heldout-*/cache``. A second table splits the same way what adding each modality last (all
 four against the other three) changes: why all four modalities may rank below a three-modality subset.
+With ``--train-fit`` the same on the runs' own training cases (``quality.py --train-fit``): a pattern
+that shows there too is in what the model has learnt, not in how it generalises.
 """
 
 from __future__ import annotations
@@ -36,19 +38,24 @@ def true_et_volumes(work: Path) -> dict[str, int]:
     return volumes
 
 
-def reports(run_dir: Path, peer: int | None = None) -> list[Path]:
+def reports(run_dir: Path, peer: int | None = None, train_fit: bool = False) -> list[Path]:
     """The run's per-case CSVs: the method's own reports, or with ``peer`` only that peer's
-    (``--peers`` writes ``report-peer<k>`` and ``report-heldout-*-peer<k>`` next to them)."""
+    (``--peers`` writes ``report-peer<k>`` and ``report-heldout-*-peer<k>`` next to them), or with
+    ``train_fit`` its scores on its own training cases (``quality.py --train-fit``)."""
+    if train_fit:
+        return sorted(run_dir.glob("train-fit/per_case.csv"))
     paths = sorted(run_dir.glob("report*/per_case.csv"))
     if peer is None:
         return [p for p in paths if not re.search(r"-peer\d+$", p.parent.name)]
     return [p for p in paths if p.parent.name.endswith(f"-peer{peer}")]
 
 
-def breakdown(work: Path, run: str, volumes: dict[str, int], region: str = "ET", peer: int | None = None) -> pd.Series:
-    frames = [pd.read_csv(p) for p in reports(work / run, peer)]
+def breakdown(work: Path, run: str, volumes: dict[str, int], region: str = "ET", peer: int | None = None,
+              train_fit: bool = False) -> pd.Series:
+    frames = [pd.read_csv(p) for p in reports(work / run, peer, train_fit)]
     if not frames:
-        raise FileNotFoundError(f"{work / run}: no report*/per_case.csv (run the quality benchmark first)")
+        wanted = "train-fit/per_case.csv (quality.py --train-fit)" if train_fit else "report*/per_case.csv"
+        raise FileNotFoundError(f"{work / run}: no {wanted} (run the quality benchmark first)")
     rows = pd.concat(frames)
     rows = rows[rows["region"] == region].copy()
     missing = sorted(set(rows["case"]) - set(volumes))
@@ -64,12 +71,13 @@ def breakdown(work: Path, run: str, volumes: dict[str, int], region: str = "ET",
     return table.rename(run)
 
 
-def added_last(work: Path, run: str, volumes: dict[str, int], region: str = "ET", peer: int | None = None) -> pd.Series:
+def added_last(work: Path, run: str, volumes: dict[str, int], region: str = "ET", peer: int | None = None,
+               train_fit: bool = False) -> pd.Series:
     """Dice points gained by adding each modality last (all four minus the other three), paired by
     case, on the tumours with and without enhancement: where all four modalities lose their rank."""
     from smml_lightning.evaluation.report import modality_gains
 
-    rows = pd.concat([pd.read_csv(p) for p in reports(work / run, peer)])
+    rows = pd.concat([pd.read_csv(p) for p in reports(work / run, peer, train_fit)])
     rows = rows[rows["region"] == region]
     table = {}
     for group, keep in (("no ET", rows["case"].map(volumes) == 0), ("ET", rows["case"].map(volumes) > 0)):
@@ -86,20 +94,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("runs", nargs="+", help="run folders under it, e.g. smml-seed0-steps1200")
     parser.add_argument("--region", default="ET", help="ET (default) or ET_post")
     parser.add_argument("--peer", type=int, choices=(0, 1), help="an SMML peer's reports (runs with --peers)")
+    parser.add_argument("--train-fit", action="store_true", help="the runs' scores on their own training cases "
+                        "(runs with quality.py --train-fit) instead of the test cases")
     args = parser.parse_args(argv)
     volumes = true_et_volumes(args.work)
-    table = pd.concat([breakdown(args.work, run, volumes, args.region, args.peer) for run in args.runs], axis=1)
-    print(f"{args.region} Dice (%), mean over (case, subset) pairs; cases by true ET volume "
-          "(test cases without any ET in brackets)\n")
+    scored = "training" if args.train_fit else "test"
+    table = pd.concat([breakdown(args.work, run, volumes, args.region, args.peer, args.train_fit)
+                       for run in args.runs], axis=1)
+    print(f"{args.region} Dice (%) on the {scored} cases, mean over (case, subset) pairs; cases by true ET volume "
+          f"({scored} cases without any ET in brackets)\n")
     columns = [c for c in table.index if c[0] != "cases"]
-    print("| run | test cases (no ET) | " + " | ".join(f"{a}, {b}" for a, b in columns) + " |")
+    print(f"| run | {scored} cases (no ET) | " + " | ".join(f"{a}, {b}" for a, b in columns) + " |")
     print("|---" * (len(columns) + 2) + "|")
     for run in table.columns:
         cells = " | ".join(f"{table.loc[c, run]:.1f}" for c in columns)
         print(f"| {run} | {table.loc[('cases', 'n'), run]:.0f} ({table.loc[('cases', 'no ET'), run]:.0f}) | {cells} |")
-    last = pd.concat([added_last(args.work, run, volumes, args.region, args.peer) for run in args.runs], axis=1)
+    last = pd.concat([added_last(args.work, run, volumes, args.region, args.peer, args.train_fit)
+                      for run in args.runs], axis=1)
     print(f"\n{args.region} Dice points gained by adding each modality last (all four minus the other three, "
-          "paired by case), on the test cases without and with enhancement\n")
+          f"paired by case), on the {scored} cases without and with enhancement\n")
     print("| run | " + " | ".join(f"{a}: {b}" for a, b in last.index) + " |")
     print("|---" * (len(last.index) + 1) + "|")
     for run in last.columns:

@@ -5,6 +5,7 @@
     python benchmarks/quality.py --ablations        # also the four SMML ablations
     python benchmarks/quality.py --fp32             # also SMML in fp32 (bf16-mixed's accuracy check)
     python benchmarks/quality.py --peers            # also each SMML peer scored alone (no extra training)
+    python benchmarks/quality.py --train-fit        # also every run scored on its own training cases
     python benchmarks/quality.py --overlay experiments/variants/public_seg_loss.yaml --work runs/quality-wce
                                                     # every method with a config overlay (here: the loss)
     python benchmarks/quality.py --overlay experiments/variants/per_class_prior_weighting.yaml --overlay-on SMML \
@@ -47,6 +48,7 @@ EXPERIMENTS = REPO / "experiments"
 REGIONS = ("WT", "TC", "ET", "ET_post")  # ET_post: small predicted ET emptied, as in the community's tables
 DATA_SEED = 0  # synthetic cases and split: fixed for every method and training seed
 PEER = "SMML one peer"  # --peers: each SMML peer scored alone; its rows average the two peers per seed
+TRAIN_FIT = "train-fit"  # --train-fit: each run's scores on its own training cases (its report folder)
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,14 @@ def prepare_heldout(work: Path, first: int, n: int, shape: tuple[int, int, int],
     root = work / f"heldout-{first}-{n}"
     cache_dir = synthetic_cache(root, n, shape, patch, first)
     split = write_split({"test": list_cases(cache_dir)}, root / "split.json")
+    return [f"--data.cache_dir={cache_dir}", f"--data.split={split}"]
+
+
+def training_cases(work: Path, cache_dir: Path, names: list[str]) -> list[str]:
+    """CLI arguments that test on the benchmark split's training cases (``--train-fit``)."""
+    from smml_lightning.data.splits import write_split
+
+    split = write_split({"test": sorted(names)}, work / "train-fit-split.json")
     return [f"--data.cache_dir={cache_dir}", f"--data.split={split}"]
 
 
@@ -289,7 +299,32 @@ def spread_cell(row: pd.Series, region: str) -> str:
     return f"{pct(mean)} ± {pct(std)} [{pct(row[(region, 'min')])}–{pct(row[(region, 'max')])}]"
 
 
-def markdown(summary: dict[str, pd.DataFrame], gain: dict[tuple[str, str], pd.DataFrame], meta: dict) -> str:
+def region_rows(stats: pd.DataFrame, wall: bool) -> list[str]:
+    """One Markdown row per method: each region's spread cell, and the mean fit wall time if ``wall``."""
+    lines = []
+    for method, row in stats.iterrows():
+        cells = [spread_cell(row, r) for r in REGIONS]
+        if wall:
+            cells.append(f"{row[('fit_wall_seconds', 'mean')]:.0f}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def last_modality_rows(last: pd.DataFrame) -> list[str]:
+    """The "all four minus the other three" table (:func:`last_modality_gains`) in Markdown."""
+    regions = list(dict.fromkeys(last["region"]))
+    lines = ["Dice points gained by adding each modality last (paired by case), mean over seeds "
+             "[min–max]; below zero, that three-modality subset beats all four.", "",
+             "| method | added | " + " | ".join(regions) + " |", "|---" * (len(regions) + 2) + "|"]
+    for (method, modality), part in last.groupby(["method", "modality"], observed=True, sort=False):
+        by_region = part.set_index("region")
+        cells = [f"{100 * by_region.loc[r, 'mean']:+.1f} [{100 * by_region.loc[r, 'min']:+.1f}, "
+                 f"{100 * by_region.loc[r, 'max']:+.1f}]" for r in regions]
+        lines.append(f"| {method} | {modality} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(summary: dict, gain: dict[tuple[str, str], pd.DataFrame], meta: dict) -> str:
     stats = summary["stats"]
     lines = [f"# Quality benchmark ({meta['date']})", "",
              f"{meta['cases']} synthetic cases of {'x'.join(map(str, meta['shape']))} (data seed {DATA_SEED}); "
@@ -300,9 +335,7 @@ def markdown(summary: dict[str, pd.DataFrame], gain: dict[tuple[str, str], pd.Da
              "Wall time: the fit subprocess (includes ~10-20 s start-up; the machine is shared, so noisy).",
              f"Command: `{meta['command']}`", "",
              "| method | " + " | ".join(REGIONS) + " | fit wall (s) |", "|---" * (len(REGIONS) + 2) + "|"]
-    for method, row in stats.iterrows():
-        cells = [spread_cell(row, r) for r in REGIONS]
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {row[('fit_wall_seconds', 'mean')]:.0f} |")
+    lines += region_rows(stats, wall=True)
     if PEER in stats.index:
         lines += ["", f"{PEER}: the SMML weights with one peer's logits instead of both averaged "
                   "(`model.init_args.inference_branches=[k]`), the mean of peers 0 and 1 per seed."]
@@ -316,18 +349,18 @@ def markdown(summary: dict[str, pd.DataFrame], gain: dict[tuple[str, str], pd.Da
                 row = table[(table["n_modalities"] == k) & (table["region"] == region)].iloc[0]
                 cells.append(f"{100 * row['mean']:+.1f} [{100 * row['min']:+.1f}, {100 * row['max']:+.1f}]")
             lines.append(f"| {k} | " + " | ".join(cells) + " |")
-    last = summary.get("last_modality")
-    if last is not None and not last.empty:
-        regions = list(dict.fromkeys(last["region"]))
-        lines += ["", "## All four modalities minus the other three",
-                  "Dice points gained by adding each modality last (paired by case), mean over seeds "
-                  "[min–max]; below zero, that three-modality subset beats all four.", "",
-                  "| method | added | " + " | ".join(regions) + " |", "|---" * (len(regions) + 2) + "|"]
-        for (method, modality), part in last.groupby(["method", "modality"], observed=True, sort=False):
-            by_region = part.set_index("region")
-            cells = [f"{100 * by_region.loc[r, 'mean']:+.1f} [{100 * by_region.loc[r, 'min']:+.1f}, "
-                     f"{100 * by_region.loc[r, 'max']:+.1f}]" for r in regions]
-            lines.append(f"| {method} | {modality} | " + " | ".join(cells) + " |")
+    if summary.get("last_modality") is not None:
+        lines += ["", "## All four modalities minus the other three", *last_modality_rows(summary["last_modality"])]
+    if summary.get(TRAIN_FIT) is not None:
+        train = summary[TRAIN_FIT]
+        lines += ["", "## On the training cases (`--train-fit`)",
+                  "The same runs scored on the cases they were trained on (Dice %, mean over the 15 subsets; "
+                  "mean ± std over seeds [min–max]). Close to the test figures, the runs have not fitted their "
+                  "own data (under-fitting: more steps, not more data, would help); far above them, they do not "
+                  "generalise.", "", "| method | " + " | ".join(REGIONS) + " |", "|---" * (len(REGIONS) + 1) + "|",
+                  *region_rows(train["stats"], wall=False),
+                  "", "All four modalities minus the other three, on the training cases:",
+                  *last_modality_rows(train["last_modality"])]
     if gain:
         lines += ["", "## Acceptance: SMML above single-branch by more than the seed spread", ""]
         per_run = summary["per_run"].set_index(["method", "seed"])
@@ -388,6 +421,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peers", action="store_true", help="also score each SMML peer alone on the same "
                         "weights (row 'SMML one peer', the mean of the two): what averaging two networks "
                         "adds, apart from what mutual learning gives each one")
+    parser.add_argument("--train-fit", action="store_true", help="also score every run on its own training "
+                        "cases (folder train-fit/): tells a model that has not fitted its data from one that "
+                        "does not generalise")
     parser.add_argument("--methods", nargs="+", help="only these methods (names as in the table; SMML and "
                         "single-branch are always kept for the gain table)")
     parser.add_argument("--overlay", type=Path, action="append", default=[],
@@ -442,9 +478,10 @@ def main(argv: list[str] | None = None) -> None:
     cache_dir, split = prepare_data(work, cases, shape, patch, test_fraction, prior_epochs=2 if quick else 30)
     data = data_args(cache_dir, test_fraction)
     heldout = prepare_heldout(work, cases, args.heldout, shape, patch) if args.heldout else []
+    train_cases = training_cases(work, cache_dir, split["train"]) if args.train_fit else []
     n_test = len(split["test"]) + args.heldout
     steps_per_epoch = math.ceil(len(split["train"]) * base["samples_per_volume"] / base["batch_size"])
-    rows, walls = [], []
+    rows, train_rows, walls = [], [], []
     for method in chosen:
         for seed in seeds:
             run_dir = work / f"{slug(method.name)}-seed{seed}-steps{steps}"
@@ -454,6 +491,8 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(test(method, data, seed, run_dir))
             if heldout:
                 rows.append(test(method, heldout, seed, run_dir, f"report-heldout-{cases}-{args.heldout}"))
+            if train_cases:
+                train_rows.append(test(method, train_cases, seed, run_dir, TRAIN_FIT))
             walls.append({"method": method.name, "seed": seed, "wall_seconds": wall})
             if args.peers and method.name == "SMML":
                 for k in (0, 1):
@@ -468,6 +507,10 @@ def main(argv: list[str] | None = None) -> None:
     all_rows = pd.concat(rows)
     summary = summarise(all_rows, pd.DataFrame(walls), order)
     summary["last_modality"] = last_modality_gains(all_rows, order)
+    if train_rows:
+        trained = [m for m in order if m != PEER]
+        summary[TRAIN_FIT] = summarise(pd.concat(train_rows), pd.DataFrame(walls), trained)
+        summary[TRAIN_FIT]["last_modality"] = last_modality_gains(pd.concat(train_rows), trained)
     gain = {(a, "single-branch"): gains(summary["per_subset"], a, "single-branch") for a in order if a in ("SMML", PEER)}
     meta = {"date": date, "cases": cases, "shape": shape, "steps": steps, "seeds": seeds,
             "split": f"{len(split['train'])}/{len(split['test'])} train/test (the config's validation cases "
@@ -480,6 +523,10 @@ def main(argv: list[str] | None = None) -> None:
     atomic_write_text(out / "runs.csv", summary["per_run"].to_csv(index=False))
     atomic_write_text(out / "subsets.csv", summary["subsets"].to_csv(index=False))
     atomic_write_text(out / "last_modality.csv", summary["last_modality"].to_csv(index=False))
+    if train_rows:
+        atomic_write_text(out / "train_fit_runs.csv", summary[TRAIN_FIT]["per_run"].to_csv(index=False))
+        atomic_write_text(out / "train_fit_last_modality.csv",
+                          summary[TRAIN_FIT]["last_modality"].to_csv(index=False))
     for (a, _), table in gain.items():
         atomic_write_text(out / f"gain_{slug(a)}_vs_single.csv", table.to_csv(index=False))
     png = figure(summary["subsets"], order)
