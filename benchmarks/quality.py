@@ -356,8 +356,7 @@ def markdown(summary: dict, gain: dict[tuple[str, str], pd.DataFrame], meta: dic
         lines += ["", "## On the training cases (`--train-fit`)",
                   "The same runs scored on the cases they were trained on (Dice %, mean over the 15 subsets; "
                   "mean ± std over seeds [min–max]). Close to the test figures, the runs have not fitted their "
-                  "own data (under-fitting: more steps, not more data, would help); far above them, they do not "
-                  "generalise.", "", "| method | " + " | ".join(REGIONS) + " |", "|---" * (len(REGIONS) + 1) + "|",
+                  "own data (under-fitted); far above them, they fit it but do not generalise.", "", "| method | " + " | ".join(REGIONS) + " |", "|---" * (len(REGIONS) + 1) + "|",
                   *region_rows(train["stats"], wall=False),
                   "", "All four modalities minus the other three, on the training cases:",
                   *last_modality_rows(train["last_modality"])]
