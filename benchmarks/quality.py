@@ -507,9 +507,9 @@ def main(argv: list[str] | None = None) -> None:
     summary = summarise(all_rows, pd.DataFrame(walls), order)
     summary["last_modality"] = last_modality_gains(all_rows, order)
     if train_rows:
-        trained = [m for m in order if m != PEER]
-        summary[TRAIN_FIT] = summarise(pd.concat(train_rows), pd.DataFrame(walls), trained)
-        summary[TRAIN_FIT]["last_modality"] = last_modality_gains(pd.concat(train_rows), trained)
+        trained, train_all = [m for m in order if m != PEER], pd.concat(train_rows)
+        summary[TRAIN_FIT] = summarise(train_all, pd.DataFrame(walls), trained)
+        summary[TRAIN_FIT]["last_modality"] = last_modality_gains(train_all, trained)
     gain = {(a, "single-branch"): gains(summary["per_subset"], a, "single-branch") for a in order if a in ("SMML", PEER)}
     meta = {"date": date, "cases": cases, "shape": shape, "steps": steps, "seeds": seeds,
             "split": f"{len(split['train'])}/{len(split['test'])} train/test (the config's validation cases "
