@@ -143,19 +143,18 @@ def prepare_heldout(work: Path, first: int, n: int, shape: tuple[int, int, int],
     on whether any ET is predicted, so one such case moves a 15-subset ET average by up to 10 points.
     """
     from smml_lightning.data.cache import list_cases
-    from smml_lightning.data.splits import write_split
 
     root = work / f"heldout-{first}-{n}"
     cache_dir = synthetic_cache(root, n, shape, patch, first)
-    split = write_split({"test": list_cases(cache_dir)}, root / "split.json")
-    return [f"--data.cache_dir={cache_dir}", f"--data.split={split}"]
+    return test_on(cache_dir, list_cases(cache_dir), root / "split.json")
 
 
-def training_cases(work: Path, cache_dir: Path, names: list[str]) -> list[str]:
-    """CLI arguments that test on the benchmark split's training cases (``--train-fit``)."""
+def test_on(cache_dir: Path, names: list[str], split_path: Path) -> list[str]:
+    """CLI arguments that test on ``names`` of ``cache_dir`` (a split file with only a test part):
+    the held-out set, or with ``--train-fit`` the benchmark split's training cases."""
     from smml_lightning.data.splits import write_split
 
-    split = write_split({"test": sorted(names)}, work / "train-fit-split.json")
+    split = write_split({"test": sorted(names)}, split_path)
     return [f"--data.cache_dir={cache_dir}", f"--data.split={split}"]
 
 
@@ -356,7 +355,8 @@ def markdown(summary: dict, gain: dict[tuple[str, str], pd.DataFrame], meta: dic
         lines += ["", "## On the training cases (`--train-fit`)",
                   "The same runs scored on the cases they were trained on (Dice %, mean over the 15 subsets; "
                   "mean ± std over seeds [min–max]). Close to the test figures, the runs have not fitted their "
-                  "own data (under-fitted); far above them, they fit it but do not generalise.", "", "| method | " + " | ".join(REGIONS) + " |", "|---" * (len(REGIONS) + 1) + "|",
+                  "own data (under-fitted); far above them, they fit it but do not generalise.", "",
+                  "| method | " + " | ".join(REGIONS) + " |", "|---" * (len(REGIONS) + 1) + "|",
                   *region_rows(train["stats"], wall=False),
                   "", "All four modalities minus the other three, on the training cases:",
                   *last_modality_rows(train["last_modality"])]
@@ -477,7 +477,7 @@ def main(argv: list[str] | None = None) -> None:
     cache_dir, split = prepare_data(work, cases, shape, patch, test_fraction, prior_epochs=2 if quick else 30)
     data = data_args(cache_dir, test_fraction)
     heldout = prepare_heldout(work, cases, args.heldout, shape, patch) if args.heldout else []
-    train_cases = training_cases(work, cache_dir, split["train"]) if args.train_fit else []
+    train_cases = test_on(cache_dir, split["train"], work / "train-fit-split.json") if args.train_fit else []
     n_test = len(split["test"]) + args.heldout
     steps_per_epoch = math.ceil(len(split["train"]) * base["samples_per_volume"] / base["batch_size"])
     rows, train_rows, walls = [], [], []
