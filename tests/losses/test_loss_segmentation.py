@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from smml_lightning.losses.segmentation import DiceCELoss, deep_supervision_loss, masked_aux_loss
+from smml_lightning.losses.segmentation import DiceCELoss, deep_supervision_loss, halving_weights, masked_aux_loss
 
 
 def _softmax(row: list[float]) -> list[float]:
@@ -129,6 +129,23 @@ def test_deep_supervision_with_dice_ce_matches_explicit_sum() -> None:
     loss_fn = DiceCELoss()
     expected = loss_fn(outputs[0], label[:, :, 1::2, 1::2, 1::2]) + loss_fn(outputs[1], label)
     assert deep_supervision_loss(loss_fn, outputs, label).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_halving_weights_are_nnunets_and_weight_the_outputs() -> None:
+    # nnU-Net: 1, 1/2, 1/4, 1/8 normalised to sum 1 (full resolution first)
+    assert halving_weights(4) == pytest.approx([8 / 15, 4 / 15, 2 / 15, 1 / 15])
+    assert halving_weights(1) == [1.0]
+    with pytest.raises(ValueError, match="at least one"):
+        halving_weights(0)
+
+    def by_size(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(float(logits.shape[2]))
+
+    label = torch.zeros(1, 1, 4, 4, 4, dtype=torch.long)
+    outputs = [torch.zeros(1, 4, 1, 1, 1), torch.zeros(1, 4, 2, 2, 2)]
+    assert deep_supervision_loss(by_size, outputs, label, [0.25, 0.5]).item() == pytest.approx(0.25 * 1 + 0.5 * 2)
+    with pytest.raises(ValueError, match="1 weights for 2 outputs"):
+        deep_supervision_loss(by_size, outputs, label, [1.0])
 
 
 def test_masked_aux_loss_ignores_missing_pairs_in_value_and_gradient() -> None:

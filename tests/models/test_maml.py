@@ -60,10 +60,22 @@ def test_attention_sums_to_one_over_available_and_is_zero_on_missing():
         missing = ~MASK
         assert torch.count_nonzero(att[missing]) == 0
         assert (att[MASK] > 0).all()
-        # sample 1 has only T2: attention is exactly 1 there and the fused head reads T2's features alone
-        assert torch.equal(att[1, 3], torch.ones(SHAPE))
-        t2 = enc.features.unflatten(1, (4, -1))[1:, 3]
-        torch.testing.assert_close(net.decode(enc, MASK).logits[1:], net.head(t2))
+        assert torch.equal(att[1, 3], torch.ones(SHAPE))  # sample 1 has only T2
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_one_available_modality_is_predicted_by_its_own_model(training: bool):
+    """As in the paper: with one modality there is nothing to fuse; its own U-Net predicts. With more,
+    the output is the fusion head on the attention-weighted features."""
+    net = tiny().train(training)
+    with torch.no_grad():
+        enc = net.encode(image())
+        out = net.decode(enc, MASK)
+        own = enc.logits.unflatten(1, (4, -1))
+        assert torch.equal(out.logits[1], own[1, 3])  # sample 1: T2 only
+        head = net.head((net.attention(enc, MASK)[:1].unsqueeze(2) * enc.features.unflatten(1, (4, -1))[:1]).sum(1))
+        torch.testing.assert_close(out.logits[:1], head)
+        assert not torch.allclose(out.logits[:1], own[:1, 0])
 
 
 def test_missing_mask_rejected():

@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 
 from ..losses.mutual import modality_mutual_loss
-from ..losses.segmentation import deep_supervision_loss, masked_aux_loss
+from ..losses.segmentation import deep_supervision_loss, halving_weights, masked_aux_loss
 from ..models.backbone import MMFormer
 from ..models.base import MaskedSegmenter
 from ..models.maml import MAML
@@ -92,12 +92,20 @@ class MAMLModule(MissingModalityModule):
     def training_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         mask, label = batch["masks"][:, 0], batch["label"]
         out = self.net(batch["image"], mask)
+        # Each modality model's loss is nnU-Net's deep-supervision loss (its full-resolution output and
+        # its deep outputs, halving weights summing to 1), as in MAML's nnU-Net setup. Summed with weight
+        # 1 per output instead, the twelve deep outputs pulled 14 times the fused loss's gradient.
+        m, levels = len(out.aux_logits), len(out.deep_logits) // len(out.aux_logits)
+        weights = halving_weights(levels + 1)
         terms = {
             "seg_fused": self.w["fused"] * self.seg_loss(out.logits, label),
-            "seg_modality": self.w["modality"] * masked_aux_loss(self.seg_loss, out.aux_logits, label, mask),
+            "seg_modality": self.w["modality"] * weights[0]
+            * masked_aux_loss(self.seg_loss, out.aux_logits, label, mask),
         }
-        if out.deep_logits:
-            terms["seg_deep"] = self.w["deep"] * deep_supervision_loss(self.seg_loss, out.deep_logits, label)
+        if out.deep_logits:  # level-major, coarsest first
+            per_output = [weights[levels - i // m] for i in range(len(out.deep_logits))]
+            terms["seg_deep"] = self.w["deep"] * deep_supervision_loss(
+                self.seg_loss, out.deep_logits, label, per_output)
         if not self.in_warmup():
             terms["mutual"] = self.w["mutual"] * modality_mutual_loss(
                 out.logits, out.aux_logits, mask, self.temperature)

@@ -91,16 +91,31 @@ def resize_label(label: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(label.float(), size=tuple(size), mode="nearest-exact").long()
 
 
-def deep_supervision_loss(loss_fn: LossFn, logits_list: Sequence[torch.Tensor], label: torch.Tensor) -> torch.Tensor:
-    """Sum of ``loss_fn`` over deep-supervision outputs, each against the label resampled to its grid.
+def halving_weights(outputs: int) -> list[float]:
+    """nnU-Net's deep-supervision weights for ``outputs`` outputs, full resolution first: each coarser
+    output weighs half the previous one, normalised to sum 1 (so a model's loss keeps the scale of one
+    segmentation loss however many outputs it supervises)."""
+    if outputs < 1:
+        raise ValueError(f"halving_weights: need at least one output, got {outputs}")
+    raw = [0.5**i for i in range(outputs)]
+    return [w / sum(raw) for w in raw]
 
-    A sum, as the public SMML and mmFormer code (``prm_loss``): each output weighs as much as the fused
-    prediction's loss, so the decoder's coarse stages are trained as hard as in the paper.
+
+def deep_supervision_loss(
+    loss_fn: LossFn, logits_list: Sequence[torch.Tensor], label: torch.Tensor, weights: Sequence[float] | None = None
+) -> torch.Tensor:
+    """Weighted sum of ``loss_fn`` over deep-supervision outputs, each against the label resampled to its grid.
+
+    By default a plain sum, as the public SMML and mmFormer code (``prm_loss``): each output weighs as
+    much as the fused prediction's loss, so the decoder's coarse stages are trained as hard as in the
+    paper. ``weights`` (one per output) gives other schemes, e.g. nnU-Net's :func:`halving_weights`.
     """
     if len(logits_list) == 0:
         raise ValueError("deep_supervision_loss: logits_list is empty (the network returned no deep outputs)")
-    losses = [loss_fn(logits, resize_label(label, logits.shape[2:])) for logits in logits_list]
-    return torch.stack(losses).sum()
+    if weights is not None and len(weights) != len(logits_list):
+        raise ValueError(f"deep_supervision_loss: {len(weights)} weights for {len(logits_list)} outputs")
+    losses = torch.stack([loss_fn(logits, resize_label(label, logits.shape[2:])) for logits in logits_list])
+    return losses.sum() if weights is None else (losses * losses.new_tensor(list(weights))).sum()
 
 
 def masked_aux_loss(

@@ -10,9 +10,10 @@ concatenated with the fused feature (one conv per modality); a softmax over the 
 only (missing ones scored ``-inf``) gives the attention maps, which weight the modality features; a
 1x1x1 conv turns the weighted sum into the fused logits.
 
-With a single available modality its attention is exactly 1 everywhere, so the fused logits are the
-fusion head applied to that modality's features. The paper says "its own model predicts" in that case;
-that prediction is ``aux_logits[k]`` here, and the fused output stays the MA module's for uniformity.
+With a single available modality there is nothing to fuse and, as in the paper, that modality's own
+model predicts: the output is its ``aux_logits[k]``, not the fusion head read on one network's features
+(the head is shared by the four networks and only learns to read their attention-weighted mix; read on
+one network alone it lost every ET voxel at the quality benchmark's budget).
 
 Outputs in training mode: ``logits`` fused; ``aux_logits`` the 4 modality-specific predictions in
 canonical order (supervise and mutually teach only the available ones); ``deep_logits`` the modality
@@ -106,10 +107,15 @@ class MAML(MaskedSegmenter):
         return self._attend(encoded, mask)[0]
 
     def decode(self, encoded: MAMLFeatures, mask: torch.Tensor) -> SegmentationOutput:
-        logits = self.head(self._attend(encoded, mask)[1])
+        fused = self.head(self._attend(encoded, mask)[1])
+        m = self.in_modalities
+        mask = mask.bool()
+        single = mask.sum(dim=1) == 1
+        first = mask.int().argmax(dim=1)  # the only available modality where ``single``
+        own = encoded.logits.unflatten(1, (m, -1))[torch.arange(mask.shape[0], device=mask.device), first]
+        logits = torch.where(single.view(-1, *([1] * (fused.ndim - 1))), own.to(fused.dtype), fused)
         if not self.training:
             return SegmentationOutput(logits=logits)
-        m = self.in_modalities
         deep = [x for level in encoded.deep_logits for x in level.unflatten(1, (m, -1)).unbind(1)]
         return SegmentationOutput(
             logits=logits, aux_logits=list(encoded.logits.unflatten(1, (m, -1)).unbind(1)), deep_logits=deep,
