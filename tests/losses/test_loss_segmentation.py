@@ -7,7 +7,12 @@ import math
 import pytest
 import torch
 
-from smml_lightning.losses.segmentation import DiceCELoss, deep_supervision_loss, halving_weights, masked_aux_loss
+from smml_lightning.losses.segmentation import (
+    DiceCELoss,
+    deep_supervision_loss,
+    halving_weights,
+    masked_aux_loss,
+)
 
 
 def _softmax(row: list[float]) -> list[float]:

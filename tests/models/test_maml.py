@@ -50,30 +50,30 @@ def test_modality_models_are_independent_and_masking_removes_missing():
         assert (net(z, MASK).logits - ref).abs().amax(dim=(1, 2, 3, 4)).min() > 1e-4
 
 
-def test_attention_sums_to_one_over_available_and_is_zero_on_missing():
+def test_gates_are_in_unit_interval_on_available_and_zero_on_missing():
     net = tiny().eval()
     with torch.no_grad():
         enc = net.encode(image())
-        att = net.attention(enc, MASK)
-        assert att.shape == (2, 4, *SHAPE)
-        torch.testing.assert_close(att.sum(dim=1), torch.ones(2, *SHAPE))
-        missing = ~MASK
-        assert torch.count_nonzero(att[missing]) == 0
-        assert (att[MASK] > 0).all()
-        assert torch.equal(att[1, 3], torch.ones(SHAPE))  # sample 1 has only T2
+        gates = net.attention(enc, MASK)
+        assert gates.shape == (2, 4, 2, *SHAPE)  # (B, M, w, *S): per voxel and channel
+        assert torch.count_nonzero(gates[~MASK]) == 0
+        assert ((gates[MASK] > 0) & (gates[MASK] < 1)).all()
+        # the fused output is the head on the gated sum, so a gate of zero removes a modality entirely
+        gated = (gates[:1] * enc.features.unflatten(1, (4, -1))[:1]).sum(dim=1)
+        torch.testing.assert_close(net.decode(enc, MASK).logits[:1], net.head(gated))
 
 
 @pytest.mark.parametrize("training", [False, True])
 def test_one_available_modality_is_predicted_by_its_own_model(training: bool):
     """As in the paper: with one modality there is nothing to fuse; its own U-Net predicts. With more,
-    the output is the fusion head on the attention-weighted features."""
+    the output is the fusion head on the gated features."""
     net = tiny().train(training)
     with torch.no_grad():
         enc = net.encode(image())
         out = net.decode(enc, MASK)
         own = enc.logits.unflatten(1, (4, -1))
         assert torch.equal(out.logits[1], own[1, 3])  # sample 1: T2 only
-        head = net.head((net.attention(enc, MASK)[:1].unsqueeze(2) * enc.features.unflatten(1, (4, -1))[:1]).sum(1))
+        head = net.head((net.attention(enc, MASK)[:1] * enc.features.unflatten(1, (4, -1))[:1]).sum(1))
         torch.testing.assert_close(out.logits[:1], head)
         assert not torch.allclose(out.logits[:1], own[:1, 0])
 

@@ -102,9 +102,13 @@ def halving_weights(outputs: int) -> list[float]:
 
 
 def deep_supervision_loss(
-    loss_fn: LossFn, logits_list: Sequence[torch.Tensor], label: torch.Tensor, weights: Sequence[float] | None = None
+    loss_fn: LossFn,
+    logits_list: Sequence[torch.Tensor],
+    label: torch.Tensor,
+    weights: Sequence[float] | None = None,
 ) -> torch.Tensor:
-    """Weighted sum of ``loss_fn`` over deep-supervision outputs, each against the label resampled to its grid.
+    """Weighted sum of ``loss_fn`` over deep-supervision outputs, each against the label resampled to
+    its grid.
 
     By default a plain sum, as the public SMML and mmFormer code (``prm_loss``): each output weighs as
     much as the fused prediction's loss, so the decoder's coarse stages are trained as hard as in the

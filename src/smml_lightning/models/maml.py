@@ -4,15 +4,17 @@ One 3D U-Net per modality, each with deep supervision, fused by a modality-aware
 U-Nets share the backbone's building blocks and run as one stack of grouped convolutions
 (``groups=4``), which is four independent networks computed in one kernel launch per layer.
 
-MA fusion (``decode``): a fused feature is a conv over the concatenated features of the available
-modalities (missing ones zeroed); each modality gets a voxel-wise score from a conv over its features
-concatenated with the fused feature (one conv per modality); a softmax over the *available* modalities
-only (missing ones scored ``-inf``) gives the attention maps, which weight the modality features; a
-1x1x1 conv turns the weighted sum into the fused logits.
+MA fusion (``decode``), as in the public MAML code: a fused feature is a conv over the concatenated
+features of the available modalities (missing ones zeroed); each modality's MA module (conv, norm,
+activation, conv, sigmoid, over its features concatenated with the fused feature) gives voxel- and
+channel-wise gates in (0, 1), zero for missing modalities; the gated modality features are summed and a
+1x1x1 conv turns the sum into the fused logits. (A softmax over the modalities of one score per voxel,
+tried before, let the shared head learn to read one network's features only: on the quality benchmark
+its fused output lost TC and ET whenever FLAIR was missing.)
 
 With a single available modality there is nothing to fuse and, as in the paper, that modality's own
 model predicts: the output is its ``aux_logits[k]``, not the fusion head read on one network's features
-(the head is shared by the four networks and only learns to read their attention-weighted mix; read on
+(the head is shared by the four networks and only learns to read their gated mix; read on
 one network alone it lost every ET voxel at the quality benchmark's budget).
 
 Outputs in training mode: ``logits`` fused; ``aux_logits`` the 4 modality-specific predictions in
@@ -79,7 +81,11 @@ class MAML(MaskedSegmenter):
         self.encoder = GroupedEncoder(widths, groups=m)
         self.decoder = UNetDecoder(widths, num_classes, groups=m, deep_supervision=True)
         self.fuse = conv_norm_act(m * w, w)
-        self.score = nn.Conv3d(m * 2 * w, m, 3, padding=1, groups=m)
+        self.gate = nn.Sequential(  # the M modality-aware modules as one grouped stack
+            conv_norm_act(m * 2 * w, m * w, groups=m),
+            nn.Conv3d(m * w, m * w, 3, padding=1, groups=m),
+            nn.Sigmoid(),
+        )
         self.head = nn.Conv3d(w, num_classes, 1)
 
     def encode(self, image: torch.Tensor) -> MAMLFeatures:
@@ -89,21 +95,19 @@ class MAML(MaskedSegmenter):
         return MAMLFeatures(features=out.features, logits=out.logits, deep_logits=out.deep_logits)
 
     def _attend(self, encoded: MAMLFeatures, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention maps ``(B, M, *S)`` and the attention-weighted feature ``(B, w, *S)``."""
+        """Gates ``(B, M, w, *S)`` (zero on missing modalities) and the gated feature sum ``(B, w, *S)``."""
         feats = encoded.features
         m = self.in_modalities
         mask = check_mask(mask, feats.shape[0], m)
         masked = mask_modalities(feats, mask)
         fused = self.fuse(masked)
         paired = group_cat(masked, fused.repeat(1, m, *([1] * (fused.ndim - 2))), m)
-        scores = self.score(paired).float()
-        scores = scores.masked_fill(~mask.view(*mask.shape, *([1] * (scores.ndim - 2))), float("-inf"))
-        attention = scores.softmax(dim=1)
-        weighted = (attention.to(masked.dtype).unsqueeze(2) * masked.unflatten(1, (m, -1))).sum(dim=1)
-        return attention, weighted
+        gates = self.gate(paired).unflatten(1, (m, -1))
+        gates = gates * mask.to(gates.dtype).view(*mask.shape, *([1] * (gates.ndim - 2)))
+        return gates, (gates * masked.unflatten(1, (m, -1))).sum(dim=1)
 
     def attention(self, encoded: MAMLFeatures, mask: torch.Tensor) -> torch.Tensor:
-        """Voxel-wise modality attention ``(B, M, *S)``: sums to 1 over available modalities, 0 on missing."""
+        """The MA modules' gates ``(B, M, w, *S)``: in (0, 1) for available modalities, 0 for missing ones."""
         return self._attend(encoded, mask)[0]
 
     def decode(self, encoded: MAMLFeatures, mask: torch.Tensor) -> SegmentationOutput:
