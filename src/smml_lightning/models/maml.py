@@ -9,8 +9,8 @@ features of the available modalities (missing ones zeroed); each modality's MA m
 activation, conv, sigmoid, over its features concatenated with the fused feature) gives voxel- and
 channel-wise gates in (0, 1), zero for missing modalities; the gated modality features are summed and a
 1x1x1 conv turns the sum into the fused logits. (A softmax over the modalities of one score per voxel,
-tried before, let the shared head learn to read one network's features only: on the quality benchmark
-its fused output lost TC and ET whenever FLAIR was missing.)
+tried before, let the shared head lean on one network's features: on the quality benchmark, three
+seeds at 1200 steps, it scored 83.6 / 40.1 / 16.8, one seed TC 66 with FLAIR and 11 without.)
 
 With a single available modality there is nothing to fuse and, as in the paper, that modality's own
 model predicts: the output is its ``aux_logits[k]``, not the fusion head read on one network's features
