@@ -95,7 +95,8 @@ class MAMLModule(MissingModalityModule):
         # Each modality model's loss is nnU-Net's deep-supervision loss (its full-resolution output and
         # its deep outputs, halving weights summing to 1), as in MAML's nnU-Net setup. Summed with weight
         # 1 per output instead, the twelve deep outputs pulled 14 times the fused loss's gradient.
-        m, levels = len(out.aux_logits), len(out.deep_logits) // len(out.aux_logits)
+        m = len(out.aux_logits)
+        levels = len(out.deep_logits) // m
         weights = halving_weights(levels + 1)
         terms = {
             "seg_fused": self.w["fused"] * self.seg_loss(out.logits, label),
