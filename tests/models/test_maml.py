@@ -66,15 +66,13 @@ def test_gates_are_in_unit_interval_on_available_and_zero_on_missing():
 @pytest.mark.parametrize("training", [False, True])
 def test_one_available_modality_is_predicted_by_its_own_model(training: bool):
     """As in the paper: with one modality there is nothing to fuse; its own U-Net predicts. With more,
-    the output is the fusion head on the gated features."""
+    the output is the fusion head's (checked against the gated sum in the test above)."""
     net = tiny().train(training)
     with torch.no_grad():
         enc = net.encode(image())
         out = net.decode(enc, MASK)
         own = enc.logits.unflatten(1, (4, -1))
         assert torch.equal(out.logits[1], own[1, 3])  # sample 1: T2 only
-        head = net.head((net.attention(enc, MASK)[:1] * enc.features.unflatten(1, (4, -1))[:1]).sum(1))
-        torch.testing.assert_close(out.logits[:1], head)
         assert not torch.allclose(out.logits[:1], own[:1, 0])
 
 

@@ -116,12 +116,13 @@ class MAML(MaskedSegmenter):
         mask = mask.bool()
         single = mask.sum(dim=1) == 1
         first = mask.int().argmax(dim=1)  # the only available modality where ``single``
-        own = encoded.logits.unflatten(1, (m, -1))[torch.arange(mask.shape[0], device=mask.device), first]
+        per_modality = encoded.logits.unflatten(1, (m, -1))  # (B, M, C, *S)
+        own = per_modality[torch.arange(mask.shape[0], device=mask.device), first]
         logits = torch.where(single.view(-1, *([1] * (fused.ndim - 1))), own.to(fused.dtype), fused)
         if not self.training:
             return SegmentationOutput(logits=logits)
         deep = [x for level in encoded.deep_logits for x in level.unflatten(1, (m, -1)).unbind(1)]
         return SegmentationOutput(
-            logits=logits, aux_logits=list(encoded.logits.unflatten(1, (m, -1)).unbind(1)), deep_logits=deep,
+            logits=logits, aux_logits=list(per_modality.unbind(1)), deep_logits=deep,
             aux_mask=mask,  # MAML teaches only the available modality models
         )
