@@ -6,6 +6,7 @@
     python benchmarks/quality.py --fp32             # also SMML in fp32 (bf16-mixed's accuracy check)
     python benchmarks/quality.py --peers            # also each SMML peer scored alone (no extra training)
     python benchmarks/quality.py --train-fit        # also every run scored on its own training cases
+    python benchmarks/quality.py --jobs 2           # two fits side by side, one core each (more throughput)
     python benchmarks/quality.py --overlay experiments/variants/public_seg_loss.yaml --work runs/quality-wce
                                                     # every method with a config overlay (here: the loss)
     python benchmarks/quality.py --overlay experiments/variants/per_class_prior_weighting.yaml --overlay-on SMML \
@@ -36,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
 from unittest import mock
@@ -180,8 +182,12 @@ def common_args(method: Method, data: list[str], seed: int, run_dir: Path) -> li
                    f"--model.init_args.method_name={method.name}"]
 
 
-def fit(method: Method, data: list[str], seed: int, steps: int, steps_per_epoch: int, run_dir: Path) -> float:
-    """Train in a subprocess (its memory is released at exit); return the wall time in seconds."""
+def fit(method: Method, data: list[str], seed: int, steps: int, steps_per_epoch: int, run_dir: Path,
+        threads: int | None = None) -> float:
+    """Train in a subprocess (its memory is released at exit); return the wall time in seconds.
+
+    ``threads`` caps the subprocess's intra-op threads (OpenMP / MKL), for fits that share the cores.
+    """
     from smml_lightning.data.cache import is_done, mark_done
 
     if is_done(run_dir):
@@ -206,14 +212,49 @@ def fit(method: Method, data: list[str], seed: int, steps: int, steps_per_epoch:
     with log.open("w") as handle:
         handle.write(" ".join(cmd) + "\n")
         handle.flush()
-        done = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO,
-                              env={**os.environ, "WANDB_MODE": "disabled"})
+        env = {**os.environ, "WANDB_MODE": "disabled"}
+        if threads is not None:
+            env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        done = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO, env=env)
     wall = time.perf_counter() - started
     if done.returncode != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
         raise RuntimeError(f"{method.name} seed {seed}: fit failed (exit {done.returncode}); {log}:\n{tail}")
     mark_done(run_dir, {"wall_seconds": wall, "steps": steps})
     return wall
+
+
+def cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one, as in containers)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def fit_all(runs: list[tuple[Method, int, Path]], data: list[str], steps: int, steps_per_epoch: int,
+            jobs: int) -> dict[Path, float]:
+    """Every run's fit, ``jobs`` at a time; wall seconds by run folder.
+
+    Side by side, each fit gets an equal share of the cores: small 3D convolutions do not scale to many
+    threads, so on a CPU host two one-thread fits finish in far less time than two two-thread fits in a
+    row. A failed fit does not stop the others (finished fits are kept and reused); the failures are
+    raised together at the end.
+    """
+    threads = max(1, cores() // jobs) if jobs > 1 else None
+    walls: dict[Path, float] = {}
+    failures: list[str] = []
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        pending = {pool.submit(fit, method, data, seed, steps, steps_per_epoch, run_dir, threads): (method, seed, run_dir)
+                   for method, seed, run_dir in runs}
+        for future in as_completed(pending):
+            method, seed, run_dir = pending[future]
+            try:
+                walls[run_dir] = future.result()
+            except RuntimeError as error:
+                failures.append(str(error))
+                continue
+            print(f"   {method.name} seed {seed}: fit {walls[run_dir]:.0f} s", flush=True)
+    if failures:
+        raise RuntimeError("\n\n".join(failures))
+    return walls
 
 
 def test(method: Method, data: list[str], seed: int, run_dir: Path, report: str = "report") -> pd.DataFrame:
@@ -331,7 +372,9 @@ def markdown(summary: dict, gain: dict[tuple[str, str], pd.DataFrame], meta: dic
              "Dice (%) on the test cases, mean over the 15 subsets; mean ± std over seeds [min–max]. "
              "ET_post is ET after the small-ET post-processing the published tables use (a predicted ET under "
              "`model.init_args.et_min_voxels` voxels is emptied). "
-             "Wall time: the fit subprocess (includes ~10-20 s start-up; the machine is shared, so noisy).",
+             "Wall time: the fit subprocess (includes ~10-20 s start-up; the machine is shared, so noisy"
+             + (f"; {meta['jobs']} fits ran side by side, each on its share of the cores" if meta.get("jobs", 1) > 1
+                else "") + ").",
              f"Command: `{meta['command']}`", "",
              "| method | " + " | ".join(REGIONS) + " | fit wall (s) |", "|---" * (len(REGIONS) + 2) + "|"]
     lines += region_rows(stats, wall=True)
@@ -433,6 +476,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="stack the overlays on these methods only (default: every method), e.g. "
                              "--overlay-on SMML for an overlay of SMML's own settings; the others train as in "
                              "their experiment files")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="fits run side by side, each on an equal share of the cores (default 1); tests "
+                             "run one at a time after the fits")
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results/quality-<date>)")
     parser.add_argument("--work", type=Path, help="data and runs (default runs/quality or runs/quality-quick)")
     args = parser.parse_args(argv)
@@ -448,6 +494,8 @@ def main(argv: list[str] | None = None) -> None:
         args.heldout = 2 if quick else 40
     if args.heldout < 0:
         parser.error(f"--heldout must be >= 0, got {args.heldout}")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     shape = (48, 48, 32) if quick else (64, 64, 48)
     work = (args.work or REPO / "runs" / ("quality-quick" if quick else "quality")).resolve()
     out = args.out or REPO / "benchmarks" / "results" / f"quality-{date}{'-quick' if quick else ''}"
@@ -480,26 +528,27 @@ def main(argv: list[str] | None = None) -> None:
     train_cases = test_on(cache_dir, split["train"], work / "train-fit-split.json") if args.train_fit else []
     n_test = len(split["test"]) + args.heldout
     steps_per_epoch = math.ceil(len(split["train"]) * base["samples_per_volume"] / base["batch_size"])
+    runs = [(method, seed, work / f"{slug(method.name)}-seed{seed}-steps{steps}") for method in chosen for seed in seeds]
+    print(f"== {len(runs)} fits of {steps} steps, {args.jobs} at a time", flush=True)
+    fit_walls = fit_all(runs, data, steps, steps_per_epoch, args.jobs)
     rows, train_rows, walls = [], [], []
-    for method in chosen:
-        for seed in seeds:
-            run_dir = work / f"{slug(method.name)}-seed{seed}-steps{steps}"
-            print(f"== {method.name} seed {seed}: fit {steps} steps ({time.time() - started:.0f} s)", flush=True)
-            wall = fit(method, data, seed, steps, steps_per_epoch, run_dir)
-            print(f"   fit {wall:.0f} s; test on {n_test} cases x 15 subsets", flush=True)
-            rows.append(test(method, data, seed, run_dir))
-            if heldout:
-                rows.append(test(method, heldout, seed, run_dir, f"report-heldout-{cases}-{args.heldout}"))
-            if train_cases:
-                train_rows.append(test(method, train_cases, seed, run_dir, TRAIN_FIT))
-            walls.append({"method": method.name, "seed": seed, "wall_seconds": wall})
-            if args.peers and method.name == "SMML":
-                for k in (0, 1):
-                    peer = Method(PEER, method.configs, (*method.args, f"--model.init_args.inference_branches=[{k}]"))
-                    rows.append(test(peer, data, seed, run_dir, f"report-peer{k}"))
-                    if heldout:
-                        rows.append(test(peer, heldout, seed, run_dir, f"report-heldout-{cases}-{args.heldout}-peer{k}"))
-                walls.append({"method": PEER, "seed": seed, "wall_seconds": wall})
+    for method, seed, run_dir in runs:
+        wall = fit_walls[run_dir]
+        print(f"== {method.name} seed {seed}: test on {n_test} cases x 15 subsets ({time.time() - started:.0f} s)",
+              flush=True)
+        rows.append(test(method, data, seed, run_dir))
+        if heldout:
+            rows.append(test(method, heldout, seed, run_dir, f"report-heldout-{cases}-{args.heldout}"))
+        if train_cases:
+            train_rows.append(test(method, train_cases, seed, run_dir, TRAIN_FIT))
+        walls.append({"method": method.name, "seed": seed, "wall_seconds": wall})
+        if args.peers and method.name == "SMML":
+            for k in (0, 1):
+                peer = Method(PEER, method.configs, (*method.args, f"--model.init_args.inference_branches=[{k}]"))
+                rows.append(test(peer, data, seed, run_dir, f"report-peer{k}"))
+                if heldout:
+                    rows.append(test(peer, heldout, seed, run_dir, f"report-heldout-{cases}-{args.heldout}-peer{k}"))
+            walls.append({"method": PEER, "seed": seed, "wall_seconds": wall})
     order = [m.name for m in chosen]
     if args.peers:
         order.insert(order.index("SMML") + 1, PEER)
@@ -511,7 +560,7 @@ def main(argv: list[str] | None = None) -> None:
         summary[TRAIN_FIT] = summarise(train_all, pd.DataFrame(walls), trained)
         summary[TRAIN_FIT]["last_modality"] = last_modality_gains(train_all, trained)
     gain = {(a, "single-branch"): gains(summary["per_subset"], a, "single-branch") for a in order if a in ("SMML", PEER)}
-    meta = {"date": date, "cases": cases, "shape": shape, "steps": steps, "seeds": seeds,
+    meta = {"date": date, "cases": cases, "shape": shape, "steps": steps, "seeds": seeds, "jobs": args.jobs,
             "split": f"{len(split['train'])}/{len(split['test'])} train/test (the config's validation cases "
                      "join the test set: runs here do not validate)"
                      + (f", and {args.heldout} more held-out test cases (numbered {cases + 1}-{cases + args.heldout}, "
