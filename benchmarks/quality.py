@@ -241,7 +241,8 @@ def fit_all(runs: list[tuple[Method, int, Path]], data: list[str], steps: int, s
     threads = max(1, cores() // jobs) if jobs > 1 else None
     walls: dict[Path, float] = {}
     failures: list[str] = []
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    try:
         pending = {pool.submit(fit, method, data, seed, steps, steps_per_epoch, run_dir, threads): (method, seed, run_dir)
                    for method, seed, run_dir in runs}
         for future in as_completed(pending):
@@ -252,6 +253,8 @@ def fit_all(runs: list[tuple[Method, int, Path]], data: list[str], steps: int, s
                 failures.append(str(error))
                 continue
             print(f"   {method.name} seed {seed}: fit {walls[run_dir]:.0f} s", flush=True)
+    finally:  # on Ctrl-C, queued fits must not start (running ones get the signal with this process group)
+        pool.shutdown(cancel_futures=True)
     if failures:
         raise RuntimeError("\n\n".join(failures))
     return walls
