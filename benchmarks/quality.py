@@ -208,6 +208,7 @@ def fit(method: Method, data: list[str], seed: int, steps: int, steps_per_epoch:
         shutil.rmtree(checkpoints)
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "fit.log"
+    print(f"   {method.name} seed {seed}: fitting {steps} steps (log: {log})", flush=True)
     started = time.perf_counter()
     with log.open("w") as handle:
         handle.write(" ".join(cmd) + "\n")
