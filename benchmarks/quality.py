@@ -377,7 +377,7 @@ def markdown(summary: dict, gain: dict[tuple[str, str], pd.DataFrame], meta: dic
              "ET_post is ET after the small-ET post-processing the published tables use (a predicted ET under "
              "`model.init_args.et_min_voxels` voxels is emptied). "
              "Wall time: the fit subprocess (includes ~10-20 s start-up; the machine is shared, so noisy"
-             + (f"; {meta['jobs']} fits ran side by side, each on its share of the cores" if meta.get("jobs", 1) > 1
+             + (f"; {meta['jobs']} fits ran side by side, each on its share of the cores" if meta["jobs"] > 1
                 else "") + ").",
              f"Command: `{meta['command']}`", "",
              "| method | " + " | ".join(REGIONS) + " | fit wall (s) |", "|---" * (len(REGIONS) + 2) + "|"]
