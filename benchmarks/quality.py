@@ -301,6 +301,32 @@ def summarise(rows: pd.DataFrame, walls: pd.DataFrame, order: list[str]) -> dict
     return {"per_run": per_run, "stats": stats, "subsets": subsets, "per_subset": per_subset}
 
 
+def spread_sources(rows: pd.DataFrame, order: list[str]) -> pd.DataFrame:
+    """Per method and region, the seed std of the 15-subset average split in two (a two-way layout,
+    seeds x test cases, one score per cell: each case's mean over the subsets).
+
+    ``test_cases`` is the std that the seed-by-case interaction alone gives a run's mean over its
+    ``n`` test cases, sqrt(MS_interaction / n): the part that more test cases would remove (a case whose
+    ET Dice flips between 0 and 1 from one seed to the next). ``training`` is what is left,
+    sqrt(max(0, var_seed - MS_interaction / n)): models that differ on every case, which only more
+    seeds average out. Cases scored in every seed only; methods with one seed are left out."""
+    parts = []
+    for (method, region), part in rows.groupby(["method", "region"], sort=False):
+        wide = part.groupby(["seed", "case"])["dice"].mean().unstack("case").dropna(axis=1)
+        k, n = wide.shape
+        if k < 2 or n < 2:
+            continue
+        x = wide.to_numpy()
+        residual = x - x.mean(1, keepdims=True) - x.mean(0, keepdims=True) + x.mean()
+        test_var = (residual ** 2).sum() / ((k - 1) * (n - 1)) / n
+        seed_var = x.mean(1).var(ddof=1)
+        parts.append({"method": method, "region": region, "seeds": k, "cases": n, "seed_std": math.sqrt(seed_var),
+                      "test_cases": math.sqrt(test_var), "training": math.sqrt(max(0.0, seed_var - test_var))})
+    frame = pd.DataFrame(parts, columns=["method", "region", "seeds", "cases", "seed_std", "test_cases", "training"])
+    frame["method"] = pd.Categorical(frame["method"], categories=order, ordered=True)
+    return frame.sort_values(["method", "region"], key=lambda c: c.map(REGIONS.index) if c.name == "region" else c)
+
+
 def gains(per_subset: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
     """Dice gain of ``a`` over ``b`` per number of available modalities (mean over subsets), with the
     min-max over seed pairs (seed i of ``a`` against seed i of ``b``)."""
@@ -418,6 +444,16 @@ def markdown(summary: dict, gain: dict[tuple[str, str], pd.DataFrame], meta: dic
             paired = (per_run.loc["SMML", region] - per_run.loc["single-branch", region]).dropna()
             lines.append(f"- {region}: gain {100 * delta:+.1f} points, largest seed range {100 * spread:.1f} -> {verdict}"
                          f" (paired by seed: {', '.join(f'{100 * g:+.1f}' for g in paired)})")
+    sources = summary.get("spread_sources")
+    if sources is not None and len(sources):
+        lines += ["", "## Where the seed spread comes from",
+                  "Std over seeds of each run's 15-subset average (Dice points), split into the part more test "
+                  "cases would remove (seed-by-case interaction over the test cases) and the part only more "
+                  "seeds average out (training); their squares add up to the seed std's.", "",
+                  "| method | region | seeds x cases | seed std | test cases | training |", "|---" * 6 + "|"]
+        for row in sources.itertuples():
+            lines.append(f"| {row.method} | {row.region} | {row.seeds} x {row.cases} | {pct(row.seed_std)} | "
+                         f"{pct(row.test_cases)} | {pct(row.training)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -559,6 +595,7 @@ def main(argv: list[str] | None = None) -> None:
     all_rows = pd.concat(rows)
     summary = summarise(all_rows, pd.DataFrame(walls), order)
     summary["last_modality"] = last_modality_gains(all_rows, order)
+    summary["spread_sources"] = spread_sources(all_rows, order)
     if train_rows:
         trained, train_all = [m for m in order if m != PEER], pd.concat(train_rows)
         summary[TRAIN_FIT] = summarise(train_all, pd.DataFrame(walls), trained)
@@ -575,6 +612,7 @@ def main(argv: list[str] | None = None) -> None:
     atomic_write_text(out / "runs.csv", summary["per_run"].to_csv(index=False))
     atomic_write_text(out / "subsets.csv", summary["subsets"].to_csv(index=False))
     atomic_write_text(out / "last_modality.csv", summary["last_modality"].to_csv(index=False))
+    atomic_write_text(out / "spread_sources.csv", summary["spread_sources"].to_csv(index=False))
     if train_rows:
         atomic_write_text(out / "train_fit_runs.csv", summary[TRAIN_FIT]["per_run"].to_csv(index=False))
         atomic_write_text(out / "train_fit_last_modality.csv",

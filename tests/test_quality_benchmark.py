@@ -1,0 +1,72 @@
+"""benchmarks/quality.py's split of the seed spread, against the two-way layout computed by hand."""
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+_SPEC = importlib.util.spec_from_file_location("quality", Path(__file__).parents[1] / "benchmarks" / "quality.py")
+quality = sys.modules["quality"] = importlib.util.module_from_spec(_SPEC)  # dataclasses look it up
+_SPEC.loader.exec_module(quality)
+
+
+def rows_from(per_case: np.ndarray, method: str = "SMML", region: str = "ET") -> pd.DataFrame:
+    """Per-case rows as ``test`` returns them: ``per_case[seed, case]`` is each case's mean Dice, spread
+    over two subsets as value +- 0.1 (the subset mean is what the split reads)."""
+    records = []
+    for seed, scores in enumerate(per_case):
+        for case, value in enumerate(scores):
+            for subset, offset in (("T1ce", 0.1), ("FLAIR+T1ce", -0.1)):
+                records.append({"case": f"c{case}", "subset": subset, "region": region, "dice": value + offset,
+                                "method": method, "seed": seed})
+    return pd.DataFrame(records)
+
+
+def by_hand(x: np.ndarray) -> tuple[float, float, float]:
+    """Seed std, interaction std of a run mean and the rest, with explicit sums over the cells."""
+    k, n = x.shape
+    grand = sum(sum(r) for r in x) / (k * n)
+    seed_means = [sum(x[i]) / n for i in range(k)]
+    case_means = [sum(x[i][j] for i in range(k)) / k for j in range(n)]
+    ss = sum((x[i][j] - seed_means[i] - case_means[j] + grand) ** 2 for i in range(k) for j in range(n))
+    ms_interaction = ss / ((k - 1) * (n - 1))
+    seed_var = sum((m - sum(seed_means) / k) ** 2 for m in seed_means) / (k - 1)
+    return math.sqrt(seed_var), math.sqrt(ms_interaction / n), math.sqrt(max(0.0, seed_var - ms_interaction / n))
+
+
+def test_spread_sources_matches_hand_computation():
+    x = np.array([[0.9, 0.0, 1.0, 0.6, 0.7],
+                  [0.8, 1.0, 1.0, 0.5, 0.9],
+                  [0.7, 0.0, 0.0, 0.4, 0.8]])
+    table = quality.spread_sources(rows_from(x), ["SMML"])
+    row = table.iloc[0]
+    assert (row["seeds"], row["cases"]) == (3, 5)
+    assert (row["seed_std"], row["test_cases"], row["training"]) == pytest.approx(by_hand(x))
+    assert row["seed_std"] ** 2 == pytest.approx(row["test_cases"] ** 2 + row["training"] ** 2)
+
+
+def test_spread_sources_separates_pure_shift_from_pure_flips():
+    cases = np.array([0.2, 0.5, 0.9, 0.7])
+    shifted = np.stack([cases + d for d in (0.0, 0.05, -0.03)])  # seeds differ on every case alike
+    flips = np.array([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0]])  # same mean, cases swap
+    table = pd.concat([quality.spread_sources(rows_from(shifted, "shift"), ["shift"]),
+                       quality.spread_sources(rows_from(flips, "flips"), ["flips"])]).set_index("method")
+    assert table.loc["shift", "test_cases"] == pytest.approx(0.0, abs=1e-9)
+    assert table.loc["shift", "training"] == pytest.approx(np.std([0.0, 0.05, -0.03], ddof=1))
+    assert table.loc["flips", "seed_std"] == pytest.approx(0.0, abs=1e-9)
+    assert table.loc["flips", "test_cases"] == pytest.approx(math.sqrt((8 * 0.25 / 3) / 4))  # residuals +-0.5, 3 df, 4 cases
+    assert table.loc["flips", "training"] == 0.0
+
+
+def test_spread_sources_skips_one_seed_and_cases_missing_a_seed():
+    one_seed = rows_from(np.array([[0.5, 0.6]]), "alone")
+    two = rows_from(np.array([[0.5, 0.6, 0.1], [0.7, 0.6, 0.9]]), "two")
+    two = two[~((two["seed"] == 1) & (two["case"] == "c2"))]  # case c2 scored in seed 0 only
+    table = quality.spread_sources(pd.concat([one_seed, two]), ["alone", "two"])
+    assert list(table["method"]) == ["two"]
+    assert table.iloc[0]["cases"] == 2
+    assert table.iloc[0]["seed_std"] == pytest.approx(np.std([0.55, 0.65], ddof=1))
