@@ -1,7 +1,10 @@
-"""benchmarks/quality.py's split of the seed spread, against the two-way layout computed by hand."""
+"""benchmarks/quality.py: its split of the seed spread against the two-way layout computed by hand, and a
+quick run end to end whose tables are recomputed from the per-case reports."""
 
 import importlib.util
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -70,3 +73,49 @@ def test_spread_sources_skips_one_seed_and_cases_missing_a_seed():
     assert list(table["method"]) == ["two"]
     assert table.iloc[0]["cases"] == 2
     assert table.iloc[0]["seed_std"] == pytest.approx(np.std([0.55, 0.65], ddof=1))
+
+
+@pytest.mark.slow
+def test_quick_benchmark_end_to_end_and_resumes(tmp_path):
+    """`quality.py --quick` over two seeds: every table is recomputed here from the per-case reports,
+    and a second run reuses every fit instead of training again."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    cmd = [sys.executable, str(Path(quality.__file__)), "--quick", "--seeds", "0", "1", "--methods", "SMML",
+           "--jobs", "2", "--work", str(work), "--out", str(out)]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+
+    runs = pd.read_csv(out / "runs.csv").set_index(["method", "seed"])
+    assert sorted(runs.index) == [("SMML", 0), ("SMML", 1), ("single-branch", 0), ("single-branch", 1)]
+    for (method, seed), row in runs.iterrows():
+        run_dir = work / f"{'smml' if method == 'SMML' else 'single_branch'}-seed{seed}-steps3"
+        cases = pd.concat([pd.read_csv(p) for p in sorted(run_dir.glob("report*/per_case.csv"))])
+        assert cases["case"].nunique() == 2 + 2  # the split's test cases (8 cases: 2) and 2 held out
+        assert cases["subset"].nunique() == 15
+        for region in ("WT", "TC", "ET"):
+            part = cases[cases["region"] == region]
+            expected = part.groupby("subset")["dice"].mean().mean()  # mean over cases, then over subsets
+            assert row[region] == pytest.approx(expected, abs=1e-9)
+            assert 0.0 <= row[region] <= 1.0
+
+    spread = pd.read_csv(out / "spread_sources.csv").set_index(["method", "region"])
+    for method in ("SMML", "single-branch"):
+        for region in ("WT", "TC", "ET"):
+            s = spread.loc[(method, region)]
+            assert s["seeds"] == 2 and s["cases"] == 4
+            assert s["seed_std"] == pytest.approx(runs.loc[method][region].std(ddof=1), abs=1e-9)
+            if s["training"] > 0:
+                assert s["test_cases"] ** 2 + s["training"] ** 2 == pytest.approx(s["seed_std"] ** 2)
+    table = (out / "quality.md").read_text()
+    smml_wt = runs.loc["SMML"]["WT"]
+    assert f"| SMML | {100 * smml_wt.mean():.1f} ± {100 * smml_wt.std(ddof=1):.1f} " in table
+
+    fit_logs = {p: p.stat().st_mtime_ns for p in work.glob("*/fit.log")}
+    assert len(fit_logs) == 4
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "fitting" not in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in work.glob("*/fit.log")} == fit_logs
+    assert pd.read_csv(out / "runs.csv").drop(columns="wall_seconds").equals(
+        runs.reset_index().drop(columns="wall_seconds"))
