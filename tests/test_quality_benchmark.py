@@ -89,7 +89,7 @@ def test_quick_benchmark_end_to_end_and_resumes(tmp_path):
     runs = pd.read_csv(out / "runs.csv").set_index(["method", "seed"])
     assert sorted(runs.index) == [("SMML", 0), ("SMML", 1), ("single-branch", 0), ("single-branch", 1)]
     for (method, seed), row in runs.iterrows():
-        run_dir = work / f"{'smml' if method == 'SMML' else 'single_branch'}-seed{seed}-steps3"
+        run_dir = work / f"{quality.slug(method)}-seed{seed}-steps3"
         cases = pd.concat([pd.read_csv(p) for p in sorted(run_dir.glob("report*/per_case.csv"))])
         assert cases["case"].nunique() == 2 + 2  # the split's test cases (8 cases: 2) and 2 held out
         assert cases["subset"].nunique() == 15
