@@ -101,6 +101,8 @@ def test_companion_config(base: str, method: str) -> None:
 def test_brats2018_maml_uses_nnunet_optimisation() -> None:
     model = build(EXPERIMENTS / "brats2018_maml.yaml")[0].model
     assert (model.optimizer_name, model.lr) == ("sgd", 1e-2)
+    # The public MAML trainer builds its modality models with nnU-Net's base features halved (32 // 2).
+    assert model.net.width == 16
     assert raw("synthetic_maml")["model"]["init_args"]["lr"] == raw("synthetic")["model"]["init_args"]["lr"]
 
 
