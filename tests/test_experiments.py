@@ -154,3 +154,22 @@ def test_per_class_prior_weighting_variant_switches_both_refiners(config: str) -
     assert all(isinstance(r.reweight, PriorReweighting) for r in model.refiners)
     size = lambda m: sum(p.numel() for p in m.refiners[0].unet.parameters())  # noqa: E731
     assert size(model) == size(default)  # the overlay keeps the config's refiner width and depth
+
+
+@pytest.mark.parametrize(
+    ("overlay", "resized", "reference"),
+    [("maml_at_smml_parameters", "synthetic_maml", "synthetic"), ("smml_at_maml_parameters", "synthetic", "synthetic_maml")],
+)
+def test_equal_parameter_variants_match_the_other_methods_size(overlay: str, resized: str, reference: str) -> None:
+    path = EXPERIMENTS / "variants" / f"{overlay}.yaml"
+    assert f"--config experiments/variants/{path.name}" in path.read_text(), "usage missing from header"
+
+    def inference_parameters(*configs: Path) -> int:
+        model = build(*configs)[0].model
+        return sum(p.numel() for net in model.inference_models() for p in net.parameters())
+
+    default = inference_parameters(EXPERIMENTS / f"{resized}.yaml")
+    target = inference_parameters(EXPERIMENTS / f"{reference}.yaml")
+    ratio = inference_parameters(EXPERIMENTS / f"{resized}.yaml", path) / target
+    assert abs(ratio - 1) < 0.1, f"{overlay}: {ratio:.2f}x the parameters of {reference}"
+    assert abs(default / target - 1) > 0.3  # without the overlay the two sizes differ (about 2x)
