@@ -22,17 +22,15 @@ import argparse
 from typing import Callable
 
 import torch
-from speed import cpu_description, interleaved, med
+from speed import cpu_description, interleaved, med, network
 
 from smml_lightning.data.labels import NUM_CLASSES
-from smml_lightning.models.backbone import MMFormer
 from smml_lightning.models.maml import MAML
 from smml_lightning.models.numerics import guard_small_bf16_convs
 
 NETWORKS: dict[str, tuple[Callable[[int, int], torch.nn.Module], int]] = {
     # name: ((width, patch) -> network, the synthetic config's width)
-    "SMML branch (MMFormer)": (lambda w, patch: MMFormer(base_width=w, transformer_dim=64, num_heads=4,
-                                                         transformer_depth=1, patch_size=patch), 8),
+    "SMML branch (MMFormer)": (lambda w, patch: network(patch)(base_width=w), 8),
     "MAML": (lambda w, patch: MAML(base_width=w), 16),
 }
 
