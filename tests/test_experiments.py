@@ -34,6 +34,9 @@ OVERLAY_CHANGES = {
     "no_feature_hcc": {"model.init_args.w_sample": 0.0, "model.init_args.w_class": 0.0},
     "no_prior": {"model.init_args.use_prior": False, "model.init_args.refiner": None, "data.use_prior": False},
     "shared_mask": {"model.init_args.share_mask": True},
+    "independent_peers": {"model.init_args.w_pixel": 0.0, "model.init_args.w_sample": 0.0,
+                          "model.init_args.w_class": 0.0, "model.init_args.use_prior": False,
+                          "model.init_args.refiner": None, "data.use_prior": False},
 }
 
 
@@ -127,6 +130,8 @@ def test_ablation_overlay_changes_only_its_knobs(base: str, overlay: str) -> Non
         "no_feature_hcc": lambda: model.w["sample"] == 0 and model.w["cls"] == 0 and model.w["pixel"] == 1,
         "no_prior": lambda: model.refiners is None and not cli.datamodule.hparams.use_prior,
         "shared_mask": lambda: model.share_mask and model.refiners is not None,
+        "independent_peers": lambda: (model.refiners is None and not model.share_mask
+                                      and not any(model.w[k] for k in ("pixel", "sample", "cls"))),
     }[overlay]
     assert expected()
 
