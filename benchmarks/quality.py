@@ -2,9 +2,9 @@
 
     python benchmarks/quality.py --quick            # smoke run, a few minutes
     python benchmarks/quality.py                    # full run (32 cases of 64x64x48 + 40 held out, 600 steps, 3 seeds)
-    python benchmarks/quality.py --ablations        # also the four SMML ablations
+    python benchmarks/quality.py --ablations        # also the five SMML ablations
     python benchmarks/quality.py --fp32             # also SMML in fp32 (bf16-mixed's accuracy check)
-    python benchmarks/quality.py --peers            # also each SMML peer scored alone (no extra training)
+    python benchmarks/quality.py --peers            # also each peer of every two-peer model scored alone
     python benchmarks/quality.py --train-fit        # also every run scored on its own training cases
     python benchmarks/quality.py --jobs 2           # two fits side by side, one core each (more throughput)
     python benchmarks/quality.py --overlay experiments/variants/public_seg_loss.yaml --work runs/quality-wce
@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
 REGIONS = ("WT", "TC", "ET", "ET_post")  # ET_post: small predicted ET emptied, as in the community's tables
 DATA_SEED = 0  # synthetic cases and split: fixed for every method and training seed
-PEER = "SMML one peer"  # --peers: each SMML peer scored alone; its rows average the two peers per seed
+PEER = " one peer"  # --peers: "<method> one peer" rows, each peer scored alone, the two averaged per seed
 TRAIN_FIT = "train-fit"  # --train-fit: each run's scores on its own training cases (its report folder)
 
 
@@ -58,6 +58,16 @@ class Method:
     name: str
     configs: tuple[Path, ...]
     args: tuple[str, ...] = ()  # CLI overrides after the configs (fit and test alike)
+
+
+def peer_row(method: str) -> str:
+    """The --peers row of a two-peer method: its peers scored one at a time."""
+    return method + PEER
+
+
+def two_peers(method: Method) -> bool:
+    """Whether the method is SMML's two-peer module (SMML, its ablations and variants)."""
+    return load_yaml(method.configs)["model"]["class_path"] == "smml_lightning.lit.smml.SMML"
 
 
 def methods(ablations: bool, fp32: bool = False) -> list[Method]:
@@ -408,8 +418,8 @@ def markdown(summary: dict, gain: dict[tuple[str, str], pd.DataFrame], meta: dic
              f"Command: `{meta['command']}`", "",
              "| method | " + " | ".join(REGIONS) + " | fit wall (s) |", "|---" * (len(REGIONS) + 2) + "|"]
     lines += region_rows(stats, wall=True)
-    if PEER in stats.index:
-        lines += ["", f"{PEER}: the SMML weights with one peer's logits instead of both averaged "
+    if any(str(m).endswith(PEER) for m in stats.index):
+        lines += ["", f"<method>{PEER}: the method's weights with one peer's logits instead of both averaged "
                   "(`model.init_args.inference_branches=[k]`), the mean of peers 0 and 1 per seed."]
     for (a, b), table in gain.items():
         lines += ["", f"## {a} minus {b}, by number of available modalities",
@@ -497,12 +507,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cases", type=int, help="synthetic cases (default 32, quick 8)")
     parser.add_argument("--heldout", type=int, help="more synthetic test cases, never trained on, scored with "
                         "the split's test cases (default 40, quick 2; 0: the split's only)")
-    parser.add_argument("--ablations", action="store_true", help="also train the four SMML ablations")
+    parser.add_argument("--ablations", action="store_true", help="also train the five SMML ablations")
     parser.add_argument("--fp32", action="store_true", help="also train SMML in fp32 (checks that the default "
                         "bf16-mixed keeps accuracy)")
-    parser.add_argument("--peers", action="store_true", help="also score each SMML peer alone on the same "
-                        "weights (row 'SMML one peer', the mean of the two): what averaging two networks "
-                        "adds, apart from what mutual learning gives each one")
+    parser.add_argument("--peers", action="store_true", help="also score each peer of SMML (and of each SMML "
+                        "ablation run) alone on the same weights (row '<method> one peer', the mean of the "
+                        "two): what averaging two networks adds, apart from what mutual learning gives each one")
     parser.add_argument("--train-fit", action="store_true", help="also score every run on its own training "
                         "cases (folder train-fit/): tells a model that has not fitted its data from one that "
                         "does not generalise")
@@ -582,25 +592,24 @@ def main(argv: list[str] | None = None) -> None:
         if train_cases:
             train_rows.append(test(method, train_cases, seed, run_dir, TRAIN_FIT))
         walls.append({"method": method.name, "seed": seed, "wall_seconds": wall})
-        if args.peers and method.name == "SMML":
+        if args.peers and two_peers(method):
             for k in (0, 1):
-                peer = Method(PEER, method.configs, (*method.args, f"--model.init_args.inference_branches=[{k}]"))
+                peer = Method(peer_row(method.name), method.configs, (*method.args, f"--model.init_args.inference_branches=[{k}]"))
                 rows.append(test(peer, data, seed, run_dir, f"report-peer{k}"))
                 if heldout:
                     rows.append(test(peer, heldout, seed, run_dir, f"report-heldout-{cases}-{args.heldout}-peer{k}"))
-            walls.append({"method": PEER, "seed": seed, "wall_seconds": wall})
-    order = [m.name for m in chosen]
-    if args.peers:
-        order.insert(order.index("SMML") + 1, PEER)
+            walls.append({"method": peer_row(method.name), "seed": seed, "wall_seconds": wall})
+    order = [name for m in chosen for name in (m.name, *([peer_row(m.name)] if args.peers and two_peers(m) else []))]
     all_rows = pd.concat(rows)
     summary = summarise(all_rows, pd.DataFrame(walls), order)
     summary["last_modality"] = last_modality_gains(all_rows, order)
     summary["spread_sources"] = spread_sources(all_rows, order)
     if train_rows:
-        trained, train_all = [m for m in order if m != PEER], pd.concat(train_rows)
+        trained, train_all = [m.name for m in chosen], pd.concat(train_rows)
         summary[TRAIN_FIT] = summarise(train_all, pd.DataFrame(walls), trained)
         summary[TRAIN_FIT]["last_modality"] = last_modality_gains(train_all, trained)
-    gain = {(a, "single-branch"): gains(summary["per_subset"], a, "single-branch") for a in order if a in ("SMML", PEER)}
+    gain = {(a, "single-branch"): gains(summary["per_subset"], a, "single-branch")
+            for a in order if a == "SMML" or a.endswith(PEER)}
     meta = {"date": date, "cases": cases, "shape": shape, "steps": steps, "seeds": seeds, "jobs": args.jobs,
             "split": f"{len(split['train'])}/{len(split['test'])} train/test (the config's validation cases "
                      "join the test set: runs here do not validate)"

@@ -75,6 +75,16 @@ def test_spread_sources_skips_one_seed_and_cases_missing_a_seed():
     assert table.iloc[0]["seed_std"] == pytest.approx(np.std([0.55, 0.65], ddof=1))
 
 
+def test_peers_cover_smml_and_every_ablation_only():
+    """--peers scores the peers of every two-peer model (SMML and each ablation), not the one-network methods."""
+    chosen = {m.name: m for m in quality.methods(ablations=True, fp32=True)}
+    two = {name for name, m in chosen.items() if quality.two_peers(m)}
+    assert two == {name for name in chosen if name.startswith("SMML")}
+    assert {"SMML independent_peers", "SMML fp32"} <= two
+    assert not two & {"single-branch", "U-Net", "MAML"}
+    assert quality.peer_row("SMML") == "SMML one peer"  # the row name of earlier results folders
+
+
 @pytest.mark.slow
 def test_quick_benchmark_end_to_end_and_resumes(tmp_path):
     """`quality.py --quick` over two seeds: every table is recomputed here from the per-case reports,
