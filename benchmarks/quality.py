@@ -594,12 +594,14 @@ def main(argv: list[str] | None = None) -> None:
         walls.append({"method": method.name, "seed": seed, "wall_seconds": wall})
         if args.peers and two_peers(method):
             for k in (0, 1):
-                peer = Method(peer_row(method.name), method.configs, (*method.args, f"--model.init_args.inference_branches=[{k}]"))
+                peer = Method(peer_row(method.name), method.configs,
+                              (*method.args, f"--model.init_args.inference_branches=[{k}]"))
                 rows.append(test(peer, data, seed, run_dir, f"report-peer{k}"))
                 if heldout:
                     rows.append(test(peer, heldout, seed, run_dir, f"report-heldout-{cases}-{args.heldout}-peer{k}"))
             walls.append({"method": peer_row(method.name), "seed": seed, "wall_seconds": wall})
-    order = [name for m in chosen for name in (m.name, *([peer_row(m.name)] if args.peers and two_peers(m) else []))]
+    order = [name for m in chosen
+             for name in (m.name, *([peer_row(m.name)] if args.peers and two_peers(m) else []))]
     all_rows = pd.concat(rows)
     summary = summarise(all_rows, pd.DataFrame(walls), order)
     summary["last_modality"] = last_modality_gains(all_rows, order)
