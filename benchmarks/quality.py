@@ -579,6 +579,7 @@ def main(argv: list[str] | None = None) -> None:
     n_test = len(split["test"]) + args.heldout
     steps_per_epoch = math.ceil(len(split["train"]) * base["samples_per_volume"] / base["batch_size"])
     runs = [(method, seed, work / f"{slug(method.name)}-seed{seed}-steps{steps}") for method in chosen for seed in seeds]
+    peered = {m.name for m in chosen if args.peers and two_peers(m)}  # --peers: scored peer by peer too
     print(f"== {len(runs)} fits of {steps} steps, {args.jobs} at a time", flush=True)
     fit_walls = fit_all(runs, data, steps, steps_per_epoch, args.jobs)
     rows, train_rows, walls = [], [], []
@@ -592,7 +593,7 @@ def main(argv: list[str] | None = None) -> None:
         if train_cases:
             train_rows.append(test(method, train_cases, seed, run_dir, TRAIN_FIT))
         walls.append({"method": method.name, "seed": seed, "wall_seconds": wall})
-        if args.peers and two_peers(method):
+        if method.name in peered:
             for k in (0, 1):
                 peer = Method(peer_row(method.name), method.configs,
                               (*method.args, f"--model.init_args.inference_branches=[{k}]"))
@@ -600,8 +601,7 @@ def main(argv: list[str] | None = None) -> None:
                 if heldout:
                     rows.append(test(peer, heldout, seed, run_dir, f"report-heldout-{cases}-{args.heldout}-peer{k}"))
             walls.append({"method": peer_row(method.name), "seed": seed, "wall_seconds": wall})
-    order = [name for m in chosen
-             for name in (m.name, *([peer_row(m.name)] if args.peers and two_peers(m) else []))]
+    order = [name for m in chosen for name in (m.name, *([peer_row(m.name)] if m.name in peered else []))]
     all_rows = pd.concat(rows)
     summary = summarise(all_rows, pd.DataFrame(walls), order)
     summary["last_modality"] = last_modality_gains(all_rows, order)
