@@ -178,3 +178,11 @@ def test_equal_parameter_variants_match_the_other_methods_size(overlay: str, res
     ratio = inference_parameters(EXPERIMENTS / f"{resized}.yaml", path) / target
     assert abs(ratio - 1) < 0.1, f"{overlay}: {ratio:.2f}x the parameters of {reference}"
     assert abs(default / target - 1) > 0.3  # without the overlay the two sizes differ (about 2x)
+
+
+@pytest.mark.parametrize("config", SMML_BASES)
+def test_cell_sample_relation_variant_switches_the_inter_sample_hcc(config: str) -> None:
+    path = EXPERIMENTS / "variants" / "cell_sample_relation.yaml"
+    assert f"--config experiments/variants/{path.name}" in path.read_text(), "usage missing from header"
+    assert build(EXPERIMENTS / f"{config}.yaml")[0].model.sample_relation_unit == "sample"
+    assert build(EXPERIMENTS / f"{config}.yaml", path)[0].model.sample_relation_unit == "cell"

@@ -128,6 +128,8 @@ def test_bad_config_values_are_named():
         tiny_smml(w_pixel=-1)
     with pytest.raises(ValueError, match="sw_overlap"):
         tiny_smml(sw_overlap=1.0)
+    with pytest.raises(ValueError, match="sample_relation_unit"):
+        tiny_smml(sample_relation_unit="voxel")
     model = tiny_smml()
     batch = make_batch()
     batch["masks"] = batch["masks"][:, :1]

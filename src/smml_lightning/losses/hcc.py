@@ -126,30 +126,49 @@ def gather_across_ranks(rows: torch.Tensor) -> torch.Tensor:
     return torch.cat([g[:n] for g, n in zip(gathered, sizes)])
 
 
-def sample_similarity(feat: torch.Tensor, across_ranks: bool = False) -> torch.Tensor:
-    """Cosine similarity between the globally average-pooled features of a batch's samples.
+SAMPLE_UNITS: tuple[str, ...] = ("sample", "cell")
+"""What the inter-sample relation relates: whole samples (pooled), or every bottleneck cell of every sample."""
 
-    ``(B, B)``; with ``across_ranks`` under DDP, ``(B_local, B_global)``: this rank's rows of the
-    similarity matrix of the global batch (see :func:`gather_across_ranks`). Pooled in float32, so a
-    bf16 autocast neither rounds the cosines nor reaches the collective.
+
+def sample_similarity(feat: torch.Tensor, across_ranks: bool = False, unit: str = "sample") -> torch.Tensor:
+    """Cosine similarity between the rows of a batch's bottleneck features.
+
+    ``unit="sample"``: one row per sample, its globally average-pooled features, ``(B, B)``.
+    ``unit="cell"``: one row per bottleneck cell of every sample (cross-image relations at the
+    bottleneck's resolution), ``(B*S, B*S)`` for ``S`` cells per sample, sample-major. With
+    ``across_ranks`` under DDP the columns are the global batch's rows (see
+    :func:`gather_across_ranks`): this rank's rows of the global matrix. In float32, so a bf16 autocast
+    neither rounds the cosines nor reaches the collective.
     """
-    pooled = F.normalize(feat.flatten(2).float().mean(dim=2), dim=1)
-    others = gather_across_ranks(pooled) if across_ranks else pooled
-    return pooled @ others.T
+    if unit == "sample":
+        rows = feat.flatten(2).float().mean(dim=2)
+    elif unit == "cell":
+        rows = feat.flatten(2).float().transpose(1, 2).reshape(-1, feat.shape[1])
+    else:
+        raise ValueError(f"sample_similarity: unit must be one of {SAMPLE_UNITS}, got {unit!r}")
+    rows = F.normalize(rows, dim=1)
+    others = gather_across_ranks(rows) if across_ranks else rows
+    return rows @ others.T
 
 
-def inter_sample_relation(feat_a: torch.Tensor, feat_b: torch.Tensor, across_ranks: bool = False) -> torch.Tensor:
-    """Match the two branches' sample-similarity matrices (mutual, summed over both directions).
+def inter_sample_relation(
+    feat_a: torch.Tensor, feat_b: torch.Tensor, across_ranks: bool = False, unit: str = "sample"
+) -> torch.Tensor:
+    """Match the two branches' similarity matrices (mutual, summed over both directions).
 
-    With a batch of one the only relation is a sample with itself (always 1), which carries no
-    information: the term is then zero with the graph intact. That is SMML's setting of one volume per
-    GPU unless ``across_ranks`` relates the samples of the global batch (all DDP ranks' samples).
+    With pooled samples and a batch of one the only relation is a sample with itself (always 1), which
+    carries no information: the term is then zero with the graph intact. That is SMML's setting of one
+    volume per GPU unless ``across_ranks`` relates the samples of the global batch (all DDP ranks').
+    Even with two or more, pooled bottlenecks point almost the same way (cosine 0.99 between two
+    patches of a trained run, both branches), so the pooled relation passes on almost nothing;
+    ``unit="cell"`` relates every bottleneck cell of every sample instead, a relation the two branches
+    do not share until they learn to (see :func:`sample_similarity`).
     """
     _check_pair("inter_sample_relation", feat_a, feat_b)
-    rel_a = sample_similarity(feat_a, across_ranks)
+    rel_a = sample_similarity(feat_a, across_ranks, unit)
     if rel_a.shape[1] < 2:
         return _zero_like_graph(feat_a, feat_b)
-    return _mutual_match(rel_a, sample_similarity(feat_b, across_ranks))
+    return _mutual_match(rel_a, sample_similarity(feat_b, across_ranks, unit))
 
 
 def class_weights(label: torch.Tensor, size: torch.Size | tuple[int, ...], num_classes: int = NUM_CLASSES) -> torch.Tensor:
