@@ -25,9 +25,10 @@ def _features(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, 6, 2, 2, 2, generator=g), torch.randn(n, 6, 2, 2, 2, generator=g)
 
 
-def _rows(rank: int, sizes: list[int]) -> slice:
+def _rows(rank: int, sizes: list[int], per_sample: int = 1) -> slice:
+    """This rank's rows of a global matrix with ``per_sample`` rows for each sample."""
     start = sum(sizes[:rank])
-    return slice(start, start + sizes[rank])
+    return slice(per_sample * start, per_sample * (start + sizes[rank]))
 
 
 def _worker(rank: int, init_file: str, out: str) -> None:
@@ -55,8 +56,7 @@ def test_relation_over_the_global_batch(tmp_path):
         whole = sample_similarity(feat_b.detach(), unit=unit)
         rows_per_sample = CELLS if unit == "cell" else 1
         for r in range(WORLD):  # each rank has its rows of the global matrix
-            mine = slice(*(rows_per_sample * i for i in (_rows(r, sizes).start, _rows(r, sizes).stop)))
-            torch.testing.assert_close(ranks[r][name, unit]["sim"], whole[mine])
+            torch.testing.assert_close(ranks[r][name, unit]["sim"], whole[_rows(r, sizes, rows_per_sample)])
             assert ranks[r][name, unit]["sim"].shape == (rows_per_sample * sizes[r], rows_per_sample * sum(sizes))
 
     # Equal shares: the mean of the ranks' losses is the one-process loss, and the ranks' gradients
