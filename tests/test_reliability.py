@@ -43,7 +43,8 @@ def write_config(path: Path, cache: Path, out: Path, max_epochs: int = 2, **trai
         "checkpoint": {"dirpath": str(out / "ckpt"), "save_last": True},
         "model": {"class_path": "smml_lightning.lit.smml.SMML", "init_args": {
             "network": {"class_path": "smml_lightning.models.backbone.MMFormer", "init_args": {
-                "base_width": 4, "transformer_dim": 16, "num_heads": 2, "patch_size": PATCH}},
+                "base_width": 4, "transformer_dim": 16, "num_heads": 2, "dropout": 0.0,
+                "patch_size": PATCH}},
             "use_prior": False, "warmup_epochs": 1, "lr": 1e-3, "val_subsets": ["all"],
             "compare_published": False}},
         "data": {"cache_dir": str(cache), "patch_size": PATCH, "batch_size": 2, "samples_per_volume": 1,

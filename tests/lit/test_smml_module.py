@@ -13,7 +13,7 @@ P = 32
 
 def tiny_smml(**kw) -> SMML:
     torch.manual_seed(0)
-    return SMML(network=lambda: MMFormer(base_width=4, transformer_dim=16, num_heads=2, patch_size=P),
+    return SMML(network=lambda: MMFormer(base_width=4, transformer_dim=16, num_heads=2, dropout=0.0, patch_size=P),
                 refiner=lambda: SemanticRefiner(width=4), roi_size=P, channels_last=False, **kw)
 
 

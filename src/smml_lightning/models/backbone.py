@@ -283,12 +283,15 @@ class MMFormer(MaskedSegmenter):
         transformer_dim: int = 512,
         transformer_depth: int = 1,
         num_heads: int = 8,
-        mlp_ratio: float = 4.0,
-        dropout: float = 0.0,
+        mlp_ratio: float = 8.0,
+        dropout: float = 0.1,
         patch_size: int | Sequence[int] = 128,
         aux_all_modalities: bool = True,
     ) -> None:
-        """``aux_all_modalities``: the auxiliary decoder reads every modality of the (complete) training
+        """The transformer defaults are mmFormer's and SMML's public code: width 512, 8 heads, depth 1,
+        MLP 4096 wide (``mlp_ratio`` 8) and dropout 0.1 in attention and MLP.
+
+        ``aux_all_modalities``: the auxiliary decoder reads every modality of the (complete) training
         input, kept by the mask or not, as in mmFormer's, RFNet's and SMML's public code: the mask
         simulates missing modalities for the fused path, and each encoder is still supervised on every
         sample. ``False`` restricts it to the modalities the mask keeps (cheaper; a masked modality's
