@@ -188,20 +188,23 @@ def test_cell_sample_relation_variant_switches_the_inter_sample_hcc(config: str)
     assert build(EXPERIMENTS / f"{config}.yaml", path)[0].model.sample_relation_unit == "cell"
 
 
-def transformer_shapes(network: MMFormer) -> set[tuple[int, int, int, float]]:
-    """(width, heads, MLP width, dropout) of every bottleneck transformer layer of ``network``."""
-    layers = [layer for t in [*network.intra, network.inter] for layer in t.layers]
+def transformer_shapes(*networks: MMFormer) -> set[tuple[int, int, int, float]]:
+    """(width, heads, MLP width, dropout) of every bottleneck transformer layer of ``networks``."""
+    layers = [layer for net in networks for t in [*net.intra, net.inter] for layer in t.layers]
     return {(l.self_attn.embed_dim, l.self_attn.num_heads, l.linear1.out_features, l.dropout.p) for l in layers}
 
 
 PUBLIC_TRANSFORMER = {(512, 8, 4096, 0.1)}  # mmFormer's and SMML's public code
 
 
+def test_mmformer_defaults_are_the_public_codes_transformer() -> None:
+    assert transformer_shapes(MMFormer(base_width=4, patch_size=32)) == PUBLIC_TRANSFORMER
+
+
 @pytest.mark.parametrize("config", ["brats2018", "brats2020", "brats2018_single"])
 def test_paper_configs_build_the_public_codes_transformer(config: str) -> None:
     model = build(EXPERIMENTS / f"{config}.yaml")[0].model
-    assert {s for net in model.inference_models() for s in transformer_shapes(net)} == PUBLIC_TRANSFORMER
-    assert transformer_shapes(MMFormer(base_width=4, patch_size=32)) == PUBLIC_TRANSFORMER  # the defaults
+    assert transformer_shapes(*model.inference_models()) == PUBLIC_TRANSFORMER
 
 
 @pytest.mark.parametrize("config", ["synthetic", "synthetic_single"])
@@ -209,8 +212,8 @@ def test_paper_transformer_variant_gives_synthetic_configs_the_papers_transforme
     path = EXPERIMENTS / "variants" / "paper_transformer.yaml"
     assert f"--config experiments/variants/{path.name}" in path.read_text(), "usage missing from header"
     nets = build(EXPERIMENTS / f"{config}.yaml")[0].model.inference_models()
-    assert {s for net in nets for s in transformer_shapes(net)} == {(64, 4, 256, 0.0)}
+    assert transformer_shapes(*nets) == {(64, 4, 256, 0.0)}
     overlaid = build(EXPERIMENTS / f"{config}.yaml", path)[0].model.inference_models()
-    assert {s for net in overlaid for s in transformer_shapes(net)} == PUBLIC_TRANSFORMER
+    assert transformer_shapes(*overlaid) == PUBLIC_TRANSFORMER
     convs = lambda n: sum(p.numel() for m in (n.encoder, n.decoder) for p in m.parameters())  # noqa: E731
     assert [convs(net) for net in overlaid] == [convs(net) for net in nets]  # convolutions untouched
