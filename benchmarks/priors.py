@@ -24,20 +24,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from quality import DATA_SEED, EXPERIMENTS, held_out_fraction, load_yaml
+from quality import benchmark_split
 from smml_lightning.data import cache
 from smml_lightning.data.labels import NUM_CLASSES, REGION_CLASSES, REGIONS
 from smml_lightning.data.modalities import MODALITIES, MODALITY_LABELS
-from smml_lightning.data.splits import seeded_split
 from smml_lightning.evaluation.metrics import dice
-
-
-def benchmark_split(cache_dir: Path) -> dict[str, list[str]]:
-    """The train / test split ``quality.py`` uses on ``cache_dir`` (the config's validation cases tested)."""
-    names = cache.list_cases(cache_dir)
-    data = load_yaml((EXPERIMENTS / "synthetic.yaml",))["data"]
-    return seeded_split(names, 0.0, held_out_fraction(len(names), data["val_fraction"], data["test_fraction"]),
-                        DATA_SEED)
 
 
 def score(cache_dir: Path, names: list[str]) -> pd.DataFrame:

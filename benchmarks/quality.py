@@ -115,6 +115,21 @@ def held_out_fraction(cases: int, val_fraction: float, test_fraction: float) -> 
     return (round(val_fraction * cases) + round(test_fraction * cases)) / cases
 
 
+def benchmark_split(cache_dir: Path) -> dict[str, list[str]]:
+    """The benchmark's train / test split of ``cache_dir`` (synthetic.yaml's validation cases tested).
+
+    One place for it: ``priors.py`` scores a run's priors on exactly the cases the run trained and
+    tested on.
+    """
+    from smml_lightning.data.cache import list_cases
+    from smml_lightning.data.splits import seeded_split
+
+    names = list_cases(cache_dir)
+    data = load_yaml((EXPERIMENTS / "synthetic.yaml",))["data"]
+    return seeded_split(names, 0.0, held_out_fraction(len(names), data["val_fraction"], data["test_fraction"]),
+                        DATA_SEED)
+
+
 def synthetic_cache(root: Path, cases: int, shape: tuple[int, int, int], patch: int, first: int = 0) -> Path:
     """Synthetic cases ``first``.. of the data seed under ``root/raw`` (written once), prepared into
     ``root/cache`` (finished cases skipped); returns the cache folder."""
@@ -130,16 +145,14 @@ def synthetic_cache(root: Path, cases: int, shape: tuple[int, int, int], patch: 
     return cache_dir
 
 
-def prepare_data(work: Path, cases: int, shape: tuple[int, int, int], patch: int, test_fraction: float,
+def prepare_data(work: Path, cases: int, shape: tuple[int, int, int], patch: int,
                  prior_epochs: int) -> tuple[Path, dict[str, list[str]]]:
     """Synthetic cases, the prepared cache and the SAM priors, each made once."""
-    from smml_lightning.data import cache
-    from smml_lightning.data.splits import seeded_split
     from smml_lightning.models.sam_prior import save_tiny_sam_checkpoint
     from smml_lightning.priors import run_priors
 
     cache_dir = synthetic_cache(work, cases, shape, patch)
-    split = seeded_split(cache.list_cases(cache_dir), 0.0, test_fraction, DATA_SEED)
+    split = benchmark_split(cache_dir)
     sam = work / "sam_tiny_random.pth"
     if not sam.is_file():
         save_tiny_sam_checkpoint(sam, seed=DATA_SEED)
@@ -572,7 +585,7 @@ def main(argv: list[str] | None = None) -> None:
 
     started = time.time()
     print(f"== data: {cases} cases of {shape} in {work}", flush=True)
-    cache_dir, split = prepare_data(work, cases, shape, patch, test_fraction, prior_epochs=2 if quick else 30)
+    cache_dir, split = prepare_data(work, cases, shape, patch, prior_epochs=2 if quick else 30)
     data = data_args(cache_dir, test_fraction)
     heldout = prepare_heldout(work, cases, args.heldout, shape, patch) if args.heldout else []
     train_cases = test_on(cache_dir, split["train"], work / "train-fit-split.json") if args.train_fit else []
