@@ -28,8 +28,13 @@ import yaml
 
 
 
-def build(run: Path, overrides: list[str]):
-    """The run's LightningModule (last weights), data module and a CPU trainer, through the package's CLI."""
+def build(run: Path, overrides: list[str], stage: str = "fit"):
+    """The run's LightningModule (last weights), data module and a CPU trainer, through the package's CLI.
+
+    The module is set up for ``stage`` as the trainer would before loading weights: without that its
+    small bottleneck convolutions run unguarded in bf16 (models/numerics.py), with other numbers than
+    the run's own fit and test.
+    """
     from lightning.pytorch import Trainer
 
     from smml_lightning.cli import lightning_main
@@ -47,6 +52,7 @@ def build(run: Path, overrides: list[str]):
     with mock.patch.object(sys, "argv", sys.argv[:1]):
         cli = lightning_main(args, run=False)
     Path(handle.name).unlink()
+    cli.model.setup(stage)
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     cli.model.load_state_dict(checkpoint["state_dict"])
     return cli.model, cli.datamodule, cli.trainer

@@ -121,6 +121,20 @@ def test_quick_benchmark_end_to_end_and_resumes(tmp_path):
     smml_wt = runs.loc["SMML"]["WT"]
     assert f"| SMML | {100 * smml_wt.mean():.1f} ± {100 * smml_wt.std(ddof=1):.1f} " in table
 
+    # benchmarks/volumes.py rebuilds a run and predicts as its test did: Dice from its voxel counts is
+    # the report's, case by case, on every subset.
+    sys.path.insert(0, str(Path(quality.__file__).parent))
+    import volumes
+
+    run_dir = work / "smml-seed0-steps3"
+    names = quality.benchmark_split(work / "cache")["test"]
+    counts = volumes.measure(work / "cache", names, run_dir, list(range(15)))
+    merged = counts.merge(pd.read_csv(run_dir / "report" / "per_case.csv"), on=["case", "subset", "region"])
+    assert len(merged) == len(counts) == len(names) * 15 * 3
+    total = merged["pred"] + merged["true"]
+    from_counts = np.where(total == 0, 1.0, 2 * merged["both"] / total.clip(lower=1))
+    np.testing.assert_allclose(from_counts, merged["dice"], atol=1e-9)
+
     fit_logs = {p: p.stat().st_mtime_ns for p in work.glob("*/fit.log")}
     assert len(fit_logs) == 4
     again = subprocess.run(cmd, capture_output=True, text=True, env=env)
