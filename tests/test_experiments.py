@@ -188,6 +188,14 @@ def test_cell_sample_relation_variant_switches_the_inter_sample_hcc(config: str)
     assert build(EXPERIMENTS / f"{config}.yaml", path)[0].model.sample_relation_unit == "cell"
 
 
+@pytest.mark.parametrize("config", SMML_BASES)
+def test_prior_voxel_mean_variant_switches_the_prior_consistency_average(config: str) -> None:
+    path = EXPERIMENTS / "variants" / "prior_voxel_mean.yaml"
+    assert f"--config experiments/variants/{path.name}" in path.read_text(), "usage missing from header"
+    assert build(EXPERIMENTS / f"{config}.yaml")[0].model.prior_class_balanced is True
+    assert build(EXPERIMENTS / f"{config}.yaml", path)[0].model.prior_class_balanced is False
+
+
 def transformer_shapes(*networks: MMFormer) -> set[tuple[int, int, int, float]]:
     """(width, heads, MLP width, dropout) of every bottleneck transformer layer of ``networks``."""
     layers = [layer for net in networks for t in [*net.intra, net.inter] for layer in t.layers]
