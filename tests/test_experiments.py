@@ -189,11 +189,11 @@ def test_cell_sample_relation_variant_switches_the_inter_sample_hcc(config: str)
 
 
 @pytest.mark.parametrize("config", SMML_BASES)
-def test_prior_voxel_mean_variant_switches_the_prior_consistency_average(config: str) -> None:
-    path = EXPERIMENTS / "variants" / "prior_voxel_mean.yaml"
+def test_prior_class_balanced_variant_switches_the_prior_consistency_average(config: str) -> None:
+    path = EXPERIMENTS / "variants" / "prior_class_balanced.yaml"
     assert f"--config experiments/variants/{path.name}" in path.read_text(), "usage missing from header"
-    assert build(EXPERIMENTS / f"{config}.yaml")[0].model.prior_class_balanced is True
-    assert build(EXPERIMENTS / f"{config}.yaml", path)[0].model.prior_class_balanced is False
+    assert build(EXPERIMENTS / f"{config}.yaml")[0].model.prior_class_balanced is False
+    assert build(EXPERIMENTS / f"{config}.yaml", path)[0].model.prior_class_balanced is True
 
 
 def transformer_shapes(*networks: MMFormer) -> set[tuple[int, int, int, float]]:

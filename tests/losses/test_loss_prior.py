@@ -71,8 +71,8 @@ def test_prior_consistency_balances_classes_by_hand() -> None:
     def vol(voxels):
         return torch.tensor(voxels).T.reshape(1, 3, 3, 1, 1)
 
-    balanced = prior_consistency(vol(fused), vol(refined), label).item()
-    plain = prior_consistency(vol(fused), vol(refined), label, class_balanced=False).item()
+    balanced = prior_consistency(vol(fused), vol(refined), label, class_balanced=True).item()
+    plain = prior_consistency(vol(fused), vol(refined), label).item()  # the default: over voxels
     assert balanced == pytest.approx(((kl[0] + kl[2]) / 2 + kl[1]) / 2, rel=1e-5)
     assert plain == pytest.approx(sum(kl) / 3, rel=1e-5)
     assert balanced != pytest.approx(plain, rel=1e-3)

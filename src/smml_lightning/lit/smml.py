@@ -48,8 +48,9 @@ class SMML(MissingModalityModule):
         temperature: softening of the KL terms.
         warmup_epochs: epochs before the pixel-level HCC and prior-consistency terms switch on (100 of
             1000 in the public code). Feature-level HCC is on from the start.
-        prior_class_balanced: average the prior consistency per ground-truth class, then over classes
-            (default), instead of over all reliable voxels; see :func:`~smml_lightning.losses.prior.prior_consistency`.
+        prior_class_balanced: average the prior consistency per ground-truth class, then over classes,
+            instead of over all reliable voxels (default); off by default since with good priors it
+            over-segments, see :func:`~smml_lightning.losses.prior.prior_consistency`.
         pixel_class_balanced: the same for the pixel-level HCC. Off by default: averaged over voxels,
             background and edema carry most of the term (ET: 6.5% of it on a trained model), but balanced
             it pulls six to ten times the gradient, more than any segmentation loss, and ET collapsed
@@ -85,7 +86,7 @@ class SMML(MissingModalityModule):
         w_class: float = 1.0,
         temperature: float = 1.0,
         warmup_epochs: int = 100,
-        prior_class_balanced: bool = True,
+        prior_class_balanced: bool = False,
         pixel_class_balanced: bool = False,
         share_mask: bool = False,
         sample_relation_across_ranks: bool = True,
