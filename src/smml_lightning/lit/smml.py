@@ -49,8 +49,8 @@ class SMML(MissingModalityModule):
         warmup_epochs: epochs before the pixel-level HCC and prior-consistency terms switch on (100 of
             1000 in the public code). Feature-level HCC is on from the start.
         prior_class_balanced: average the prior consistency per ground-truth class, then over classes,
-            instead of over all reliable voxels (default); off by default since with good priors it
-            over-segments, see :func:`~smml_lightning.losses.prior.prior_consistency`.
+            instead of over all reliable voxels. Off by default: with good priors it over-segments TC
+            and ET; see :func:`~smml_lightning.losses.prior.prior_consistency`.
         pixel_class_balanced: the same for the pixel-level HCC. Off by default: averaged over voxels,
             background and edema carry most of the term (ET: 6.5% of it on a trained model), but balanced
             it pulls six to ten times the gradient, more than any segmentation loss, and ET collapsed
