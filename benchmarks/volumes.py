@@ -60,11 +60,12 @@ def measure(cache_dir: Path, names: list[str], run_dir: Path, subset_ids: list[i
 
 def summarise(counts: pd.DataFrame) -> pd.DataFrame:
     """Volume ratio, precision and recall (%) per method, number of modalities and region: voxels pooled
-    over a run's cases and subsets, then averaged over the method's runs."""
+    over a run's cases and subsets, then averaged over the method's runs (NaN where no run has a true voxel)."""
     pooled = counts.groupby(["method", "run", "modalities", "region"])[["pred", "true", "both"]].sum()
-    ratios = pd.DataFrame({"volume": 100 * pooled["pred"] / pooled["true"],
+    true = pooled["true"].where(pooled["true"] > 0)  # no true voxel at all: volume and recall undefined
+    ratios = pd.DataFrame({"volume": 100 * pooled["pred"] / true,
                            "precision": 100 * pooled["both"] / pooled["pred"].clip(lower=1),
-                           "recall": 100 * pooled["both"] / pooled["true"]})
+                           "recall": 100 * pooled["both"] / true})
     return ratios.groupby(["method", "modalities", "region"]).mean()
 
 

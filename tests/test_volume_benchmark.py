@@ -29,6 +29,7 @@ def test_summarise_pools_voxels_then_averages_runs():
         ("A", "a0", 1, "ET", 10, 20, 5), ("A", "a0", 1, "ET", 30, 20, 15),  # two cases, pooled: 40 / 40 / 20
         ("A", "a1", 1, "ET", 0, 10, 0),                                        # predicts nothing
         ("B", "b0", 4, "WT", 12, 10, 9),
+        ("C", "c0", 4, "ET", 5, 0, 0),                                         # no true voxel
     ]
     counts = pd.DataFrame(rows, columns=["method", "run", "modalities", "region", "pred", "true", "both"])
     table = volumes.summarise(counts)
@@ -38,3 +39,5 @@ def test_summarise_pools_voxels_then_averages_runs():
     assert a["recall"] == pytest.approx((100 * 20 / 40 + 0.0) / 2)
     b = table.loc[("B", 4, "WT")]
     assert (b["volume"], b["precision"], b["recall"]) == pytest.approx((120.0, 75.0, 90.0))
+    c = table.loc[("C", 4, "ET")]
+    assert np.isnan(c["volume"]) and np.isnan(c["recall"]) and c["precision"] == 0.0
