@@ -253,6 +253,23 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def busy_cores_warning(load: float | None = None) -> str | None:
+    """A warning when other processes already keep the cores busy, else ``None``.
+
+    Fits that share the cores with another benchmark run several times slower (two benchmarks at
+    ``--jobs 1`` each take every core: 2.7 s a step instead of 0.9 here), and the table's fit seconds
+    would not compare with other runs'. ``load`` defaults to the one-minute load average.
+    """
+    if load is None:
+        if not hasattr(os, "getloadavg"):
+            return None
+        load = os.getloadavg()[0]
+    if load < cores() - 0.5:
+        return None
+    return (f"warning: load average {load:.1f} on {cores()} cores before any fit: fits will be slower and their "
+            "seconds not comparable; to run two benchmarks side by side, start each with OMP_NUM_THREADS=1")
+
+
 def fit_all(runs: list[tuple[Method, int, Path]], data: list[str], steps: int, steps_per_epoch: int,
             jobs: int) -> dict[Path, float]:
     """Every run's fit, ``jobs`` at a time; wall seconds by run folder.
@@ -584,6 +601,8 @@ def main(argv: list[str] | None = None) -> None:
     test_fraction = held_out_fraction(cases, base["val_fraction"], base["test_fraction"])
 
     started = time.time()
+    if warning := busy_cores_warning():
+        print(warning, flush=True)
     print(f"== data: {cases} cases of {shape} in {work}", flush=True)
     cache_dir, split = prepare_data(work, cases, shape, patch, prior_epochs=2 if quick else 30)
     data = data_args(cache_dir, test_fraction)

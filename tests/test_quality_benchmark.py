@@ -75,6 +75,12 @@ def test_spread_sources_skips_one_seed_and_cases_missing_a_seed():
     assert table.iloc[0]["seed_std"] == pytest.approx(np.std([0.55, 0.65], ddof=1))
 
 
+def test_busy_cores_warning_only_when_the_cores_are_taken():
+    assert quality.busy_cores_warning(0.0) is None
+    message = quality.busy_cores_warning(float(quality.cores()))
+    assert message is not None and "OMP_NUM_THREADS=1" in message and f"{quality.cores()} cores" in message
+
+
 def test_peers_cover_smml_and_every_ablation_only():
     """--peers scores the peers of every two-peer model (SMML and each ablation), not the one-network methods."""
     chosen = {m.name: m for m in quality.methods(ablations=True, fp32=True)}
