@@ -97,16 +97,22 @@ def test_quick_benchmark_end_to_end_and_resumes(tmp_path):
     and a second run reuses every fit instead of training again."""
     work, out = tmp_path / "work", tmp_path / "out"
     cmd = [sys.executable, str(Path(quality.__file__)), "--quick", "--seeds", "0", "1", "--methods", "SMML",
-           "--jobs", "2", "--work", str(work), "--out", str(out)]
+           "--peers", "--jobs", "2", "--work", str(work), "--out", str(out)]
     env = {**os.environ, "WANDB_MODE": "disabled"}
     first = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
 
     runs = pd.read_csv(out / "runs.csv").set_index(["method", "seed"])
-    assert sorted(runs.index) == [("SMML", 0), ("SMML", 1), ("single-branch", 0), ("single-branch", 1)]
+    peer = quality.peer_row("SMML")
+    assert sorted(runs.index) == [("SMML", 0), ("SMML", 1), (peer, 0), (peer, 1), ("single-branch", 0),
+                                  ("single-branch", 1)]
     for (method, seed), row in runs.iterrows():
-        run_dir = work / f"{quality.slug(method)}-seed{seed}-steps3"
-        cases = pd.concat([pd.read_csv(p) for p in sorted(run_dir.glob("report*/per_case.csv"))])
+        # A peer row scores SMML's weights one peer at a time (report*-peer0, -peer1), the two pooled.
+        is_peer = method == peer
+        run_dir = work / f"{quality.slug(method.removesuffix(quality.PEER))}-seed{seed}-steps3"
+        reports = [p for p in sorted(run_dir.glob("report*/per_case.csv")) if ("peer" in p.parent.name) == is_peer]
+        assert len(reports) == (4 if is_peer else 2)  # (each peer) x (the split's test cases, held out)
+        cases = pd.concat([pd.read_csv(p) for p in reports])
         assert cases["case"].nunique() == 2 + 2  # the split's test cases (8 cases: 2) and 2 held out
         assert cases["subset"].nunique() == 15
         for region in ("WT", "TC", "ET"):
@@ -140,6 +146,20 @@ def test_quick_benchmark_end_to_end_and_resumes(tmp_path):
     total = merged["pred"] + merged["true"]
     from_counts = np.where(total == 0, 1.0, 2 * merged["both"] / total.clip(lower=1))
     np.testing.assert_allclose(from_counts, merged["dice"], atol=1e-9)
+
+    # benchmarks/agreement.py predicts peer by peer as `smml test` with inference_branches=[k] did
+    # (the report*-peer{k} folders of --peers): its Dice of each peer against the labels is theirs.
+    import agreement
+
+    cases = agreement.test_cases(work)
+    assert len(cases) == 2 + 2
+    rows = agreement.measure(cases, run_dir)
+    for k in (0, 1):
+        report = pd.concat([pd.read_csv(p) for p in run_dir.glob(f"report*-peer{k}/per_case.csv")])
+        merged = rows.merge(report, on=["case", "subset", "region"])
+        assert len(merged) == len(rows) == 4 * 15 * 3
+        np.testing.assert_allclose(merged[f"peer{k}"], merged["dice"], atol=1e-9)
+    assert rows["agreement"].between(0.0, 1.0).all()
 
     fit_logs = {p: p.stat().st_mtime_ns for p in work.glob("*/fit.log")}
     assert len(fit_logs) == 4
