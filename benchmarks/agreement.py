@@ -9,7 +9,8 @@ its own weights, in the precision its test ran in, and the two label maps are co
 region. Consistency terms that pull the peers together should raise this agreement above that of two
 peers trained side by side without them (``experiments/ablations/independent_peers.yaml``); the same
 agreement means the terms left the predictions where they were. Each peer's Dice against the labels is
-printed beside it, so agreement bought with accuracy shows.
+printed beside it, so agreement bought with accuracy shows; all over the 15 subsets and by number of
+available modalities.
 """
 
 from __future__ import annotations
@@ -68,10 +69,18 @@ def measure(cases: list[tuple[Path, str]], run_dir: Path) -> pd.DataFrame:
 
 
 def summarise(rows: pd.DataFrame) -> pd.DataFrame:
-    """Mean over cases per subset, then over the 15 subsets, per run and region (Dice %)."""
+    """Dice % per run, number of available modalities ("all" 15 subsets, then 1-4) and region: mean over
+    cases per subset, then over the subsets."""
     columns = ["agreement", "peer0", "peer1"]
-    per_subset = rows.groupby(["run", "subset", "region"], sort=False)[columns].mean()
-    return 100 * per_subset.groupby(["run", "region"], sort=False)[columns].mean()
+    per_subset = rows.groupby(["run", "subset", "region"], sort=False)[columns].mean().reset_index()
+    per_subset["modalities"] = per_subset["subset"].str.count(r"\+") + 1
+    every = per_subset.groupby(["run", "region"], sort=False)[columns].mean().assign(modalities="all")
+    by_count = per_subset.groupby(["run", "modalities", "region"], sort=False)[columns].mean().reset_index()
+    table = pd.concat([every.reset_index(), by_count.astype({"modalities": str})])
+    table["modalities"] = pd.Categorical(table["modalities"], ["all", "1", "2", "3", "4"], ordered=True)
+    table["run"] = pd.Categorical(table["run"], list(dict.fromkeys(rows["run"])), ordered=True)
+    table["region"] = pd.Categorical(table["region"], list(REGIONS), ordered=True)
+    return 100 * table.set_index(["run", "modalities", "region"]).sort_index()[columns]
 
 
 def main(argv: list[str] | None = None) -> None:

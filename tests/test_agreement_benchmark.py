@@ -24,13 +24,17 @@ def test_dice_from_counts_matches_scipy():
     assert agreement.dice_from_counts(5, 0, 0) == 0.0
 
 
-def test_summarise_averages_cases_then_subsets():
+def test_summarise_averages_cases_then_subsets_and_splits_by_modalities():
     rows = pd.DataFrame([  # run, case, subset, region, agreement, peer0, peer1
         ("r", "c1", "T1", "ET", 1.0, 0.5, 0.5), ("r", "c2", "T1", "ET", 0.0, 0.5, 0.1),
         ("r", "c1", "FLAIR+T1", "ET", 0.4, 0.8, 0.9),
     ], columns=["run", "case", "subset", "region", "agreement", "peer0", "peer1"])
-    table = agreement.summarise(rows).loc[("r", "ET")]
+    table = agreement.summarise(rows)
+    every = table.loc[("r", "all", "ET")]
     # Subset T1: mean of the two cases; FLAIR+T1: its one case; then the mean of the two subsets.
-    assert table["agreement"] == pytest.approx(100 * (0.5 + 0.4) / 2)
-    assert table["peer0"] == pytest.approx(100 * (0.5 + 0.8) / 2)
-    assert table["peer1"] == pytest.approx(100 * (0.3 + 0.9) / 2)
+    assert every["agreement"] == pytest.approx(100 * (0.5 + 0.4) / 2)
+    assert every["peer0"] == pytest.approx(100 * (0.5 + 0.8) / 2)
+    assert every["peer1"] == pytest.approx(100 * (0.3 + 0.9) / 2)
+    one, two = table.loc[("r", "1", "ET")], table.loc[("r", "2", "ET")]
+    assert (one["agreement"], one["peer1"]) == pytest.approx((50.0, 30.0))  # T1 alone
+    assert (two["agreement"], two["peer0"]) == pytest.approx((40.0, 80.0))  # FLAIR+T1 alone
