@@ -15,7 +15,6 @@ available modalities.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ from quality import benchmark_split
 from smml_lightning.data import cache
 from smml_lightning.data.labels import REGIONS
 from smml_lightning.data.modalities import SUBSETS, subset_name
-from volumes import load_run, region_counts
+from volumes import load_run, parse_work_and_runs, region_counts
 
 
 def dice_from_counts(a: int, b: int, both: int) -> float:
@@ -84,13 +83,9 @@ def summarise(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("work", type=Path, help="a quality.py --work folder: its test and held-out cases are scored")
-    parser.add_argument("runs", type=Path, nargs="+", help="two-peer run folders (config.yaml, checkpoints/last.ckpt)")
-    parser.add_argument("--csv", type=Path, help="also write the per-case rows here (must not exist)")
-    args = parser.parse_args(argv)
-    if args.csv is not None and args.csv.exists():
-        parser.error(f"--csv {args.csv}: already exists")
+    args = parse_work_and_runs(__doc__.split("\n\n")[0], argv,
+                               "a quality.py --work folder: its test and held-out cases are scored",
+                               "two-peer run folders (config.yaml, checkpoints/last.ckpt)")
     cases = test_cases(args.work)
     rows = pd.concat([measure(cases, run).assign(run=str(run)) for run in args.runs], ignore_index=True)
     if args.csv is not None:

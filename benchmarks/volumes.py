@@ -69,14 +69,23 @@ def summarise(counts: pd.DataFrame) -> pd.DataFrame:
     return ratios.groupby(["method", "modalities", "region"]).mean()
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("work", type=Path, help="a quality.py --work folder: its cache and split give the cases")
-    parser.add_argument("runs", type=Path, nargs="+", help="run folders (with config.yaml and checkpoints/last.ckpt)")
-    parser.add_argument("--csv", type=Path, help="also write the per-case counts here (must not exist)")
+def parse_work_and_runs(description: str, argv: list[str] | None, work_help: str, runs_help: str) -> argparse.Namespace:
+    """The command line of the run-scoring benchmarks: a quality.py work folder, run folders, and a
+    ``--csv`` for the per-case rows that must not exist yet (nothing already written is overwritten)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("work", type=Path, help=work_help)
+    parser.add_argument("runs", type=Path, nargs="+", help=runs_help)
+    parser.add_argument("--csv", type=Path, help="also write the per-case rows here (must not exist)")
     args = parser.parse_args(argv)
     if args.csv is not None and args.csv.exists():
         parser.error(f"--csv {args.csv}: already exists")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_work_and_runs(__doc__.split("\n\n")[0], argv,
+                               "a quality.py --work folder: its cache and split give the cases",
+                               "run folders (with config.yaml and checkpoints/last.ckpt)")
     cache_dir = args.work / "cache"
     names = benchmark_split(cache_dir)["test"]
     subset_ids = [i for i, s in enumerate(SUBSETS) if sum(s) in (1, len(s))]
