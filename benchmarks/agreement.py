@@ -9,8 +9,8 @@ its own weights, in the precision its test ran in, and the two label maps are co
 region. Consistency terms that pull the peers together should raise this agreement above that of two
 peers trained side by side without them (``experiments/ablations/independent_peers.yaml``); the same
 agreement means the terms left the predictions where they were. Each peer's Dice against the labels is
-printed beside it, so agreement bought with accuracy shows; all over the 15 subsets and by number of
-available modalities.
+printed beside it, so agreement bought with accuracy shows. The table averages the 15 subsets, then
+the subsets with each number of available modalities.
 """
 
 from __future__ import annotations
