@@ -25,6 +25,7 @@ from quality import benchmark_split
 from smml_lightning.data import cache
 from smml_lightning.data.labels import REGIONS
 from smml_lightning.data.modalities import SUBSETS, subset_name
+from smml_lightning.io import atomic_write_text
 from volumes import load_run, parse_work_and_runs, region_counts
 
 
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     cases = test_cases(args.work)
     rows = pd.concat([measure(cases, run).assign(run=str(run)) for run in args.runs], ignore_index=True)
     if args.csv is not None:
-        cache.atomic_write_text(args.csv, rows.to_csv(index=False))
+        atomic_write_text(args.csv, rows.to_csv(index=False))
     print(f"{len(cases)} test cases; Dice % averaged over cases, then over the 15 subsets")
     print(summarise(rows).round(1).to_string())
 

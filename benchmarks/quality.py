@@ -563,7 +563,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, help="data and runs (default runs/quality or runs/quality-quick)")
     args = parser.parse_args(argv)
 
-    from smml_lightning.data.cache import atomic_write_bytes, atomic_write_text
+    from smml_lightning.io import atomic_write_bytes, atomic_write_text
 
     date = time.strftime("%Y%m%d")
     quick = args.quick

@@ -54,6 +54,7 @@ from smml_lightning.data.prepare import prepare, z_score
 from smml_lightning.data.synthetic import synthesize, synthesize_arrays
 from smml_lightning.data.transforms import AugmentedPatches, case_subject
 from smml_lightning.evaluation.inference import predict_subsets
+from smml_lightning.io import atomic_write_text
 from smml_lightning.lit.baselines import SingleBranch
 from smml_lightning.lit.smml import SMML
 from smml_lightning.models.backbone import MMFormer
@@ -489,9 +490,9 @@ def write_results(report: Report, header: str, meta: dict[str, Any]) -> tuple[Pa
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     md, js = RESULTS / f"speed-{stamp}.md", RESULTS / f"speed-{stamp}.json"
-    cache.atomic_write_text(md, markdown(report, header))
+    atomic_write_text(md, markdown(report, header))
     payload = {"meta": meta, "rows": [asdict(r) | {"verdict": r.verdict} for r in report.rows], "raw": report.raw}
-    cache.atomic_write_text(js, json.dumps(payload, indent=1, default=str))
+    atomic_write_text(js, json.dumps(payload, indent=1, default=str))
     return md, js
 
 

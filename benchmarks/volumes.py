@@ -23,6 +23,7 @@ from quality import benchmark_split
 from smml_lightning.data import cache
 from smml_lightning.data.labels import REGION_CLASSES, REGIONS
 from smml_lightning.data.modalities import SUBSETS, subset_name
+from smml_lightning.io import atomic_write_text
 from smml_lightning.lit.base import MissingModalityModule
 
 AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}  # as Lightning's test step runs
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         frames.append(frame)
     counts = pd.concat(frames, ignore_index=True)
     if args.csv is not None:
-        cache.atomic_write_text(args.csv, counts.to_csv(index=False))
+        atomic_write_text(args.csv, counts.to_csv(index=False))
     print(f"{len(names)} test cases; volume = predicted / true (%), voxels pooled over cases and subsets")
     print(summarise(counts).round(1).to_string())
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 from smml_lightning.data import cache
 from smml_lightning.data.labels import NUM_CLASSES
 from smml_lightning.data.modalities import NUM_MODALITIES
+from smml_lightning.io import atomic_write_bytes
 from smml_lightning.models.sam_prior import PriorDecoder3D, SliceEncoder, load_sam_image_encoder
 
 logger = logging.getLogger(__name__)
@@ -146,7 +148,7 @@ def fit_prior_decoder(
         },
         "fit": _fit_settings(epochs, lr, width, slab, seed, names) | {"history": history},
     }
-    cache.atomic_write_bytes(out, lambda f: torch.save(payload, f))
+    atomic_write_bytes(out, lambda f: torch.save(payload, f))
     return out
 
 

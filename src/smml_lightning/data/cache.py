@@ -9,20 +9,20 @@ Layout of ``<root>/<case>/``:
   written later by the prior export).
 - ``meta.json``  written last: its presence marks the case complete.
 
-Every file is written to a temporary name in the same folder and renamed into place, so a crash never
-leaves a half-written file under a final name. Spatial axes are the NIfTI voxel axes (i, j, k).
+Every file is written atomically (:mod:`smml_lightning.io`), so a crash never leaves a half-written
+file under a final name. Spatial axes are the NIfTI voxel axes (i, j, k).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from smml_lightning.io import atomic_save_npy, atomic_write_text
 
 CACHE_VERSION = 1
 META = "meta.json"
@@ -50,7 +50,7 @@ class CaseMeta:
     version: int = CACHE_VERSION
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "CaseMeta":
+    def from_dict(cls, data: dict[str, Any]) -> CaseMeta:
         data = dict(data)
         data["available"] = tuple(bool(v) for v in data["available"])
         data["original_shape"] = tuple(int(v) for v in data["original_shape"])
@@ -61,30 +61,6 @@ class CaseMeta:
     @property
     def cropped_shape(self) -> tuple[int, ...]:
         return tuple(b - a for a, b in self.crop_box)
-
-
-def atomic_write_bytes(path: Path, write: Any) -> None:
-    """Call ``write(fileobj)`` on a temp file beside ``path`` and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    atomic_write_bytes(path, lambda f: np.save(f, np.ascontiguousarray(array), allow_pickle=False))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, lambda f: f.write(text.encode()))
 
 
 def case_dir(root: Path | str, name: str) -> Path:

@@ -11,10 +11,10 @@ reported rather than stopping the rest.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -25,6 +25,7 @@ from smml_lightning.data.labels import to_internal
 from smml_lightning.data.layouts import Case, discover
 from smml_lightning.data.modalities import MODALITIES
 from smml_lightning.data.validate import validate_case
+from smml_lightning.io import atomic_write_text
 
 SUMMARY = "prepare_summary.json"
 
@@ -177,7 +178,7 @@ def prepare(root: Path | str, out: Path | str, layout: str = "auto",
             summary.failed[name] = reason
         else:
             getattr(summary, status).append(name)
-    cache.atomic_write_text(out / SUMMARY, json.dumps(asdict(summary), indent=1))
+    atomic_write_text(out / SUMMARY, json.dumps(asdict(summary), indent=1))
     if not summary.prepared and not summary.skipped:
         reasons = "; ".join(f"{n}: {r}" for n, r in list(summary.failed.items())[:3])
         raise RuntimeError(f"no case of {root} could be prepared ({len(summary.failed)} failed; "

@@ -8,12 +8,12 @@ rather than silently shrink a split.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
-from smml_lightning.data.cache import atomic_write_text
+from smml_lightning.io import atomic_write_text
 
 PARTS: tuple[str, ...] = ("train", "val", "test")
 

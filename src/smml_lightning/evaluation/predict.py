@@ -8,10 +8,8 @@ case's original affine, so it opens aligned with the raw images in any viewer an
 from __future__ import annotations
 
 import io
-import os
-import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import nibabel as nib
 import numpy as np
@@ -19,9 +17,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
-from smml_lightning.data.cache import CaseMeta, atomic_write_bytes, uncrop
+from smml_lightning.data.cache import CaseMeta, uncrop
 from smml_lightning.data.labels import CLASS_NAMES, NUM_CLASSES, to_release
 from smml_lightning.data.modalities import MODALITIES, MODALITY_LABELS, NUM_MODALITIES
+from smml_lightning.io import atomic_path, atomic_write_bytes
 
 # Header donors in order of preference: the label file shares the prediction's meaning and dtype.
 _HEADER_KEYS: tuple[str, ...] = ("seg", *MODALITIES)
@@ -70,16 +69,9 @@ def write_prediction(
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if out_path.name.endswith(".nii.gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=f".tmp{suffix}", dir=out_path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(out_path, suffix=suffix) as tmp:  # nibabel picks compression by extension
         nib.save(img, tmp)
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return out_path
 
 

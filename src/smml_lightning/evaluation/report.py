@@ -11,9 +11,10 @@ finished report is never clobbered by a later run pointed at the same folder.
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -21,7 +22,6 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy import stats
 
-from smml_lightning.data.cache import atomic_write_bytes, atomic_write_text
 from smml_lightning.data.modalities import (
     MODALITIES,
     MODALITY_LABELS,
@@ -31,6 +31,7 @@ from smml_lightning.data.modalities import (
     subset_name,
 )
 from smml_lightning.evaluation.metrics import case_metrics
+from smml_lightning.io import atomic_write_bytes, atomic_write_text
 
 REPORT_REGIONS: tuple[str, ...] = ("WT", "TC", "ET", "ET_post")
 """Regions a report knows, in column order; ``ET_post`` is ET after the small-ET post-processing."""

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +24,8 @@ from segment_anything import sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from torch import nn
 
-from smml_lightning.data.cache import atomic_write_bytes
 from smml_lightning.data.modalities import NUM_MODALITIES
+from smml_lightning.io import atomic_write_bytes
 
 SAM_MODEL_TYPES: tuple[str, ...] = ("vit_b", "vit_l", "vit_h", "tiny")
 TINY_NUM_HEADS = 2
@@ -156,7 +156,7 @@ class SliceEncoder(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1), False)
 
-    def train(self, mode: bool = True) -> "SliceEncoder":
+    def train(self, mode: bool = True) -> SliceEncoder:
         """Keep the frozen encoder in eval mode whatever the caller asks."""
         super().train(mode)
         self.encoder.eval()
