@@ -28,6 +28,8 @@ class SegmentationOutput:
         bottleneck: fused bottleneck features ``(B, F, *s)`` for feature-level consistency, or ``None``.
         aux_mask: bool ``(B, M)``, which ``aux_logits`` are computed and to be scored (``None`` when
             there are none).
+        modality_features: per-modality bottleneck features ``(B, M, F, *s)`` before any fusion, for
+            cross-modality consistency (CMC's CSC), or ``None``.
     """
 
     logits: torch.Tensor
@@ -35,6 +37,7 @@ class SegmentationOutput:
     deep_logits: list[torch.Tensor] = field(default_factory=list)
     bottleneck: torch.Tensor | None = None
     aux_mask: torch.Tensor | None = None
+    modality_features: torch.Tensor | None = None
 
 
 def predicted_labels(logits: torch.Tensor, dim: int = 1) -> torch.Tensor:
