@@ -1,7 +1,7 @@
 """Which loss terms drive a trained run? The gradient norm of each term, on the run's own training batches.
 
     python benchmarks/loss_terms.py runs/quality-600/smml-seed0-steps600
-    python benchmarks/loss_terms.py <run> --batches 16 -- --model.init_args.pixel_class_balanced=true
+    python benchmarks/loss_terms.py <run> --batches 16 -- --model.init_args.temperature=2
 
 Reads ``<run>/config.yaml`` (as saved by ``smml fit``) and ``<run>/checkpoints/last.ckpt``, draws training
 batches from the run's data module (its seed, masks and augmentation), switches the warm-up terms on,

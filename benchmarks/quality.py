@@ -9,8 +9,8 @@
     python benchmarks/quality.py --jobs 2           # two fits side by side, one core each (more throughput)
     python benchmarks/quality.py --overlay experiments/variants/public_seg_loss.yaml --work runs/quality-wce
                                                     # every method with a config overlay (here: the loss)
-    python benchmarks/quality.py --overlay experiments/variants/per_class_prior_weighting.yaml --overlay-on SMML \
-        --work runs/quality-per-class                # an overlay of SMML's own settings, SMML only
+    python benchmarks/quality.py --overlay experiments/ablations/shared_mask.yaml --overlay-on SMML \
+        --work runs/quality-shared-mask              # an overlay of SMML's own settings, SMML only
 
 Pipeline: synthetic cases (fixed seed) -> prepare -> SAM priors once (tiny random SAM, decoder fitted on
 the training split) -> for each method and seed, `python -m smml_lightning.cli fit` in a subprocess for

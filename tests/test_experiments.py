@@ -147,20 +147,6 @@ def test_public_seg_loss_variant_sets_the_loss_of_any_method(config: str) -> Non
     assert default.class_weighted_ce is False and default.dice.include_background is False
 
 
-@pytest.mark.parametrize("config", SMML_BASES)
-def test_per_class_prior_weighting_variant_switches_both_refiners(config: str) -> None:
-    from smml_lightning.models.refine import LabelGuidedPriorWeighting, PriorReweighting
-
-    path = EXPERIMENTS / "variants" / "per_class_prior_weighting.yaml"
-    assert f"--config experiments/variants/{path.name}" in path.read_text(), "usage missing from header"
-    default = build(EXPERIMENTS / f"{config}.yaml")[0].model
-    assert all(isinstance(r.reweight, LabelGuidedPriorWeighting) for r in default.refiners)
-    model = build(EXPERIMENTS / f"{config}.yaml", path)[0].model
-    assert all(isinstance(r.reweight, PriorReweighting) for r in model.refiners)
-    size = lambda m: sum(p.numel() for p in m.refiners[0].unet.parameters())  # noqa: E731
-    assert size(model) == size(default)  # the overlay keeps the config's refiner width and depth
-
-
 @pytest.mark.parametrize(
     ("overlay", "resized", "reference"),
     [("maml_at_smml_parameters", "synthetic_maml", "synthetic"), ("smml_at_maml_parameters", "synthetic", "synthetic_maml")],
@@ -178,22 +164,6 @@ def test_equal_parameter_variants_match_the_other_methods_size(overlay: str, res
     ratio = inference_parameters(EXPERIMENTS / f"{resized}.yaml", path) / target
     assert abs(ratio - 1) < 0.1, f"{overlay}: {ratio:.2f}x the parameters of {reference}"
     assert abs(default / target - 1) > 0.3  # without the overlay the two sizes differ (about 2x)
-
-
-@pytest.mark.parametrize("config", SMML_BASES)
-def test_cell_sample_relation_variant_switches_the_inter_sample_hcc(config: str) -> None:
-    path = EXPERIMENTS / "variants" / "cell_sample_relation.yaml"
-    assert f"--config experiments/variants/{path.name}" in path.read_text(), "usage missing from header"
-    assert build(EXPERIMENTS / f"{config}.yaml")[0].model.sample_relation_unit == "sample"
-    assert build(EXPERIMENTS / f"{config}.yaml", path)[0].model.sample_relation_unit == "cell"
-
-
-@pytest.mark.parametrize("config", SMML_BASES)
-def test_prior_class_balanced_variant_switches_the_prior_consistency_average(config: str) -> None:
-    path = EXPERIMENTS / "variants" / "prior_class_balanced.yaml"
-    assert f"--config experiments/variants/{path.name}" in path.read_text(), "usage missing from header"
-    assert build(EXPERIMENTS / f"{config}.yaml")[0].model.prior_class_balanced is False
-    assert build(EXPERIMENTS / f"{config}.yaml", path)[0].model.prior_class_balanced is True
 
 
 def transformer_shapes(*networks: MMFormer) -> set[tuple[int, int, int, float]]:

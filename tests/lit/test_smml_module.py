@@ -59,27 +59,6 @@ def test_ablations_by_weights_and_without_prior():
     assert model.refiners is None
 
 
-@pytest.mark.parametrize("balanced", [True, False])
-@pytest.mark.parametrize("switch,loss,term,calls_per_step", [
-    ("prior_class_balanced", "prior_consistency", "prior_consist", 2),  # one call per branch
-    ("pixel_class_balanced", "bidirectional_pixel_consistency", "hcc_pixel", 1),  # both directions at once
-])
-def test_class_balance_switch_reaches_its_loss(monkeypatch, balanced, switch, loss, term, calls_per_step):
-    from smml_lightning.lit import smml as smml_module
-
-    original = getattr(smml_module, loss)
-    calls = []
-
-    def spy(*args):
-        calls.append(args[-1])
-        return original(*args)
-
-    monkeypatch.setattr(smml_module, loss, spy)
-    model = tiny_smml(warmup_epochs=0, **{switch: balanced})
-    assert term in model.training_losses(make_batch())
-    assert calls == [balanced] * calls_per_step
-
-
 def test_shared_mask_ablation_feeds_both_branches_the_first_mask(monkeypatch):
     model = tiny_smml(warmup_epochs=0, share_mask=True)
     seen = []
@@ -128,8 +107,6 @@ def test_bad_config_values_are_named():
         tiny_smml(w_pixel=-1)
     with pytest.raises(ValueError, match="sw_overlap"):
         tiny_smml(sw_overlap=1.0)
-    with pytest.raises(ValueError, match="sample_relation_unit"):
-        tiny_smml(sample_relation_unit="voxel")
     model = tiny_smml()
     batch = make_batch()
     batch["masks"] = batch["masks"][:, :1]

@@ -82,18 +82,6 @@ def test_bidirectional_pixel_consistency_sums_both_directions() -> None:
     assert bidirectional_pixel_consistency(a, b, label).item() == pytest.approx(b_to_a + a_to_b, rel=1e-5)
 
 
-def test_bidirectional_pixel_consistency_class_balanced_by_hand() -> None:
-    """b's reliable voxels 0, 3 (class 0) and 1 (class 1): the two class means are averaged; a is
-    reliable on voxel 3 only (one class, so balancing leaves that direction unchanged)."""
-    a, b, label = _vol(STUDENT), _vol(TEACHER), _label(LABEL)
-    class0 = (_kl(TEACHER[0], STUDENT[0], 1.0) + _kl(TEACHER[3], STUDENT[3], 1.0)) / 2
-    b_to_a = (class0 + _kl(TEACHER[1], STUDENT[1], 1.0)) / 2
-    a_to_b = _kl(STUDENT[3], TEACHER[3], 1.0)
-    value = bidirectional_pixel_consistency(a, b, label, class_balanced=True).item()
-    assert value == pytest.approx(b_to_a + a_to_b, rel=1e-5)
-    assert value != pytest.approx(bidirectional_pixel_consistency(a, b, label).item(), rel=1e-3)
-
-
 def _cos_matrix(vectors: list[list[float]]) -> np.ndarray:
     v = np.asarray(vectors, dtype=np.float64)
     v = v / np.linalg.norm(v, axis=1, keepdims=True)
@@ -135,37 +123,6 @@ def test_inter_sample_relation_batch_of_one_is_zero_with_a_graph() -> None:
     assert value.item() == 0.0
     value.backward()
     assert torch.equal(feat_a.grad, torch.zeros_like(feat_a))
-
-
-def test_cell_relation_batch_of_one_by_hand() -> None:
-    # One sample, two bottleneck cells: a's cells are [1, 0], [0, 1]; b's are [1, 0], [1, 1].
-    feat_a = torch.tensor([[1.0, 0.0], [0.0, 3.0]]).reshape(1, 2, 2, 1, 1)
-    feat_b = torch.tensor([[2.0, 1.0], [0.0, 1.0]]).reshape(1, 2, 2, 1, 1)
-    s = 1 / math.sqrt(2)
-    assert torch.allclose(sample_similarity(feat_a, unit="cell"), torch.eye(2), atol=1e-6)
-    assert torch.allclose(sample_similarity(feat_b, unit="cell"), torch.tensor([[1.0, s], [s, 1.0]]), atol=1e-6)
-    # Pooled, a batch of one has nothing to relate; its cells do.
-    assert inter_sample_relation(feat_a, feat_b).item() == 0.0
-    assert inter_sample_relation(feat_a, feat_b, unit="cell").item() == pytest.approx(2 * (2 * s**2 / 4), rel=1e-5)
-
-
-def test_cell_relation_matches_a_loop_over_cells() -> None:
-    """Rows are the cells of sample 0 in C order, then sample 1's: against numpy on an explicit list."""
-    g = torch.Generator().manual_seed(3)
-    feat_a, feat_b = torch.randn(2, 5, 2, 3, 1, generator=g), torch.randn(2, 5, 2, 3, 1, generator=g)
-
-    def cells(feat: torch.Tensor) -> list[list[float]]:
-        return [feat[b, :, i, j, k].tolist() for b in range(2) for i in range(2) for j in range(3) for k in range(1)]
-
-    torch.testing.assert_close(sample_similarity(feat_a, unit="cell").double(),
-                               torch.from_numpy(_cos_matrix(cells(feat_a))), rtol=1e-5, atol=1e-6)
-    expected = 2 * float(np.mean((_cos_matrix(cells(feat_a)) - _cos_matrix(cells(feat_b))) ** 2))
-    assert inter_sample_relation(feat_a, feat_b, unit="cell").item() == pytest.approx(expected, rel=1e-5)
-
-
-def test_sample_similarity_rejects_an_unknown_unit() -> None:
-    with pytest.raises(ValueError, match="unit must be one of"):
-        sample_similarity(torch.zeros(2, 3, 2, 2, 2), unit="voxel")
 
 
 # Inter-class example at label resolution: labels [0, 1, 1, 3] over four voxels (class 2 absent).

@@ -2,23 +2,10 @@ import pytest
 import torch
 
 from smml_lightning.models.baselines import UNetBaseline
-from smml_lightning.models.refine import LabelGuidedPriorWeighting, PriorReweighting, SemanticRefiner
+from smml_lightning.models.refine import LabelGuidedPriorWeighting, SemanticRefiner
 
 MASK = torch.tensor([[True, False, True, True], [False, False, False, True]])
 SHAPE = (32, 32, 48)
-
-
-def test_reweighting_matches_hand_computation():
-    rw = PriorReweighting()
-    with torch.no_grad():
-        rw.weight.copy_(torch.arange(16, dtype=torch.float32).view(4, 4))
-    prior = torch.rand(2, 4, 4, 3, 3, 3)
-    out = rw(prior, MASK)
-    b, m, c = 1, 3, 2
-    assert torch.allclose(out[b, m, c], prior[b, m, c] * (m * 4 + c))
-    assert torch.count_nonzero(out[~MASK]) == 0
-    with pytest.raises(ValueError, match="prior must be"):
-        rw(torch.rand(2, 4, 3, 3, 3, 3), MASK)
 
 
 def test_label_guided_weighting_matches_hand_computation():
@@ -52,25 +39,19 @@ def test_label_guided_weighting_matches_hand_computation():
 
 def test_refiner_with_label_guided_weighting_needs_the_label():
     torch.manual_seed(0)
-    ref = SemanticRefiner(width=4, reweighting="label_guided")
+    ref = SemanticRefiner(width=4)
     prior = torch.rand(2, 4, 4, 16, 16, 24)
     logits = torch.randn(2, 4, 16, 16, 24)
     label = torch.randint(0, 4, (2, 1, 16, 16, 24))
     assert torch.equal(ref(prior, MASK, logits, label), logits)  # residual: identity at initialisation
     with pytest.raises(ValueError, match="needs the label"):
         ref(prior, MASK, logits)
-    with pytest.raises(ValueError, match="reweighting must be one of"):
-        SemanticRefiner(reweighting="learnt")
 
 
-WEIGHTINGS = ("per_class", "label_guided")
-
-
-@pytest.mark.parametrize("reweighting", WEIGHTINGS)
-def test_refiner_starts_as_the_identity_on_the_fused_logits(reweighting):
+def test_refiner_starts_as_the_identity_on_the_fused_logits():
     """A fresh refiner returns the fused logits unchanged, so it never teaches worse than it learnt."""
     torch.manual_seed(0)
-    ref = SemanticRefiner(width=4, reweighting=reweighting)
+    ref = SemanticRefiner(width=4)
     prior = torch.rand(2, 4, 4, 16, 16, 24)
     logits = torch.randn(2, 4, 16, 16, 24)
     label = torch.randint(0, 4, (2, 1, 16, 16, 24))
@@ -79,10 +60,9 @@ def test_refiner_starts_as_the_identity_on_the_fused_logits(reweighting):
     assert ref.correction[1].weight.grad.abs().sum() > 0  # the correction head learns from the first step
 
 
-@pytest.mark.parametrize("reweighting", WEIGHTINGS)
-def test_refiner_shape_and_ignores_missing_priors(reweighting):
+def test_refiner_shape_and_ignores_missing_priors():
     torch.manual_seed(0)
-    ref = SemanticRefiner(width=4, reweighting=reweighting).eval()
+    ref = SemanticRefiner(width=4).eval()
     torch.nn.init.normal_(ref.correction[1].weight)  # a trained refiner: its correction depends on the priors
     shape = (16, 16, 24)
     prior = torch.rand(2, 4, 4, *shape)

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..losses.hcc import SAMPLE_UNITS, bidirectional_pixel_consistency, inter_class_relation, inter_sample_relation
+from ..losses.hcc import bidirectional_pixel_consistency, inter_class_relation, inter_sample_relation
 from ..losses.prior import prior_consistency
 from ..losses.segmentation import deep_supervision_loss, masked_aux_loss
 from ..models.backbone import MMFormer
@@ -48,21 +48,10 @@ class SMML(MissingModalityModule):
         temperature: softening of the KL terms.
         warmup_epochs: epochs before the pixel-level HCC and prior-consistency terms switch on (100 of
             1000 in the public code). Feature-level HCC is on from the start.
-        prior_class_balanced: average the prior consistency per ground-truth class, then over classes,
-            instead of over all reliable voxels. Off by default: with good priors it over-segments TC
-            and ET; see :func:`~smml_lightning.losses.prior.prior_consistency`.
-        pixel_class_balanced: the same for the pixel-level HCC. Off by default: averaged over voxels,
-            background and edema carry most of the term (ET: 6.5% of it on a trained model), but balanced
-            it pulls six to ten times the gradient, more than any segmentation loss, and ET collapsed
-            (quality benchmark, seed 0: 21.7 against 50.2; ``benchmarks/results/quality-20261122j/``).
         share_mask: ablation: both branches use the first mask (``masks[:, 0]``).
         sample_relation_across_ranks: under DDP, relate the samples of the global batch (all ranks')
             in the inter-sample HCC, not only this rank's: with SMML's one volume per GPU a rank alone
             has no pair of samples to relate and the term would be zero. No effect in one process.
-        sample_relation_unit: what the inter-sample HCC relates: ``"sample"`` (default: each sample's
-            pooled bottleneck) or ``"cell"`` (every bottleneck cell of every sample). Pooled bottlenecks
-            of two patches have cosine 0.99 in both branches of a trained run, so the default passes on
-            almost no gradient; see :func:`~smml_lightning.losses.hcc.inter_sample_relation`.
         inference_branches: the peers whose logits are averaged by ``validate``, ``test`` and
             ``predict``: both (default, the method) or one, ``[0]`` or ``[1]``, to score a peer alone
             (separates what averaging two networks gives from what mutual learning gives each one).
@@ -86,11 +75,8 @@ class SMML(MissingModalityModule):
         w_class: float = 1.0,
         temperature: float = 1.0,
         warmup_epochs: int = 100,
-        prior_class_balanced: bool = False,
-        pixel_class_balanced: bool = False,
         share_mask: bool = False,
         sample_relation_across_ranks: bool = True,
-        sample_relation_unit: str = "sample",
         inference_branches: list[int] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -99,8 +85,6 @@ class SMML(MissingModalityModule):
                       w_pixel=w_pixel, w_sample=w_sample, w_class=w_class)
         if temperature <= 0:
             raise ValueError(f"model.temperature must be > 0, got {temperature}")
-        if sample_relation_unit not in SAMPLE_UNITS:
-            raise ValueError(f"model.sample_relation_unit must be one of {SAMPLE_UNITS}, got {sample_relation_unit!r}")
         branches = [0, 1] if inference_branches is None else list(inference_branches)
         if not branches or len(set(branches)) != len(branches) or not set(branches) <= {0, 1}:
             raise ValueError(f"model.inference_branches must be [0], [1] or [0, 1], got {inference_branches}")
@@ -113,11 +97,8 @@ class SMML(MissingModalityModule):
                       sample=w_sample, cls=w_class)
         self.temperature = temperature
         self.warmup_epochs = warmup_epochs
-        self.prior_class_balanced = prior_class_balanced
-        self.pixel_class_balanced = pixel_class_balanced
         self.share_mask = share_mask
         self.sample_relation_across_ranks = sample_relation_across_ranks
-        self.sample_relation_unit = sample_relation_unit
         self.inference_branches = branches
 
     def inference_models(self) -> list[MaskedSegmenter]:
@@ -140,7 +121,7 @@ class SMML(MissingModalityModule):
             terms["seg_refine"] = self.w["refine"] * self.seg_loss(refined, label)
             if warm:
                 terms["prior_consist"] = self.w["prior"] * prior_consistency(
-                    out.logits, refined, label, self.temperature, self.prior_class_balanced)
+                    out.logits, refined, label, self.temperature)
         return terms
 
     def training_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -158,10 +139,10 @@ class SMML(MissingModalityModule):
         feat_a, feat_b = outs[0].bottleneck, outs[1].bottleneck
         if self.w["sample"] > 0:
             terms["hcc_sample"] = self.w["sample"] * inter_sample_relation(
-                feat_a, feat_b, self.sample_relation_across_ranks, self.sample_relation_unit)
+                feat_a, feat_b, self.sample_relation_across_ranks)
         if self.w["cls"] > 0:
             terms["hcc_class"] = self.w["cls"] * inter_class_relation(feat_a, feat_b, label)
         if warm and self.w["pixel"] > 0:
             terms["hcc_pixel"] = self.w["pixel"] * bidirectional_pixel_consistency(
-                outs[0].logits, outs[1].logits, label, self.temperature, self.pixel_class_balanced)
+                outs[0].logits, outs[1].logits, label, self.temperature)
         return terms

@@ -45,28 +45,17 @@ def _zero_like_graph(*tensors: torch.Tensor) -> torch.Tensor:
     return torch.stack([t.sum() for t in tensors]).sum() * 0.0
 
 
-def class_balanced_mean(values: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    """Mean over the classes present of the mean of ``values`` within each class (1-D tensors)."""
-    n = int(classes.max()) + 1
-    sums = values.float().new_zeros(n).index_add(0, classes, values.float())
-    counts = torch.bincount(classes, minlength=n)
-    present = counts > 0
-    return (sums[present] / counts[present]).mean()
-
-
 def pixel_level_consistency(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     label: torch.Tensor,
     temperature: float = 1.0,
-    class_balanced: bool = False,
 ) -> torch.Tensor:
     """``T^2 * KL(p_teacher || p_student)`` averaged over the teacher's reliable voxels.
 
     A voxel is reliable when the teacher's argmax equals the label: a wrong teacher would only pass on
     its mistakes. The teacher is detached, so only the student learns from this term. Zero (with the
-    graph intact) when the teacher is right nowhere. ``class_balanced`` averages per ground-truth class
-    first, then over classes, so background voxels (most of any patch) do not outweigh the tumor's.
+    graph intact) when the teacher is right nowhere.
     """
     if label.shape[0] != student_logits.shape[0] or label.shape[2:] != student_logits.shape[2:]:
         raise ValueError(
@@ -76,8 +65,7 @@ def pixel_level_consistency(
     reliable = predicted_labels(teacher_logits) == label[:, 0]
     if not bool(reliable.any()):
         return _zero_like_graph(student_logits)
-    kl = softened_kl(teacher_logits, student_logits, temperature)[reliable]
-    return class_balanced_mean(kl, label[:, 0][reliable].long()) if class_balanced else kl.mean()
+    return softened_kl(teacher_logits, student_logits, temperature)[reliable].mean()
 
 
 def bidirectional_pixel_consistency(
@@ -85,11 +73,10 @@ def bidirectional_pixel_consistency(
     logits_b: torch.Tensor,
     label: torch.Tensor,
     temperature: float = 1.0,
-    class_balanced: bool = False,
 ) -> torch.Tensor:
     """Sum of both directions: ``b`` teaches ``a`` on ``b``'s reliable voxels and vice versa."""
-    a_learns = pixel_level_consistency(logits_a, logits_b, label, temperature, class_balanced)
-    b_learns = pixel_level_consistency(logits_b, logits_a, label, temperature, class_balanced)
+    a_learns = pixel_level_consistency(logits_a, logits_b, label, temperature)
+    b_learns = pixel_level_consistency(logits_b, logits_a, label, temperature)
     return a_learns + b_learns
 
 
@@ -126,49 +113,30 @@ def gather_across_ranks(rows: torch.Tensor) -> torch.Tensor:
     return torch.cat([g[:n] for g, n in zip(gathered, sizes)])
 
 
-SAMPLE_UNITS: tuple[str, ...] = ("sample", "cell")
-"""What the inter-sample relation relates: whole samples (pooled), or every bottleneck cell of every sample."""
+def sample_similarity(feat: torch.Tensor, across_ranks: bool = False) -> torch.Tensor:
+    """Cosine similarity ``(B, B)`` between the samples of a batch, each its globally average-pooled features.
 
-
-def sample_similarity(feat: torch.Tensor, across_ranks: bool = False, unit: str = "sample") -> torch.Tensor:
-    """Cosine similarity between the rows of a batch's bottleneck features.
-
-    ``unit="sample"``: one row per sample, its globally average-pooled features, ``(B, B)``.
-    ``unit="cell"``: one row per bottleneck cell of every sample (cross-image relations at the
-    bottleneck's resolution), ``(B*S, B*S)`` for ``S`` cells per sample, sample-major. With
-    ``across_ranks`` under DDP the columns are the global batch's rows (see
+    With ``across_ranks`` under DDP the columns are the global batch's samples (see
     :func:`gather_across_ranks`): this rank's rows of the global matrix. In float32, so a bf16 autocast
     neither rounds the cosines nor reaches the collective.
     """
-    if unit == "sample":
-        rows = feat.flatten(2).float().mean(dim=2)
-    elif unit == "cell":
-        rows = feat.flatten(2).float().transpose(1, 2).reshape(-1, feat.shape[1])
-    else:
-        raise ValueError(f"sample_similarity: unit must be one of {SAMPLE_UNITS}, got {unit!r}")
-    rows = F.normalize(rows, dim=1)
+    rows = F.normalize(feat.flatten(2).float().mean(dim=2), dim=1)
     others = gather_across_ranks(rows) if across_ranks else rows
     return rows @ others.T
 
 
-def inter_sample_relation(
-    feat_a: torch.Tensor, feat_b: torch.Tensor, across_ranks: bool = False, unit: str = "sample"
-) -> torch.Tensor:
-    """Match the two branches' similarity matrices (mutual, summed over both directions).
+def inter_sample_relation(feat_a: torch.Tensor, feat_b: torch.Tensor, across_ranks: bool = False) -> torch.Tensor:
+    """Match the two branches' sample similarity matrices (mutual, summed over both directions).
 
-    With pooled samples and a batch of one the only relation is a sample with itself (always 1), which
-    carries no information: the term is then zero with the graph intact. That is SMML's setting of one
-    volume per GPU unless ``across_ranks`` relates the samples of the global batch (all DDP ranks').
-    Even with two or more, pooled bottlenecks point almost the same way (cosine 0.99 between two
-    patches of a trained run, both branches), so the pooled relation passes on almost nothing;
-    ``unit="cell"`` relates every bottleneck cell of every sample instead, a relation the two branches
-    do not share until they learn to (see :func:`sample_similarity`).
+    With a batch of one the only relation is a sample with itself (always 1), which carries no
+    information: the term is then zero with the graph intact. That is SMML's setting of one volume per
+    GPU unless ``across_ranks`` relates the samples of the global batch (all DDP ranks').
     """
     _check_pair("inter_sample_relation", feat_a, feat_b)
-    rel_a = sample_similarity(feat_a, across_ranks, unit)
+    rel_a = sample_similarity(feat_a, across_ranks)
     if rel_a.shape[1] < 2:
         return _zero_like_graph(feat_a, feat_b)
-    return _mutual_match(rel_a, sample_similarity(feat_b, across_ranks, unit))
+    return _mutual_match(rel_a, sample_similarity(feat_b, across_ranks))
 
 
 def class_weights(label: torch.Tensor, size: torch.Size | tuple[int, ...], num_classes: int = NUM_CLASSES) -> torch.Tensor:

@@ -1,14 +1,12 @@
 """SMML's semantic-prior refinement: reweighted SAM priors plus the fused logits -> refined logits.
 
 Priors are per-modality class-probability volumes ``(B, M, C, *S)`` computed offline by the SAM prior
-model. Each branch reweights them (per modality and class), zeroes the missing modalities, and a small
-3D U-Net refines the branch's fused prediction from them. Training-time only: inference uses the fused
-decoder.
+model. Each branch reweights them (per sample, modality and class), zeroes the missing modalities,
+and a small 3D U-Net refines the branch's fused prediction from them. Training-time only: inference
+uses the fused decoder.
 """
 
 from __future__ import annotations
-
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -18,30 +16,6 @@ from torch import nn
 from smml_lightning.data.labels import NUM_CLASSES
 from smml_lightning.data.modalities import NUM_MODALITIES
 from smml_lightning.models.backbone import check_mask, use_group_instance_norms
-
-
-class PriorReweighting(nn.Module):
-    """Learnt weight per (modality, class) on the prior maps; missing modalities are zeroed.
-
-    Weights start at 1 (priors taken as they are) and learn how far each modality's prior can be
-    trusted for each class, e.g. T1ce for enhancing tumor.
-    """
-
-    def __init__(self, num_modalities: int = NUM_MODALITIES, num_classes: int = NUM_CLASSES) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(num_modalities, num_classes))
-
-    def forward(
-        self, prior: torch.Tensor, mask: torch.Tensor, label: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """``label`` is unused (the same call as :class:`LabelGuidedPriorWeighting`)."""
-        m, c = self.weight.shape
-        if prior.ndim < 3 or prior.shape[1:3] != (m, c):
-            raise ValueError(f"prior must be (B, {m}, {c}, *spatial), got {tuple(prior.shape)}")
-        mask = check_mask(mask, prior.shape[0], m)
-        spatial = [1] * (prior.ndim - 3)
-        weight = self.weight.to(prior.dtype).view(1, m, c, *spatial)
-        return prior * weight * mask.to(prior.dtype).view(*mask.shape, 1, *spatial)
 
 
 class LabelGuidedPriorWeighting(nn.Module):
@@ -84,7 +58,7 @@ class LabelGuidedPriorWeighting(nn.Module):
         if prior.ndim < 3 or prior.shape[1:3] != (m, c):
             raise ValueError(f"prior must be (B, {m}, {c}, *spatial), got {tuple(prior.shape)}")
         if label is None:
-            raise ValueError("the label-guided prior weighting (SemanticRefiner's default) needs the label")
+            raise ValueError("the label-guided prior weighting needs the label")
         if label.shape != (prior.shape[0], 1, *prior.shape[3:]):
             raise ValueError(f"label must be (B, 1, *spatial of prior), got {tuple(label.shape)}")
         mask = check_mask(mask, prior.shape[0], m)
@@ -105,11 +79,8 @@ class SemanticRefiner(nn.Module):
     prior-consistency KL (refined teaches fused) only ever passes on what the refiner has learnt to
     improve, never the output of a freshly initialised network.
 
-    ``reweighting``: ``"label_guided"`` (default) is the public code's per-sample weighting from the
-    priors and the ground truth (:class:`LabelGuidedPriorWeighting`; ``forward`` then needs ``label``);
-    ``"per_class"`` learns one weight per (modality, class) shared by all samples
-    (:class:`PriorReweighting`), this package's form before 2026-12-01. Both score alike on the quality
-    benchmark (three seeds, within the seed spread; docs/quality-history.md).
+    The priors are weighted by the public code's per-sample weighting from the priors and the ground
+    truth (:class:`LabelGuidedPriorWeighting`), so ``forward`` needs ``label``.
     """
 
     def __init__(
@@ -118,18 +89,12 @@ class SemanticRefiner(nn.Module):
         num_modalities: int = NUM_MODALITIES,
         width: int = 8,
         depth: int = 3,
-        reweighting: Literal["per_class", "label_guided"] = "label_guided",
     ) -> None:
         super().__init__()
         if depth < 2:
             raise ValueError(f"SemanticRefiner depth must be >= 2 (one downsampling at least), got {depth}")
-        weightings = {"per_class": PriorReweighting, "label_guided": LabelGuidedPriorWeighting}
-        if reweighting not in weightings:
-            raise ValueError(
-                f"SemanticRefiner reweighting must be one of {list(weightings)}, got {reweighting!r}"
-            )
         self.num_classes = num_classes
-        self.reweight = weightings[reweighting](num_modalities, num_classes)
+        self.reweight = LabelGuidedPriorWeighting(num_modalities, num_classes)
         self.unet = use_group_instance_norms(UNet(
             spatial_dims=3,
             in_channels=(num_modalities + 1) * num_classes,
