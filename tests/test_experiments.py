@@ -12,9 +12,11 @@ import yaml
 
 from smml_lightning.cli import REPO_ROOT, lightning_main
 from smml_lightning.lit.baselines import MAMLModule, SingleBranch
+from smml_lightning.lit.cmc import CMC
 from smml_lightning.lit.smml import SMML
 from smml_lightning.models.backbone import MMFormer
 from smml_lightning.models.baselines import UNetBaseline
+from smml_lightning.models.cmc import CMCNet
 from smml_lightning.models.maml import MAML
 
 EXPERIMENTS = REPO_ROOT / "experiments"
@@ -27,6 +29,7 @@ COMPANIONS = {
     "single": (SingleBranch, MMFormer, 1),
     "unet": (SingleBranch, UNetBaseline, 1),
     "maml": (MAMLModule, MAML, 1),
+    "cmc": (CMC, CMCNet, 1),
 }
 # Config keys each overlay may change, and the values it sets.
 OVERLAY_CHANGES = {
