@@ -6,6 +6,7 @@ follow the image exactly; the label is a ball whose inside is known from the coo
 """
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -141,3 +142,73 @@ def test_rotation_matrix_composes_axis_rotations():
     for angles in itertools.product([-0.17, 0.0, 0.17], repeat=3):
         q = rotation_matrix(angles)
         assert torch.allclose(q @ q.T, torch.eye(3, dtype=torch.float64)) and torch.isclose(torch.linalg.det(q), torch.tensor(1.0, dtype=torch.float64))
+
+
+# --- unlabeled cases and misalignment -----------------------------------------------------------------
+
+
+def test_unlabeled_cases_never_read_their_label_and_get_uniform_centres(case, tmp_path):
+    import shutil
+
+    root = tmp_path / "unlabeled"
+    shutil.copytree(case, root)
+    (root / "c" / "label.npy").write_bytes(b"not a label")  # reading it would fail
+    transform = AugmentedPatches(PATCH, 60, {0: 1.0, 3: 1.0}, augment=False, use_prior=True)
+    torch.manual_seed(0)
+    patches = list(StackedPatches(PATCH)(transform(case_subject(root, "c", read_label_npy, labeled=False))))
+    assert len(patches) == 60 and all("label" not in p and p["labeled"] is False for p in patches)
+    corners = np.array([[round(float(v)) for v in _source_voxels(p)[:, 0, 0, 0]] for p in patches])
+    high = np.array(SHAPE) - np.array(PATCH)
+    assert (corners >= 0).all() and (corners <= high).all()
+    assert (corners.min(axis=0) <= high // 4).all() and (corners.max(axis=0) >= 3 * high // 4).all()
+    # the ball covers ~3% of the case: label-balanced sampling would centre half the patches on it
+    centres = corners + np.array(PATCH) // 2
+    on_ball = np.linalg.norm((centres - CENTRE) * np.array(SPACING), axis=1) < RADIUS
+    assert on_ball.mean() < 0.2
+
+
+def test_move_modalities_shift_and_quarter_turn_by_hand():
+    from smml_lightning.data.transforms import move_modalities
+
+    image = torch.randn(2, 1, 6, 6, 6, generator=torch.Generator().manual_seed(0))
+    # modality 0: shift by (2, 0, -1) voxels at spacing (1, 1, 2) mm; modality 1 stays
+    shifts = torch.tensor([[2.0, 0.0, -2.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    out = move_modalities(image, torch.zeros(2, 3, dtype=torch.float64), shifts, (1.0, 1.0, 2.0))
+    assert torch.equal(out[1], image[1])
+    torch.testing.assert_close(out[0, 0, 2:, :, :5], image[0, 0, :4, :, 1:], atol=1e-5, rtol=0)
+    assert out[0, 0, :2].abs().max() < 1e-5 and out[0, 0, :, :, 5].abs().max() < 1e-5  # moved in from outside
+    # 90 degrees about axis 0: output (j, k) reads input (k, n-1-j)
+    angles = torch.tensor([[math.pi / 2, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    turned = move_modalities(image, angles, torch.zeros(2, 3, dtype=torch.float64), (1.0, 1.0, 1.0))
+    torch.testing.assert_close(turned[0], image[0].transpose(2, 3).flip(2), atol=1e-4, rtol=0)
+
+
+def test_misalign_case_moves_by_the_given_amount_and_keeps_t1ce(case):
+    from smml_lightning.data.transforms import misalign_case
+
+    image = torch.from_numpy(np.load(case / "c" / "image.npy"))  # channels 0-2: voxel coordinates in mm
+    moved = misalign_case(image, SPACING, shift_mm=3.0, degrees=0.0, seed=1)
+    assert torch.equal(moved[1], image[1])  # T1ce is the reference
+    assert torch.equal(misalign_case(image, SPACING, 3.0, 0.0, seed=1), moved)
+    inner = (slice(5, -5), slice(5, -5), slice(3, -3))
+    # channel k holds the axis-k coordinate, so a shift t reads as a constant -t_k on that channel
+    t0 = float((image[0] - moved[0])[inner].mean())
+    t2 = float((image[2] - moved[2])[inner].mean())
+    assert (image[0] - moved[0])[inner].std() < 1e-3 and abs(t0) <= 3.0 + 1e-4 and abs(t2) <= 3.0 + 1e-4
+    assert not torch.equal(moved[3], image[3])
+
+
+def test_training_jitter_moves_every_modality_but_t1ce_with_its_priors(case):
+    patches = _patches(case, augment=False, n=6, jitter_mm=3.0)
+    inner = (slice(4, -4), slice(4, -4), slice(3, -3))
+    fractions = []
+    for p in patches:
+        own = p["image"].data
+        # T1ce (channel 1 holds the axis-1 coordinate in mm) is an exact crop: whole millimetres
+        assert torch.equal(own[1], own[1].round())
+        # FLAIR (channel 0, the axis-0 coordinate) moved by one sub-voxel shift for the whole patch
+        frac = (own[0][inner] - own[0][inner].floor())
+        assert frac.std() < 1e-3
+        fractions.append(float(frac.mean()))
+        torch.testing.assert_close(p["prior"].data[0::2].float(), own, atol=0.02, rtol=1e-2)  # priors follow
+    assert max(min(f, 1 - f) for f in fractions) > 0.01
