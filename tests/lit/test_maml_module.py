@@ -34,3 +34,25 @@ def test_each_modality_model_gets_nnunets_deep_supervision_loss():
             expected += weight * model.seg_loss(logits, target)
     total = terms["seg_modality"] + terms["seg_deep"]
     assert total.item() == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_modality_models_are_supervised_on_every_sample_whatever_the_mask():
+    """The mask simulates missing modalities for the fusion and the mutual term only: each modality
+    model's losses (full resolution and deep supervision) are the same under any mask, while the fused
+    and mutual terms change; a masked modality's full-resolution head still learns."""
+    torch.manual_seed(0)
+    model = MAMLModule(network=lambda: MAML(base_width=2), roi_size=P, channels_last=False, warmup_epochs=0)
+    g = torch.Generator().manual_seed(1)
+    batch = {"image": torch.randn(2, 4, P, P, P, generator=g),
+             "label": torch.randint(0, 4, (2, 1, P, P, P), generator=g),
+             "masks": torch.ones(2, 1, 4, dtype=torch.bool)}
+    full = model.training_losses(batch)
+    batch["masks"] = torch.tensor([[[True, False, False, True]], [[False, True, False, False]]])
+    partial = model.training_losses(batch)
+    for term in ("seg_modality", "seg_deep"):
+        torch.testing.assert_close(partial[term], full[term])
+    for term in ("seg_fused", "mutual"):
+        assert abs(partial[term].item() - full[term].item()) > 1e-4, term
+    partial["seg_modality"].backward()
+    head = model.net.decoder.head.weight.grad.unflatten(0, (4, -1))  # grouped 1x1x1 conv, modality-major
+    assert head[2].abs().sum() > 0  # T1: masked in both samples

@@ -140,3 +140,47 @@ def test_inference_branches_pick_the_peers_whose_logits_are_averaged():
     for bad in ([], [2], [0, 0]):
         with pytest.raises(ValueError, match="inference_branches"):
             tiny_smml(inference_branches=bad)
+
+
+def _varied_batch(b: int, seed: int) -> dict:
+    """Samples that differ as patches of different cases do: tumour place and class, intensity scale."""
+    g = torch.Generator().manual_seed(seed)
+    label = torch.zeros(b, 1, P, P, P, dtype=torch.long)
+    for i in range(b):
+        x, y, z = torch.randint(0, P // 2, (3,), generator=g).tolist()
+        label[i, :, x:x + 12, y:y + 12, z:z + 12] = 1 + i % 3
+    scale = torch.rand(b, 4, 1, 1, 1, generator=g) * 2 + 0.5
+    image = torch.randn(b, 4, P, P, P, generator=g) * scale + 2 * label.float()
+    masks = torch.tensor([[[1, 1, 0, 0], [0, 1, 1, 1]]] * b, dtype=torch.bool)
+    return {"image": image, "label": label, "masks": masks}
+
+
+def test_feature_hcc_relates_the_pre_norm_bottleneck_and_the_inter_sample_term_passes_gradient():
+    """HCC's features are the fused inter-modal features before the instance norm that feeds the
+    decoder. Pooled over space, the normalised map is nearly one vector for every sample, so the
+    inter-sample relation built on it passes almost no gradient; on the pre-norm features it does."""
+    from smml_lightning.losses.hcc import inter_sample_relation
+
+    model = tiny_smml(warmup_epochs=0, use_prior=False)
+    batch = _varied_batch(4, seed=0)
+    decoder_inputs = []
+    hook = model.branches[0].decoder.register_forward_hook(lambda mod, args, out: decoder_inputs.append(args[1]))
+    outs = [branch(batch["image"], batch["masks"][:, k]) for k, branch in enumerate(model.branches)]
+    hook.remove()
+    post = [branch.from_tokens.adn(out.bottleneck) for branch, out in zip(model.branches, outs)]
+    torch.testing.assert_close(post[0], decoder_inputs[0])  # the decoder reads the normalised features
+
+    encoder = list(model.branches[0].encoder.parameters())
+
+    def grad_norm(loss: torch.Tensor) -> float:
+        grads = torch.autograd.grad(loss, encoder, retain_graph=True, allow_unused=True)
+        return float(torch.sqrt(sum((g**2).sum() for g in grads if g is not None)))
+
+    pre_norm = grad_norm(inter_sample_relation(outs[0].bottleneck, outs[1].bottleneck))
+    post_norm = grad_norm(inter_sample_relation(post[0], post[1]))
+    seg = grad_norm(model.seg_loss(outs[0].logits, batch["label"]))
+    assert pre_norm > 0.01 * seg, (pre_norm, seg)
+    assert pre_norm > 10 * post_norm, (pre_norm, post_norm)
+    terms = model.training_losses(batch)  # the module's own term is the pre-norm relation
+    torch.testing.assert_close(terms["hcc_sample"], model.w["sample"] * inter_sample_relation(
+        outs[0].bottleneck, outs[1].bottleneck).detach(), rtol=1e-4, atol=1e-7)

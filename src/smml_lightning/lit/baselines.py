@@ -58,6 +58,12 @@ class MAMLModule(MissingModalityModule):
     """MAML (Zhang et al., MICCAI 2021): modality-specific U-Nets fused by modality-aware attention,
     with mutual learning between each available modality's prediction and the fused one.
 
+    The availability mask applies to the fusion and to the mutual term (a missing modality's model
+    neither teaches nor is taught for that sample). Each modality model reads only its own image, which
+    a training patch always has, so its segmentation losses, full-resolution and deep-supervision
+    outputs alike, are taken on every sample: the public MAML code supervises every modality model's
+    deep-supervision series on every sample (it drops no modality in training).
+
     Args:
         network: builds the MAML network (default: :class:`MAML` with its defaults).
         w_fused, w_modality, w_deep, w_mutual: weights of the fused, modality-specific, deep-supervision
@@ -101,7 +107,7 @@ class MAMLModule(MissingModalityModule):
         terms = {
             "seg_fused": self.w["fused"] * self.seg_loss(out.logits, label),
             "seg_modality": self.w["modality"] * weights[0]
-            * masked_aux_loss(self.seg_loss, out.aux_logits, label, mask),
+            * masked_aux_loss(self.seg_loss, out.aux_logits, label, out.aux_mask),
         }
         if out.deep_logits:  # level-major, coarsest first
             per_output = [weights[levels - i // m] for i in range(len(out.deep_logits))]

@@ -4,7 +4,10 @@ Pixel level: each branch teaches the other with a temperature-softened KL diverg
 the voxels where the teaching branch is right (the public SMML code passes the ground truth to this
 loss). Feature level: relations rather than raw features are matched at the fused bottleneck, since
 the two branches see different modality subsets and need not share a feature basis: the similarity
-between the samples of a batch (inter-sample) and between class prototypes (inter-class).
+between the samples of a batch (inter-sample) and between class prototypes (inter-class). The
+features are the fused inter-modal features before any normalisation (the public code's
+``x5_inter``; ``SegmentationOutput.bottleneck``): pooled over space, an instance-normalised map is
+nearly the same vector for every sample, and the inter-sample relation on it would pass on nothing.
 
 Every "mutual" match here is symmetric: each direction treats the other branch as a fixed target
 (``detach``), and the two directions are summed, so each branch receives the full gradient of

@@ -271,8 +271,9 @@ class MMFormer(MaskedSegmenter):
     ``decode(features, mask)`` in training mode returns fused ``logits``, ``aux_logits`` (the shared
     auxiliary decoder on each modality's own features, canonical order, for the modalities in
     ``aux_mask``: all four by default, see ``aux_all_modalities``), ``deep_logits`` (fused decoder at
-    1/8, 1/4, 1/2 resolution, coarsest first) and ``bottleneck`` (fused bottleneck
-    ``(B, 16 * base_width, *S / 16)``). In eval mode the aux and deep outputs are skipped.
+    1/8, 1/4, 1/2 resolution, coarsest first) and ``bottleneck`` (the fused inter-modal features
+    ``(B, 16 * base_width, *S / 16)`` before the instance norm and activation that feed the decoder).
+    In eval mode the aux and deep outputs are skipped.
     """
 
     def __init__(
@@ -384,11 +385,15 @@ class MMFormer(MaskedSegmenter):
         padding = (~mask).repeat_interleave(n, dim=1)
         inter = self.inter(tokens.reshape(b, m * n, -1), pos, padding).reshape(b, m, n, -1)
         inter = inter * mask.to(inter.dtype)[:, :, None, None]
-        bottleneck = self.from_tokens(inter.transpose(2, 3).reshape(b, -1, *grid))
+        # from_tokens in two steps: its 1x1x1 conv gives the fused inter-modal features before any norm
+        # (the public code's ``x5_inter``), which feature-level consistency relates; norm and activation
+        # then give the decoder's input.
+        inter_features = self.from_tokens.conv(inter.transpose(2, 3).reshape(b, -1, *grid))
+        bottleneck = self.from_tokens.adn(inter_features)
 
         fused = self.decoder(self._fuse_skips(skips, mask), bottleneck, deep=self.training)
         if not self.training:
-            return SegmentationOutput(logits=fused.logits, bottleneck=bottleneck)
+            return SegmentationOutput(logits=fused.logits, bottleneck=inter_features)
 
         # Shared auxiliary decoder on each modality's own features, folded into the batch; pairs outside
         # aux_mask are not computed (zeros) and not scored.
@@ -403,6 +408,6 @@ class MMFormer(MaskedSegmenter):
             logits=fused.logits,
             aux_logits=list(aux.unbind(1)),
             deep_logits=fused.deep_logits,
-            bottleneck=bottleneck,
+            bottleneck=inter_features,
             aux_mask=aux_mask,
         )

@@ -25,7 +25,9 @@ class SegmentationOutput:
         aux_logits: per-modality predictions from the shared auxiliary decoder, one ``(B, C, *spatial)``
             per modality in canonical order (empty in eval mode or for networks without one).
         deep_logits: deep-supervision predictions at coarser scales, coarsest first (empty in eval mode).
-        bottleneck: fused bottleneck features ``(B, F, *s)`` for feature-level consistency, or ``None``.
+        bottleneck: fused bottleneck features ``(B, F, *s)`` for feature-level consistency, or ``None``;
+            taken before any normalisation: pooled over space, an instance-normalised map is nearly
+            the same vector for every sample, so relations between samples would carry nothing.
         aux_mask: bool ``(B, M)``, which ``aux_logits`` are computed and to be scored (``None`` when
             there are none).
         modality_features: per-modality bottleneck features ``(B, M, F, *s)`` before any fusion, for

@@ -18,11 +18,13 @@ model predicts: the output is its ``aux_logits[k]``, not the fusion head read on
 one network alone it lost every ET voxel at the quality benchmark's budget).
 
 Outputs in training mode: ``logits`` fused; ``aux_logits`` the 4 modality-specific predictions in
-canonical order (supervise and mutually teach only the available ones); ``deep_logits`` the modality
-U-Nets' deep-supervision outputs, level-major and coarsest first: ``[flair@1/8, t1ce@1/8, t1@1/8,
-t2@1/8, flair@1/4, ..., t2@1/2]``. Each modality model only sees its own modality's image, which is
-always present in training patches, so all twelve are valid to supervise (MAML trains every
-modality-specific model with deep supervision); the fused path has no deep supervision.
+canonical order; ``deep_logits`` the modality U-Nets' deep-supervision outputs, level-major and
+coarsest first: ``[flair@1/8, t1ce@1/8, t1@1/8, t2@1/8, flair@1/4, ..., t2@1/2]``; ``aux_mask`` all
+true. Each modality model only sees its own modality's image, which is always present in training
+patches, so every output of every modality model is supervised on every sample, as the public MAML
+code does (each modality model's deep-supervision series, every sample); the availability mask
+simulates missing modalities for the fusion and the mutual term only. The fused path has no deep
+supervision.
 """
 
 from __future__ import annotations
@@ -126,5 +128,5 @@ class MAML(MaskedSegmenter):
         deep = [x for level in encoded.deep_logits for x in level.unflatten(1, (m, -1)).unbind(1)]
         return SegmentationOutput(
             logits=logits, aux_logits=list(per_modality.unbind(1)), deep_logits=deep,
-            aux_mask=mask,  # MAML teaches only the available modality models
+            aux_mask=torch.ones_like(mask),  # every modality model is supervised on every sample
         )
