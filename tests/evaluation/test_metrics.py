@@ -82,6 +82,11 @@ def test_hd95_empty_conventions_and_diagonal() -> None:
     assert hd95(empty, one, SPACING) == pytest.approx(diagonal)
     assert hd95(one, empty, SPACING) == pytest.approx(diagonal)
     assert image_diagonal((240, 240, 155), (1.0, 1.0, 1.0)) == pytest.approx(373.13, abs=0.01)
+    full = image_diagonal((240, 240, 155), SPACING)  # a crop scored with its original grid's diagonal
+    assert hd95(empty, one, SPACING, empty_distance=full) == pytest.approx(full)
+    assert hd95(one, one, SPACING, empty_distance=full) == 0.0
+    rows = case_metrics(one.astype(np.uint8) * 3, np.zeros_like(one, np.uint8), SPACING, empty_distance=full)
+    assert rows["ET"]["hd95"] == pytest.approx(full) and rows["ET_post"]["hd95"] == 0.0
 
 
 def test_hd95_rejects_a_wrong_spacing_length() -> None:

@@ -39,7 +39,8 @@ def image_diagonal(shape: Sequence[int], spacing: Sequence[float]) -> float:
     return math.sqrt(sum((n * s) ** 2 for n, s in zip(shape, spacing)))
 
 
-def hd95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float], percentile: float = 95.0) -> float:
+def hd95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float], percentile: float = 95.0,
+         empty_distance: float | None = None) -> float:
     """Symmetric 95th-percentile Hausdorff distance in mm (MONAI ``compute_hausdorff_distance``).
 
     MONAI takes the percentile of each directed set of surface distances and returns the larger of
@@ -47,9 +48,10 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float], percenti
     percentiles, so ours is never smaller than medpy's (equal when one direction dominates). Surfaces are the voxels removed by one 6-connected
     erosion, as in both libraries.
 
-    Empty masks: both empty gives 0.0 (perfect agreement). Exactly one empty gives the image diagonal
-    in mm, a finite worst case that keeps averages defined; other BraTS papers use 373.13 mm, the
-    diagonal of the full 240 x 240 x 155 grid at 1 mm, so on uncropped volumes the two agree.
+    Empty masks: both empty gives 0.0 (perfect agreement). Exactly one empty gives ``empty_distance``,
+    a finite worst case that keeps averages defined: pass the diagonal of the case's original grid
+    (373.13 mm for 240 x 240 x 155 at 1 mm, as BraTS papers use) when the masks are a crop of it; by
+    default it is the diagonal of the masks' own grid.
     """
     p, t = _as_numpy(pred).astype(bool), _as_numpy(truth).astype(bool)
     if p.shape != t.shape:
@@ -60,7 +62,7 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float], percenti
     if not p_any and not t_any:
         return 0.0
     if p_any != t_any:
-        return image_diagonal(p.shape, spacing)
+        return image_diagonal(p.shape, spacing) if empty_distance is None else float(empty_distance)
     value = compute_hausdorff_distance(
         p[None, None],
         t[None, None],
@@ -92,8 +94,12 @@ def case_metrics(
     truth_labels: np.ndarray | torch.Tensor,
     spacing: Sequence[float],
     et_min_voxels: int = 500,
+    empty_distance: float | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Dice and HD95 for WT, TC, ET and post-processed ET (``ET_post``) from internal label maps."""
+    """Dice and HD95 for WT, TC, ET and post-processed ET (``ET_post``) from internal label maps.
+
+    ``empty_distance``: HD95 when exactly one side is empty (see :func:`hd95`).
+    """
     pred, truth = _as_numpy(pred_labels), _as_numpy(truth_labels)
     if pred.shape != truth.shape:
         raise ValueError(f"case_metrics: prediction shape {pred.shape} != truth shape {truth.shape}")
@@ -103,5 +109,5 @@ def case_metrics(
     for name, labels, region in rows:
         classes = list(REGION_CLASSES[region])
         p, t = np.isin(labels, classes), np.isin(truth, classes)
-        out[name] = {"dice": dice(p, t), "hd95": hd95(p, t, spacing)}
+        out[name] = {"dice": dice(p, t), "hd95": hd95(p, t, spacing, empty_distance=empty_distance)}
     return out
