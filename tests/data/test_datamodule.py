@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from smml_lightning.data import cache
-from smml_lightning.data.datamodule import BratsDataModule, QueueSampler
+from smml_lightning.data.datamodule import BratsDataModule
+from smml_lightning.data.stream import QueueSampler
 
 SHAPE = (40, 40, 32)
 

@@ -5,7 +5,7 @@ Lightning 2.6 restores weights, optimiser, schedulers, loop counters and callbac
 run train exactly like the uninterrupted one, at an epoch boundary or in the middle of an epoch:
 
 - The training data does not draw from the global generators. Each epoch's batches are a pure function
-  of (seed, epoch, rank) (:class:`~smml_lightning.data.datamodule.EpochStream`), and the datamodule's
+  of (seed, epoch, rank) (:class:`~smml_lightning.data.stream.EpochStream`), and the datamodule's
   ``state_dict`` (epoch, batches used) is in every checkpoint; on a mid-epoch resume the training loader
   rebuilds that epoch's stream and discards the batches already trained on (data time only).
 - The model-side randomness (dropout, anything a module or loss draws) does, so :class:`ResumeState`
