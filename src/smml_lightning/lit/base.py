@@ -25,6 +25,7 @@ from ..evaluation.metrics import case_metrics, dice
 from ..losses.segmentation import DiceCELoss
 from ..models.base import MaskedSegmenter, predicted_labels
 from ..models.numerics import guard_small_bf16_convs
+from .hparams import checkpoint_class, record_hyperparameters
 
 
 def _subset_indices(names: Sequence[str] | None) -> list[int]:
@@ -105,6 +106,13 @@ class MissingModalityModule(pl.LightningModule):
         seg_loss: DiceCELoss | None = None,
     ) -> None:
         super().__init__()
+        # Every constructor argument, the subclass's included, in a form that rebuilds the model from
+        # its checkpoint alone (see lit/hparams.py). Modules given as arguments (a loss) are recorded
+        # as class_path/init_args, so Lightning's advice to leave them out does not apply.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
+            self.save_hyperparameters()
+        record_hyperparameters(self)
         self._skip_update = False  # set by a skipped non-finite step, read before the update
         if not 0.0 <= sw_overlap < 1.0:
             raise ValueError(f"model.sw_overlap must be in [0, 1), got {sw_overlap}")
@@ -126,6 +134,16 @@ class MissingModalityModule(pl.LightningModule):
         self.method_name = method_name or type(self).__name__
         self.seg_loss = seg_loss or DiceCELoss()
         self._test_rows: list[dict[str, Any]] = []
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """Rebuild the model a checkpoint holds, from the checkpoint alone (any method when called on
+        this base class); keyword arguments override stored hyperparameters."""
+        if isinstance(checkpoint_path, (str, Path)):
+            method = checkpoint_class(checkpoint_path, cls, __name__.split(".")[0])
+            if method is not None and method is not cls:
+                return method.load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     # ---- what a method provides -------------------------------------------------------------
     def training_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

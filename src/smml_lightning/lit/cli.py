@@ -3,6 +3,7 @@ state and per-epoch summaries as top-level config groups, and checks that fail b
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Sequence
 
 from lightning.pytorch.cli import LightningCLI
@@ -11,6 +12,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from ..data.datamodule import BratsDataModule
 from .base import MissingModalityModule
 from .callbacks import AtomicCheckpointIO, BestAndLastCheckpoint, EpochSummary, PredictionWriter
+from .hparams import checkpoint_cli_args
 from .resume import ResumeState
 
 
@@ -29,6 +31,16 @@ class SMMLCLI(LightningCLI):
         parser.add_lightning_class_args(EpochSummary, "epoch_summary")
         # Random states in checkpoints (exact resumption) and last.ckpt on SIGTERM, as `resume.*`.
         parser.add_lightning_class_args(ResumeState, "resume")
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        # `validate|test|predict --ckpt_path X` need neither the model's config nor the fit's data options.
+        if args is None or isinstance(args, (list, tuple)):
+            args = checkpoint_cli_args(sys.argv[1:] if args is None else args, __name__.split(".")[0])
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        """Nothing: :func:`checkpoint_cli_args` has put the checkpoint's options first, where the command
+        line overrides them (Lightning's own merge would override the command line)."""
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         trainer = super().instantiate_trainer(**kwargs)

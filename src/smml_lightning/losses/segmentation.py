@@ -60,6 +60,8 @@ class DiceCELoss(nn.Module):
             smooth_dr=smooth,
             batch=batch,
         )
+        # Every constructor argument is kept under its name, so the loss can be recorded and rebuilt.
+        self.include_background, self.smooth, self.batch = include_background, smooth, batch
         self.lambda_dice, self.lambda_ce = lambda_dice, lambda_ce
         self.class_weighted_ce = class_weighted_ce
 
