@@ -15,11 +15,13 @@ from smml_lightning.cli import lightning_main
 from smml_lightning.data.datamodule import BratsDataModule
 from smml_lightning.lit.base import MissingModalityModule
 from smml_lightning.lit.baselines import MAMLModule, SingleBranch
+from smml_lightning.lit.cmc import CMC
 from smml_lightning.lit.hparams import NotRecordable, spec
 from smml_lightning.lit.smml import SMML
 from smml_lightning.losses.segmentation import DiceCELoss
 from smml_lightning.models.backbone import MMFormer
 from smml_lightning.models.baselines import UNetBaseline
+from smml_lightning.models.cmc import CMCNet
 from smml_lightning.models.maml import MAML
 from smml_lightning.models.refine import SemanticRefiner
 
@@ -79,6 +81,7 @@ def test_plain_python_fit_saves_a_checkpoint_that_loads_alone(cache, tmp_path):
     lambda: SingleBranch(network=partial(UNetBaseline, base_width=4), roi_size=32, w_aux=0.5),
     lambda: SingleBranch(network=TINY_MMFORMER, roi_size=32),
     lambda: MAMLModule(network=partial(MAML, base_width=4), roi_size=32, temperature=2.0),
+    lambda: CMC(network=partial(CMCNet, base_width=4, num_stages=2), roi_size=32, temperature=0.25),
 ])
 def test_every_method_loads_through_the_base_class(make, tmp_path):
     torch.manual_seed(0)
