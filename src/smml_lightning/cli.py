@@ -7,6 +7,7 @@
 - ``smml priors``: fit the SAM prior decoder and export priors into the cache.
 - ``smml demo``: the main job on the embedded default (synthetic data, offline logging).
 - ``smml sweep``: run a W&B sweep file locally (grid or random), one ``smml fit`` per run.
+- ``smml evaluate``: score a folder of predictions against BraTS labels (challenge lesion-wise and legacy).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, Sequence
 
 from jsonargparse import CLI
 
-SUBCOMMANDS_OWN = ("synth", "prepare", "priors", "demo", "sweep")
+SUBCOMMANDS_OWN = ("synth", "prepare", "priors", "demo", "sweep", "evaluate")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -136,9 +137,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 def _dispatch(argv: list[str]) -> None:
     if argv and argv[0] in SUBCOMMANDS_OWN:
         from .demo import demo
+        from .evaluation.evaluate import evaluate
         from .sweep import sweep
 
-        commands = {"synth": synth, "prepare": prepare, "priors": priors, "demo": demo, "sweep": sweep}
+        commands = {"synth": synth, "prepare": prepare, "priors": priors, "demo": demo, "sweep": sweep,
+                    "evaluate": evaluate}
         CLI(commands[argv[0]], args=argv[1:])
         return
     from lightning.pytorch.utilities.exceptions import SIGTERMException
