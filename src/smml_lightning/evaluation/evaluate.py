@@ -23,10 +23,10 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from smml_lightning.io import atomic_write_text
 from smml_lightning.data.labels import REGIONS, to_internal
 from smml_lightning.data.layouts import discover
 from smml_lightning.evaluation.lesionwise import MAX_HD95, METRICS, challenge_metrics, challenge_rules
+from smml_lightning.io import atomic_write_text
 
 FILES: dict[str, str] = {"per_case": "per_case.csv", "summary": "summary.csv", "report": "report.md"}
 _CASE_ID = re.compile(r"(\d{5}-\d{3})$")
@@ -47,9 +47,8 @@ def _read_labels(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
         raise ValueError(f"{path}: cannot read as NIfTI ({type(err).__name__}: {err})") from err
     if data.ndim != 3:
         raise ValueError(f"{path}: a label map must be 3-D, got shape {data.shape}")
-    if not np.issubdtype(data.dtype, np.integer):
-        if not np.all(np.equal(np.mod(data, 1), 0)):
-            raise ValueError(f"{path}: label values must be whole numbers")
+    if not np.issubdtype(data.dtype, np.integer) and not np.all(np.equal(np.mod(data, 1), 0)):
+        raise ValueError(f"{path}: label values must be whole numbers")
     return data.astype(np.int64), spacing
 
 
@@ -142,32 +141,26 @@ def _markdown(summary: pd.DataFrame, per_case: pd.DataFrame, unmatched: list[Pat
                      f"{rec.specificity * 100:.3f} | {rec.n_tp} | {rec.n_fp} | {rec.n_fn} |")
     missing = sorted(set(per_case.loc[per_case["prediction"] == "", "case"]))
     n_cases = per_case["case"].nunique()
-    parts = [
-        f"# {rules.name} scoring of {pred_dir}",
-        "",
-        f"{n_cases} reference cases from {ref_dir}; {n_cases - len(missing)} with a prediction, "
-        f"{len(missing)} missing (scored as the worst). Dice and sensitivity in %, means over cases.",
-        "",
-        *lines,
-        "",
-        "## How these figures were computed",
-        "",
-        f"- Lesion-wise (the BraTS 2023 challenge rules, {rules.name}): lesions are 26-connected components "
+    notes = [
+        (f"- Lesion-wise (the BraTS 2023 challenge rules, {rules.name}): lesions are 26-connected components "
         f"of the truth, merged when they share a component of the truth dilated {rules.dilation} times "
         "(18-connected element); a predicted component counts for a lesion when it touches that lesion so "
         "dilated. Each lesion scores the Dice and HD95 of it against its matched components; a missed "
         f"lesion scores Dice 0 and HD95 {MAX_HD95:g} mm; lesions of at most {rules.min_volume:g} mm³ are "
         f"left out; every unmatched predicted component adds a Dice 0 / HD95 {MAX_HD95:g} mm entry. "
-        "A case's score is the mean of its entries (Dice 1, HD95 0 when truth and prediction are empty).",
-        "- HD95 as the challenge computes it: area-weighted 95th percentile of the distances between the "
-        "marching-cubes surfaces, larger direction; exactly one side empty gives "
-        f"{MAX_HD95:g} mm.",
-        "- Legacy: Dice and HD95 of the whole region, voxel-wise sensitivity and specificity over the "
-        "reference grid; TP/FP/FN count lesions (summed over cases).",
-        f"- A missing prediction scores Dice 0, HD95 {MAX_HD95:g} mm, sensitivity and specificity 0, "
-        "and its kept lesions count as false negatives.",
+        "A case's score is the mean of its entries (Dice 1, HD95 0 when truth and prediction are empty)."),
+        ("- HD95 as the challenge computes it: area-weighted 95th percentile of the distances between the "
+        f"marching-cubes surfaces, larger direction; exactly one side empty gives {MAX_HD95:g} mm."),
+        ("- Legacy: Dice and HD95 of the whole region, voxel-wise sensitivity and specificity over the "
+        "reference grid; TP/FP/FN count lesions (summed over cases)."),
+        (f"- A missing prediction scores Dice 0, HD95 {MAX_HD95:g} mm, sensitivity and specificity 0, "
+        "and its kept lesions count as false negatives."),
         "- No subset heatmap: the predictions carry no modality subset.",
     ]
+    intro = (f"{n_cases} reference cases from {ref_dir}; {n_cases - len(missing)} with a prediction, "
+             f"{len(missing)} missing (scored as the worst). Dice and sensitivity in %, means over cases.")
+    parts = [f"# {rules.name} scoring of {pred_dir}", "", intro, "", *lines, "",
+             "## How these figures were computed", "", *notes]
     if missing:
         parts += ["", "## Missing predictions", "", *(f"- {name}" for name in missing)]
     if unmatched:
