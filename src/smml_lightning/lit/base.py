@@ -1,5 +1,6 @@
-"""Lightning glue shared by every method: optimisation, whole-case validation, the 15-subset test,
-prediction, channels-last inputs and the non-finite-loss guard.
+"""Lightning glue shared by every method: optimisation, whole-case validation, the 15-subset test
+(rows here, the report in :mod:`smml_lightning.lit.test_report`), prediction, channels-last inputs and
+the non-finite-loss guard.
 
 A method subclass provides :meth:`training_losses` (named, already weighted loss terms) and
 :meth:`inference_models` (the networks whose logits are averaged at inference).
@@ -8,14 +9,12 @@ A method subclass provides :meth:`training_losses` (named, already weighted loss
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 
 from ..data.labels import REGION_CLASSES, REGIONS
@@ -26,6 +25,7 @@ from ..losses.segmentation import DiceCELoss
 from ..models.base import MaskedSegmenter, predicted_labels
 from ..models.numerics import guard_small_bf16_convs
 from .hparams import checkpoint_class, record_hyperparameters
+from .test_report import TestReport
 
 
 def _subset_indices(names: Sequence[str] | None) -> list[int]:
@@ -77,7 +77,8 @@ class MissingModalityModule(pl.LightningModule):
         on_nonfinite: ``"raise"`` stops with the name of the offending term; ``"skip"`` skips the step
             (weights and optimizer state untouched). Under DDP the ranks decide together: a NaN on one
             rank stops, or skips the step on, all of them.
-        report_dir: where ``test`` writes its report (default: ``<log_dir>/test-<time>``).
+        report_dir: where ``test`` writes its report (default: ``<log_dir>/test-<time>``; see
+            :class:`~smml_lightning.lit.test_report.TestReport`).
         compare_published: add published BraTS figures of the same release to the report (turn off
             for synthetic data, where they do not apply).
         method_name: name in reports (default: the class name).
@@ -133,7 +134,6 @@ class MissingModalityModule(pl.LightningModule):
         self.compare_published = compare_published
         self.method_name = method_name or type(self).__name__
         self.seg_loss = seg_loss or DiceCELoss()
-        self._test_rows: list[dict[str, Any]] = []
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
@@ -260,72 +260,29 @@ class MissingModalityModule(pl.LightningModule):
         self.log("val/dice_mean", sum(means.values()) / len(means), on_epoch=True, sync_dist=True,
                  prog_bar=True, batch_size=1)
 
-    # ---- test: all subsets, report ------------------------------------------------------------
-    def on_test_epoch_start(self) -> None:
-        self._test_rows = []
-        self._test_started = time.time()
+    # ---- test: all subsets; the report is written by the TestReport callback ---------------------
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """The test report (:class:`~smml_lightning.lit.test_report.TestReport`) comes with every method."""
+        return [TestReport()]
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """Report rows of one case: Dice and HD95 per subset it can be scored on and per region."""
         name = batch["name"][0]
         spacing = self._spacing(name)
         label = batch["label"][0, 0].cpu().numpy()
+        rows = []
         for sid, pred in self.predict_case(batch["image"], self._within(self.test_subset_ids, batch)).items():
             metrics = case_metrics(pred.cpu().numpy(), label, spacing, et_min_voxels=self.et_min_voxels)
             for region, values in metrics.items():
-                self._test_rows.append({"case": name, "subset": subset_name(SUBSETS[sid]), "region": region,
-                                        "dice": values["dice"], "hd95": values["hd95"]})
+                rows.append({"case": name, "subset": subset_name(SUBSETS[sid]), "region": region,
+                             "dice": values["dice"], "hd95": values["hd95"]})
+        return rows
 
     def _spacing(self, name: str) -> tuple[float, float, float]:
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "case_meta"):
             return tuple(datamodule.case_meta(name).spacing)
         return (1.0, 1.0, 1.0)
-
-    def on_test_epoch_end(self) -> None:
-        rows = self._test_rows
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: list[list[dict[str, Any]]] = [None] * dist.get_world_size()  # type: ignore[list-item]
-            dist.all_gather_object(gathered, rows)
-            unique = {(r["case"], r["subset"], r["region"]): r for part in gathered for r in part}
-            rows = list(unique.values())
-        if not rows:
-            return
-        from ..evaluation.report import summary_table, write_report
-
-        if self.trainer.is_global_zero:
-            out = Path(self.report_dir) if self.report_dir else self._default_report_dir()
-            paths = write_report(rows, out, method_name=self.method_name, dataset_layout=self._layout_name(),
-                                 compare=self.compare_published, et_min_voxels=self.et_min_voxels,
-                                 settings=self._report_settings())
-            self.print(f"test report written to {out} ({', '.join(p.name for p in paths.values())})")
-            self._log_table(summary_table(rows))
-        table = {}
-        for region in ("WT", "TC", "ET", "ET_post"):
-            values = [r["dice"] for r in rows if r["region"] == region]
-            table[f"test/dice_{region}"] = sum(values) / len(values)
-        self.log_dict(table, rank_zero_only=True, batch_size=1)
-
-    def _layout_name(self) -> str | None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        names = getattr(datamodule, "splits", None) or {}
-        test = names.get("test") if isinstance(names, dict) else None
-        return datamodule.case_meta(test[0]).layout if test else None
-
-    def _default_report_dir(self) -> Path:
-        base = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-        return base / f"test-{time.strftime('%Y%m%d-%H%M%S')}"
-
-    def _report_settings(self) -> dict[str, Any]:
-        return {"roi_size": list(self.roi_size), "overlap": self.sw_overlap, "blend": self.sw_mode,
-                "sw_batch_size": self.sw_batch_size, "et_min_voxels": self.et_min_voxels,
-                "branches_averaged": len(self.inference_models())}
-
-    def _log_table(self, frame: Any) -> None:
-        from lightning.pytorch.loggers import WandbLogger
-
-        for logger in self.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_table(key="test/subsets", dataframe=frame.reset_index())
 
     # ---- predict ------------------------------------------------------------------------------
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:

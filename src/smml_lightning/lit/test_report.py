@@ -1,0 +1,100 @@
+"""The 15-subset test report as a callback: the module's ``test_step`` returns metric rows, this collects
+them, gathers them from every rank, writes the report files (rank 0), logs the mean Dice per region and
+puts the subset table into W&B.
+
+Where the report goes and what it quotes are the module's settings (``report_dir``,
+``compare_published``, ``method_name``, ``et_min_voxels`` and the sliding-window settings), so configs
+keep one place for them. :class:`~smml_lightning.lit.base.MissingModalityModule` registers this
+callback itself (``configure_callbacks``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch.distributed as dist
+from lightning.pytorch.loggers import WandbLogger
+
+from ..evaluation.report import REPORT_REGIONS, summary_table, write_report
+
+
+def gather_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """All ranks' rows (each case once: a padded sampler may score one on two ranks); as is in one process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return rows
+    gathered: list[list[dict[str, Any]]] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, rows)
+    unique = {(r["case"], r["subset"], r["region"]): r for part in gathered for r in part}
+    return list(unique.values())
+
+
+class TestReport(pl.Callback):
+    """Collect ``test_step``'s rows and write the report at the end of the test epoch, into the module's
+    ``report_dir`` (default ``<log_dir>/test-<time>``)."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self.written: dict[str, Path] = {}
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.rows = []
+        self.written = {}
+
+    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        if outputs:
+            self.rows.extend(outputs)
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        rows = gather_rows(self.rows)
+        if not rows:
+            return
+        if trainer.is_global_zero:
+            out = self._out_dir(trainer, pl_module)
+            self.written = write_report(
+                rows, out, method_name=getattr(pl_module, "method_name", type(pl_module).__name__),
+                dataset_layout=_layout_name(trainer), compare=getattr(pl_module, "compare_published", True),
+                et_min_voxels=getattr(pl_module, "et_min_voxels", 500), settings=_settings(pl_module))
+            pl_module.print(f"test report written to {out} ({', '.join(p.name for p in self.written.values())})")
+            table = summary_table(rows).reset_index()
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    logger.log_table(key="test/subsets", dataframe=table)
+        means = {}
+        for region in REPORT_REGIONS:
+            values = [r["dice"] for r in rows if r["region"] == region]
+            if values:
+                means[f"test/dice_{region}"] = sum(values) / len(values)
+        pl_module.log_dict(means, rank_zero_only=True, batch_size=1)
+
+    def _out_dir(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path:
+        chosen = getattr(pl_module, "report_dir", None)
+        if chosen:
+            return Path(chosen)
+        base = Path(trainer.log_dir or trainer.default_root_dir)
+        return base / f"test-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _layout_name(trainer: pl.Trainer) -> str | None:
+    """The release layout of the test cases (selects the published comparison rows), when known."""
+    datamodule = getattr(trainer, "datamodule", None)
+    names = getattr(datamodule, "splits", None) or {}
+    test = names.get("test") if isinstance(names, dict) else None
+    return datamodule.case_meta(test[0]).layout if test and hasattr(datamodule, "case_meta") else None
+
+
+def _settings(pl_module: pl.LightningModule) -> dict[str, Any]:
+    """The inference settings the report quotes."""
+    keys = {"roi_size": "roi_size", "overlap": "sw_overlap", "blend": "sw_mode", "sw_batch_size": "sw_batch_size",
+            "et_min_voxels": "et_min_voxels"}
+    settings = {key: getattr(pl_module, attr) for key, attr in keys.items() if hasattr(pl_module, attr)}
+    if "roi_size" in settings:
+        settings["roi_size"] = list(settings["roi_size"])
+    if hasattr(pl_module, "inference_models"):
+        settings["branches_averaged"] = len(pl_module.inference_models())
+    return settings
