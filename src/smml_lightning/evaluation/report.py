@@ -4,7 +4,9 @@ Input is one row per (case, subset, region) with that case's Dice (fraction, 0..
 Outputs: ``per_case.csv`` (the rows), ``summary.csv`` (subset x region means plus the 15-subset
 average), ``report.md`` (the papers' table, how the figures were computed, published comparison rows),
 ``heatmap.png`` and ``modality_gains.csv`` (what adding each modality changes, with bootstrap
-intervals over cases). Every file is written atomically and nothing is overwritten unless asked, so a
+intervals over cases). Rows of WT, TC and ET may also carry the BraTS challenge figures of
+:mod:`~smml_lightning.evaluation.lesionwise` (``lesion_dice``, ``lesion_hd95``, ...); then
+``lesionwise_per_case.csv``, ``lesionwise_summary.csv`` and a lesion-wise table in ``report.md`` come too. Every file is written atomically and nothing is overwritten unless asked, so a
 finished report is never clobbered by a later run pointed at the same folder.
 """
 
@@ -30,6 +32,8 @@ from smml_lightning.data.modalities import (
     parse_subset,
     subset_name,
 )
+from smml_lightning.evaluation.lesionwise import METRICS as LESION_METRICS
+from smml_lightning.evaluation.lesionwise import challenge_rules
 from smml_lightning.evaluation.metrics import case_metrics
 from smml_lightning.io import atomic_write_bytes, atomic_write_text
 
@@ -44,6 +48,10 @@ FILES: dict[str, str] = {
     "report": "report.md",
     "heatmap": "heatmap.png",
     "modality_gains": "modality_gains.csv",
+}
+LESIONWISE_FILES: dict[str, str] = {
+    "lesionwise_per_case": "lesionwise_per_case.csv",
+    "lesionwise_summary": "lesionwise_summary.csv",
 }
 
 
@@ -119,6 +127,77 @@ def summary_table(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     table.loc[AVERAGE] = average[table.columns]
     table["n_cases"] = table["n_cases"].astype(int)
     return table.rename_axis("subset").reset_index()
+
+
+def lesionwise_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame | None:
+    """The rows that carry challenge figures, as ``case, subset, region`` and those figures; None if none do."""
+    picked = [r for r in rows if "lesion_dice" in r]
+    if not picked:
+        return None
+    frame = pd.DataFrame(picked)[["case", "subset", "region", *LESION_METRICS]].copy()
+    frame["subset"] = pd.Categorical([_subset_label(v) for v in frame["subset"]], categories=SUBSET_NAMES,
+                                     ordered=True)
+    frame["region"] = pd.Categorical(frame["region"], categories=REPORT_REGIONS, ordered=True)
+    return frame.sort_values(["case", "subset", "region"], kind="stable").reset_index(drop=True)
+
+
+def lesionwise_table(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame | None:
+    """Mean of each challenge figure per subset and region (``<region>_<figure>``), then ``Average``.
+
+    Lesion counts are summed over cases; the average row is the mean of the subset rows, as in
+    :func:`summary_table`. None when no row carries challenge figures.
+    """
+    frame = lesionwise_frame(rows)
+    if frame is None:
+        return None
+    grouped = frame.groupby(["subset", "region"], observed=True)
+    counts = [m for m in LESION_METRICS if m.startswith("n_")]
+    stats = grouped[list(LESION_METRICS)].mean()
+    stats[counts] = grouped[counts].sum()
+    wide = stats.unstack("region")
+    regions = [r for r in REPORT_REGIONS if r in wide.columns.get_level_values("region")]
+    table = pd.DataFrame(index=wide.index.astype(str))
+    table["n_cases"] = frame.groupby("subset", observed=True)["case"].nunique().to_numpy()
+    for region in regions:
+        for metric in LESION_METRICS:
+            table[f"{region}_{metric}"] = wide[(metric, region)].to_numpy()
+    average = table.drop(columns="n_cases").mean(axis=0)
+    average["n_cases"] = frame["case"].nunique()
+    table.loc[AVERAGE] = average[table.columns]
+    table["n_cases"] = table["n_cases"].astype(int)
+    return table.rename_axis("subset").reset_index()
+
+
+def _lesionwise_markdown(table: pd.DataFrame, challenge: str) -> list[str]:
+    """The lesion-wise table (subset rows as in the legacy table) and how its figures are computed."""
+    rules = challenge_rules(challenge)
+    regions = [r for r in REPORT_REGIONS if f"{r}_lesion_dice" in table.columns]
+    by_subset = table.set_index("subset")
+    head = ["#", *(MODALITY_LABELS[m] for m in MODALITIES)]
+    head += [f"Dice {r}" for r in regions] + [f"HD95 {r}" for r in regions]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, (name, mask) in enumerate(zip(SUBSET_NAMES, SUBSETS), start=1):
+        row = by_subset.loc[name] if name in by_subset.index else None
+        cells = [str(i), *("●" if on else "○" for on in mask)]
+        cells += [_fmt(np.nan if row is None else row[f"{r}_lesion_dice"], 100) for r in regions]
+        cells += [_fmt(np.nan if row is None else row[f"{r}_lesion_hd95"]) for r in regions]
+        lines.append("| " + " | ".join(cells) + " |")
+    avg = by_subset.loc[AVERAGE]
+    cells = [f"**{AVERAGE}**", "", "", "", ""]
+    cells += [f"**{_fmt(avg[f'{r}_lesion_dice'], 100)}**" for r in regions]
+    cells += [f"**{_fmt(avg[f'{r}_lesion_hd95'])}**" for r in regions]
+    lines.append("| " + " | ".join(cells) + " |")
+    return [
+        "", f"## BraTS challenge scoring: lesion-wise Dice (%) and HD95 (mm), {rules.name} rules", "",
+        *lines, "",
+        (f"Lesion-wise figures follow the BraTS 2023 challenge code: lesions are 26-connected components of "
+         f"the truth (merged within {rules.dilation} dilations), each scored against the predicted "
+         f"components touching it after {rules.dilation} dilations; missed lesions and unmatched predicted "
+         f"components score Dice 0 and HD95 374 mm; lesions of at most {rules.min_volume:g} mm³ are left "
+         "out; a case with neither lesions nor predictions scores Dice 1, HD95 0. HD95 is the challenge's "
+         "(area-weighted, marching-cubes surfaces). lesionwise_summary.csv adds the challenge's legacy "
+         "Dice/HD95, sensitivity, specificity (over the original grid) and summed lesion counts."),
+    ]
 
 
 def subset_ranking(summary: pd.DataFrame, regions: Sequence[str] = ("WT", "TC", "ET")) -> pd.Series:
@@ -209,6 +288,9 @@ def _markdown(
     et_min_voxels: int,
     settings: Mapping[str, Any] | None,
     gains: pd.DataFrame,
+    lesion_table: pd.DataFrame | None = None,
+    challenge: str = "gli",
+    original_grid: bool = False,
 ) -> str:
     regions = [r for r in REPORT_REGIONS if f"{r}_dice" in summary.columns]
     by_subset = summary.set_index("subset")
@@ -244,6 +326,7 @@ def _markdown(
         *lines,
         "",
         rank_note + ".",
+        *([] if lesion_table is None else _lesionwise_markdown(lesion_table, challenge)),
         *_gains_markdown(gains),
         "",
         "## How these figures were computed",
@@ -252,8 +335,9 @@ def _markdown(
         "an empty prediction against an empty truth scores 1. Each cell is the mean over cases; "
         "the average row is the unweighted mean of the subset rows.",
         "- HD95 in mm (voxel spacing from the case's header; MONAI, the larger of the two directed 95th "
-        "percentiles); empty/empty gives 0, exactly one empty gives the diagonal of the evaluated grid "
-        "in mm (373.1 mm for a full 240x240x155 grid at 1 mm). NaN values are skipped in the means.",
+        "percentiles); empty/empty gives 0, exactly one empty gives the diagonal of the "
+        + ("case's original, uncropped grid" if original_grid else "evaluated grid")
+        + " in mm (373.1 mm for a full 240x240x155 grid at 1 mm). NaN values are skipped in the means.",
         f"- ET_post: a predicted ET of fewer than {et_min_voxels} voxels is relabelled NCR, which empties "
         "ET and leaves TC and WT unchanged (the community's \"enhancing_postpro\").",
         f"- Whole-case sliding-window inference: {sw}.",
@@ -332,29 +416,40 @@ def write_report(
     overwrite: bool = False,
     et_min_voxels: int = 500,
     settings: Mapping[str, Any] | None = None,
+    challenge: str = "gli",
+    original_grid: bool = False,
 ) -> dict[str, Path]:
     """Write per_case.csv, summary.csv, modality_gains.csv, report.md and heatmap.png into ``out_dir``.
 
-    Returns the paths written, keyed as in :data:`FILES`.
+    Returns the paths written, keyed as in :data:`FILES` (and :data:`LESIONWISE_FILES` when rows carry
+    challenge figures, scored with the rules of ``challenge``). ``original_grid`` says the HD95 of one
+    empty side is the original grid's diagonal (the note in the report follows it).
 
     ``dataset_layout`` (e.g. ``brats2018``) selects the published comparison rows; ``None`` shows all.
     ``settings`` (roi_size, overlap, mode, ...) are quoted in the report's notes as passed.
     """
     out_dir = Path(out_dir)
-    paths = {key: out_dir / name for key, name in FILES.items()}
+    lesion_frame = lesionwise_frame(rows)
+    files = FILES if lesion_frame is None else {**FILES, **LESIONWISE_FILES}
+    paths = {key: out_dir / name for key, name in files.items()}
     existing = [str(p) for p in paths.values() if p.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"report files already exist: {existing}; pass overwrite=True to replace them")
     frame = rows_frame(rows)
     summary = summary_table(rows)
     gains = modality_gains(rows)
+    lesion_table = lesionwise_table(rows)
 
     per_case = frame.astype({"subset": str, "region": str})
     atomic_write_text(paths["per_case"], per_case.to_csv(index=False))
     atomic_write_text(paths["summary"], summary.to_csv(index=False))
     atomic_write_text(paths["modality_gains"], gains.to_csv(index=False))
+    if lesion_frame is not None and lesion_table is not None:
+        lesion_rows = lesion_frame.astype({"subset": str, "region": str})
+        atomic_write_text(paths["lesionwise_per_case"], lesion_rows.to_csv(index=False))
+        atomic_write_text(paths["lesionwise_summary"], lesion_table.to_csv(index=False))
     markdown = _markdown(summary, method_name, frame["case"].nunique(), dataset_layout, compare,
-                         et_min_voxels, settings, gains)
+                         et_min_voxels, settings, gains, lesion_table, challenge, original_grid)
     atomic_write_text(paths["report"], markdown)
     png = _heatmap_png(summary, method_name)
     atomic_write_bytes(paths["heatmap"], lambda f: f.write(png))
