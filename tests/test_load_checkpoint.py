@@ -18,7 +18,7 @@ from smml_lightning.lit.baselines import MAMLModule, SingleBranch
 from smml_lightning.lit.cmc import CMC
 from smml_lightning.lit.hparams import NotRecordable, spec
 from smml_lightning.lit.smml import SMML
-from smml_lightning.losses.segmentation import DiceCELoss
+from smml_lightning.losses.segmentation import SegmentationLoss
 from smml_lightning.models.backbone import MMFormer
 from smml_lightning.models.baselines import UNetBaseline
 from smml_lightning.models.cmc import CMCNet
@@ -51,7 +51,7 @@ def _same_model(a: MissingModalityModule, b: MissingModalityModule) -> None:
 def test_spec_records_classes_partials_and_objects():
     assert spec(partial(MMFormer, base_width=4)) == {"class_path": "smml_lightning.models.backbone.MMFormer",
                                                      "init_args": {"base_width": 4}}
-    loss = spec(DiceCELoss(smooth=2.0, class_weighted_ce=True))
+    loss = spec(SegmentationLoss(smooth=2.0, class_weighted_ce=True))
     assert loss["init_args"]["smooth"] == 2.0 and loss["init_args"]["class_weighted_ce"] is True
     assert spec(SemanticRefiner)["init_args"] == {}
     with pytest.raises(NotRecordable):
@@ -60,7 +60,7 @@ def test_spec_records_classes_partials_and_objects():
 
 def test_plain_python_fit_saves_a_checkpoint_that_loads_alone(cache, tmp_path):
     model = SMML(network=TINY_MMFORMER, refiner=partial(SemanticRefiner, width=4), use_prior=False, roi_size=32,
-                 seg_loss=DiceCELoss(smooth=2.0), warmup_epochs=0, et_min_voxels=7, inference_branches=[1])
+                 seg_loss=SegmentationLoss(smooth=2.0), warmup_epochs=0, et_min_voxels=7, inference_branches=[1])
     data = BratsDataModule(str(cache), patch_size=32, batch_size=1, samples_per_volume=1, queue_length=2,
                            num_workers=0, val_fraction=0.25, test_fraction=0.25)
     trainer = Trainer(max_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from smml_lightning.losses.segmentation import (
-    DiceCELoss,
+    SegmentationLoss,
     deep_supervision_loss,
     halving_weights,
     masked_aux_loss,
@@ -38,7 +38,7 @@ def test_dice_ce_matches_manual_formula_on_two_voxels() -> None:
         dice_terms.append(1 - (2 * inter + smooth) / (psum + gsum + smooth))
     expected = ce + sum(dice_terms) / 2
 
-    assert DiceCELoss()(logits, label).item() == pytest.approx(expected, rel=1e-5)
+    assert SegmentationLoss()(logits, label).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_dice_ce_pools_the_batch_before_the_ratio() -> None:
@@ -48,19 +48,19 @@ def test_dice_ce_pools_the_batch_before_the_ratio() -> None:
     p = torch.softmax(logits.reshape(2, 3), dim=1)
     dice = sum(1 - (2 * p[i, c] + 1) / (p[:, c].sum() + 1 + 1) for i, c in ((0, 1), (1, 2))) / 2
     ce = -(p[0, 1].log() + p[1, 2].log()) / 2
-    assert DiceCELoss()(logits, label).item() == pytest.approx((dice + ce).item(), rel=1e-5)
+    assert SegmentationLoss()(logits, label).item() == pytest.approx((dice + ce).item(), rel=1e-5)
 
 
 def test_dice_ce_with_absent_classes_is_finite_and_zero_for_an_empty_prediction() -> None:
     label = torch.zeros(1, 1, 3, 3, 3, dtype=torch.long)  # background only: classes 1..3 absent
     confident = torch.zeros(1, 4, 3, 3, 3)
     confident[:, 0] = 30.0
-    assert DiceCELoss()(confident, label).item() < 1e-6
+    assert SegmentationLoss()(confident, label).item() < 1e-6
 
     # Dice part alone, uniform prediction: each absent class has sum p = 27 / 4 and no truth voxels,
     # so its term is 1 - 1 / (1 + 6.75) by the smoothed formula.
     unsure = torch.zeros(1, 4, 3, 3, 3, requires_grad=True)
-    loss = DiceCELoss(lambda_ce=0.0)(unsure, label)
+    loss = SegmentationLoss(lambda_ce=0.0)(unsure, label)
     assert loss.item() == pytest.approx(1 - 1 / 7.75, rel=1e-6)
     loss.backward()
     assert torch.isfinite(unsure.grad).all()
@@ -80,10 +80,10 @@ def test_class_weighted_ce_weighs_each_voxel_by_one_minus_its_class_share_per_sa
             p = _softmax(logits[b, :, v, 0, 0].tolist())
             total += (1 - row.count(y) / 4) * -math.log(p[y])
     expected = total / 8  # mean over every voxel of the batch, as the public code
-    loss = DiceCELoss(lambda_dice=0.0, class_weighted_ce=True)(logits, label)
+    loss = SegmentationLoss(lambda_dice=0.0, class_weighted_ce=True)(logits, label)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     # Unweighted, the same voxels give the plain mean cross-entropy.
-    plain = DiceCELoss(lambda_dice=0.0)(logits, label)
+    plain = SegmentationLoss(lambda_dice=0.0)(logits, label)
     assert plain.item() == pytest.approx(torch.nn.functional.cross_entropy(logits, label[:, 0]).item(), rel=1e-6)
 
 
@@ -101,13 +101,13 @@ def test_public_code_loss_matches_its_per_class_formula() -> None:
         cross = cross - ((1 - share).view(-1, 1, 1, 1) * target[:, c] * prob[:, c].log())
         dice = dice + (2 * (prob[:, c] * target[:, c]).sum() + 1) / (prob[:, c].sum() + target[:, c].sum() + 1)
     expected = cross.mean() + 1 - dice / 4
-    loss = DiceCELoss(include_background=True, class_weighted_ce=True)(logits, label)
+    loss = SegmentationLoss(include_background=True, class_weighted_ce=True)(logits, label)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_dice_ce_rejects_a_label_without_channel_axis() -> None:
     with pytest.raises(ValueError, match="label must be"):
-        DiceCELoss()(torch.zeros(1, 4, 2, 2, 2), torch.zeros(1, 2, 2, 2, dtype=torch.long))
+        SegmentationLoss()(torch.zeros(1, 4, 2, 2, 2), torch.zeros(1, 2, 2, 2, dtype=torch.long))
 
 
 def test_deep_supervision_downsamples_labels_by_nearest_neighbour_and_sums() -> None:
@@ -131,7 +131,7 @@ def test_deep_supervision_downsamples_labels_by_nearest_neighbour_and_sums() -> 
 def test_deep_supervision_with_dice_ce_matches_explicit_sum() -> None:
     label = torch.randint(0, 4, (1, 1, 4, 4, 4))
     outputs = [torch.randn(1, 4, 2, 2, 2), torch.randn(1, 4, 4, 4, 4)]
-    loss_fn = DiceCELoss()
+    loss_fn = SegmentationLoss()
     expected = loss_fn(outputs[0], label[:, :, 1::2, 1::2, 1::2]) + loss_fn(outputs[1], label)
     assert deep_supervision_loss(loss_fn, outputs, label).item() == pytest.approx(expected.item(), rel=1e-6)
 
@@ -158,7 +158,7 @@ def test_masked_aux_loss_ignores_missing_pairs_in_value_and_gradient() -> None:
     label = torch.randint(0, 4, (2, 1, 3, 3, 3))
     aux = [torch.randn(2, 4, 3, 3, 3, requires_grad=True) for _ in range(4)]
     mask = torch.tensor([[True, False, False, True], [False, True, True, True]])
-    loss_fn = DiceCELoss()
+    loss_fn = SegmentationLoss()
 
     value = masked_aux_loss(loss_fn, aux, label, mask)
     # Modalities 0, 1, 2 are scored on one sample of two (half weight), modality 3 on both (batch Dice).
@@ -180,7 +180,7 @@ def test_masked_aux_loss_with_every_modality_scored_is_the_sum_of_the_four_losse
     torch.manual_seed(1)
     label = torch.randint(0, 4, (2, 1, 4, 4, 4))
     aux = [torch.randn(2, 4, 4, 4, 4) for _ in range(4)]
-    loss_fn = DiceCELoss()
+    loss_fn = SegmentationLoss()
     expected = sum(loss_fn(a, label) for a in aux)  # mmFormer's sep_loss: one batch loss per modality
     value = masked_aux_loss(loss_fn, aux, label, torch.ones(2, 4, dtype=torch.bool))
     assert value.item() == pytest.approx(expected.item(), rel=1e-6)
@@ -188,7 +188,7 @@ def test_masked_aux_loss_with_every_modality_scored_is_the_sum_of_the_four_losse
 
 def test_masked_aux_loss_without_available_pairs_is_zero_with_a_graph() -> None:
     aux = [torch.randn(1, 4, 2, 2, 2, requires_grad=True) for _ in range(4)]
-    value = masked_aux_loss(DiceCELoss(), aux, torch.zeros(1, 1, 2, 2, 2, dtype=torch.long),
+    value = masked_aux_loss(SegmentationLoss(), aux, torch.zeros(1, 1, 2, 2, 2, dtype=torch.long),
                             torch.zeros(1, 4, dtype=torch.bool))
     assert value.item() == 0.0
     value.backward()
@@ -198,4 +198,4 @@ def test_masked_aux_loss_without_available_pairs_is_zero_with_a_graph() -> None:
 def test_masked_aux_loss_rejects_a_mask_of_the_wrong_width() -> None:
     aux = [torch.zeros(1, 4, 2, 2, 2)] * 4
     with pytest.raises(ValueError, match=r"mask must be \(B, 4\)"):
-        masked_aux_loss(DiceCELoss(), aux, torch.zeros(1, 1, 2, 2, 2, dtype=torch.long), torch.ones(1, 3, dtype=torch.bool))
+        masked_aux_loss(SegmentationLoss(), aux, torch.zeros(1, 1, 2, 2, 2, dtype=torch.long), torch.ones(1, 3, dtype=torch.bool))

@@ -21,7 +21,7 @@ from ..data.labels import REGION_CLASSES, REGIONS
 from ..data.modalities import SUBSETS, parse_subset, subset_index, subset_name
 from ..evaluation.inference import predict_subsets
 from ..evaluation.metrics import case_metrics, dice
-from ..losses.segmentation import DiceCELoss
+from ..losses.segmentation import SegmentationLoss
 from ..models.base import MaskedSegmenter, predicted_labels
 from ..models.numerics import guard_small_bf16_convs
 from .hparams import checkpoint_class, record_hyperparameters
@@ -82,7 +82,7 @@ class MissingModalityModule(pl.LightningModule):
         compare_published: add published BraTS figures of the same release to the report (turn off
             for synthetic data, where they do not apply).
         method_name: name in reports (default: the class name).
-        seg_loss: the supervised segmentation loss of every output (default: :class:`DiceCELoss` with
+        seg_loss: the supervised segmentation loss of every output (default: :class:`SegmentationLoss` with
             its defaults; ``class_weighted_ce=true, include_background=true`` is the public code's).
     """
 
@@ -104,7 +104,7 @@ class MissingModalityModule(pl.LightningModule):
         report_dir: str | None = None,
         compare_published: bool = True,
         method_name: str | None = None,
-        seg_loss: DiceCELoss | None = None,
+        seg_loss: SegmentationLoss | None = None,
     ) -> None:
         super().__init__()
         # Every constructor argument, the subclass's included, in a form that rebuilds the model from
@@ -133,7 +133,7 @@ class MissingModalityModule(pl.LightningModule):
         self.report_dir = report_dir
         self.compare_published = compare_published
         self.method_name = method_name or type(self).__name__
-        self.seg_loss = seg_loss or DiceCELoss()
+        self.seg_loss = seg_loss or SegmentationLoss()
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]

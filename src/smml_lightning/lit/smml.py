@@ -11,10 +11,10 @@ Loss terms (logged as ``train/<name>``), each in :mod:`smml_lightning.losses`:
 =================== ==================================================== =====================
 name                paper term                                           function
 =================== ==================================================== =====================
-``seg_fused``       fused segmentation (CE + Dice)                       ``DiceCELoss``
+``seg_fused``       fused segmentation (CE + Dice)                       ``SegmentationLoss``
 ``seg_aux``         modality-specific auxiliary decoder, every modality  ``masked_aux_loss``
 ``seg_deep``        deep supervision                                     ``deep_supervision_loss``
-``seg_refine``      semantic-guided refinement (CE + Dice)               ``DiceCELoss``
+``seg_refine``      semantic-guided refinement (CE + Dice)               ``SegmentationLoss``
 ``prior_consist``   refined teaches fused on its reliable voxels (KL)    ``prior_consistency``
 ``hcc_pixel``       HCC pixel level: reliable-voxel KL, both directions  ``bidirectional_pixel_consistency``
 ``hcc_sample``      HCC feature level: inter-sample relations            ``inter_sample_relation``

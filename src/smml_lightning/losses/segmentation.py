@@ -16,7 +16,7 @@ from torch import nn
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-class DiceCELoss(nn.Module):
+class SegmentationLoss(nn.Module):
     """Cross-entropy plus soft multi-class Dice over softmax probabilities (MONAI's ``DiceLoss``).
 
     The defaults are chosen for 128^3 BraTS patches where tumor classes are often absent:
@@ -50,7 +50,7 @@ class DiceCELoss(nn.Module):
     ) -> None:
         super().__init__()
         if smooth < 0 or lambda_dice < 0 or lambda_ce < 0:
-            raise ValueError(f"DiceCELoss: smooth, lambda_dice and lambda_ce must be >= 0, "
+            raise ValueError(f"SegmentationLoss: smooth, lambda_dice and lambda_ce must be >= 0, "
                              f"got {smooth}, {lambda_dice}, {lambda_ce}")
         self.dice = DiceLoss(
             include_background=include_background,
@@ -68,7 +68,7 @@ class DiceCELoss(nn.Module):
     def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         if label.dim() != logits.dim() or label.shape[1] != 1 or label.shape[2:] != logits.shape[2:]:
             raise ValueError(
-                f"DiceCELoss: label must be (B, 1, *spatial) matching logits {tuple(logits.shape)}, "
+                f"SegmentationLoss: label must be (B, 1, *spatial) matching logits {tuple(logits.shape)}, "
                 f"got {tuple(label.shape)}"
             )
         label = label.long()
