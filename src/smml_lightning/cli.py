@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -73,11 +74,20 @@ def prepare(root: str, out: str, layout: str = "auto", min_size: tuple[int, int,
         require_label: training and test data need labels; prediction inputs do not.
         overwrite: redo cases that are already cached.
     """
+    from .data.prepare import SUMMARY, NothingPrepared, format_summary
     from .data.prepare import prepare as run_prepare
 
-    summary = run_prepare(root, out, layout=layout, min_size=tuple(min_size), workers=workers,
-                          require_label=require_label, overwrite=overwrite)
-    print(summary)
+    try:
+        summary = run_prepare(root, out, layout=layout, min_size=tuple(min_size), workers=workers,
+                              require_label=require_label, overwrite=overwrite)
+    except NothingPrepared as err:
+        print(format_summary(err.summary))
+        raise SystemExit(f"smml: error: {err}") from None
+    print(format_summary(summary))
+    if summary.failed:
+        total = len(summary.failed) + len(summary.prepared) + len(summary.skipped)
+        raise SystemExit(f"smml: error: {len(summary.failed)} of {total} cases failed (see the table above "
+                         f"and {Path(out) / SUMMARY}); the others are ready")
 
 
 def priors(cache_dir: str, sam_checkpoint: str | None = None, model_type: str = "vit_b", epochs: int = 20,
@@ -121,17 +131,37 @@ def training_names(cache_dir: str | Path, split: str | None, val_fraction: float
     return splits.seeded_split(names, val_fraction, test_fraction, seed)["train"]
 
 
+# Disk errors a user can cause (or meet), and how to say them.
+_DISK_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``smml``. Input and config errors (``ValueError``, ``FileNotFoundError`` raised by our
-    checks, whose messages name the file or key) end with that message instead of a traceback; set
-    ``SMML_TRACEBACK=1`` to see the traceback."""
+    checks, whose messages name the file or key), a full, read-only or forbidden disk and Ctrl-C end with
+    one line instead of a traceback (Ctrl-C with status 130); set ``SMML_TRACEBACK=1`` to see the
+    traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    hint = "\n(set SMML_TRACEBACK=1 for the traceback)"
     try:
         _dispatch(argv)
+    except KeyboardInterrupt:
+        if os.environ.get("SMML_TRACEBACK"):
+            raise
+        print("smml: interrupted (Ctrl-C); finished work is kept: run the same command again to go on",
+              file=sys.stderr)
+        raise SystemExit(130) from None
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         if os.environ.get("SMML_TRACEBACK"):
             raise
-        raise SystemExit(f"smml: error: {err}\n(set SMML_TRACEBACK=1 for the traceback)") from err
+        raise SystemExit(f"smml: error: {err}{hint}") from err
+    except OSError as err:
+        if err.errno not in _DISK_ERRORS or os.environ.get("SMML_TRACEBACK"):
+            raise
+        where = f" while writing {err.filename}" if err.filename else ""
+        if err.errno == errno.EACCES:
+            where = f": {err.filename}" if err.filename else ""
+        raise SystemExit(f"smml: error: {_DISK_ERRORS[err.errno]}{where}{hint}") from err
 
 
 def _dispatch(argv: list[str]) -> None:
@@ -151,6 +181,11 @@ def _dispatch(argv: list[str]) -> None:
     except SIGTERMException as stop:
         # Lightning stops with a bare SystemExit (status 0); schedulers must see the job was killed.
         raise SystemExit(143) from stop
+    except SystemExit as stop:
+        # Lightning answers Ctrl-C with sys.exit(1) from inside its KeyboardInterrupt handler.
+        if isinstance(stop.__context__, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        raise
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Atomic file writes: every output goes to a temporary file beside its target, is flushed to disk and
-renamed into place, so a crash or kill never leaves a half-written file under a final name.
+renamed into place, so a crash or kill never leaves a half-written file under a final name. A failed
+write (a full disk) removes its temporary file and raises an ``OSError`` that names the target file.
 
 Temporary files are named ``.<name>.<random>.tmp<suffix>`` in the target's folder (same file system, so
 the rename is atomic); ``smml prepare`` removes ones an interrupted run left behind. The finished file
@@ -65,7 +66,11 @@ def atomic_path(path: Path | str, suffix: str = "") -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    except OSError as err:  # a read-only or full disk: name the file meant, not the temporary
+        err.filename = str(path)
+        raise
     os.close(fd)
     tmp = Path(name)
     try:
@@ -74,8 +79,10 @@ def atomic_path(path: Path | str, suffix: str = "") -> Iterator[Path]:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~process_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename in (None, name):
+            err.filename = str(path)
         raise
     _fsync_dir(path.parent)
 

@@ -8,7 +8,7 @@ from monai.transforms import NormalizeIntensity
 from smml_lightning.data import cache
 from smml_lightning.data.labels import to_internal
 from smml_lightning.data.layouts import discover
-from smml_lightning.data.prepare import SUMMARY, crop, crop_box, prepare, z_score
+from smml_lightning.data.prepare import LOCK, SUMMARY, crop, crop_box, prepare, z_score
 from smml_lightning.data.synthetic import synthesize
 
 SHAPE = (20, 20, 16)
@@ -16,7 +16,7 @@ MIN = (12, 12, 12)
 
 
 def _mtimes(root):
-    return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and p.name != SUMMARY}
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and p.name not in (SUMMARY, LOCK)}
 
 
 def test_crop_box_by_hand():

@@ -34,7 +34,8 @@ class CaseMeta:
 
     ``crop_box`` holds ``[start, stop)`` per spatial axis in original voxel indices; a box may reach
     outside the original volume (negative start or stop past the end) when the volume was padded to
-    reach the minimum size; :func:`uncrop` handles both.
+    reach the minimum size; :func:`uncrop` handles both. ``source_stat`` holds ``[size, mtime_ns]`` of
+    each source file when the case was made, so that an edited source is noticed.
     """
 
     name: str
@@ -46,6 +47,7 @@ class CaseMeta:
     spacing: tuple[float, float, float]
     crop_box: tuple[tuple[int, int], ...]
     source: dict[str, str] = field(default_factory=dict)
+    source_stat: dict[str, list[int]] = field(default_factory=dict)
     has_label: bool = True
     version: int = CACHE_VERSION
 

@@ -5,13 +5,21 @@ over all modalities, widened to at least the training patch size, and z-score ea
 brain voxels (non-zero in any modality), zero outside; no resampling. The crop box goes into the
 cache's metadata so predictions can be put back into the original grid. Runs are idempotent and
 survive interruption: finished cases are skipped, half-written ones redone, and one bad case is
-reported rather than stopping the rest.
+reported rather than stopping the rest. A case counts as finished only while its source files are the
+ones it was made from (same paths, sizes and modification times), so an edited or replaced download
+is prepared again. One run at a time holds the cache folder (a lock file); a second one stops with the
+first one's process id. Ctrl-C stops a parallel run at once: the workers are terminated, and a case
+they were writing has no ``meta.json`` yet, so the next run redoes it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
-from collections.abc import Sequence
+import os
+import signal
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +36,7 @@ from smml_lightning.data.validate import validate_case
 from smml_lightning.io import atomic_write_text
 
 SUMMARY = "prepare_summary.json"
+LOCK = ".prepare.lock"
 
 
 @dataclass
@@ -40,6 +49,56 @@ class PrepareSummary:
     prepared: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+
+
+class NothingPrepared(RuntimeError):
+    """No case of a run ended up usable; ``summary`` says why each failed."""
+
+    def __init__(self, message: str, summary: PrepareSummary) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
+def format_summary(summary: PrepareSummary, max_rows: int = 30) -> str:
+    """A run's outcome as text: one line of counts, then a table of the cases (every failed case; the
+    others too while there are at most ``max_rows`` cases in all)."""
+    total = len(summary.prepared) + len(summary.skipped) + len(summary.failed)
+    counts = (f"prepared {len(summary.prepared)}, already prepared {len(summary.skipped)}, "
+              f"failed {len(summary.failed)} of {total} cases in {summary.out}")
+    lines = [counts]
+    rows = [(name, "failed", reason) for name, reason in summary.failed.items()]
+    if total <= max_rows:
+        rows += [(name, "prepared", "") for name in summary.prepared]
+        rows += [(name, "already prepared", "") for name in summary.skipped]
+    if rows:
+        rows.sort()
+        width = max(len("case"), *(len(name) for name, _, _ in rows))
+        status_width = max(len(status) for _, status, _ in rows)
+        lines.append(f"{'case':<{width}}  {'status':<{status_width}}  problem")
+        lines += [f"{name:<{width}}  {status:<{status_width}}  {reason}".rstrip() for name, status, reason in rows]
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def cache_lock(out: Path | str) -> Iterator[None]:
+    """Hold the cache folder ``out`` for one run (an exclusive ``flock`` on ``out/.prepare.lock``, which
+    holds the holder's process id); a second run raises ``ValueError`` naming the holder. The kernel drops
+    the lock when the holder exits, however it exits, so a killed run never leaves the cache locked."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise ValueError(f"{out} is in use by another `smml prepare` (pid {holder}); wait for it to "
+                             "finish or stop it, then run again") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def crop_box(mask: np.ndarray, min_size: Sequence[int]) -> tuple[tuple[int, int], ...]:
@@ -83,13 +142,27 @@ def z_score(volume: np.ndarray, brain_mask: np.ndarray) -> np.ndarray:
     return out
 
 
+def source_stats(case: Case) -> dict[str, list[int]]:
+    """``[size, mtime_ns]`` of each of ``case``'s files, keyed as :attr:`Case.sources`: what tells an
+    edited or replaced file from the one a cached case was made from (reading every file again to hash
+    it would cost as much as preparing the case)."""
+    stats = {}
+    for key, path in case.sources.items():
+        st = os.stat(path)
+        stats[key] = [int(st.st_size), int(st.st_mtime_ns)]
+    return stats
+
+
 def _is_done(out: Path, case: Case, min_size: Sequence[int], require_label: bool) -> bool:
-    """Whether ``case`` sits complete in the cache, from these very files, with readable arrays."""
+    """Whether ``case`` sits complete in the cache, from these very files (unchanged since), with
+    readable arrays."""
     if not cache.is_complete(out, case.name):
         return False
     try:
         meta = cache.load_meta(out, case.name)
         if meta.source != case.sources or any(s < m for s, m in zip(meta.cropped_shape, min_size)):
+            return False
+        if meta.source_stat != source_stats(case):  # an edited file; or a cache that predates the record
             return False
         if cache.load_image(out, case.name).shape != (len(MODALITIES), *meta.cropped_shape):
             return False
@@ -111,6 +184,7 @@ def _clear_temporaries(folder: Path) -> None:
 def prepare_case(case: Case, out: Path | str, min_size: Sequence[int] = (128, 128, 128),
                  require_all: bool = True, require_label: bool = True) -> cache.CaseMeta:
     """Validate one case and write its cropped, z-scored arrays to the cache."""
+    stats = source_stats(case)  # before reading: a file changed while being read is redone next time
     v = validate_case(case, require_all=require_all, require_label=require_label)
     present = [img for img in v.images.values() if img is not None]
     brain = np.logical_or.reduce([img != 0 for img in present])
@@ -126,7 +200,7 @@ def prepare_case(case: Case, out: Path | str, min_size: Sequence[int] = (128, 12
     meta = cache.CaseMeta(
         name=case.name, layout=case.layout, convention=case.convention, available=v.available,
         original_shape=v.shape, affine=v.affine.tolist(), spacing=v.spacing, crop_box=box,
-        source=case.sources, has_label=label is not None,
+        source=case.sources, source_stat=stats, has_label=label is not None,
     )
     _clear_temporaries(cache.case_dir(out, case.name))
     cache.write_case(out, meta, image, label)
@@ -145,34 +219,70 @@ def _run_one(case: Case, out: Path, min_size: tuple[int, ...], require_all: bool
         return "failed", case.name, str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
 
 
+def _run_job(job: tuple) -> tuple[str, str, str]:
+    return _run_one(*job)
+
+
+def _ignore_sigint() -> None:
+    """Workers leave Ctrl-C to the parent, which terminates them (a terminal sends it to all)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Terminate the workers now: their cases stay unfinished (no ``meta.json``), and the pool fails the
+    cases not started (``BrokenProcessPool``), so none of them runs. (Cancelling the futures first would
+    race the pool's own clean-up in Python 3.11.) Python 3.14 has ``terminate_workers``; before it, the
+    pool's process table."""
+    terminate = getattr(pool, "terminate_workers", None)
+    if terminate is not None:
+        terminate()
+        return
+    processes = getattr(pool, "_processes", None) or {}
+    for process in list(processes.values()):
+        process.terminate()
+
+
 def prepare(root: Path | str, out: Path | str, layout: str = "auto",
             min_size: Sequence[int] = (128, 128, 128), workers: int = 1, require_label: bool = True,
             overwrite: bool = False, require_all: bool = True, progress: bool = True) -> PrepareSummary:
     """Preprocess every case of the release under ``root`` into the cache ``out``.
 
     ``workers > 1`` runs cases in parallel processes. Writes ``prepare_summary.json`` into ``out``
-    and raises only if no case ended up usable (neither prepared now nor already done).
+    and raises :class:`NothingPrepared` only if no case ended up usable (neither prepared now nor
+    already done); ``ValueError`` for bad arguments or when another run holds ``out``.
     """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1 (the number of parallel processes), got {workers}")
+    size = tuple(int(s) for s in min_size)
+    if len(size) != 3 or min(size) < 1:
+        raise ValueError(f"min_size must be three sizes >= 1 (voxels per axis), got {tuple(min_size)}")
     cases = discover(root, layout)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    size = tuple(int(s) for s in min_size)
-    summary = PrepareSummary(root=str(Path(root).resolve()), out=str(out.resolve()), layout=cases[0].layout)
-    args = (out, size, require_all, require_label, overwrite)
-    bar = tqdm(total=len(cases), desc="prepare", unit="case", disable=not progress)
-    if workers > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(_run_one, case, *args) for case in cases]
-            results = []
-            for future in as_completed(futures):
-                results.append(future.result())
-                bar.update()
-    else:
+    with cache_lock(out):
+        summary = PrepareSummary(root=str(Path(root).resolve()), out=str(out.resolve()), layout=cases[0].layout)
+        jobs = [(case, out, size, require_all, require_label, overwrite) for case in cases]
         results = []
-        for case in cases:
-            results.append(_run_one(case, *args))
-            bar.update()
-    bar.close()
+        with tqdm(total=len(cases), desc="prepare", unit="case", disable=not progress) as bar:
+            if workers > 1:
+                with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), initializer=_ignore_sigint) as pool:
+                    futures = [pool.submit(_run_job, job) for job in jobs]
+                    try:
+                        for future in as_completed(futures):
+                            results.append(future.result())
+                            bar.update()
+                    except BaseException:  # Ctrl-C (or a worker lost): stop now, not after the queue
+                        _stop(pool)
+                        raise
+            else:
+                for job in jobs:
+                    results.append(_run_job(job))
+                    bar.update()
+        _record(summary, results, root, out)
+    return summary
+
+
+def _record(summary: PrepareSummary, results: list[tuple[str, str, str]], root: Path | str, out: Path) -> None:
+    """Fill in ``summary`` from the cases' results and write it to ``out``."""
     for status, name, reason in sorted(results, key=lambda r: r[1]):
         if status == "failed":
             summary.failed[name] = reason
@@ -181,6 +291,5 @@ def prepare(root: Path | str, out: Path | str, layout: str = "auto",
     atomic_write_text(out / SUMMARY, json.dumps(asdict(summary), indent=1))
     if not summary.prepared and not summary.skipped:
         reasons = "; ".join(f"{n}: {r}" for n, r in list(summary.failed.items())[:3])
-        raise RuntimeError(f"no case of {root} could be prepared ({len(summary.failed)} failed; "
-                           f"see {out / SUMMARY}): {reasons}")
-    return summary
+        raise NothingPrepared(f"no case of {root} could be prepared ({len(summary.failed)} failed; "
+                              f"see {out / SUMMARY}): {reasons}", summary)

@@ -20,21 +20,23 @@ the saved states do not map onto the new ranks: a warning says so and the seeded
 stream does not depend on them; only model-side randomness differs from the interrupted run).
 
 On SIGTERM (a scheduler's preemption, ``kill``, ``scancel``) Lightning stops after the current batch by
-raising ``SIGTERMException``; this callback then writes ``last.ckpt`` so at most one step is lost.
+raising ``SIGTERMException``; this callback then writes ``last.ckpt`` so at most one step is lost. Ctrl-C
+(``KeyboardInterrupt``, which Lightning turns into ``sys.exit(1)``; ``smml`` makes that status 130) does
+the same, from wherever the step was interrupted: the weights are those of the last finished step.
 """
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
-
-import random
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -110,7 +112,8 @@ class ResumeState(Callback):
         set_rng_states(state_dict["rng_per_rank"][self.rank] if saved > 1 else state_dict["rng"])
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if not (self.save_on_sigterm and isinstance(exception, SIGTERMException)) or trainer.sanity_checking:
+        interrupted = isinstance(exception, (SIGTERMException, KeyboardInterrupt))
+        if not (self.save_on_sigterm and interrupted) or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
         callback = last_checkpoint_callback(trainer)
         if callback is None:
@@ -123,5 +126,6 @@ class ResumeState(Callback):
         callback.last_model_path = str(path)
         trainer.save_checkpoint(path)
         self.sigterm_checkpoint = path
-        rank_zero_info(f"SIGTERM at epoch {trainer.current_epoch}, step {trainer.global_step}: wrote {path}; "
+        cause = "SIGTERM" if isinstance(exception, SIGTERMException) else "Ctrl-C"
+        rank_zero_info(f"{cause} at epoch {trainer.current_epoch}, step {trainer.global_step}: wrote {path}; "
                        f"resume with --ckpt_path={path}")
