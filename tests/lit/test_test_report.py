@@ -50,4 +50,19 @@ def test_test_step_rows_become_the_report_and_the_logged_means(tmp_path):
         assert logged[f"test/dice_{region}"] == pytest.approx(per_case.loc[per_case["region"] == region, "dice"].mean())
     assert "# tiny:" in (tmp_path / "report" / "report.md").read_text()
     assert {p.name for p in (tmp_path / "report").iterdir()} == {
-        "per_case.csv", "summary.csv", "report.md", "heatmap.png", "modality_gains.csv"}
+        "per_case.csv", "summary.csv", "report.md", "heatmap.png", "modality_gains.csv",
+        "lesionwise_per_case.csv", "lesionwise_summary.csv"}
+    lesions = pd.read_csv(tmp_path / "report" / "lesionwise_per_case.csv")
+    assert len(lesions) == 2 * 3 * 3  # WT, TC, ET
+    got = lesions.set_index(["case", "subset", "region"])["lesion_dice"]
+    for row in expected:
+        if row["region"] != "ET_post":
+            assert got[row["case"], row["subset"], row["region"]] == pytest.approx(row["lesion_dice"])
+    for region in ("WT", "TC", "ET"):
+        assert logged[f"test/lesion_dice_{region}"] == pytest.approx(
+            lesions.loc[lesions["region"] == region, "lesion_dice"].mean())
+    assert "BraTS-GLI rules" in (tmp_path / "report" / "report.md").read_text()
+
+    model.challenge = None  # the setting leaves the challenge figures out of the rows
+    with torch.no_grad():
+        assert not any("lesion_dice" in row for row in model.test_step(default_collate([_cases(1)[0]]), 0))

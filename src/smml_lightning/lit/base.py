@@ -20,7 +20,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from ..data.labels import REGION_CLASSES, REGIONS
 from ..data.modalities import SUBSETS, parse_subset, subset_index, subset_name
 from ..evaluation.inference import predict_subsets
-from ..evaluation.metrics import case_metrics, dice
+from ..evaluation.lesionwise import challenge_metrics, challenge_rules
+from ..evaluation.metrics import case_metrics, dice, image_diagonal
 from ..losses.segmentation import SegmentationLoss
 from ..models.base import MaskedSegmenter, predicted_labels
 from ..models.numerics import guard_small_bf16_convs
@@ -69,6 +70,8 @@ class MissingModalityModule(pl.LightningModule):
         val_subsets: subsets scored during validation (``None``: all 15, cheap thanks to encoder reuse).
         test_subsets: subsets scored by ``test`` (``None``: all 15).
         et_min_voxels: ET post-processing threshold for the ``ET_post`` region.
+        challenge: BraTS challenge whose lesion-wise rules the test report adds (``gli``, ``ssa``, ``ped``,
+            ``men``, ``met``; see :mod:`~smml_lightning.evaluation.lesionwise`); ``None`` leaves them out.
         optimizer: ``"adam"`` (Adam with amsgrad, as SMML) or ``"sgd"`` (Nesterov 0.99, as nnU-Net/MAML).
         lr, weight_decay, poly_power: learning rate, weight decay and poly decay exponent (per step).
         channels_last: keep 5-D weights and inputs in ``channels_last_3d``. Off by default: measured on
@@ -95,6 +98,7 @@ class MissingModalityModule(pl.LightningModule):
         val_subsets: list[str] | None = None,
         test_subsets: list[str] | None = None,
         et_min_voxels: int = 500,
+        challenge: str | None = "gli",
         optimizer: Literal["adam", "sgd"] = "adam",
         lr: float = 2e-4,
         weight_decay: float = 1e-4,
@@ -126,6 +130,7 @@ class MissingModalityModule(pl.LightningModule):
         self.val_subset_ids = _subset_indices(val_subsets)
         self.test_subset_ids = _subset_indices(test_subsets)
         self.et_min_voxels = et_min_voxels
+        self.challenge = None if challenge is None else challenge_rules(challenge).name
         self.optimizer_name = optimizer
         self.lr, self.weight_decay, self.poly_power = lr, weight_decay, poly_power
         self.channels_last = channels_last
@@ -266,17 +271,32 @@ class MissingModalityModule(pl.LightningModule):
         return [TestReport()]
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        """Report rows of one case: Dice and HD95 per subset it can be scored on and per region."""
+        """Report rows of one case: Dice and HD95 per subset it can be scored on and per region, and for
+        WT, TC and ET the challenge figures (:func:`~smml_lightning.evaluation.lesionwise.challenge_metrics`)
+        unless ``challenge`` is None. The case is scored on its crop, as if on its original grid: an HD95
+        with one side empty is that grid's diagonal, and specificity counts the voxels outside the crop."""
         name = batch["name"][0]
         spacing = self._spacing(name)
         label = batch["label"][0, 0].cpu().numpy()
+        grid = self._original_shape(name) or label.shape
+        diagonal = image_diagonal(grid, spacing)
         rows = []
         for sid, pred in self.predict_case(batch["image"], self._within(self.test_subset_ids, batch)).items():
-            metrics = case_metrics(pred.cpu().numpy(), label, spacing, et_min_voxels=self.et_min_voxels)
+            labels = pred.cpu().numpy()
+            metrics = case_metrics(labels, label, spacing, et_min_voxels=self.et_min_voxels,
+                                   empty_distance=diagonal)
+            challenge = ({} if self.challenge is None else
+                         challenge_metrics(labels, label, spacing, self.challenge, grid_voxels=math.prod(grid)))
             for region, values in metrics.items():
                 rows.append({"case": name, "subset": subset_name(SUBSETS[sid]), "region": region,
-                             "dice": values["dice"], "hd95": values["hd95"]})
+                             "dice": values["dice"], "hd95": values["hd95"], **challenge.get(region, {})})
         return rows
+
+    def _original_shape(self, name: str) -> tuple[int, int, int] | None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "case_meta"):
+            return tuple(datamodule.case_meta(name).original_shape)
+        return None
 
     def _spacing(self, name: str) -> tuple[float, float, float]:
         datamodule = getattr(self.trainer, "datamodule", None)

@@ -1,9 +1,10 @@
 """The 15-subset test report as a callback: the module's ``test_step`` returns metric rows, this collects
-them, gathers them from every rank, writes the report files (rank 0), logs the mean Dice per region and
-puts the subset table into W&B.
+them, gathers them from every rank, writes the report files (rank 0), logs the mean Dice (and the mean
+lesion-wise Dice of the challenge scoring, when the rows carry it) per region and puts the subset tables,
+legacy and lesion-wise, into W&B.
 
 Where the report goes and what it quotes are the module's settings (``report_dir``,
-``compare_published``, ``method_name``, ``et_min_voxels`` and the sliding-window settings), so configs
+``compare_published``, ``method_name``, ``et_min_voxels``, ``challenge`` and the sliding-window settings), so configs
 keep one place for them. :class:`~smml_lightning.lit.base.MissingModalityModule` registers this
 callback itself (``configure_callbacks``).
 """
@@ -18,7 +19,7 @@ import lightning.pytorch as pl
 import torch.distributed as dist
 from lightning.pytorch.loggers import WandbLogger
 
-from ..evaluation.report import REPORT_REGIONS, summary_table, write_report
+from ..evaluation.report import REPORT_REGIONS, lesionwise_table, summary_table, write_report
 
 
 def gather_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -59,17 +60,25 @@ class TestReport(pl.Callback):
             self.written = write_report(
                 rows, out, method_name=getattr(pl_module, "method_name", type(pl_module).__name__),
                 dataset_layout=_layout_name(trainer), compare=getattr(pl_module, "compare_published", True),
-                et_min_voxels=getattr(pl_module, "et_min_voxels", 500), settings=_settings(pl_module))
+                et_min_voxels=getattr(pl_module, "et_min_voxels", 500), settings=_settings(pl_module),
+                challenge=getattr(pl_module, "challenge", None) or "gli",
+                original_grid=hasattr(getattr(trainer, "datamodule", None), "case_meta"))
             pl_module.print(f"test report written to {out} ({', '.join(p.name for p in self.written.values())})")
             table = summary_table(rows).reset_index()
+            lesions = lesionwise_table(rows)
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):
                     logger.log_table(key="test/subsets", dataframe=table)
+                    if lesions is not None:
+                        logger.log_table(key="test/lesionwise", dataframe=lesions)
         means = {}
         for region in REPORT_REGIONS:
             values = [r["dice"] for r in rows if r["region"] == region]
             if values:
                 means[f"test/dice_{region}"] = sum(values) / len(values)
+            lesion = [r["lesion_dice"] for r in rows if r["region"] == region and "lesion_dice" in r]
+            if lesion:
+                means[f"test/lesion_dice_{region}"] = sum(lesion) / len(lesion)
         pl_module.log_dict(means, rank_zero_only=True, batch_size=1)
 
     def _out_dir(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path:
