@@ -2,6 +2,7 @@
 
 - ``smml fit|validate|test|predict --config experiments/<exp>.yaml``: the Lightning CLI (any method by
   ``model.class_path``; every config value can be overridden as ``--section.key=value``).
+- ``smml predict -i INPUT -o OUTPUT -c CKPT``: segment new cases with only a checkpoint (no cache, no config).
 - ``smml synth``: write synthetic BraTS cases as NIfTI in a real layout.
 - ``smml prepare``: validate, crop, z-score and cache a BraTS folder.
 - ``smml priors``: fit the SAM prior decoder and export priors into the cache.
@@ -174,6 +175,12 @@ def _dispatch(argv: list[str]) -> None:
                     "evaluate": evaluate}
         CLI(commands[argv[0]], args=argv[1:])
         return
+    if argv[:1] == ["predict"]:
+        from .lit.predict import is_short_form, predict_command
+
+        if is_short_form(argv[1:]):  # smml predict -i INPUT -o OUTPUT -c CKPT
+            predict_command(argv[1:])
+            return
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     try:

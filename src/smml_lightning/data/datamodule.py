@@ -26,7 +26,9 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from smml_lightning.data import cache, splits
+from smml_lightning.data.inputs import cache_name
 from smml_lightning.data.labels import NUM_CLASSES
+from smml_lightning.data.layouts import Case, discover
 from smml_lightning.data.modalities import MODALITIES, sample_masks
 from smml_lightning.data.stream import EpochQueue, EpochStream, PatchCollate, PatchLoader, QueueSampler
 from smml_lightning.data.transforms import AugmentedPatches, StackedPatches, case_subject
@@ -120,7 +122,8 @@ class BratsDataModule(LightningDataModule):
         augment: flips, rotation and intensity augmentation, per patch (:class:`AugmentedPatches`).
         predict_root: raw cases to predict on (any supported layout, modalities may be missing); they
             are validated and prepared into ``predict_dir`` first (resumable).
-        predict_dir: cache to predict on (default with ``predict_root``: ``runs/predict_cache/<name>``);
+        predict_dir: cache to predict on (default with ``predict_root``: ``runs/predict_cache/<name>-<key>``,
+            keyed by the input's path and content);
             neither given = the test split.
     """
 
@@ -170,6 +173,7 @@ class BratsDataModule(LightningDataModule):
         self.patch_size: tuple[int, int, int] = size  # type: ignore[assignment]
         self.label_probabilities = {int(c): float(p) for c, p in probs.items()}
         self.splits: dict[str, list[str]] | None = None
+        self._predict_cache: Path | None = None
         self._train_stream: EpochStream | None = None
         self._train_stream_resume: dict[str, int] | None = None
 
@@ -309,13 +313,22 @@ class BratsDataModule(LightningDataModule):
 
     @property
     def predict_cache(self) -> Path:
-        """The cache prediction reads: ``predict_dir``, or a cache made from ``predict_root``, or ``cache_dir``."""
+        """The cache prediction reads: ``predict_dir``; else, with ``predict_root``, a cache under
+        ``runs/predict_cache/`` named by the input's path and content
+        (:func:`~smml_lightning.data.inputs.cache_name`: folders of the same name never share one);
+        else ``cache_dir``."""
         hp = self.hparams
         if hp.predict_dir is not None:
             return Path(hp.predict_dir)
         if hp.predict_root is not None:
-            return Path("runs") / "predict_cache" / Path(hp.predict_root).resolve().name
+            if self._predict_cache is None:
+                self._predict_cache = Path("runs") / "predict_cache" / cache_name(
+                    hp.predict_root, self._predict_cases())
+            return self._predict_cache
         return self.cache_dir
+
+    def _predict_cases(self) -> list[Case]:
+        return discover(self.hparams.predict_root)
 
     def prepare_data(self) -> None:
         """Prepare raw prediction inputs (rank 0 only; skips cases already prepared)."""
@@ -347,4 +360,8 @@ class BratsDataModule(LightningDataModule):
         root = self.predict_cache
         if root == self.cache_dir and self.hparams.predict_root is None:
             return self.test_dataloader()
-        return self._eval_loader(CachedCaseDataset(root, self._cached_cases(root)), padded=False)
+        names = self._cached_cases(root)
+        if self.hparams.predict_root is not None:  # only the input's cases as it is now, whatever the cache holds
+            present = {case.name for case in self._predict_cases()}
+            names = [n for n in names if n in present]
+        return self._eval_loader(CachedCaseDataset(root, names), padded=False)

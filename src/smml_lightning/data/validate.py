@@ -20,7 +20,7 @@ from smml_lightning.data.layouts import Case
 from smml_lightning.data.modalities import MODALITIES
 
 # What nibabel, gzip and zlib raise on files that are not NIfTI or end early.
-_READ_ERRORS = (ImageFileError, OSError, EOFError, zlib.error, ValueError)
+READ_ERRORS = (ImageFileError, OSError, EOFError, zlib.error, ValueError)
 
 
 class CaseError(ValueError):
@@ -71,7 +71,7 @@ def _load(case: str, path: Path, as_label: bool) -> tuple[np.ndarray, np.ndarray
         raise
     except FileNotFoundError:
         raise CaseError(case, path, "file does not exist") from None
-    except _READ_ERRORS as err:
+    except READ_ERRORS as err:
         raise CaseError(case, path, f"unreadable, truncated or not a NIfTI file ({type(err).__name__}: {err})") from err
     # Some exports add a trailing singleton time axis; it carries nothing.
     while data.ndim > 3 and data.shape[-1] == 1:

@@ -2,7 +2,7 @@
 
 A prediction over the cropped cache grid is un-cropped into the original 240x240x155 (or whatever the
 case had) grid, mapped to the release's label values (ET = 4 up to 2021, 3 for 2023) and saved with the
-case's original affine, so it opens aligned with the raw images in any viewer and can be submitted.
+case's original header (affine, qform and sform with their codes), so it opens aligned with the raw images in any viewer and can be submitted.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -20,6 +21,7 @@ from matplotlib.figure import Figure
 from smml_lightning.data.cache import CaseMeta, uncrop
 from smml_lightning.data.labels import CLASS_NAMES, NUM_CLASSES, to_release
 from smml_lightning.data.modalities import MODALITIES, MODALITY_LABELS, NUM_MODALITIES
+from smml_lightning.data.validate import READ_ERRORS
 from smml_lightning.io import atomic_path, atomic_write_bytes
 
 # Header donors in order of preference: the label file shares the prediction's meaning and dtype.
@@ -30,14 +32,25 @@ _LEGEND = ", ".join(f"{name} {colour}" for name, colour in zip(CLASS_NAMES[1:], 
 
 
 def _source_header(meta: CaseMeta) -> nib.Nifti1Header | None:
-    """Header of the case's label file (else a modality file) when it exists and matches the grid."""
+    """Header of the case's label file (else a modality file) when it is readable and on the case's grid."""
     for key in _HEADER_KEYS:
         path = meta.source.get(key)
         if path and Path(path).is_file():
-            img = nib.load(path)
-            if tuple(img.shape[:3]) == tuple(meta.original_shape):
+            try:
+                img: Any = nib.load(path)
+            except READ_ERRORS:  # an unreadable donor is skipped; the next one may do
+                continue
+            same_grid = tuple(img.shape[:3]) == tuple(meta.original_shape) and np.allclose(
+                img.affine, np.asarray(meta.affine), rtol=0.0, atol=1e-3)
+            if same_grid:
                 return nib.Nifti1Header.from_header(img.header)
     return None
+
+
+def prediction_name(case: str, brats_names: bool = False) -> str:
+    """File name of a case's segmentation: ``<case>_seg.nii.gz``, or ``<case>.nii.gz`` as the BraTS
+    challenges expect their submissions."""
+    return f"{case}.nii.gz" if brats_names else f"{case}_seg.nii.gz"
 
 
 def _check_out(out_path: Path, overwrite: bool, suffixes: tuple[str, ...]) -> None:
@@ -63,11 +76,16 @@ def write_prediction(
     release = to_release(uncrop(labels.astype(np.uint8), meta), meta.convention)
 
     header = _source_header(meta)
-    img = nib.Nifti1Image(release, np.asarray(meta.affine, dtype=np.float64), header=header)
+    if header is not None:
+        # The input's own header: its qform and sform, with their codes (scanner, aligned, MNI...).
+        img = nib.Nifti1Image(release, None, header=header)
+    else:  # no readable input file left: the cached affine, as both forms, "scanner" coded
+        img = nib.Nifti1Image(release, np.asarray(meta.affine, dtype=np.float64))
+        img.set_qform(img.affine, code=1)
+        img.set_sform(img.affine, code=1)
     img.set_data_dtype(np.uint8)
     img.header.set_slope_inter(1.0, 0.0)
-    img.set_qform(img.affine, code=1)
-    img.set_sform(img.affine, code=1)
+    img.header["cal_min"], img.header["cal_max"] = 0, 0
 
     suffix = ".nii.gz" if out_path.name.endswith(".nii.gz") else ".nii"
     with atomic_path(out_path, suffix=suffix) as tmp:  # nibabel picks compression by extension

@@ -18,20 +18,25 @@ from smml_lightning.io import atomic_path
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Write each predicted case as ``<output_dir>/<case>_seg.nii.gz`` in its original grid and release
-    label convention (plus an overlay PNG), atomically. Existing files are kept unless ``overwrite``:
-    a re-run after an interruption only writes the cases still missing."""
+    """Write each predicted case as ``<output_dir>/<case>_seg.nii.gz`` (``<case>.nii.gz`` with
+    ``brats_names``, as the BraTS challenges expect) in its original grid, header and release label
+    convention (plus an overlay PNG), atomically. Existing files are kept unless ``overwrite``: a re-run
+    after an interruption only writes the cases still missing."""
 
-    def __init__(self, output_dir: str = "predictions", overwrite: bool = False, overlay: bool = True) -> None:
+    def __init__(self, output_dir: str = "predictions", overwrite: bool = False, overlay: bool = True,
+                 brats_names: bool = False) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
         self.overwrite = overwrite
         self.overlay = overlay
+        self.brats_names = brats_names
         self.written: list[Path] = []
         self.kept: list[Path] = []
 
     def output_path(self, name: str) -> Path:
-        return self.output_dir / f"{name}_seg.nii.gz"
+        from ..evaluation.predict import prediction_name
+
+        return self.output_dir / prediction_name(name, self.brats_names)
 
     def write_on_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prediction: Any,
                            batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
