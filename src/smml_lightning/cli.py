@@ -43,23 +43,40 @@ def lightning_main(args: Sequence[str] | None = None, run: bool = True) -> Any:
     return run_cli(args, run)
 
 
-def synth(out: str, cases: int = 8, layout: str = "brats2020", shape: tuple[int, int, int] = (240, 240, 155),
-          seed: int = 0, first: int = 0) -> None:
+def synth(out: str, cases: int = 8, layout: str = "brats2020", generator: str | None = None,
+          shape: tuple[int, int, int] | None = None, seed: int = 0, first: int = 0, workers: int = 1,
+          overwrite: bool = False) -> None:
     """Write synthetic BraTS cases as NIfTI in a real layout.
 
     Args:
         out: output folder (the dataset root, as a BraTS download would be).
         cases: number of cases.
         layout: brats2018, brats2020, brats2021 or brats2023.
-        shape: volume shape in voxels; smaller than 240x240x155 stands for a downsampled head.
+        generator: ``anatomy`` (default): 240x240x155 1 mm cases on the MNI brain template; ``tiny``:
+            ellipsoid heads of any ``--shape``, for quick tests. ``--shape`` alone selects ``tiny``.
+        shape: volume shape of the tiny generator in voxels (default 240x240x155); smaller stands for a
+            downsampled head.
         seed: the data are a pure function of the seed (and of each case's number).
         first: number of the first case (0-based); e.g. ``--cases 40 --first 32`` after a 32-case set of
             the same seed gives 40 new cases, disjoint from it, for a held-out test.
+        workers: parallel processes (anatomy generator).
+        overwrite: replace files of these cases that are already in ``out`` (otherwise an existing file
+            stops the run before anything is written).
     """
-    from .data.synthetic import synthesize
+    from .data.synthetic import synthesize, synthesize_anatomy
 
-    paths = synthesize(out, cases, layout=layout, shape=tuple(shape), seed=seed, first=first)
-    print(f"wrote {len(paths)} synthetic {layout} cases to {out}")
+    generator = generator or ("tiny" if shape is not None else "anatomy")
+    if generator == "tiny":
+        paths = synthesize(out, cases, layout=layout, shape=tuple(shape or (240, 240, 155)), seed=seed,
+                           first=first, overwrite=overwrite)
+    elif generator == "anatomy":
+        if shape is not None:
+            raise ValueError("--shape applies to --generator tiny; the anatomy generator writes 240x240x155")
+        paths = synthesize_anatomy(out, cases, layout=layout, seed=seed, first=first, workers=workers,
+                                   overwrite=overwrite)
+    else:
+        raise ValueError(f"unknown --generator {generator!r}; expected anatomy or tiny")
+    print(f"wrote {len(paths)} synthetic {layout} cases ({generator} generator) to {out}")
 
 
 def prepare(root: str, out: str, layout: str = "auto", min_size: tuple[int, int, int] = (128, 128, 128),

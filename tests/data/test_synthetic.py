@@ -1,4 +1,6 @@
 
+import hashlib
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -24,7 +26,7 @@ def test_written_files_types_spacing_and_determinism(tmp_path):
     for ca, cb in zip(a, b):  # same seed, same data; more cases leave earlier ones unchanged
         (ia, la), (ib, lb) = _arrays(ca), _arrays(cb)
         assert all(np.array_equal(ia[m], ib[m]) for m in MODALITIES) and np.array_equal(la, lb)
-    (ic, lc), (i0, _) = _arrays(c[0]), _arrays(a[0])
+    (ic, _), (i0, _) = _arrays(c[0]), _arrays(a[0])
     assert not np.array_equal(ic["flair"], i0["flair"])
     img = nib.load(str(a[0].images["t1"]))
     assert img.get_data_dtype() == np.int16 and img.shape == SHAPE
@@ -48,7 +50,8 @@ def test_first_continues_the_numbering_with_the_same_cases(tmp_path):
     (ia, la), (ib, lb) = _arrays(whole), _arrays(later)
     assert all(np.array_equal(ia[m], ib[m]) for m in MODALITIES) and np.array_equal(la, lb)
     # The same through the command line: `smml synth ... --first 2`.
-    main(["synth", str(tmp_path / "cli"), "--cases", "1", "--first", "2", "--shape", "[32, 32, 24]", "--seed", "4"])
+    main(["synth", str(tmp_path / "cli"), "--cases", "1", "--first", "2", "--generator", "tiny", "--shape", "[32, 32, 24]",
+          "--seed", "4"])
     (from_cli,) = discover(tmp_path / "cli")
     (ic, lc) = _arrays(from_cli)
     assert from_cli.name == whole.name
@@ -144,3 +147,32 @@ def test_bad_arguments(tmp_path):
         synthesize(tmp_path, 1, shape=(4, 32, 32))
     with pytest.raises(ValueError, match="first >= 0"):
         synthesize(tmp_path, 1, first=-1)
+
+
+def _checksums(folder):
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("layout", ["brats2018", "brats2023"])
+def test_synth_refuses_to_overwrite_unless_asked(tmp_path, capsys, layout):
+    """A second `smml synth` into the same folder names the first file it would replace, exits non-zero
+    and changes nothing; `--overwrite` replaces the cases and leaves unrelated files alone."""
+    out = tmp_path / "raw"
+    args = ["synth", str(out), "--cases", "2", "--layout", layout, "--generator", "tiny", "--shape", "[16, 16, 12]"]
+    main(args)
+    (out / "notes.txt").write_text("mine")
+    before = _checksums(out)
+    # A case written with another seed at the first index: the folder (and 2018's grade folder) may differ.
+    with pytest.raises(SystemExit) as stop:
+        main([*args, "--seed", "9"])
+    message = str(stop.value.code)
+    assert stop.value.code != 0 and "already exists" in message and "--overwrite" in message
+    first_line = message.splitlines()[0]
+    assert any(str(p) in first_line for p in before)
+    assert _checksums(out) == before
+    # A later run that would write only cases after the existing ones is fine.
+    main([*args[:3], "1", *args[4:], "--first", "2"])
+    main([*args, "--seed", "9", "--overwrite", "true"])
+    after = _checksums(out)
+    assert after[out / "notes.txt"] == before[out / "notes.txt"]
+    assert any(after.get(p) != h for p, h in before.items())

@@ -1,8 +1,7 @@
-"""Synthetic BraTS cases written as real NIfTI files in a real release's folder and file naming.
+"""The tiny generator: ellipsoid heads of any size, for tests that need small volumes.
 
-The data stands in for BraTS wherever the real release is absent (demo, tests), so it is built to
-make missing modalities matter the way they do in real scans: a deformed ellipsoidal brain with CSF,
-grey and white matter; a tumor with necrotic core (NCR), enhancing rim (ET) and edema (ED), sometimes
+The data are built to make missing modalities matter the way they do in real scans: a deformed
+ellipsoidal brain with CSF, grey and white matter; a tumor with necrotic core (NCR), enhancing rim (ET) and edema (ED), sometimes
 without necrosis or without enhancement (LGG-like); and per-modality contrasts that follow MRI
 physics: FLAIR and T2 bright in edema (T2 also in CSF, FLAIR dark there), T1ce bright on the
 enhancing rim with dark necrosis, T1 barely telling tumor from grey matter. A smooth multiplicative
@@ -12,16 +11,19 @@ the same seed gives the same arrays.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from smml_lightning.data.labels import to_release
-from smml_lightning.data.layouts import LAYOUT_CONVENTION, LAYOUTS, SUFFIXES
 from smml_lightning.data.modalities import MODALITIES
+from smml_lightning.data.synthetic.write import (
+    brats_affine,
+    check_layout,
+    refuse_existing,
+    write_case,
+)
 
 # Tissue classes of the generator, and the internal label (labels.py) each one carries.
 TISSUES: tuple[str, ...] = ("background", "csf", "gm", "wm", "ncr", "ed", "et", "net")
@@ -40,22 +42,6 @@ _CONTRAST: dict[str, tuple[float, ...]] = {
 _P_NO_ENHANCEMENT = 0.2  # LGG-like: solid non-enhancing core, no ET
 _P_NO_NECROSIS = 0.15  # core entirely enhancing
 _NOISE = 0.05  # noise standard deviation relative to the brightest tissue
-
-
-def case_name(layout: str, index: int) -> str:
-    """The release-style name of synthetic case ``index`` (0-based)."""
-    names = {
-        "brats2018": f"Brats18_SYN_{index + 1:03d}_1",
-        "brats2020": f"BraTS20_Training_{index + 1:03d}",
-        "brats2021": f"BraTS2021_{index:05d}",
-        "brats2023": f"BraTS-GLI-{index:05d}-000",
-    }
-    return names[layout]
-
-
-def _file_name(layout: str, name: str, key: str) -> str:
-    sep = "-" if layout == "brats2023" else "_"
-    return f"{name}{sep}{SUFFIXES[layout][key]}.nii.gz"
 
 
 def _random_field(rng: np.random.Generator, coords: Sequence[np.ndarray], n_terms: int,
@@ -192,49 +178,34 @@ def synthesize_arrays(shape: Sequence[int], seed: int | Sequence[int] = 0) -> tu
     return images, label, "LGG" if kind == "lgg" else "HGG"
 
 
-def _affine(shape: Sequence[int], spacing: tuple[float, float, float]) -> np.ndarray:
-    """A BraTS-like affine: axes flipped in x and y (LPS voxel order), origin at the grid's corner."""
-    affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
-    affine[1, 3] = (shape[1] - 1) * spacing[1]
-    return affine
-
-
-def _save(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
-    img = nib.Nifti1Image(data, affine)
-    img.header.set_xyzt_units("mm", "sec")
-    nib.save(img, str(path))
-
-
 def synthesize(out: Path | str, n_cases: int, layout: str = "brats2020",
                shape: Sequence[int] = (240, 240, 155), seed: int = 0,
-               spacing: float | Sequence[float] | None = None, first: int = 0) -> list[Path]:
+               spacing: float | Sequence[float] | None = None, first: int = 0,
+               overwrite: bool = False) -> list[Path]:
     """Write cases ``first`` to ``first + n_cases - 1`` under ``out`` in ``layout``'s naming; return their folders.
 
     Images are int16 and labels uint8 in the layout's convention (ET = 4, or 3 for 2023). The
     default spacing is ``240 / shape[0]`` mm, so a small volume stands for a downsampled head.
     Case ``i`` depends only on ``(seed, i)``: adding cases does not change earlier ones, and a later
     ``first`` gives new cases disjoint from earlier ones (a held-out set for a model trained on them).
+    A file already there stops the run before anything is written, unless ``overwrite``.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; expected one of {list(LAYOUTS)}")
-    if n_cases < 1 or first < 0:
-        raise ValueError(f"n_cases must be >= 1 and first >= 0, got n_cases={n_cases}, first={first}")
+    check_layout(layout, n_cases, first)
     shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or min(shape) < 8:
+        raise ValueError(f"synthetic volumes are 3-D with every side >= 8, got shape {shape}")
     if spacing is None:
         spacing = 240.0 / shape[0]
     sp = tuple(float(s) for s in (spacing if isinstance(spacing, Sequence) else (spacing,) * 3))
     if len(sp) != 3 or min(sp) <= 0:
         raise ValueError(f"spacing must be a positive number or three of them, got {spacing}")
-    affine = _affine(shape, sp)  # type: ignore[arg-type]
     out = Path(out)
+    indices = range(first, first + n_cases)
+    if not overwrite:
+        refuse_existing(out, layout, indices)
+    affine = brats_affine(shape, sp)
     folders = []
-    for i in range(first, first + n_cases):
+    for i in indices:
         images, label, grade = synthesize_arrays(shape, seed=[seed, i])
-        name = case_name(layout, i)
-        folder = out / grade / name if layout == "brats2018" else out / name
-        folder.mkdir(parents=True, exist_ok=True)
-        for m in MODALITIES:
-            _save(folder / _file_name(layout, name, m), images[m], affine)
-        _save(folder / _file_name(layout, name, "seg"), to_release(label, LAYOUT_CONVENTION[layout]), affine)
-        folders.append(folder)
+        folders.append(write_case(out, layout, i, images, label, grade, affine))
     return folders
