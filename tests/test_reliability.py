@@ -320,7 +320,7 @@ def test_prediction_case_without_modalities_is_named(tmp_path):
             path.unlink()
     with pytest.raises(RuntimeError, match=f"{case.name}.*no modality file found"):
         prepare(case, tmp_path / "cache", min_size=SHAPE, require_all=False, require_label=False, progress=False)
-    synthesize(tmp_path / "raw", 2, shape=SHAPE, seed=2)
+    synthesize(tmp_path / "raw", 2, shape=SHAPE, seed=2, overwrite=True)
     for path in case.iterdir():
         if "seg" not in path.name:
             path.unlink()
