@@ -2,18 +2,21 @@
 
 The challenge code (``metrics.py`` and its ``surface_distance`` package, repository
 rachitsaluja/BraTS-2023-Metrics) is not on the package registry and is not part of this repository;
-it needs ``connected-components-3d`` and a pandas with ``DataFrame.append`` (< 2), so it runs in its own
-interpreter::
+it needs ``connected-components-3d`` and the pandas it pins (1.3.4: it calls ``DataFrame.append``, gone
+in pandas 2, and its ``DataFrame.replace`` on a column of arrays fails in pandas 1.5), whose wheels stop
+at Python 3.10, so it runs in its own Python 3.10 interpreter (about 70 s to build)::
 
-    python3 -m venv /work/venv-brats
-    /work/venv-brats/bin/pip install numpy==1.24.3 scipy==1.11.1 pandas==1.5.3 \\
+    python3.10 -m venv /work/venv-brats
+    /work/venv-brats/bin/pip install numpy==1.24.3 scipy==1.11.1 pandas==1.3.4 \\
         connected-components-3d==3.12.1 nibabel==5.1.0
     git clone https://github.com/rachitsaluja/BraTS-2023-Metrics /tmp/brats23   # commit 43c9052
     /work/venv-brats/bin/python tests/evaluation/make_lesionwise_reference.py \\
         --metrics-dir /tmp/brats23 --out tests/evaluation/data/lesionwise_reference.json
 
 The JSON holds, per case and challenge, the official per-region figures, and its provenance (source
-commit, package versions, command); ``test_lesionwise.py`` compares ours with it to 1e-6.
+commit, package versions, command); ``test_lesionwise.py`` compares ours with it to 1e-6, and reruns
+this script live when ``SMML_BRATS23_PYTHON`` and ``SMML_BRATS23_METRICS`` name the interpreter and the
+checkout.
 """
 
 from __future__ import annotations

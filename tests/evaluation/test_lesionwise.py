@@ -1,13 +1,17 @@
 """Lesion-wise challenge scoring against the organisers' BraTS 2023 code and hand computations.
 
 ``data/lesionwise_reference.json`` holds the official code's figures for the cases of
-``lesionwise_cases.py``; ``make_lesionwise_reference.py`` regenerates it (see its docstring).
+``lesionwise_cases.py``; ``make_lesionwise_reference.py`` regenerates it (see its docstring). With
+``SMML_BRATS23_PYTHON`` (an interpreter with the official code's dependencies) and
+``SMML_BRATS23_METRICS`` (a checkout of the official code) set, the official code also runs live.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +46,21 @@ def test_matches_official_code(name: str) -> None:
             assert set(expected) == set(METRICS)
             for metric, value in expected.items():
                 assert ours[region][metric] == pytest.approx(value, abs=1e-6), (challenge, region, metric)
+
+
+@pytest.mark.skipif(not (os.environ.get("SMML_BRATS23_PYTHON") and os.environ.get("SMML_BRATS23_METRICS")),
+                    reason="set SMML_BRATS23_PYTHON and SMML_BRATS23_METRICS to run the official code live")
+def test_official_code_live_reproduces_the_reference(tmp_path: Path) -> None:
+    out = tmp_path / "reference.json"
+    subprocess.run([os.environ["SMML_BRATS23_PYTHON"], str(Path(__file__).parent / "make_lesionwise_reference.py"),
+                    "--metrics-dir", os.environ["SMML_BRATS23_METRICS"], "--out", str(out)],
+                   check=True, capture_output=True)
+    live = json.loads(out.read_text())["cases"]
+    for name, challenges in REFERENCE["cases"].items():
+        for challenge, regions in challenges.items():
+            for region, values in regions.items():
+                for metric, value in values.items():
+                    assert live[name][challenge][region][metric] == pytest.approx(value, abs=1e-9)
 
 
 def _cube(shape: tuple[int, int, int], lo: tuple[int, int, int], size: int) -> np.ndarray:
