@@ -161,3 +161,13 @@ def test_lightning_cli_predict_cache_is_keyed_by_input_path_and_content(setup, t
     data = BratsDataModule("unused", predict_root=str(first), predict_dir=str(tmp_path / "pc"), num_workers=0)
     assert [b["name"][0] for b in data.predict_dataloader()] == [raw[0].name]
     assert BratsDataModule("unused", predict_root=str(first)).predict_cache != caches[0]
+
+
+def test_a_checkpoint_that_cannot_be_loaded_is_one_clear_error(setup, tmp_path):
+    case = sorted(p for p in (setup / "raw").iterdir() if p.is_dir())[0]
+    bad = tmp_path / "model.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit) as stop:
+        main(["predict", "-i", str(case), "-o", str(tmp_path / "out"), "-c", str(bad)])
+    assert str(stop.value.code).startswith(f"smml: error: checkpoint {bad} cannot be loaded")
+    assert not list((tmp_path / "out").glob("*.nii.gz"))

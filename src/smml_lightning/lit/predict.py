@@ -20,6 +20,7 @@ import dataclasses
 import json
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -28,9 +29,9 @@ import torch
 
 from ..data import cache
 from ..data.inputs import cache_name, drop_bad_modalities
-from ..data.layouts import discover
+from ..data.layouts import Case, discover
 from ..data.modalities import MODALITIES, SUBSETS
-from ..data.prepare import _is_done, prepare_case
+from ..data.prepare import _is_done, cache_lock, prepare_case
 from ..evaluation.predict import prediction_name, write_overlay, write_prediction
 from ..io import atomic_write_text
 from .base import MissingModalityModule
@@ -125,43 +126,21 @@ def run_predict(
     model: MissingModalityModule | None = None
     where = _device(device)
     if todo:
-        model = MissingModalityModule.load_from_checkpoint(checkpoint, map_location="cpu")
+        try:
+            model = MissingModalityModule.load_from_checkpoint(checkpoint, map_location="cpu")
+        except Exception as err:
+            raise ValueError(f"checkpoint {checkpoint} cannot be loaded ({type(err).__name__}: {err})") from err
         model.setup("predict")
         model.to(where).eval()
         say(f"model {type(model).__name__} from {checkpoint}; {len(todo)} case(s) to segment on {where}, "
             f"{len(cases) - len(todo)} already written")
-    for case, path in todo:
-        started = time.time()
-        result = CaseResult(case.name, "failed", str(path))
-        try:
+    with contextlib.ExitStack() as stack:
+        if todo:
+            stack.enter_context(cache_lock(work))  # a second run on the same input stops, naming this one
+        for case, path in todo:
             assert model is not None
-            if missing_ok:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # nibabel's notes on odd headers; the reason is kept
-                    case, result.dropped = drop_bad_modalities(case)
-                for file, why in result.dropped.items():
-                    warnings.warn(f"case {case.name}: {file} treated as missing: {why}", stacklevel=1)
-            else:
-                case = dataclasses.replace(case, label=None)  # labels are not needed to predict
-            result.modalities = [m for m, have in zip(MODALITIES, case.available) if have]
-            if not _is_done(work, case, model.roi_size, require_label=False):
-                prepare_case(case, work, min_size=model.roi_size, require_all=False, require_label=False)
-            meta = cache.load_meta(work, case.name)
-            image = torch.from_numpy(cache.load_image(work, case.name, mmap=False))[None].to(where)
-            sid = SUBSETS.index(tuple(meta.available))
-            with _autocast(where, precision):
-                labels = model.predict_case(image, [sid])[sid].cpu().numpy()
-            write_prediction(labels, meta, path, overwrite=overwrite)
-            if overlay:
-                write_overlay(image[0].float().cpu().numpy(), labels, meta.available,
-                              output / f"{case.name}_overlay.png", overwrite=True)
-            result.status, result.reason = "written", None
-        except Exception as err:  # noqa: BLE001 - every failure is reported in the summary
-            result.reason = _reason(err)
-        summary.cases.append(result)
-        detail = result.reason if result.status == "failed" else (
-            f"{'+'.join(result.modalities)} in {time.time() - started:.1f} s")
-        say(f"{case.name}: {result.status} ({detail})")
+            summary.cases.append(_predict_case(case, path, work, model, where, missing_ok, overwrite, overlay,
+                                               precision, output, say))
     summary.cases.sort(key=lambda r: r.case)
     output.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output / SUMMARY, json.dumps(asdict(summary), indent=1))
@@ -171,6 +150,42 @@ def run_predict(
     for result in summary.failed:
         say(f"  failed: {result.case}: {result.reason}")
     return summary
+
+
+def _predict_case(case: Case, path: Path, work: Path, model: MissingModalityModule, where: torch.device,
+                  missing_ok: bool, overwrite: bool, overlay: bool, precision: str, output: Path,
+                  say: Callable[..., object]) -> CaseResult:
+    """Prepare, segment and write one case; a failure becomes the result's reason, never an exception."""
+    started = time.time()
+    result = CaseResult(case.name, "failed", str(path))
+    try:
+        if missing_ok:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # nibabel's notes on odd headers; the reason is kept
+                case, result.dropped = drop_bad_modalities(case)
+            for file, why in result.dropped.items():
+                warnings.warn(f"case {case.name}: {file} treated as missing: {why}", stacklevel=1)
+        else:
+            case = dataclasses.replace(case, label=None)  # labels are not needed to predict
+        result.modalities = [m for m, have in zip(MODALITIES, case.available) if have]
+        if not _is_done(work, case, model.roi_size, require_label=False):
+            prepare_case(case, work, min_size=model.roi_size, require_all=False, require_label=False)
+        meta = cache.load_meta(work, case.name)
+        image = torch.from_numpy(cache.load_image(work, case.name, mmap=False))[None].to(where)
+        sid = SUBSETS.index(tuple(meta.available))
+        with _autocast(where, precision):
+            labels = model.predict_case(image, [sid])[sid].cpu().numpy()
+        write_prediction(labels, meta, path, overwrite=overwrite)
+        if overlay:
+            write_overlay(image[0].float().cpu().numpy(), labels, meta.available,
+                          output / f"{case.name}_overlay.png", overwrite=True)
+        result.status, result.reason = "written", None
+    except Exception as err:  # noqa: BLE001 - every failure is reported in the summary
+        result.reason = _reason(err)
+    detail = result.reason if result.status == "failed" else (
+        f"{'+'.join(result.modalities)} in {time.time() - started:.1f} s")
+    say(f"{case.name}: {result.status} ({detail})")
+    return result
 
 
 _SHORT = {"-i": "--input", "-o": "--output", "-c": "--checkpoint"}
