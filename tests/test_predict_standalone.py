@@ -164,7 +164,7 @@ def test_lightning_cli_predict_cache_is_keyed_by_input_path_and_content(setup, t
 
 
 def test_a_checkpoint_that_cannot_be_loaded_is_one_clear_error(setup, tmp_path):
-    case = sorted(p for p in (setup / "raw").iterdir() if p.is_dir())[0]
+    case = min(p for p in (setup / "raw").iterdir() if p.is_dir())
     bad = tmp_path / "model.ckpt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit) as stop:
