@@ -5,12 +5,13 @@
 from functools import partial
 from pathlib import Path
 
+import nibabel as nib
 import pandas as pd
 import pytest
 import torch
-from conftest import prepared_cache
 from lightning.pytorch import Trainer
 
+from conftest import prepared_cache
 from smml_lightning.cli import lightning_main
 from smml_lightning.data.datamodule import BratsDataModule
 from smml_lightning.lit.base import MissingModalityModule
@@ -99,7 +100,7 @@ def test_every_method_loads_through_the_base_class(make, tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_test_with_only_the_checkpoint_and_the_cache(cache, tmp_path, monkeypatch):
+def test_cli_test_and_predict_with_only_the_checkpoint(cache, tmp_path, monkeypatch):
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     ckpt = tmp_path / "ckpt" / "last.ckpt"
     fit = lightning_main([
@@ -124,3 +125,11 @@ def test_cli_test_with_only_the_checkpoint_and_the_cache(cache, tmp_path, monkey
     assert test.datamodule.splits == fit.datamodule.splits
     rows = pd.read_csv(report / "per_case.csv")
     assert set(rows["case"]) == set(fit.datamodule.splits["test"]) and rows["subset"].nunique() == 15
+
+    # predict, likewise: the checkpoint and where the new cases are.
+    case = min(p for p in (cache.parent / "raw").iterdir() if p.is_dir())
+    lightning_main(["predict", f"--ckpt_path={ckpt}", f"--data.predict_root={case}", "--trainer.logger=false",
+                    f"--data.predict_dir={tmp_path / 'predict_cache'}", f"--prediction.output_dir={tmp_path / 'pred'}",
+                    f"--trainer.default_root_dir={tmp_path}", "--prediction.overlay=false"])
+    seg = nib.load(tmp_path / "pred" / f"{case.name}_seg.nii.gz")
+    assert seg.shape == nib.load(next(case.glob("*_flair.nii.gz"))).shape
