@@ -27,13 +27,11 @@ test: $(BIN)/smml ## the whole test suite (CPU, a few minutes)
 demo: $(BIN)/smml ## main job on the embedded default: synthetic data -> prepare -> priors -> fit -> test
 	$(BIN)/smml demo --out $(OUT) $(ARGS)
 
-train: $(BIN)/smml ## fit one experiment: make train EXP=brats2018 [ARGS="--trainer.max_epochs=5"]
-	@test -f experiments/$(EXP).yaml || { echo "make train: unknown EXP=$(EXP); available:" \
-	  $$(ls experiments/*.yaml | xargs -n1 basename | sed 's/\.yaml$$//'); exit 2; }
-	$(BIN)/smml fit --config experiments/$(EXP).yaml $(ARGS)
+train: $(BIN)/smml ## fit one experiment into runs/<EXP>/<time>/: make train EXP=brats2018 [ARGS="--trainer.max_epochs=5"]
+	$(BIN)/smml fit --config $(EXP) $(ARGS)
 
-sweep: $(BIN)/smml ## run a W&B sweep file locally (offline): make sweep SWEEP=experiments/sweeps/mask_ratio.yaml
-	$(BIN)/smml sweep $(or $(SWEEP),experiments/sweeps/mask_ratio.yaml) $(ARGS)
+sweep: $(BIN)/smml ## run a W&B sweep file locally (offline), then rank the runs: make sweep [SWEEP=mask_ratio|path]
+	$(BIN)/smml sweep $(or $(SWEEP),mask_ratio) $(ARGS)
 
 bench: $(BIN)/smml ## speed benchmarks, ratios side by side
 	$(BIN)/python benchmarks/speed.py $(ARGS)

@@ -7,9 +7,9 @@
     python benchmarks/quality.py --peers            # also each peer of every two-peer model scored alone
     python benchmarks/quality.py --train-fit        # also every run scored on its own training cases
     python benchmarks/quality.py --jobs 2           # two fits side by side, one core each (more throughput)
-    python benchmarks/quality.py --overlay experiments/variants/public_seg_loss.yaml --work runs/quality-wce
+    python benchmarks/quality.py --overlay variants/public_seg_loss --work runs/quality-wce
                                                     # every method with a config overlay (here: the loss)
-    python benchmarks/quality.py --overlay experiments/ablations/shared_mask.yaml --overlay-on SMML \
+    python benchmarks/quality.py --overlay ablations/shared_mask --overlay-on SMML \
         --work runs/quality-shared-mask              # an overlay of SMML's own settings, SMML only
 
 Pipeline: synthetic cases (fixed seed) -> prepare -> SAM priors once (tiny random SAM, decoder fitted on
@@ -45,8 +45,9 @@ from unittest import mock
 import pandas as pd
 import yaml
 
+from smml_lightning.experiments import EXPERIMENTS_DIR as EXPERIMENTS
+
 REPO = Path(__file__).resolve().parents[1]
-EXPERIMENTS = REPO / "experiments"
 REGIONS = ("WT", "TC", "ET", "ET_post")  # ET_post: small predicted ET emptied, as in the community's tables
 DATA_SEED = 0  # synthetic cases and split: fixed for every method and training seed
 PEER = " one peer"  # --peers: "<method> one peer" rows, each peer scored alone, the two averaged per seed
@@ -87,19 +88,11 @@ def methods(ablations: bool, fp32: bool = False) -> list[Method]:
 
 
 def load_yaml(paths: tuple[Path, ...]) -> dict:
-    """Merge the experiment files the way the CLI does (later files win), for the few keys read here."""
-    merged: dict = {}
+    """Merge the experiment files (and their ``# base:`` configs) the way the CLI does, later files
+    winning, for the few keys read here."""
+    from smml_lightning.experiments import load
 
-    def merge(into: dict, new: dict) -> None:
-        for key, value in new.items():
-            if isinstance(value, dict) and isinstance(into.get(key), dict):
-                merge(into[key], value)
-            else:
-                into[key] = value
-
-    for path in paths:
-        merge(merged, yaml.safe_load(path.read_text()))
-    return merged
+    return load(*paths)
 
 
 # ---- data ---------------------------------------------------------------------------------------------
@@ -548,9 +541,9 @@ def main(argv: list[str] | None = None) -> None:
                         "does not generalise")
     parser.add_argument("--methods", nargs="+", help="only these methods (names as in the table; SMML and "
                         "single-branch are always kept for the gain table)")
-    parser.add_argument("--overlay", type=Path, action="append", default=[],
-                        help="config overlay stacked on every method's configs (repeatable), e.g. "
-                             "experiments/variants/public_seg_loss.yaml; give it its own --work, since run "
+    parser.add_argument("--overlay", action="append", default=[],
+                        help="config overlay stacked on every method's configs (repeatable), by path or "
+                             "shipped name, e.g. variants/public_seg_loss; give it its own --work, since run "
                              "folders are named by method, seed and steps only")
     parser.add_argument("--overlay-on", nargs="+", metavar="METHOD",
                         help="stack the overlays on these methods only (default: every method), e.g. "
@@ -586,15 +579,18 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             parser.error(f"unknown --methods {unknown}; choose from {known}")
         chosen = [m for m in chosen if m.name in {*args.methods, "SMML", "single-branch"}]
-    for overlay in args.overlay:
-        if not overlay.is_file():
-            parser.error(f"--overlay {overlay}: no such file")
+    from smml_lightning.experiments import resolve
+
+    try:
+        args.overlay = [resolve(o) for o in args.overlay]
+    except FileNotFoundError as err:
+        parser.error(f"--overlay: {err}")
     overlaid = set(args.overlay_on or [m.name for m in chosen])
     if not args.overlay and args.overlay_on:
         parser.error("--overlay-on needs at least one --overlay")
     if unknown := sorted(overlaid - {m.name for m in chosen}):
         parser.error(f"--overlay-on {unknown}: not among the methods run ({[m.name for m in chosen]})")
-    chosen = [replace(m, configs=(*m.configs, *(o.resolve() for o in args.overlay))) if m.name in overlaid else m
+    chosen = [replace(m, configs=(*m.configs, *args.overlay)) if m.name in overlaid else m
               for m in chosen]
     base = load_yaml((EXPERIMENTS / "synthetic.yaml",))["data"]
     patch = int(base["patch_size"])

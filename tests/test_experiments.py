@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
-from smml_lightning.cli import REPO_ROOT, lightning_main
+from smml_lightning.cli import lightning_main
+from smml_lightning.experiments import EXPERIMENTS_DIR
 from smml_lightning.lit.baselines import MAMLModule, SingleBranch
 from smml_lightning.lit.cmc import CMC
 from smml_lightning.lit.smml import SMML
@@ -19,7 +20,7 @@ from smml_lightning.models.baselines import UNetBaseline
 from smml_lightning.models.cmc import CMCNet
 from smml_lightning.models.maml import MAML
 
-EXPERIMENTS = REPO_ROOT / "experiments"
+EXPERIMENTS = EXPERIMENTS_DIR
 FULL_CONFIGS = sorted(EXPERIMENTS.glob("*.yaml"))
 OVERLAYS = sorted((EXPERIMENTS / "ablations").glob("*.yaml"))
 SMML_BASES = ("synthetic", "brats2018")
@@ -104,6 +105,33 @@ def test_companion_config(base: str, method: str) -> None:
     assert not differing, f"{base}_{method}.yaml differs from {base}.yaml: {differing}"
 
 
+def test_every_experiment_has_its_own_run_and_checkpoint_folders() -> None:
+    folders = {}
+    for path in FULL_CONFIGS:
+        _, cfg = build(path)
+        run = Path(cfg["trainer.default_root_dir"])
+        assert run.parent == Path("runs") / path.stem, f"{path.name}: run folder {run}"
+        assert Path(cfg["checkpoint.dirpath"]) == run / "checkpoints"
+        folders[path.stem] = run.parent
+    assert len(set(folders.values())) == len(folders)
+    _, overlaid = build(EXPERIMENTS / "brats2018.yaml", EXPERIMENTS / "ablations" / "no_prior.yaml")
+    assert Path(overlaid["trainer.default_root_dir"]).parent == Path("runs") / "brats2018+no_prior"
+
+
+def test_configs_share_their_base() -> None:
+    """brats2020 is brats2018 with other paths; the synthetic configs take trainer and data from one base."""
+    from smml_lightning.experiments import chain, load
+
+    assert [p.stem for p in chain("brats2020")] == ["brats", "brats2018", "brats2020"]
+    differ = {k for k in set(flatten(load("brats2018"))) | set(flatten(load("brats2020")))
+              if flatten(load("brats2018")).get(k) != flatten(load("brats2020")).get(k)}
+    assert differ == {"data.cache_dir"}
+    for path in FULL_CONFIGS:
+        own = yaml.safe_load(path.read_text())
+        assert "trainer" not in own and "checkpoint" not in own, f"{path.name} repeats its base's blocks"
+        assert f"# base: {chain(path)[-2].relative_to(EXPERIMENTS).with_suffix('').as_posix()}" in path.read_text()
+
+
 def test_brats2018_maml_uses_nnunet_optimisation() -> None:
     model = build(EXPERIMENTS / "brats2018_maml.yaml")[0].model
     assert (model.optimizer_name, model.lr) == ("sgd", 1e-2)
@@ -116,14 +144,15 @@ def test_brats2018_maml_uses_nnunet_optimisation() -> None:
 @pytest.mark.parametrize("overlay", sorted(OVERLAY_CHANGES))
 def test_ablation_overlay_changes_only_its_knobs(base: str, overlay: str) -> None:
     path = EXPERIMENTS / "ablations" / f"{overlay}.yaml"
-    assert f"--config experiments/ablations/{overlay}.yaml" in path.read_text(), "usage missing from header"
+    assert f"--config ablations/{overlay}" in path.read_text(), "usage missing from header"
     cli, cfg = build(EXPERIMENTS / f"{base}.yaml", path)
     _, reference = build(EXPERIMENTS / f"{base}.yaml")
     wanted = OVERLAY_CHANGES[overlay]
     missing = object()
     changed = {k for k in set(cfg) | set(reference) if cfg.get(k, missing) != reference.get(k, missing)}
-    # Nulling the refiner drops its nested init_args keys too.
-    changed = {k for k in changed if not k.startswith("model.init_args.refiner.")}
+    # Nulling the refiner drops its nested init_args keys too; the run folder is the experiment's own.
+    changed = {k for k in changed if not k.startswith("model.init_args.refiner.")
+               and k not in ("trainer.default_root_dir", "checkpoint.dirpath", "experiment")}
     assert changed == set(wanted), f"{overlay} on {base}: changed {sorted(changed)}"
     assert all(cfg[k] == v for k, v in wanted.items())
     model = cli.model
@@ -142,7 +171,7 @@ def test_ablation_overlay_changes_only_its_knobs(base: str, overlay: str) -> Non
 @pytest.mark.parametrize("config", ["synthetic", "synthetic_single", "synthetic_maml", "brats2018_unet"])
 def test_public_seg_loss_variant_sets_the_loss_of_any_method(config: str) -> None:
     path = EXPERIMENTS / "variants" / "public_seg_loss.yaml"
-    assert "--config experiments/variants/public_seg_loss.yaml" in path.read_text(), "usage missing from header"
+    assert "--config variants/public_seg_loss" in path.read_text(), "usage missing from header"
     model = build(EXPERIMENTS / f"{config}.yaml", path)[0].model
     loss = model.seg_loss
     assert loss.class_weighted_ce is True and loss.dice.include_background is True
@@ -156,7 +185,7 @@ def test_public_seg_loss_variant_sets_the_loss_of_any_method(config: str) -> Non
 )
 def test_equal_parameter_variants_match_the_other_methods_size(overlay: str, resized: str, reference: str) -> None:
     path = EXPERIMENTS / "variants" / f"{overlay}.yaml"
-    assert f"--config experiments/variants/{path.name}" in path.read_text(), "usage missing from header"
+    assert f"--config variants/{path.stem}" in path.read_text(), "usage missing from header"
 
     def inference_parameters(*configs: Path) -> int:
         model = build(*configs)[0].model
@@ -191,7 +220,7 @@ def test_paper_configs_build_the_public_codes_transformer(config: str) -> None:
 @pytest.mark.parametrize("config", ["synthetic", "synthetic_single"])
 def test_paper_transformer_variant_gives_synthetic_configs_the_papers_transformer(config: str) -> None:
     path = EXPERIMENTS / "variants" / "paper_transformer.yaml"
-    assert f"--config experiments/variants/{path.name}" in path.read_text(), "usage missing from header"
+    assert f"--config variants/{path.stem}" in path.read_text(), "usage missing from header"
     nets = build(EXPERIMENTS / f"{config}.yaml")[0].model.inference_models()
     assert transformer_shapes(*nets) == {(64, 4, 256, 0.0)}
     overlaid = build(EXPERIMENTS / f"{config}.yaml", path)[0].model.inference_models()

@@ -51,7 +51,7 @@ def data(tmp_path_factory):
 
 
 def _common(root: Path) -> list[str]:
-    return ["--config", "experiments/synthetic.yaml", f"--data.cache_dir={root / 'cache'}",
+    return ["--config", "synthetic", f"--data.cache_dir={root / 'cache'}",
             f"--trainer.default_root_dir={root / 'fit'}", f"--checkpoint.dirpath={root / 'fit' / 'ckpt'}",
             f"--trainer.logger.init_args.save_dir={root / 'logs'}", *TINY]
 
@@ -100,7 +100,7 @@ def test_fit_test_predict_end_to_end(data, monkeypatch):
 def test_ddp_two_processes_fit_and_test(data, tmp_path):
     """A real 2-process DDP run on CPU (gloo): fit, then test with cases sharded and gathered once."""
     repo = Path(__file__).resolve().parents[1]
-    common = ["--config", "experiments/synthetic.yaml", f"--data.cache_dir={data / 'cache'}", *TINY,
+    common = ["--config", "synthetic", f"--data.cache_dir={data / 'cache'}", *TINY,
               "--data.use_prior=false", "--model.init_args.use_prior=false",
               "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.init_args.save_dir={tmp_path}",
               "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp",

@@ -1,26 +1,24 @@
 """The local runner of W&B sweep files: grid/random expansion and W&B's command macros."""
 
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
+from smml_lightning.experiments import EXPERIMENTS_DIR
 from smml_lightning.sweep import build_command, expand, sweep
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_shipped_sweep_file_expands_to_the_full_grid():
-    spec = yaml.safe_load((REPO / "experiments/sweeps/mask_ratio.yaml").read_text())
+    spec = yaml.safe_load((EXPERIMENTS_DIR / "sweeps" / "mask_ratio.yaml").read_text())
     runs = expand(spec)
     ratios = spec["parameters"]["data.mask_ratio"]["values"]
     seeds = spec["parameters"]["seed_everything"]["values"]
     assert len(runs) == len(ratios) * len(seeds)
     assert {(r["data.mask_ratio"], r["seed_everything"]) for r in runs} == {(a, b) for a in ratios for b in seeds}
     cmd = build_command(spec, runs[0])
-    assert cmd[:4] == ["smml", "fit", "--config", "experiments/synthetic.yaml"]
-    assert cmd[4:] == [f"--data.mask_ratio={runs[0]['data.mask_ratio']}", f"--seed_everything={runs[0]['seed_everything']}"]
+    assert cmd[:6] == [sys.executable, "-m", "smml_lightning", "fit", "--config", "synthetic"]  # the venv's smml
+    assert cmd[6:] == [f"--data.mask_ratio={runs[0]['data.mask_ratio']}", f"--seed_everything={runs[0]['seed_everything']}"]
 
 
 def test_random_search_is_seeded_and_counted():

@@ -1,44 +1,31 @@
-"""The ``smml`` command.
+"""The ``smml`` command: one table of subcommands, each a function run by jsonargparse or the Lightning
+CLI. ``smml --help`` lists them with their one-line summaries; ``smml <command> --help`` details one.
 
-- ``smml fit|validate|test|predict --config experiments/<exp>.yaml``: the Lightning CLI (any method by
-  ``model.class_path``; every config value can be overridden as ``--section.key=value``).
-- ``smml predict -i INPUT -o OUTPUT -c CKPT``: segment new cases with only a checkpoint (no cache, no config).
-- ``smml synth``: write synthetic BraTS cases as NIfTI in a real layout.
-- ``smml prepare``: validate, crop, z-score and cache a BraTS folder.
-- ``smml priors``: fit the SAM prior decoder and export priors into the cache.
-- ``smml demo``: the main job on the embedded default (synthetic data, offline logging).
-- ``smml sweep``: run a W&B sweep file locally (grid or random), one ``smml fit`` per run.
-- ``smml evaluate``: score a folder of predictions against BraTS labels (challenge lesion-wise and legacy).
+``smml predict -i INPUT -o OUTPUT -c CKPT`` is predict's short form (only a checkpoint: no cache, no
+config). Experiment configs are named (``smml fit --config brats2018``) or given by path; see
+:mod:`smml_lightning.experiments`. Runs land in ``runs/<experiment>/<run name>/``; see
+:mod:`smml_lightning.lit.lightning_cli`.
 """
 
 from __future__ import annotations
 
 import errno
+import importlib
 import os
 import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from jsonargparse import CLI
 
-SUBCOMMANDS_OWN = ("synth", "prepare", "priors", "demo", "sweep", "evaluate")
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def find_experiment(path: str | Path) -> Path:
-    """Resolve an experiment config from the working directory or the package's ``experiments/``."""
-    path = Path(path)
-    for candidate in (path, REPO_ROOT / path, REPO_ROOT / "experiments" / path,
-                      REPO_ROOT / "experiments" / f"{path}.yaml"):
-        if candidate.is_file():
-            return candidate
-    available = sorted(p.stem for p in (REPO_ROOT / "experiments").glob("*.yaml"))
-    raise FileNotFoundError(f"experiment config {str(path)!r} not found; available experiments: {available}")
+from . import __version__
 
 
 def lightning_main(args: Sequence[str] | None = None, run: bool = True) -> Any:
     """Run the Lightning CLI (``fit``/``validate``/``test``/``predict``) with ``args`` (default: argv)."""
-    from .lit.cli import lightning_main as run_cli
+    from .lit.lightning_cli import lightning_main as run_cli
 
     return run_cli(args, run)
 
@@ -149,9 +136,87 @@ def training_names(cache_dir: str | Path, split: str | None, val_fraction: float
     return splits.seeded_split(names, val_fraction, test_fraction, seed)["train"]
 
 
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its one-line summary (``smml --help``) and what runs it with the remaining arguments."""
+
+    summary: str
+    run: Callable[[list[str]], Any]
+
+
+def function_command(target: str) -> Callable[[list[str]], Any]:
+    """Runs ``module:function`` through jsonargparse (its signature and docstring are its options and help)."""
+    module, name = target.split(":")
+
+    def run(args: list[str]) -> Any:
+        return CLI(getattr(importlib.import_module(module, __package__), name), args=args)
+
+    return run
+
+
+def lightning_command(subcommand: str) -> Callable[[list[str]], Any]:
+    def run(args: list[str]) -> Any:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        try:
+            return lightning_main([subcommand, *args])
+        except SIGTERMException as stop:
+            # Lightning stops with a bare SystemExit (status 0); schedulers must see the job was killed.
+            raise SystemExit(143) from stop
+        except SystemExit as stop:
+            # Lightning answers Ctrl-C with sys.exit(1) from inside its KeyboardInterrupt handler.
+            if isinstance(stop.__context__, KeyboardInterrupt):
+                raise KeyboardInterrupt from None
+            raise
+
+    return run
+
+
+def predict_command(args: list[str]) -> Any:
+    """``smml predict``: the short form ``-i INPUT -o OUTPUT -c CKPT``, else the Lightning CLI's predict."""
+    from .lit.predict import is_short_form
+    from .lit.predict import predict_command as short_form
+
+    if is_short_form(args):
+        return short_form(args)
+    return lightning_command("predict")(args)
+
+
+# The subcommands, in the order `smml --help` lists them. A new one is one entry here.
+COMMANDS: dict[str, Command] = {
+    "synth": Command("write synthetic BraTS cases as NIfTI in a real layout", function_command(".cli:synth")),
+    "prepare": Command("validate, crop, z-score and cache a BraTS folder for training",
+                       function_command(".cli:prepare")),
+    "priors": Command("fit the SAM prior decoder and export semantic priors into a cache",
+                      function_command(".cli:priors")),
+    "fit": Command("train a model: --config NAME|PATH (see `smml fit --help`)", lightning_command("fit")),
+    "validate": Command("score a checkpoint on the validation split", lightning_command("validate")),
+    "test": Command("score a checkpoint on all 15 modality subsets of the test split and write the report",
+                    lightning_command("test")),
+    "predict": Command("segment new cases with a checkpoint, back into their original grid (-i IN -o OUT -c CKPT)",
+                       predict_command),
+    "demo": Command("the whole pipeline on synthetic data: synth, prepare, priors, fit, test",
+                    function_command(".demo:demo")),
+    "sweep": Command("run a W&B sweep file locally, one fit per run, and rank the runs",
+                     function_command(".sweep:sweep")),
+    "evaluate": Command("score a folder of predictions against BraTS labels (challenge lesion-wise and legacy)",
+                        function_command(".evaluation.evaluate:evaluate")),
+}
+
+
 # Disk errors a user can cause (or meet), and how to say them.
 _DISK_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
                 errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"usage: smml [--version] [--help] <command> [options]  (smml-lightning {__version__})", "",
+             "commands:"]
+    lines += [f"  {name:<{width}}  {command.summary}" for name, command in COMMANDS.items()]
+    lines += ["", ("`smml <command> --help` lists a command's options. Experiment configs are named "
+                   "(`--config brats2018`) or given by path.")]
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -160,9 +225,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     one line instead of a traceback (Ctrl-C with status 130); set ``SMML_TRACEBACK=1`` to see the
     traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage(), file=sys.stdout if argv else sys.stderr)
+        raise SystemExit(0 if argv else 2)
+    if argv[0] in ("-V", "--version"):
+        print(f"smml-lightning {__version__}")
+        return
+    command = COMMANDS.get(argv[0])
+    if command is None:
+        print(f"smml: error: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
+        raise SystemExit(2)
     hint = "\n(set SMML_TRACEBACK=1 for the traceback)"
     try:
-        _dispatch(argv)
+        command.run(argv[1:])
     except KeyboardInterrupt:
         if os.environ.get("SMML_TRACEBACK"):
             raise
@@ -180,36 +255,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         if err.errno == errno.EACCES:
             where = f": {err.filename}" if err.filename else ""
         raise SystemExit(f"smml: error: {_DISK_ERRORS[err.errno]}{where}{hint}") from err
-
-
-def _dispatch(argv: list[str]) -> None:
-    if argv and argv[0] in SUBCOMMANDS_OWN:
-        from .demo import demo
-        from .evaluation.evaluate import evaluate
-        from .sweep import sweep
-
-        commands = {"synth": synth, "prepare": prepare, "priors": priors, "demo": demo, "sweep": sweep,
-                    "evaluate": evaluate}
-        CLI(commands[argv[0]], args=argv[1:])
-        return
-    if argv[:1] == ["predict"]:
-        from .lit.predict import is_short_form, predict_command
-
-        if is_short_form(argv[1:]):  # smml predict -i INPUT -o OUTPUT -c CKPT
-            predict_command(argv[1:])
-            return
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-    try:
-        lightning_main(argv)
-    except SIGTERMException as stop:
-        # Lightning stops with a bare SystemExit (status 0); schedulers must see the job was killed.
-        raise SystemExit(143) from stop
-    except SystemExit as stop:
-        # Lightning answers Ctrl-C with sys.exit(1) from inside its KeyboardInterrupt handler.
-        if isinstance(stop.__context__, KeyboardInterrupt):
-            raise KeyboardInterrupt from None
-        raise
 
 
 if __name__ == "__main__":

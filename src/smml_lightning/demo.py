@@ -13,17 +13,19 @@ import json
 import time
 from pathlib import Path
 
-from .data.cache import is_done as done, mark_done
+from .data.cache import is_done as done
+from .data.cache import mark_done
 
 
-def demo(out: str = "runs/demo", config: str = "experiments/synthetic.yaml", cases: int = 24,
+def demo(out: str = "runs/demo", config: str = "synthetic", cases: int = 24,
          shape: tuple[int, int, int] = (64, 64, 48), seed: int = 0, sam_checkpoint: str | None = None,
          model_type: str = "tiny", prior_epochs: int = 30, fit_args: list[str] | None = None) -> None:
     """Run the whole pipeline on synthetic data with offline logging.
 
     Args:
-        out: everything goes under this folder (raw/, cache/, priors, fit/, report-*/).
-        config: experiment config for fit and test.
+        out: everything goes under this folder: raw/, cache/ (with the priors) and the run folder fit/
+            (its config, checkpoints, W&B offline logs and test-<time>/ reports).
+        config: experiment config for fit and test (a shipped name or a path).
         cases: number of synthetic cases (split 2/3 train, 1/6 val, 1/6 test by the datamodule's seed).
         shape: synthetic volume shape (a downsampled head; 240x240x155 is full size).
         seed: seed of the data, the split and training.
@@ -33,14 +35,16 @@ def demo(out: str = "runs/demo", config: str = "experiments/synthetic.yaml", cas
             learning TC and ET at 8-20 epochs; 30 take about a minute here).
         fit_args: extra Lightning CLI arguments for fit and test (e.g. ``--trainer.max_epochs=2``).
     """
-    from .cli import find_experiment, lightning_main, training_names
+    from .cli import lightning_main, training_names
     from .data.prepare import prepare
     from .data.synthetic import synthesize
+    from .experiments import load, resolve
     from .models.sam_prior import save_tiny_sam_checkpoint
     from .priors import run_priors
 
     root = Path(out)
-    config_path = str(find_experiment(config))
+    resolve(config)  # an unknown name fails here, before any work
+    settings = load(config)
     raw, cache = root / "raw", root / "cache"
     started = time.time()
 
@@ -52,23 +56,21 @@ def demo(out: str = "runs/demo", config: str = "experiments/synthetic.yaml", cas
         synthesize(raw, cases, layout="brats2020", shape=tuple(shape), seed=seed)
         mark_done(raw, {"cases": cases, "shape": list(shape), "seed": seed})
     step(f"prepare -> {cache}")
-    patch = _patch_size(_config(config_path))
+    patch = _patch_size(settings)
     prepare(raw, cache, min_size=(patch,) * 3, workers=2)
     step("SAM semantic priors")
     if sam_checkpoint is None:
         sam_checkpoint = str(root / "sam_tiny_random.pth")
         if not Path(sam_checkpoint).is_file():
             save_tiny_sam_checkpoint(sam_checkpoint, seed=seed)
-    data_cfg = _config(config_path).get("data", {})
+    data_cfg = settings.get("data", {})
     train = training_names(cache, None, data_cfg.get("val_fraction", 0.1), data_cfg.get("test_fraction", 0.2),
                            seed)
     run_priors(cache, checkpoint=sam_checkpoint, model_type=model_type, epochs=prior_epochs, train_names=train)
 
-    common = ["--config", config_path, f"--data.cache_dir={cache}", f"--seed_everything={seed}", f"--data.seed={seed}",
-              f"--trainer.default_root_dir={root / 'fit'}", f"--checkpoint.dirpath={root / 'fit' / 'checkpoints'}",
-              f"--trainer.logger.init_args.save_dir={root}",
-              *(fit_args or [])]
     fit_dir = root / "fit"
+    common = ["--config", config, f"--data.cache_dir={cache}", f"--seed_everything={seed}", f"--data.seed={seed}",
+              f"--trainer.default_root_dir={fit_dir}", *(fit_args or [])]
     if not done(fit_dir):
         step("fit SMML")
         last = fit_dir / "checkpoints" / "last.ckpt"
@@ -79,19 +81,13 @@ def demo(out: str = "runs/demo", config: str = "experiments/synthetic.yaml", cas
                                                                   or float("nan"))})
     best = json.loads((fit_dir / ".done").read_text())["best"]
     step(f"test on all 15 subsets with {best}")
-    report = root / f"report-{time.strftime('%Y%m%d-%H%M%S')}"
+    report = fit_dir / f"test-{time.strftime('%Y%m%d-%H%M%S')}"
     lightning_main(["test", *common, f"--ckpt_path={best}", f"--model.init_args.report_dir={report}"])
     step("done")
     md = report / "report.md"
     if md.is_file():
         print(md.read_text())
     print(f"report: {report}")
-
-
-def _config(config_path: str) -> dict:
-    import yaml
-
-    return yaml.safe_load(Path(config_path).read_text())
 
 
 def _patch_size(cfg: dict) -> int:

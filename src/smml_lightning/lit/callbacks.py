@@ -76,25 +76,37 @@ def wandb_logged_in() -> bool:
 class AutoWandbLogger(WandbLogger):
     """Lightning's W&B logger, offline unless the user is logged in (or ``WANDB_MODE`` says otherwise).
 
-    Offline runs are kept under ``save_dir`` and can be uploaded later with ``wandb sync <run dir>``.
+    Offline runs are kept under ``save_dir`` (``smml`` sets it to the run folder when the config leaves it
+    out) and can be uploaded later with ``wandb sync <save_dir>/wandb/offline-run-*``.
     """
 
-    def __init__(self, offline: bool | None = None, project: str = "smml-lightning", save_dir: str = "runs",
+    def __init__(self, offline: bool | None = None, project: str = "smml-lightning", save_dir: str | None = None,
                  **kwargs: Any) -> None:
         if offline is None:
             mode = os.environ.get("WANDB_MODE")
             offline = mode in ("offline", "disabled") if mode else not wandb_logged_in()
+        save_dir = save_dir or "."
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         super().__init__(offline=offline, project=project, save_dir=save_dir, **kwargs)
+        if self._wandb_init.get("anonymous") is None:  # else W&B warns that the setting has no effect
+            self._wandb_init.pop("anonymous", None)
 
 
 class EpochSummary(pl.Callback):
     """One plain line per epoch (loss, validation Dice, throughput) for logs and non-interactive shells,
-    where progress bars do not render."""
+    where progress bars do not render. Validation figures appear only on epochs that validated (the
+    trainer's metrics keep the last validation's values on the epochs between)."""
+
+    _validated = False
 
     def _reset(self, trainer: pl.Trainer) -> None:
         self._started = time.time()
         self._step0 = trainer.global_step
+        self._validated = False
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._validated = True
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._reset(trainer)  # a mid-epoch resume skips on_train_epoch_start for the resumed epoch
@@ -108,7 +120,10 @@ class EpochSummary(pl.Callback):
         steps = trainer.global_step - self._step0
         parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}", f"step {trainer.global_step}",
                  f"{seconds / max(steps, 1):.2f} s/step"]
-        for key in ("train/loss_epoch", "val/dice_mean", "val/dice_WT", "val/dice_TC", "val/dice_ET"):
+        keys = ["train/loss_epoch"]
+        if self._validated:
+            keys += ["val/dice_mean", "val/dice_WT", "val/dice_TC", "val/dice_ET"]
+        for key in keys:
             if key in metrics:
                 parts.append(f"{key} {float(metrics[key]):.4f}")
         rank_zero_info(" | ".join(parts))
