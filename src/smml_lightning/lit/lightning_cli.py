@@ -8,8 +8,10 @@ experiment is named after the ``--config`` names (``brats2018``, ``synthetic+no_
 overrides it), so two experiments never share a folder; the run name is the start time (``--run_name``
 overrides it). ``test``/``validate``/``predict`` and a resumed ``fit`` whose ``--ckpt_path`` lies in a run
 folder's ``checkpoints/`` work in that run folder; ``--trainer.default_root_dir`` names the folder
-outright. ``fit`` saves its resolved config as ``config.yaml``, every other command (or a second fit in
-the same folder) as ``config-<command>-<time>.yaml``: nothing is overwritten. A finished ``fit`` also
+outright. A logger's ``save_dir`` is the run folder when left out (W&B) and relative to it when relative
+(``--trainer.logger.init_args.save_dir=.`` for TensorBoard or CSV). ``fit`` saves its resolved config as ``config.yaml``, every other command (or a second fit in
+the same folder) as ``config-<command>-<time>.yaml``: nothing is overwritten; ``test`` writes its report
+to ``test-<time>/`` there unless ``model.init_args.report_dir`` says otherwise. A finished ``fit`` also
 writes ``summary.json`` (best checkpoint and score, last metrics) there, which ``smml sweep`` ranks by.
 """
 
@@ -146,11 +148,14 @@ class SMMLCLI(LightningCLI):
         cfg.trainer.default_root_dir = str(run)
         if cfg.checkpoint.dirpath is None:
             cfg.checkpoint.dirpath = str(run / "checkpoints")
+        model_args = getattr(cfg.model, "init_args", None)
+        if self.subcommand == "test" and model_args is not None and model_args.get("report_dir", 0) is None:
+            model_args.report_dir = str(run / f"test-{time.strftime('%Y%m%d-%H%M%S')}")
         logger = cfg.trainer.logger
         init = getattr(logger, "init_args", None)
         if init is not None:
-            if "save_dir" in init and init.save_dir is None:
-                init.save_dir = str(run)
+            if "save_dir" in init and (init.save_dir is None or not Path(init.save_dir).is_absolute()):
+                init.save_dir = str(run / (init.save_dir or ""))
             if "name" in init and init.name is None and "project" in init:  # W&B's run name
                 init.name = f"{run.parent.name}/{run.name}"
 

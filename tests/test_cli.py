@@ -1,0 +1,128 @@
+"""The `smml` command as a user meets it: its command list, configs by name from any folder, one run
+folder per fit (config, checkpoints, logs, summary, test reports) that resuming and testing reuse without
+overwriting anything, the per-epoch summary line, and a wheel that carries the configs."""
+
+import logging
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import prepared_cache
+
+from smml_lightning import __version__
+from smml_lightning.cli import COMMANDS, lightning_main, main
+from smml_lightning.experiments import EXPERIMENTS_DIR, available, chain, experiment_name
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "--config", "synthetic_single", "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+    "--trainer.logger.init_args.save_dir=.",
+    "--model.init_args.network.init_args.base_width=4", "--model.init_args.network.init_args.transformer_dim=16",
+    "--model.init_args.network.init_args.num_heads=2", "--data.patch_size=32", "--data.batch_size=1",
+    "--data.samples_per_volume=1", "--data.queue_length=2", "--data.num_workers=0", "--data.val_fraction=0.25",
+    "--data.test_fraction=0.25", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+    "--trainer.precision=32-true", "--trainer.check_val_every_n_epoch=2", "--trainer.log_every_n_steps=1",
+]
+LISTED = ["synth", "prepare", "priors", "fit", "validate", "test", "predict", "demo", "sweep"]
+
+
+def test_help_lists_every_command_with_a_summary(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert set(LISTED) <= set(COMMANDS)
+    for name, command in COMMANDS.items():
+        assert re.search(rf"^  {name} +{re.escape(command.summary)}$", out, re.M), name
+        assert command.summary and "\n" not in command.summary
+
+
+def test_unknown_command_is_named_and_lists_them_all(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["foo"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'foo'" in err and all(f"  {name} " in err for name in COMMANDS)
+
+
+def test_version(capsys):
+    main(["--version"])
+    assert capsys.readouterr().out.strip() == f"smml-lightning {__version__}"
+
+
+def test_configs_resolve_by_name_and_path_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert {"brats2018", "brats2020", "synthetic", "synthetic_maml", "ablations/no_prior"} <= set(available())
+    assert not any(name.startswith("_base") for name in available())
+    assert chain("experiments/brats2020.yaml") == chain("brats2020") == chain(EXPERIMENTS_DIR / "brats2020.yaml")
+    assert experiment_name(["--config", "brats2018", "--config=ablations/no_prior"]) == "brats2018+no_prior"
+    own = tmp_path / "mine.yaml"
+    own.write_text("# base: synthetic_maml\ndata:\n  batch_size: 3\n")
+    cli = lightning_main(["--config", str(own), "--trainer.logger=false"], run=False)
+    assert type(cli.model).__name__ == "MAMLModule" and cli.datamodule.hparams.batch_size == 3
+    assert cli.datamodule.hparams.patch_size == 32  # from _base/synthetic, two bases up
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", "nope"])
+    assert "'nope'" in str(info.value.code) and "brats2018" in str(info.value.code)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return prepared_cache(tmp_path_factory.mktemp("cli"), 4, seed=6)
+
+
+def test_run_folder_holds_the_run_and_nothing_is_overwritten(cache_dir, tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    caplog.set_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero")
+    cli = lightning_main(["fit", *TINY, f"--data.cache_dir={cache_dir}", "--trainer.max_epochs=3",
+                          "--run_name=first"])
+    run = tmp_path / "runs" / "synthetic_single" / "first"
+    assert Path(cli.trainer.default_root_dir).resolve() == run
+    assert (run / "checkpoints" / "last.ckpt").is_file() and list(run.glob("checkpoints/best-*.ckpt"))
+    fit_config = (run / "config.yaml").read_text()
+    assert yaml.safe_load(fit_config)["trainer"]["max_epochs"] == 3
+    # The logger got every config value as hyperparameters (CSVLogger writes them to hparams.yaml).
+    hparams = yaml.safe_load(next(run.glob("lightning_logs/version_*/hparams.yaml")).read_text())
+    assert hparams["data"]["cache_dir"] == str(cache_dir) and hparams["trainer"]["max_epochs"] == 3
+    summary = yaml.safe_load((run / "summary.json").read_text())
+    assert summary["global_step"] == 6 and summary["monitor"] == "val/dice_mean"
+    assert Path(summary["best_model_path"]).parent == run / "checkpoints"
+
+    # One line per epoch; validation figures only on the epoch that validated (2 of 3).
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert [line.split(" |")[0] for line in lines] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
+    assert ["val/dice_mean" in line for line in lines] == [False, True, False]
+
+    # Resuming continues in the same folder; test reports land there; the fit's config stays as it was.
+    lightning_main(["fit", *TINY, f"--data.cache_dir={cache_dir}", "--trainer.max_epochs=4",
+                    f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"])
+    assert (run / "config.yaml").read_text() == fit_config
+    assert len(list(run.glob("config-fit-*.yaml"))) == 1
+    assert yaml.safe_load((run / "summary.json").read_text())["global_step"] == 8
+    lightning_main(["test", *TINY, f"--data.cache_dir={cache_dir}",
+                    f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"])
+    assert (run / "config.yaml").read_text() == fit_config and len(list(run.glob("config-test-*.yaml"))) == 1
+    assert len(list(run.glob("test-*/per_case.csv"))) == 1
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["synthetic_single"]
+    assert sorted(p.name for p in (tmp_path / "runs" / "synthetic_single").iterdir()) == ["first"]
+
+
+def test_wheel_carries_configs_license_and_entry_point(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                             "-w", str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (wheel,) = tmp_path.glob("smml_lightning-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {f"smml_lightning/{p.relative_to(EXPERIMENTS_DIR.parent).as_posix()}"
+               for p in EXPERIMENTS_DIR.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    assert shipped <= names, sorted(shipped - names)
+    assert {"smml_lightning/experiments/_base/synthetic.yaml", "smml_lightning/experiments/brats2018.yaml",
+            "smml_lightning/experiments/ablations/no_prior.yaml", "smml_lightning/resources/published.csv",
+            "smml_lightning/__main__.py"} <= names
+    dist_info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
+    assert any(n.startswith(dist_info) and n.endswith("LICENSE") for n in names)
+    assert "smml = smml_lightning.cli:main" in zipfile.ZipFile(wheel).read(f"{dist_info}/entry_points.txt").decode()
