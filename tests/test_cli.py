@@ -2,6 +2,7 @@
 folder per fit (config, checkpoints, logs, summary, test reports) that resuming and testing reuse without
 overwriting anything, the per-epoch summary line, and a wheel that carries the configs."""
 
+import json
 import logging
 import re
 import subprocess
@@ -11,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import prepared_cache
 
+from conftest import prepared_cache
 from smml_lightning import __version__
 from smml_lightning.cli import COMMANDS, lightning_main, main
 from smml_lightning.experiments import EXPERIMENTS_DIR, available, chain, experiment_name
@@ -27,7 +28,7 @@ TINY = [
     "--data.test_fraction=0.25", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
     "--trainer.precision=32-true", "--trainer.check_val_every_n_epoch=2", "--trainer.log_every_n_steps=1",
 ]
-LISTED = ["synth", "prepare", "priors", "fit", "validate", "test", "predict", "demo", "sweep"]
+LISTED = ["synth", "prepare", "priors", "fit", "validate", "test", "predict", "demo", "sweep", "evaluate"]
 
 
 def test_help_lists_every_command_with_a_summary(capsys):
@@ -37,7 +38,7 @@ def test_help_lists_every_command_with_a_summary(capsys):
     out = capsys.readouterr().out
     assert set(LISTED) <= set(COMMANDS)
     for name, command in COMMANDS.items():
-        assert re.search(rf"^  {name} +{re.escape(command.summary)}$", out, re.M), name
+        assert re.search(rf"^  {name} +{re.escape(command.summary)}$", out, re.MULTILINE), name
         assert command.summary and "\n" not in command.summary
 
 
@@ -103,17 +104,29 @@ def test_run_folder_holds_the_run_and_nothing_is_overwritten(cache_dir, tmp_path
     assert (run / "config.yaml").read_text() == fit_config
     assert len(list(run.glob("config-fit-*.yaml"))) == 1
     assert yaml.safe_load((run / "summary.json").read_text())["global_step"] == 8
-    lightning_main(["test", *TINY, f"--data.cache_dir={cache_dir}",
-                    f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"])
+    # The test with the config's own logger, W&B (offline here): every hyperparameter, the subset table
+    # with HD95 and the heatmap reach the W&B run, which lies in the run folder with the report.
+    wandb_args = [a for a in TINY if not a.startswith("--trainer.logger")]
+    tested = lightning_main(["test", *wandb_args, f"--data.cache_dir={cache_dir}",
+                             f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"])
+    logged = tested.trainer.logger.experiment.config  # the W&B run's config, as W&B holds it
+    assert logged["data"]["cache_dir"] == str(cache_dir) and logged["model"]["class_path"].endswith("SingleBranch")
+    assert logged["trainer"]["check_val_every_n_epoch"] == 2 and logged["seed_everything"] == 0
+    tested.trainer.logger.experiment.finish()
     assert (run / "config.yaml").read_text() == fit_config and len(list(run.glob("config-test-*.yaml"))) == 1
     assert len(list(run.glob("test-*/per_case.csv"))) == 1
+    (files,) = run.glob("wandb/offline-run-*/files")
+    (table,) = files.glob("media/table/test/subsets_*.table.json")
+    columns = json.loads(table.read_text())["columns"]
+    assert {"subset", "WT_dice", "WT_hd95", "ET_hd95"} <= set(columns)
+    assert list(files.glob("media/images/test/heatmap_*.png"))
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["synthetic_single"]
     assert sorted(p.name for p in (tmp_path / "runs" / "synthetic_single").iterdir()) == ["first"]
 
 
 def test_wheel_carries_configs_license_and_entry_point(tmp_path):
     result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                             "-w", str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=300)
+                             "-w", str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     (wheel,) = tmp_path.glob("smml_lightning-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())

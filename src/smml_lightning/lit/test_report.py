@@ -64,13 +64,15 @@ class TestReport(pl.Callback):
                 challenge=getattr(pl_module, "challenge", None) or "gli",
                 original_grid=hasattr(getattr(trainer, "datamodule", None), "case_meta"))
             pl_module.print(f"test report written to {out} ({', '.join(p.name for p in self.written.values())})")
-            table = summary_table(rows).reset_index()
+            table = summary_table(rows)  # Dice and HD95 per subset and region, and their 15-subset average
             lesions = lesionwise_table(rows)
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):
                     logger.log_table(key="test/subsets", dataframe=table)
                     if lesions is not None:
                         logger.log_table(key="test/lesionwise", dataframe=lesions)
+                    if "heatmap" in self.written:
+                        logger.log_image(key="test/heatmap", images=[str(self.written["heatmap"])])
         means = {}
         for region in REPORT_REGIONS:
             values = [r["dice"] for r in rows if r["region"] == region]
