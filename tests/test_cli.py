@@ -5,6 +5,7 @@ overwriting anything, the per-epoch summary line, and a wheel that carries the c
 import json
 import logging
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -125,8 +126,13 @@ def test_run_folder_holds_the_run_and_nothing_is_overwritten(cache_dir, tmp_path
 
 
 def test_wheel_carries_configs_license_and_entry_point(tmp_path):
+    # Built from a copy, so that the build's egg-info and build/ never land in the checkout.
+    source = tmp_path / "source"
+    shutil.copytree(REPO / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("setup.cfg", "pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(REPO / name, source / name)
     result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                             "-w", str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=300, check=False)
+                             "-w", str(tmp_path), str(source)], capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     (wheel,) = tmp_path.glob("smml_lightning-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
