@@ -117,7 +117,9 @@ def fit_prior_decoder(
             meta = train[i]
             avail = _available(meta)
             image = torch.from_numpy(cache.load_image(cache_dir, meta.name, mmap=False)[avail]).to(dev)[:, None]
-            label = torch.from_numpy(cache.load_label(cache_dir, meta.name, mmap=False).astype(np.int64)).to(dev)
+            stored = cache.load_label(cache_dir, meta.name, mmap=False)
+            assert stored is not None  # training cases were chosen for having labels
+            label = torch.from_numpy(stored.astype(np.int64)).to(dev)
             k = image.shape[-1]
             depth = min(slab, k)
             k0 = int(torch.randint(0, k - depth + 1, (1,), generator=generator))

@@ -40,7 +40,7 @@ def test_test_step_rows_become_the_report_and_the_logged_means(tmp_path):
 
     model.eval()
     with torch.no_grad():
-        expected = [row for i, case in enumerate(_cases(2)) for row in model.test_step(default_collate([case]), i)]
+        expected = [row for i, case in enumerate(_cases(2)) for row in model.test_step(default_collate([case]), i)["rows"]]
     per_case = pd.read_csv(tmp_path / "report" / "per_case.csv")
     assert len(per_case) == len(expected) == 2 * 3 * 4
     got = per_case.set_index(["case", "subset", "region"])["dice"]
@@ -65,4 +65,4 @@ def test_test_step_rows_become_the_report_and_the_logged_means(tmp_path):
 
     model.challenge = None  # the setting leaves the challenge figures out of the rows
     with torch.no_grad():
-        assert not any("lesion_dice" in row for row in model.test_step(default_collate([_cases(1)[0]]), 0))
+        assert not any("lesion_dice" in row for row in model.test_step(default_collate([_cases(1)[0]]), 0)["rows"])

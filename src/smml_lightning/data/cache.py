@@ -145,7 +145,9 @@ def uncrop(array: np.ndarray, meta: CaseMeta, fill: float = 0) -> np.ndarray:
         lo, hi = max(start, 0), min(stop, size)
         dst.append(slice(lo, hi))
         src.append(slice(lo - start, hi - start))
-    out[(Ellipsis, *dst)] = array[(Ellipsis, *src)]
+    to: tuple[Any, ...] = (Ellipsis, *dst)
+    source: tuple[Any, ...] = (Ellipsis, *src)
+    out[to] = array[source]
     return out
 
 

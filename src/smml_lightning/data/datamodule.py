@@ -170,7 +170,7 @@ class BratsDataModule(LightningDataModule):
                 f"with a positive sum, got {label_probabilities}"
             )
         self.cache_dir = Path(cache_dir)
-        self.patch_size: tuple[int, int, int] = size  # type: ignore[assignment]
+        self.patch_size: tuple[int, int, int] = (size[0], size[1], size[2])
         self.label_probabilities = {int(c): float(p) for c, p in probs.items()}
         self.splits: dict[str, list[str]] | None = None
         self._predict_cache: Path | None = None
@@ -194,7 +194,7 @@ class BratsDataModule(LightningDataModule):
         return names
 
     def _make_splits(self) -> dict[str, list[str]]:
-        hp = self.hparams
+        hp: Any = self.hparams  # an AttributeDict of the constructor's arguments
         names = self._cached_cases(self.cache_dir)
         if hp.split is not None:
             path = Path(hp.split)
@@ -230,7 +230,7 @@ class BratsDataModule(LightningDataModule):
                     "modalities (the modality masks simulate the missing ones, and each encoder's auxiliary "
                     "loss reads its own modality); score such a case with `test` or `predict` instead"
                 )
-            if self.hparams.use_prior and not cache.has_prior(self.cache_dir, name):
+            if self.hparams["use_prior"] and not cache.has_prior(self.cache_dir, name):
                 raise FileNotFoundError(
                     f"case {name!r}: data.use_prior is set but {cache.case_dir(self.cache_dir, name)}/prior.npy "
                     "is missing: run `smml priors` first"
@@ -238,11 +238,11 @@ class BratsDataModule(LightningDataModule):
 
     def _eval_loader(self, dataset: CachedCaseDataset, padded: bool) -> DataLoader:
         world_size, rank = self.world()
-        sampler = None
+        sampler: DistributedSampler | None = None
         if world_size > 1:
             kind = DistributedSampler if padded else UnrepeatedDistributedSampler
             sampler = kind(dataset, num_replicas=world_size, rank=rank, shuffle=False)
-        return DataLoader(dataset, batch_size=1, sampler=sampler, num_workers=self.hparams.num_workers)
+        return DataLoader(dataset, batch_size=1, sampler=sampler, num_workers=self.hparams["num_workers"])
 
     # -- Lightning hooks ---------------------------------------------------------------------------
 
@@ -258,7 +258,7 @@ class BratsDataModule(LightningDataModule):
         return self.splits[part]
 
     def train_dataloader(self) -> PatchLoader:
-        hp = self.hparams
+        hp: Any = self.hparams  # an AttributeDict of the constructor's arguments
         names = self._split("train")
         dataset = tio.SubjectsDataset(
             [case_subject(self.cache_dir, n, read_label_npy) for n in names],
@@ -266,7 +266,7 @@ class BratsDataModule(LightningDataModule):
                                        augment=hp.augment, use_prior=hp.use_prior),
         )
         world_size, rank = self.world()
-        subject_sampler = None
+        subject_sampler: DistributedSampler | None = None
         if world_size > 1:
             subject_sampler = DistributedSampler(
                 dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=hp.seed
@@ -317,7 +317,7 @@ class BratsDataModule(LightningDataModule):
         ``runs/predict_cache/`` named by the input's path and content
         (:func:`~smml_lightning.data.inputs.cache_name`: folders of the same name never share one);
         else ``cache_dir``."""
-        hp = self.hparams
+        hp: Any = self.hparams  # an AttributeDict of the constructor's arguments
         if hp.predict_dir is not None:
             return Path(hp.predict_dir)
         if hp.predict_root is not None:
@@ -328,11 +328,11 @@ class BratsDataModule(LightningDataModule):
         return self.cache_dir
 
     def _predict_cases(self) -> list[Case]:
-        return discover(self.hparams.predict_root)
+        return discover(self.hparams["predict_root"])
 
     def prepare_data(self) -> None:
         """Prepare raw prediction inputs (rank 0 only; skips cases already prepared)."""
-        hp = self.hparams
+        hp: Any = self.hparams  # an AttributeDict of the constructor's arguments
         if hp.predict_root is None or self.trainer is None or self.trainer.state.fn != "predict":
             return
         from .prepare import prepare
@@ -358,10 +358,10 @@ class BratsDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         root = self.predict_cache
-        if root == self.cache_dir and self.hparams.predict_root is None:
+        if root == self.cache_dir and self.hparams["predict_root"] is None:
             return self.test_dataloader()
         names = self._cached_cases(root)
-        if self.hparams.predict_root is not None:  # only the input's cases as it is now, whatever the cache holds
+        if self.hparams["predict_root"] is not None:  # only the input's cases as it is now, whatever the cache holds
             present = {case.name for case in self._predict_cases()}
             names = [n for n in names if n in present]
         return self._eval_loader(CachedCaseDataset(root, names), padded=False)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -140,6 +140,8 @@ class QueueSampler(DistributedSampler):
     counters expect.
     """
 
+    dataset: EpochQueue
+
     def __init__(self, queue: EpochQueue, batch_size: int) -> None:
         super().__init__(queue, num_replicas=1, rank=0, shuffle=False)
         self.batch_size = batch_size
@@ -161,9 +163,11 @@ class PatchLoader(tio.SubjectsLoader):
     Lightning saves a stateful loader's state with its loop state and gives it back on a mid-epoch
     resume when it sets up the data after restoring the loops. When the loader is built earlier (a
     model whose ``configure_optimizers`` asks for ``trainer.estimated_stepping_batches``, as ours do),
-    Lightning never gives it back; :meth:`~smml_lightning.data.datamodule.BratsDataModule.load_state_dict` covers that case with the
-    same position, so whichever arrives, the epoch resumes at the same batch.
+    Lightning never gives it back; the datamodule's ``load_state_dict`` covers that case with the same
+    position, so whichever arrives, the epoch resumes at the same batch.
     """
+
+    dataset: EpochQueue
 
     def state_dict(self) -> dict[str, int]:
         return self.dataset.stream.state_dict()
@@ -187,13 +191,16 @@ class PatchCollate:
     stream: EpochStream
 
     def __call__(self, patches: list[tio.Subject]) -> dict[str, torch.Tensor]:
+        def stacked(key: str) -> torch.Tensor:
+            return torch.stack([cast(tio.Image, p[key]).data for p in patches])
+
         batch = {
-            "image": torch.stack([p["image"].data for p in patches]).float(),
-            "label": torch.stack([p["label"].data for p in patches]).long(),
+            "image": stacked("image").float(),
+            "label": stacked("label").long(),
             "masks": sample_masks(len(patches), self.n_masks, self.mask_ratio, self.distinct,
                                   generator=self.stream.next_mask_generator()),
         }
         if self.use_prior:
-            prior = torch.stack([p["prior"].data for p in patches]).float()
+            prior = stacked("prior").float()
             batch["prior"] = prior.reshape(prior.shape[0], NUM_MODALITIES, -1, *prior.shape[2:])
         return batch

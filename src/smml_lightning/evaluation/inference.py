@@ -20,7 +20,8 @@ under a 6 GiB budget for a real network's activations. Windows always reach the 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -116,6 +117,8 @@ def predict_subsets(
                                           dtype=accumulate_dtype, device=logits.device)
                     out[:, i * n_cls:(i + 1) * n_cls].add_(logits, alpha=weight)
             del encoded
+        if out is None:
+            raise ValueError("predict_subsets needs at least one model and one subset")
         return out
 
     # MONAI's own tensor work (batching windows with torch.cat, blending) runs outside autocast: CPU
@@ -123,7 +126,8 @@ def predict_subsets(
     with _eval_mode(models), torch.inference_mode(), torch.autocast(device, enabled=False):
         blended = sliding_window_inference(carrier, roi, sw_batch_size, predictor, overlap=overlap, mode=mode,
                                            with_coord=True)
-    blended = torch.as_tensor(blended)[(..., *(slice(0, s) for s in spatial))]
+    unpadded: tuple[Any, ...] = (..., *(slice(0, s) for s in spatial))
+    blended = torch.as_tensor(blended)[unpadded]
     n_cls = blended.shape[1] // len(keys)
     return {k: blended[:, i * n_cls:(i + 1) * n_cls] for i, k in enumerate(keys)}
 

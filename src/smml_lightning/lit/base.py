@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 
 from ..data.labels import REGION_CLASSES, REGIONS
 from ..data.modalities import SUBSETS, parse_subset, subset_index, subset_name
@@ -141,7 +143,7 @@ class MissingModalityModule(pl.LightningModule):
         self.seg_loss = seg_loss or SegmentationLoss()
 
     @classmethod
-    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
         """Rebuild the model a checkpoint holds, from the checkpoint alone (any method when called on
         this base class); keyword arguments override stored hyperparameters."""
         if isinstance(checkpoint_path, (str, Path)):
@@ -213,8 +215,9 @@ class MissingModalityModule(pl.LightningModule):
             optimizer.zero_grad(set_to_none=True)
             self._skip_update = False
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         params = [p for p in self.parameters() if p.requires_grad]
+        opt: torch.optim.Optimizer
         if self.optimizer_name == "adam":
             opt = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay, amsgrad=True)
         else:
@@ -253,7 +256,7 @@ class MissingModalityModule(pl.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         preds = self.predict_case(batch["image"], self._within(self.val_subset_ids, batch))
         label = batch["label"][0, 0]
-        scores = {r: [] for r in REGIONS}
+        scores: dict[str, list[float]] = {r: [] for r in REGIONS}
         for pred in preds.values():
             for region in REGIONS:
                 classes = torch.tensor(REGION_CLASSES[region], device=label.device)
@@ -270,11 +273,13 @@ class MissingModalityModule(pl.LightningModule):
         """The test report (:class:`~smml_lightning.lit.test_report.TestReport`) comes with every method."""
         return [TestReport()]
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        """Report rows of one case: Dice and HD95 per subset it can be scored on and per region, and for
-        WT, TC and ET the challenge figures (:func:`~smml_lightning.evaluation.lesionwise.challenge_metrics`)
-        unless ``challenge`` is None. The case is scored on its crop, as if on its original grid: an HD95
-        with one side empty is that grid's diagonal, and specificity counts the voxels outside the crop."""
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, list[dict[str, Any]]]:
+        """``{"rows": ...}``: one case's report rows (written by
+        :class:`~smml_lightning.lit.test_report.TestReport`): Dice and HD95 per subset it can be scored
+        on and per region, and for WT, TC and ET the challenge figures
+        (:func:`~smml_lightning.evaluation.lesionwise.challenge_metrics`) unless ``challenge`` is None.
+        The case is scored on its crop, as if on its original grid: an HD95 with one side empty is that
+        grid's diagonal, and specificity counts the voxels outside the crop."""
         name = batch["name"][0]
         spacing = self._spacing(name)
         label = batch["label"][0, 0].cpu().numpy()
@@ -290,7 +295,13 @@ class MissingModalityModule(pl.LightningModule):
             for region, values in metrics.items():
                 rows.append({"case": name, "subset": subset_name(SUBSETS[sid]), "region": region,
                              "dice": values["dice"], "hd95": values["hd95"], **challenge.get(region, {})})
-        return rows
+        return {"rows": rows}
+
+    def inference_settings(self) -> dict[str, Any]:
+        """The whole-case inference settings, as a test report quotes them."""
+        return {"roi_size": list(self.roi_size), "overlap": self.sw_overlap, "blend": self.sw_mode,
+                "sw_batch_size": self.sw_batch_size, "et_min_voxels": self.et_min_voxels,
+                "branches_averaged": len(self.inference_models())}
 
     def _original_shape(self, name: str) -> tuple[int, int, int] | None:
         datamodule = getattr(self.trainer, "datamodule", None)

@@ -3,7 +3,8 @@ mmFormer-style single branch or a plain U-Net), and MAML's modality-aware mutual
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

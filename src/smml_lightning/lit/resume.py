@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import numpy as np
@@ -44,7 +44,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 def rng_states() -> dict[str, Any]:
     """The global torch (CPU and CUDA), numpy and Python random states as tensors, ints and strings only,
     so that checkpoints still load with ``torch.load(weights_only=True)`` (as LightningCLI loads them)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    kind, keys, pos, has_gauss, gauss = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     version, internal, py_gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
@@ -116,7 +116,7 @@ class ResumeState(Callback):
         if not (self.save_on_sigterm and interrupted) or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
         callback = last_checkpoint_callback(trainer)
-        if callback is None:
+        if callback is None or callback.dirpath is None:
             return
         path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
         if path.is_symlink():  # ModelCheckpoint(save_last="link"): replace the link, not its target

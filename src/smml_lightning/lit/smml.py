@@ -24,7 +24,8 @@ name                paper term                                           functio
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 
@@ -102,10 +103,13 @@ class SMML(MissingModalityModule):
         self.inference_branches = branches
 
     def inference_models(self) -> list[MaskedSegmenter]:
-        return [self.branches[k] for k in self.inference_branches]
+        return [cast(MaskedSegmenter, self.branches[k]) for k in self.inference_branches]
 
     def _branch_terms(self, k: int, out: SegmentationOutput, batch: dict[str, Any], mask: torch.Tensor,
                       warm: bool) -> dict[str, torch.Tensor]:
+        if out.aux_mask is None:
+            raise ValueError(f"SMML needs a network with an auxiliary decoder; {type(self.branches[k]).__name__} "
+                             "returned no auxiliary outputs")
         label = batch["label"]
         terms = {
             "seg_fused": self.w["fused"] * self.seg_loss(out.logits, label),

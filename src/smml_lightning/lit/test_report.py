@@ -1,11 +1,11 @@
-"""The 15-subset test report as a callback: the module's ``test_step`` returns metric rows, this collects
-them, gathers them from every rank, writes the report files (rank 0), logs the mean Dice (and the mean
-lesion-wise Dice of the challenge scoring, when the rows carry it) per region and puts the subset tables,
-legacy and lesion-wise, into W&B.
+"""The 15-subset test report as a callback: the module's ``test_step`` returns metric rows
+(``{"rows": [...]}``); this collects them, gathers them from every rank, writes the report files
+(rank 0), logs the mean Dice (and the mean lesion-wise Dice of the challenge scoring, when the rows
+carry it) per region and puts the subset tables, legacy and lesion-wise, into W&B.
 
 Where the report goes and what it quotes are the module's settings (``report_dir``,
-``compare_published``, ``method_name``, ``et_min_voxels``, ``challenge`` and the sliding-window settings), so configs
-keep one place for them. :class:`~smml_lightning.lit.base.MissingModalityModule` registers this
+``compare_published``, ``method_name``, ``et_min_voxels``, ``challenge`` and the sliding-window
+settings), so configs keep one place for them. :class:`~smml_lightning.lit.base.MissingModalityModule` registers this
 callback itself (``configure_callbacks``).
 """
 
@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch.distributed as dist
 from lightning.pytorch.loggers import WandbLogger
 
 from ..evaluation.report import REPORT_REGIONS, lesionwise_table, summary_table, write_report
+
+if TYPE_CHECKING:
+    from .base import MissingModalityModule
 
 
 def gather_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -49,19 +52,18 @@ class TestReport(pl.Callback):
     def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                           batch_idx: int, dataloader_idx: int = 0) -> None:
         if outputs:
-            self.rows.extend(outputs)
+            self.rows.extend(outputs["rows"])
 
-    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: MissingModalityModule) -> None:  # type: ignore[override]  # this callback serves MissingModalityModule only
         rows = gather_rows(self.rows)
         if not rows:
             return
         if trainer.is_global_zero:
-            out = self._out_dir(trainer, pl_module)
+            out = Path(pl_module.report_dir) if pl_module.report_dir else self._default_dir(trainer)
             self.written = write_report(
-                rows, out, method_name=getattr(pl_module, "method_name", type(pl_module).__name__),
-                dataset_layout=_layout_name(trainer), compare=getattr(pl_module, "compare_published", True),
-                et_min_voxels=getattr(pl_module, "et_min_voxels", 500), settings=_settings(pl_module),
-                challenge=getattr(pl_module, "challenge", None) or "gli",
+                rows, out, method_name=pl_module.method_name, dataset_layout=_layout_name(trainer),
+                compare=pl_module.compare_published, et_min_voxels=pl_module.et_min_voxels,
+                settings=pl_module.inference_settings(), challenge=pl_module.challenge or "gli",
                 original_grid=hasattr(getattr(trainer, "datamodule", None), "case_meta"))
             pl_module.print(f"test report written to {out} ({', '.join(p.name for p in self.written.values())})")
             table = summary_table(rows)  # Dice and HD95 per subset and region, and their 15-subset average
@@ -83,29 +85,17 @@ class TestReport(pl.Callback):
                 means[f"test/lesion_dice_{region}"] = sum(lesion) / len(lesion)
         pl_module.log_dict(means, rank_zero_only=True, batch_size=1)
 
-    def _out_dir(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path:
-        chosen = getattr(pl_module, "report_dir", None)
-        if chosen:
-            return Path(chosen)
+    @staticmethod
+    def _default_dir(trainer: pl.Trainer) -> Path:
         base = Path(trainer.log_dir or trainer.default_root_dir)
         return base / f"test-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def _layout_name(trainer: pl.Trainer) -> str | None:
     """The release layout of the test cases (selects the published comparison rows), when known."""
-    datamodule = getattr(trainer, "datamodule", None)
+    datamodule: Any = getattr(trainer, "datamodule", None)
     names = getattr(datamodule, "splits", None) or {}
     test = names.get("test") if isinstance(names, dict) else None
-    return datamodule.case_meta(test[0]).layout if test and hasattr(datamodule, "case_meta") else None
-
-
-def _settings(pl_module: pl.LightningModule) -> dict[str, Any]:
-    """The inference settings the report quotes."""
-    keys = {"roi_size": "roi_size", "overlap": "sw_overlap", "blend": "sw_mode", "sw_batch_size": "sw_batch_size",
-            "et_min_voxels": "et_min_voxels"}
-    settings = {key: getattr(pl_module, attr) for key, attr in keys.items() if hasattr(pl_module, attr)}
-    if "roi_size" in settings:
-        settings["roi_size"] = list(settings["roi_size"])
-    if hasattr(pl_module, "inference_models"):
-        settings["branches_averaged"] = len(pl_module.inference_models())
-    return settings
+    if not test or not hasattr(datamodule, "case_meta"):
+        return None
+    return datamodule.case_meta(test[0]).layout

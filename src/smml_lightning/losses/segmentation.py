@@ -6,7 +6,7 @@ All three take integer labels ``(B, 1, *spatial)`` with internal classes 0..C-1 
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F

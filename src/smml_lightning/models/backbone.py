@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,8 @@ from torch import nn
 from smml_lightning.data.labels import NUM_CLASSES
 from smml_lightning.data.modalities import NUM_MODALITIES
 from smml_lightning.models.base import MaskedSegmenter, SegmentationOutput
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 NUM_STAGES = 5
 DOWNSAMPLING = 2 ** (NUM_STAGES - 1)
@@ -78,7 +81,7 @@ def instance_norm(channels: int, eps: float = 1e-5, affine: bool = True) -> nn.G
     return nn.GroupNorm(channels, channels, eps=eps, affine=affine)
 
 
-def use_group_instance_norms(module: nn.Module) -> nn.Module:
+def use_group_instance_norms(module: ModuleT) -> ModuleT:
     """Replace every ``InstanceNorm1d/2d/3d`` without running statistics in ``module`` (in place) by
     :func:`instance_norm`, keeping its parameters; for networks built by MONAI with instance norm."""
     for name, child in module.named_children():
@@ -90,6 +93,16 @@ def use_group_instance_norms(module: nn.Module) -> nn.Module:
         else:
             use_group_instance_norms(child)
     return module
+
+
+def conv_of(block: nn.Module) -> nn.Conv3d:
+    """The convolution of a :func:`conv_norm_act` block."""
+    return cast(nn.Conv3d, block.conv)
+
+
+def norm_act_of(block: nn.Module) -> nn.Module:
+    """The norm and activation that follow the convolution of a :func:`conv_norm_act` block."""
+    return cast(nn.Module, block.adn)
 
 
 def stage_widths(base_width: int) -> list[int]:
@@ -327,7 +340,7 @@ class MMFormer(MaskedSegmenter):
 
     def _positions(self, grid: Sequence[int]) -> torch.Tensor:
         """Positional embeddings ``(M, N, dim)`` for a bottleneck grid, resized from the reference grid."""
-        pos = self.pos_embed
+        pos: torch.Tensor = self.pos_embed
         if tuple(pos.shape[2:]) != tuple(grid):
             pos = F.interpolate(pos, size=tuple(grid), mode="trilinear", align_corners=False)
         return pos.flatten(2).transpose(1, 2)
@@ -353,7 +366,7 @@ class MMFormer(MaskedSegmenter):
         m = self.in_modalities
         shares = []
         for fuse, skip in zip(self.skip_fusion, skips):
-            conv = fuse.conv
+            conv = conv_of(fuse)
             w_out, _, *kernel = conv.weight.shape
             weight = conv.weight.view(w_out, m, -1, *kernel).transpose(0, 1).reshape(m * w_out, -1, *kernel)
             shares.append(F.conv3d(skip, weight, None, conv.stride, conv.padding, conv.dilation, groups=m))
@@ -369,7 +382,9 @@ class MMFormer(MaskedSegmenter):
         for fuse, shares in zip(self.skip_fusion, skips):
             weights = mask.to(shares.dtype).view(*mask.shape, *([1] * (shares.ndim - 1)))
             x = (shares.unflatten(1, (m, -1)) * weights).sum(dim=1)
-            fused.append(fuse.adn(x + fuse.conv.bias.to(x.dtype).view(1, -1, *([1] * (x.ndim - 2)))))
+            bias = conv_of(fuse).bias
+            assert bias is not None  # conv_norm_act's convolutions have a bias
+            fused.append(norm_act_of(fuse)(x + bias.to(x.dtype).view(1, -1, *([1] * (x.ndim - 2)))))
         return fused
 
     def decode(self, encoded: list[torch.Tensor], mask: torch.Tensor) -> SegmentationOutput:
@@ -388,8 +403,8 @@ class MMFormer(MaskedSegmenter):
         # from_tokens in two steps: its 1x1x1 conv gives the fused inter-modal features before any norm
         # (the public code's ``x5_inter``), which feature-level consistency relates; norm and activation
         # then give the decoder's input.
-        inter_features = self.from_tokens.conv(inter.transpose(2, 3).reshape(b, -1, *grid))
-        bottleneck = self.from_tokens.adn(inter_features)
+        inter_features = conv_of(self.from_tokens)(inter.transpose(2, 3).reshape(b, -1, *grid))
+        bottleneck = norm_act_of(self.from_tokens)(inter_features)
 
         fused = self.decoder(self._fuse_skips(skips, mask), bottleneck, deep=self.training)
         if not self.training:

@@ -105,9 +105,10 @@ class SemanticRefiner(nn.Module):
             act=("leakyrelu", {"negative_slope": 0.2, "inplace": True}),
             norm=("instance", {"affine": True}),
         ))
-        self.correction = nn.Sequential(nn.LeakyReLU(0.2), nn.Conv3d(width, num_classes, 1))
-        nn.init.zeros_(self.correction[1].weight)
-        nn.init.zeros_(self.correction[1].bias)
+        head = nn.Conv3d(width, num_classes, 1)
+        for parameter in head.parameters():
+            nn.init.zeros_(parameter)
+        self.correction = nn.Sequential(nn.LeakyReLU(0.2), head)
 
     def forward(self, prior: torch.Tensor, mask: torch.Tensor, fused_logits: torch.Tensor,
                 label: torch.Tensor | None = None) -> torch.Tensor:
