@@ -1,13 +1,12 @@
 import math
 
-import numpy as np
 import pytest
 import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 
 from smml_lightning.data.modalities import SUBSETS, subset_index
-from smml_lightning.evaluation.inference import predict_available, predict_labels, predict_subsets
+from smml_lightning.evaluation.inference import predict_subsets
 from smml_lightning.models.base import MaskedSegmenter, SegmentationOutput
 
 
@@ -79,16 +78,14 @@ def test_two_models_average_equals_mean_of_separate_runs():
         torch.testing.assert_close(out[subset_index(subset)], expected, rtol=1e-5, atol=1e-5)
 
 
-def test_labels_single_subset_path_and_mode_restored():
+def test_single_subset_path_and_mode_restored():
     model, image = ToySegmenter(), _image()
     model.train()
     subset = SUBSETS[9]
-    labels = predict_available([model], image, torch.tensor(subset), roi_size=ROI)
+    out = predict_subsets([model], image, [subset], roi_size=ROI, accumulate_dtype=torch.float32)
     assert model.training  # previous mode restored
-    expected = _separate(model.eval(), image, subset)[0].argmax(0).numpy().astype(np.uint8)
-    assert labels.dtype == np.uint8 and np.array_equal(labels, expected)
-    exact = predict_labels([model], image, [subset], roi_size=ROI, accumulate_dtype=torch.float32)
-    assert np.array_equal(exact[9], labels)
+    assert list(out) == [9]
+    torch.testing.assert_close(out[9], _separate(model.eval(), image, subset), rtol=1e-5, atol=1e-5)
 
 
 def test_rejects_bad_inputs():

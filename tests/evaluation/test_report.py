@@ -6,7 +6,6 @@ from matplotlib.image import imread
 from smml_lightning.data.modalities import SUBSET_NAMES
 from smml_lightning.evaluation.report import (
     load_published,
-    metric_rows,
     modality_gains,
     subset_ranking,
     summary_table,
@@ -110,23 +109,6 @@ def test_published_rows_match_methods_reference():
     assert (rfnet.wt, rfnet.tc, rfnet.et) == (87.0, 78.2, 61.5)
     assert set(load_published("brats2018").method) == {"HeMIS", "U-HVED", "RobustSeg", "RFNet"}
     assert table.source.str.contains(r"\b(?:19|20)\d\d\b").all()
-
-
-def test_metric_rows_from_labels_hand_dice():
-    truth = np.zeros((6, 6, 6), np.uint8)
-    truth[1:3, 1:3, 1:3] = 2  # 8 ED voxels: WT only
-    pred = np.zeros_like(truth)
-    pred[1:3, 1:3, 1:2] = 2  # 4 of them
-    pred[5, 5, 5] = 3  # one stray ET voxel
-    rows = metric_rows("c", {14: pred, 3: truth}, truth, (1.0, 1.0, 1.0), et_min_voxels=2)
-    assert [(r["subset"], r["region"]) for r in rows] == [
-        (s, r) for s in ("FLAIR", "FLAIR+T1ce+T1+T2") for r in REGIONS]
-    by = {(r["subset"], r["region"]): r for r in rows}
-    assert by["FLAIR+T1ce+T1+T2", "WT"]["dice"] == pytest.approx(2 * 4 / (5 + 8))
-    assert by["FLAIR+T1ce+T1+T2", "ET"]["dice"] == 0.0  # ET predicted, truth has none
-    assert by["FLAIR+T1ce+T1+T2", "ET_post"]["dice"] == 1.0  # 1 voxel < 2: emptied, empty/empty = 1
-    assert all(by["FLAIR", r]["dice"] == 1.0 and by["FLAIR", r]["hd95"] == 0.0 for r in REGIONS)
-    assert summary_table(rows).set_index("subset").loc["FLAIR", "WT_dice"] == 1.0
 
 
 def test_subset_ranking_and_its_line_in_the_report(tmp_path):

@@ -23,14 +23,13 @@ import contextlib
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from monai.utils import ensure_tuple_rep
 
 from smml_lightning.data.modalities import NUM_MODALITIES, SUBSETS, subset_index
-from smml_lightning.models.base import MaskedSegmenter, predicted_labels
+from smml_lightning.models.base import MaskedSegmenter
 
 
 def _subset_keys(subsets: Sequence[Sequence[bool]]) -> list[int]:
@@ -130,36 +129,3 @@ def predict_subsets(
     blended = torch.as_tensor(blended)[unpadded]
     n_cls = blended.shape[1] // len(keys)
     return {k: blended[:, i * n_cls:(i + 1) * n_cls] for i, k in enumerate(keys)}
-
-
-def _labels(logits: torch.Tensor) -> np.ndarray:
-    return predicted_labels(logits[0], dim=0).to(torch.uint8).cpu().numpy()
-
-
-def predict_labels(
-    models: Sequence[MaskedSegmenter],
-    image: torch.Tensor,
-    subsets: Sequence[Sequence[bool]] = SUBSETS,
-    **window: Any,
-) -> dict[int, np.ndarray]:
-    """Internal label maps ``(D, H, W)`` uint8 per subset index: argmax of :func:`predict_subsets`
-    (``window`` takes its keyword arguments)."""
-    return {k: _labels(v) for k, v in predict_subsets(models, image, subsets, **window).items()}
-
-
-def predict_available(
-    models: Sequence[MaskedSegmenter],
-    image: torch.Tensor,
-    available: Sequence[bool] | torch.Tensor,
-    **window: Any,
-) -> np.ndarray:
-    """Labels ``(D, H, W)`` uint8 for a case that has only the ``available`` modalities.
-
-    The prediction path: a case missing modalities is segmented under exactly its own subset (one
-    subset blends cheaply, hence float32 blending unless ``accumulate_dtype`` says otherwise).
-    """
-    flags = tuple(bool(v) for v in (available.tolist() if isinstance(available, torch.Tensor) else available))
-    if not any(flags):
-        raise ValueError("the case has no available modality: nothing to segment from")
-    window.setdefault("accumulate_dtype", torch.float32)
-    return predict_labels(models, image, [flags], **window)[subset_index(flags)]

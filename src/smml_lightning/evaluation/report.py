@@ -34,7 +34,6 @@ from smml_lightning.data.modalities import (
 )
 from smml_lightning.evaluation.lesionwise import METRICS as LESION_METRICS
 from smml_lightning.evaluation.lesionwise import challenge_rules
-from smml_lightning.evaluation.metrics import case_metrics
 from smml_lightning.io import atomic_write_bytes, atomic_write_text
 
 REPORT_REGIONS: tuple[str, ...] = ("WT", "TC", "ET", "ET_post")
@@ -64,21 +63,6 @@ def _subset_label(value: Any) -> str:
     if isinstance(value, str):
         return subset_name(parse_subset(value))
     return subset_name(value)
-
-
-def metric_rows(
-    case: str,
-    labels: Mapping[int, np.ndarray],
-    truth: np.ndarray,
-    spacing: Sequence[float],
-    et_min_voxels: int = 500,
-) -> list[dict[str, Any]]:
-    """Report rows for one case from its labels keyed by subset index (as ``predict_labels`` returns)."""
-    rows = []
-    for key in sorted(labels):
-        for region, values in case_metrics(labels[key], truth, spacing, et_min_voxels).items():
-            rows.append({"case": case, "subset": SUBSET_NAMES[key], "region": region, **values})
-    return rows
 
 
 def rows_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
