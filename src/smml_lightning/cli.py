@@ -67,7 +67,8 @@ def synth(out: str, cases: int = 8, layout: str = "brats2020", generator: str | 
 
 
 def prepare(root: str, out: str, layout: str = "auto", min_size: tuple[int, int, int] = (128, 128, 128),
-            workers: int = 1, require_label: bool = True, overwrite: bool = False) -> None:
+            workers: int = 1, require_label: bool = True, overwrite: bool = False,
+            spacing: float | None = None) -> None:
     """Validate, crop, z-score and cache a BraTS folder for training (re-runs skip finished cases).
 
     Args:
@@ -78,13 +79,15 @@ def prepare(root: str, out: str, layout: str = "auto", min_size: tuple[int, int,
         workers: parallel processes.
         require_label: training and test data need labels; prediction inputs do not.
         overwrite: redo cases that are already cached.
+        spacing: resample each case to this voxel size in mm after cropping (e.g. 2.0 to train on CPU);
+            ``min_size`` then counts resampled voxels. Default: keep each case's own grid.
     """
     from .data.prepare import SUMMARY, NothingPrepared, format_summary
     from .data.prepare import prepare as run_prepare
 
     try:
         summary = run_prepare(root, out, layout=layout, min_size=tuple(min_size), workers=workers,
-                              require_label=require_label, overwrite=overwrite)
+                              require_label=require_label, overwrite=overwrite, spacing=spacing)
     except NothingPrepared as err:
         print(format_summary(err.summary))
         raise SystemExit(f"smml: error: {err}") from None

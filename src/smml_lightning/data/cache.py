@@ -36,6 +36,10 @@ class CaseMeta:
     outside the original volume (negative start or stop past the end) when the volume was padded to
     reach the minimum size; :func:`uncrop` handles both. ``source_stat`` holds ``[size, mtime_ns]`` of
     each source file when the case was made, so that an edited source is noticed.
+
+    ``spacing`` is the voxel size of the cached arrays. A case prepared with a target spacing
+    (:mod:`smml_lightning.data.resample`) records its scan's own spacing in ``native_spacing`` and the
+    cached grid's shape in ``grid_shape``; both are None for a case cached on its native grid.
     """
 
     name: str
@@ -49,6 +53,8 @@ class CaseMeta:
     source: dict[str, str] = field(default_factory=dict)
     source_stat: dict[str, list[int]] = field(default_factory=dict)
     has_label: bool = True
+    native_spacing: tuple[float, float, float] | None = None
+    grid_shape: tuple[int, int, int] | None = None
     version: int = CACHE_VERSION
 
     @classmethod
@@ -58,11 +64,21 @@ class CaseMeta:
         data["original_shape"] = tuple(int(v) for v in data["original_shape"])
         data["spacing"] = tuple(float(v) for v in data["spacing"])
         data["crop_box"] = tuple((int(a), int(b)) for a, b in data["crop_box"])
+        if data.get("native_spacing") is not None:
+            data["native_spacing"] = tuple(float(v) for v in data["native_spacing"])
+        if data.get("grid_shape") is not None:
+            data["grid_shape"] = tuple(int(v) for v in data["grid_shape"])
         return cls(**data)
 
     @property
-    def cropped_shape(self) -> tuple[int, ...]:
+    def box_shape(self) -> tuple[int, ...]:
+        """Size of the crop box in native voxels."""
         return tuple(b - a for a, b in self.crop_box)
+
+    @property
+    def cropped_shape(self) -> tuple[int, ...]:
+        """Shape of the cached arrays: the crop box's, or the resampled grid's."""
+        return tuple(self.grid_shape) if self.grid_shape is not None else self.box_shape
 
 
 def case_dir(root: Path | str, name: str) -> Path:
@@ -137,7 +153,15 @@ def write_prior(root: Path | str, name: str, prior: np.ndarray) -> None:
 
 
 def uncrop(array: np.ndarray, meta: CaseMeta, fill: float = 0) -> np.ndarray:
-    """Put an array over the cropped grid (``(..., D, H, W)``) back into the original grid."""
+    """Put an array over the crop box (``(..., D, H, W)``, native voxels) back into the original grid.
+
+    An array over a resampled case's cached grid goes through
+    :func:`smml_lightning.data.resample.logits_to_native` (or ``labels_to_native``) instead.
+    """
+    if tuple(array.shape[-3:]) != tuple(meta.box_shape):
+        raise ValueError(f"{meta.name}: array of shape {array.shape} does not cover the crop box "
+                         f"{meta.crop_box} (native shape {meta.box_shape})"
+                         + ("; resample it to the native grid first" if meta.grid_shape is not None else ""))
     lead = array.shape[:-3]
     out = np.full(lead + tuple(meta.original_shape), fill, dtype=array.dtype)
     src, dst = [], []

@@ -2,8 +2,12 @@
 
 Preprocessing follows the community's (RFNet, mmFormer): crop to the bounding box of non-zero voxels
 over all modalities, widened to at least the training patch size, and z-score each modality over the
-brain voxels (non-zero in any modality), zero outside; no resampling. The crop box goes into the
-cache's metadata so predictions can be put back into the original grid. Runs are idempotent and
+brain voxels (non-zero in any modality), zero outside. By default there is no resampling; with a
+target ``spacing`` each case is resampled after cropping and z-scoring (images linearly, labels by
+nearest neighbour; :mod:`smml_lightning.data.resample`), as nnU-Net's target spacing, and the crop box
+is widened so that the resampled grid still reaches the minimum size. The crop box (and the native
+spacing and resampled shape) go into the cache's metadata so predictions can be put back into the
+original grid. Runs are idempotent and
 survive interruption: finished cases are skipped, half-written ones redone, and one bad case is
 reported rather than stopping the rest. A case counts as finished only while its source files are the
 ones it was made from (same paths, sizes and modification times), so an edited or replaced download
@@ -32,6 +36,7 @@ from smml_lightning.data import cache
 from smml_lightning.data.labels import to_internal
 from smml_lightning.data.layouts import Case, discover
 from smml_lightning.data.modalities import MODALITIES
+from smml_lightning.data.resample import grid_shape, native_min_size, resample_image, resample_labels
 from smml_lightning.data.validate import validate_case
 from smml_lightning.io import atomic_write_text
 
@@ -153,9 +158,10 @@ def source_stats(case: Case) -> dict[str, list[int]]:
     return stats
 
 
-def _is_done(out: Path, case: Case, min_size: Sequence[int], require_label: bool) -> bool:
-    """Whether ``case`` sits complete in the cache, from these very files (unchanged since), with
-    readable arrays."""
+def _is_done(out: Path, case: Case, min_size: Sequence[int], require_label: bool,
+             spacing: tuple[float, float, float] | None = None) -> bool:
+    """Whether ``case`` sits complete in the cache, from these very files (unchanged since), at the
+    requested spacing (None: native), with readable arrays."""
     if not cache.is_complete(out, case.name):
         return False
     try:
@@ -163,6 +169,9 @@ def _is_done(out: Path, case: Case, min_size: Sequence[int], require_label: bool
         if meta.source != case.sources or any(s < m for s, m in zip(meta.cropped_shape, min_size)):
             return False
         if meta.source_stat != source_stats(case):  # an edited file; or a cache that predates the record
+            return False
+        if (meta.native_spacing is None) != (spacing is None) or (
+                spacing is not None and not np.allclose(meta.spacing, spacing)):
             return False
         if cache.load_image(out, case.name).shape != (len(MODALITIES), *meta.cropped_shape):
             return False
@@ -181,15 +190,29 @@ def _clear_temporaries(folder: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
+def target_spacing(spacing: float | Sequence[float] | None) -> tuple[float, float, float] | None:
+    """A target spacing as three positive millimetre values (one number stands for all three), or None."""
+    if spacing is None:
+        return None
+    values = tuple(float(v) for v in (spacing if isinstance(spacing, Sequence) else (spacing,) * 3))
+    if len(values) != 3 or not all(np.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"spacing must be a positive number of mm or three of them, got {spacing}")
+    return values[0], values[1], values[2]
+
+
 def prepare_case(case: Case, out: Path | str, min_size: Sequence[int] = (128, 128, 128),
-                 require_all: bool = True, require_label: bool = True) -> cache.CaseMeta:
-    """Validate one case and write its cropped, z-scored arrays to the cache."""
+                 require_all: bool = True, require_label: bool = True,
+                 spacing: float | Sequence[float] | None = None) -> cache.CaseMeta:
+    """Validate one case and write its cropped, z-scored (and, given a target ``spacing`` in mm,
+    resampled) arrays to the cache."""
+    target = target_spacing(spacing)
     stats = source_stats(case)  # before reading: a file changed while being read is redone next time
     v = validate_case(case, require_all=require_all, require_label=require_label)
     present = [img for img in v.images.values() if img is not None]
     brain = np.logical_or.reduce([img != 0 for img in present])
     # The label joins the box so that no annotated voxel can be cropped away.
-    box = crop_box(brain if v.label is None else brain | (v.label > 0), min_size)
+    native_min = min_size if target is None else native_min_size(min_size, v.spacing, target)
+    box = crop_box(brain if v.label is None else brain | (v.label > 0), native_min)
     cropped_brain = crop(brain, box)
     image = np.zeros((len(MODALITIES), *cropped_brain.shape), dtype=np.float32)
     for i, m in enumerate(MODALITIES):
@@ -197,10 +220,17 @@ def prepare_case(case: Case, out: Path | str, min_size: Sequence[int] = (128, 12
         if img is not None:
             image[i] = z_score(crop(img, box), cropped_brain)
     label = None if v.label is None else crop(to_internal(v.label, case.convention), box)
+    cached_spacing, native_spacing, shape = v.spacing, None, None
+    if target is not None:
+        shape = grid_shape(image.shape[1:], v.spacing, target)
+        image = resample_image(image, shape)
+        label = None if label is None else resample_labels(label, shape)
+        cached_spacing, native_spacing = target, v.spacing
     meta = cache.CaseMeta(
         name=case.name, layout=case.layout, convention=case.convention, available=v.available,
-        original_shape=v.shape, affine=v.affine.tolist(), spacing=v.spacing, crop_box=box,
+        original_shape=v.shape, affine=v.affine.tolist(), spacing=cached_spacing, crop_box=box,
         source=case.sources, source_stat=stats, has_label=label is not None,
+        native_spacing=native_spacing, grid_shape=shape,
     )
     _clear_temporaries(cache.case_dir(out, case.name))
     cache.write_case(out, meta, image, label)
@@ -208,12 +238,12 @@ def prepare_case(case: Case, out: Path | str, min_size: Sequence[int] = (128, 12
 
 
 def _run_one(case: Case, out: Path, min_size: tuple[int, ...], require_all: bool, require_label: bool,
-             overwrite: bool) -> tuple[str, str, str]:
+             overwrite: bool, spacing: tuple[float, float, float] | None = None) -> tuple[str, str, str]:
     """``(status, name, reason)`` for one case; never raises, so one failure cannot stop the pool."""
     try:
-        if not overwrite and _is_done(out, case, min_size, require_label):
+        if not overwrite and _is_done(out, case, min_size, require_label, spacing):
             return "skipped", case.name, ""
-        prepare_case(case, out, min_size, require_all, require_label)
+        prepare_case(case, out, min_size, require_all, require_label, spacing)
         return "prepared", case.name, ""
     except Exception as err:  # noqa: BLE001 - every failure is reported in the summary
         return "failed", case.name, str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
@@ -244,10 +274,12 @@ def _stop(pool: ProcessPoolExecutor) -> None:
 
 def prepare(root: Path | str, out: Path | str, layout: str = "auto",
             min_size: Sequence[int] = (128, 128, 128), workers: int = 1, require_label: bool = True,
-            overwrite: bool = False, require_all: bool = True, progress: bool = True) -> PrepareSummary:
+            overwrite: bool = False, require_all: bool = True, progress: bool = True,
+            spacing: float | Sequence[float] | None = None) -> PrepareSummary:
     """Preprocess every case of the release under ``root`` into the cache ``out``.
 
-    ``workers > 1`` runs cases in parallel processes. Writes ``prepare_summary.json`` into ``out``
+    ``spacing`` (mm, one number or three) resamples every case to that voxel size; None keeps each
+    case's own grid. ``workers > 1`` runs cases in parallel processes. Writes ``prepare_summary.json`` into ``out``
     and raises :class:`NothingPrepared` only if no case ended up usable (neither prepared now nor
     already done); ``ValueError`` for bad arguments or when another run holds ``out``.
     """
@@ -256,11 +288,12 @@ def prepare(root: Path | str, out: Path | str, layout: str = "auto",
     size = tuple(int(s) for s in min_size)
     if len(size) != 3 or min(size) < 1:
         raise ValueError(f"min_size must be three sizes >= 1 (voxels per axis), got {tuple(min_size)}")
+    target = target_spacing(spacing)
     cases = discover(root, layout)
     out = Path(out)
     with cache_lock(out):
         summary = PrepareSummary(root=str(Path(root).resolve()), out=str(out.resolve()), layout=cases[0].layout)
-        jobs = [(case, out, size, require_all, require_label, overwrite) for case in cases]
+        jobs = [(case, out, size, require_all, require_label, overwrite, target) for case in cases]
         results = []
         with tqdm(total=len(cases), desc="prepare", unit="case", disable=not progress) as bar:
             if workers > 1:
