@@ -19,13 +19,9 @@ Design choices, documented because mmFormer's public code differs in places:
 * Convolutions pad with zeros (mmFormer reflects), so that tiny bottlenecks work.
 * Skip fusion is one 3x3x3 conv (+ norm, activation) over the concatenated masked modality features;
   the inter-modal transformer does the bottleneck fusion. The public mmFormer and SMML code fuse each
-  skip with ``fusion_prenorm``: three convs (1x1x1 over the modalities, 3x3x3, 1x1x1), each after a
-  norm and an activation (RFNet's region-aware fusion is not used there). That form was tried on the
-  single branch of the quality benchmark (two seeds, ``benchmarks/results/quality-20261201d/``): no
-  quality change beyond the seed spread (ET +5.8 and -8.1 by seed), all four modalities ranked the same,
-  fits ~1.06x longer; so it is not used. A voxel-wise attention over the available modalities was tried
-  and reverted too: no quality change at the benchmark's budget, slower
-  (``benchmarks/results/quality-20261122h/``).
+  skip with ``fusion_prenorm`` (three convs, each after a norm and an activation); that form and a
+  voxel-wise attention over the available modalities were measured without a quality gain beyond the
+  seed spread and with slower fits (docs/quality-history.md), so the plain form stays.
 * Positional embeddings are learnt per modality for a reference grid (``patch_size / 16``) and
   trilinearly resized to the actual grid, so sliding windows and tiny test patches share weights.
 """

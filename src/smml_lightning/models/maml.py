@@ -8,9 +8,8 @@ MA fusion (``decode``), as in the public MAML code: a fused feature is a conv ov
 features of the available modalities (missing ones zeroed); each modality's MA module (conv, norm,
 activation, conv, sigmoid, over its features concatenated with the fused feature) gives voxel- and
 channel-wise gates in (0, 1), zero for missing modalities; the gated modality features are summed and a
-1x1x1 conv turns the sum into the fused logits. (A softmax over the modalities of one score per voxel,
-tried before, let the shared head lean on one network's features: on the quality benchmark, three
-seeds at 1200 steps, it scored 83.6 / 40.1 / 16.8, one seed TC 66 with FLAIR and 11 without.)
+1x1x1 conv turns the sum into the fused logits. (A softmax over the modalities of one score per voxel
+let the shared head lean on one network's features; docs/quality-history.md has the measurement.)
 
 With a single available modality there is nothing to fuse and, as in the paper, that modality's own
 model predicts: the output is its ``aux_logits[k]``, not the fusion head read on one network's features
@@ -68,9 +67,8 @@ class MAML(MaskedSegmenter):
     """Modality-specific U-Nets (grouped) with modality-aware attention fusion.
 
     ``base_width`` defaults to 16, the paper's: its public trainer builds the modality models with half of
-    nnU-Net's 32 base features. At 4 (a quarter of that; our configs before 2026-12-03) some path lost
-    the tumour core in every seed of the quality benchmark (TC 0-2 on 40 held-out cases: the fused head on
-    T1+T2, or T1's or T2's own model) and MAML trailed every method; at 16 it scored above all of them.
+    nnU-Net's 32 base features. Much narrower (4) modality models lost the tumour core on some subsets
+    (docs/quality-history.md).
     """
 
     def __init__(
