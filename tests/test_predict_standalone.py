@@ -171,3 +171,18 @@ def test_a_checkpoint_that_cannot_be_loaded_is_one_clear_error(setup, tmp_path):
         main(["predict", "-i", str(case), "-o", str(tmp_path / "out"), "-c", str(bad)])
     assert str(stop.value.code).startswith(f"smml: error: checkpoint {bad} cannot be loaded")
     assert not list((tmp_path / "out").glob("*.nii.gz"))
+
+
+def test_lightning_cli_predict_names_the_cases_it_cannot_prepare(setup, tmp_path):
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    from smml_lightning.data.datamodule import BratsDataModule
+
+    cases = _inputs(setup, tmp_path / "in")
+    data = BratsDataModule("unused", predict_root=str(tmp_path / "in"), predict_dir=str(tmp_path / "pc"),
+                           patch_size=16, num_workers=0)
+    data.trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    data.trainer.state.fn = TrainerFn.PREDICTING
+    with pytest.warns(UserWarning, match=f"case {cases[4].name} of .* is not predicted: .*_flair.nii.gz"):
+        data.prepare_data()
+    assert sorted(b["name"][0] for b in data.predict_dataloader()) == [c.name for c in cases[:4]]

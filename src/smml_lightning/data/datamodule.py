@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torchio as tio
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from smml_lightning.data import cache, splits
@@ -337,8 +338,10 @@ class BratsDataModule(LightningDataModule):
             return
         from .prepare import prepare
 
-        prepare(hp.predict_root, self.predict_cache, min_size=self.patch_size, require_all=False,
-                require_label=False, workers=min(2, hp.num_workers) or 1)
+        summary = prepare(hp.predict_root, self.predict_cache, min_size=self.patch_size, require_all=False,
+                          require_label=False, workers=min(2, hp.num_workers) or 1)
+        for name, reason in summary.failed.items():  # the others are still predicted
+            rank_zero_warn(f"case {name} of {hp.predict_root} is not predicted: {reason}")
 
     def check_ready(self) -> None:
         """Fail early, with what to do, when the training cache is missing."""
