@@ -11,7 +11,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 # fewer page faults; the SMML CPU training step ran 1.14x faster here (README, Speed).
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
-.PHONY: install test demo train sweep bench quality freeze clean
+.PHONY: install lint test demo train sweep bench quality freeze clean
 
 $(BIN)/smml: setup.cfg constraints.txt
 	$(PY) -m venv $(VENV)
@@ -20,6 +20,10 @@ $(BIN)/smml: setup.cfg constraints.txt
 	touch $@
 
 install: $(BIN)/smml ## make .venv and install the package editable with dev extras
+
+lint: $(BIN)/smml ## ruff and mypy as configured in pyproject.toml (what .ci/run checks before the tests)
+	$(BIN)/ruff check src tests
+	$(BIN)/mypy
 
 test: $(BIN)/smml ## the whole test suite (CPU, a few minutes)
 	$(BIN)/python -m pytest -n 2 $(ARGS)

@@ -10,8 +10,8 @@ import pytest
 from scipy.spatial.distance import dice as scipy_dice_dissimilarity
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-import agreement  # noqa: E402  (benchmarks/ is not a package)
-import volumes  # noqa: E402
+import agreement
+import volumes
 
 
 def test_dice_from_counts_matches_scipy():

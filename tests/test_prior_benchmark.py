@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from smml_lightning.data import cache
 from conftest import prepared_cache
+from smml_lightning.data import cache
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-import priors as prior_benchmark  # noqa: E402  (benchmarks/ is not a package)
+import priors as prior_benchmark
 
 
 def hand_dice(pred: np.ndarray, truth: np.ndarray) -> float:

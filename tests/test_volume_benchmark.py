@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-import volumes  # noqa: E402  (benchmarks/ is not a package)
+import volumes
 
 
 def test_region_counts_by_hand():

@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from smml_lightning.data.layouts import LAYOUTS, discover, detect_layout
+from smml_lightning.data.layouts import LAYOUTS, detect_layout, discover
 from smml_lightning.data.modalities import MODALITIES
 from smml_lightning.data.synthetic import case_name, synthesize
 

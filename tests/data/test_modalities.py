@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from smml_lightning.data.modalities import (
-    MODALITIES, SUBSET_NAMES, SUBSETS, parse_subset, sample_masks, subset_index, subset_probabilities,
+    MODALITIES,
+    SUBSET_NAMES,
+    SUBSETS,
+    parse_subset,
+    sample_masks,
+    subset_index,
+    subset_probabilities,
 )
 
 

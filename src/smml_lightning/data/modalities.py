@@ -8,7 +8,7 @@ line up with published ones row by row.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
