@@ -133,7 +133,7 @@ def crop(volume: np.ndarray, box: Sequence[tuple[int, int]]) -> np.ndarray:
     spatial = volume.shape[-3:]
     pad = [(0, 0)] * (volume.ndim - 3) + [(max(0, -a), max(0, b - n)) for (a, b), n in zip(box, spatial)]
     inner = tuple(slice(max(a, 0), min(b, n)) for (a, b), n in zip(box, spatial))
-    return np.pad(volume[(Ellipsis, *inner)], pad)
+    return np.pad(volume[(Ellipsis,) + inner], pad)
 
 
 def z_score(volume: np.ndarray, brain_mask: np.ndarray) -> np.ndarray:
@@ -245,7 +245,7 @@ def _run_one(case: Case, out: Path, min_size: tuple[int, ...], require_all: bool
             return "skipped", case.name, ""
         prepare_case(case, out, min_size, require_all, require_label, spacing)
         return "prepared", case.name, ""
-    except Exception as err:  # noqa: BLE001 - every failure is reported in the summary
+    except Exception as err:  # every failure is reported in the summary
         return "failed", case.name, str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
 
 

@@ -70,8 +70,8 @@ def _ellipsoid(coords: Sequence[np.ndarray], centre: Sequence[float], radii: Seq
     return sum(((c - np.float32(m)) / np.float32(r)) ** 2 for c, m, r in zip(coords, centre, radii)) < 1
 
 
-def _local(axes: Sequence[np.ndarray], box: tuple[slice, ...], centre: Sequence[float],
-           radii: Sequence[float]) -> list[np.ndarray]:
+def _local(axes: Sequence[np.ndarray], box: tuple[slice, ...], centre: Sequence[float] | np.ndarray,
+           radii: Sequence[float] | np.ndarray) -> list[np.ndarray]:
     """Broadcastable coordinates over ``box``, centred on ``centre`` and scaled by ``radii``."""
     out = []
     for a, (ax, s, m, r) in enumerate(zip(axes, box, centre, radii)):
