@@ -11,8 +11,16 @@ from smml_lightning.data import cache
 from smml_lightning.data.labels import REGION_CLASSES, to_internal
 from smml_lightning.data.layouts import discover
 from smml_lightning.data.prepare import crop, prepare, z_score
-from smml_lightning.data.resample import grid_affine, grid_shape, labels_to_native, logits_to_native
+from smml_lightning.data.resample import (
+    grid_affine,
+    grid_shape,
+    labels_to_native,
+    logits_to_box,
+    logits_to_native,
+    native_label,
+)
 from smml_lightning.data.synthetic import synthesize, synthesize_anatomy
+from smml_lightning.evaluation.predict import write_prediction
 
 MIN = (48, 48, 48)
 
@@ -114,3 +122,24 @@ def test_cli_spacing_anisotropic_scan_and_rerun_at_another_spacing(tmp_path):
     assert all(cache.load_meta(out, n).native_spacing is None for n in names)
     with pytest.raises(ValueError, match="spacing must be a positive"):
         prepare(tmp_path / "raw", out, spacing=0.0, progress=False)
+
+
+def test_prediction_written_on_the_original_grid_and_affine(realistic, tmp_path):
+    """A prediction over the 2 mm grid (labels, or scores resampled to the crop box) is saved in the scan's
+    own shape and affine, aligned with its label; the native reference label is read back for metrics."""
+    root, case = realistic
+    meta = cache.load_meta(root, case.name)
+    source = nib.load(str(case.label))
+    truth = to_internal(np.asarray(source.dataobj), case.convention)
+    box_truth = native_label(meta)
+    assert np.array_equal(box_truth, crop(truth, meta.crop_box)) and np.array_equal(native_label(meta, box=False), truth)
+    cached = np.array(cache.load_label(root, case.name))
+    scores = torch.nn.functional.one_hot(torch.from_numpy(cached).long(), 4).permute(3, 0, 1, 2).float()
+    on_box = logits_to_box(scores, meta)
+    assert on_box.shape == meta.box_shape and np.array_equal(cache.uncrop(on_box, meta), logits_to_native(scores, meta))
+    for name, labels in (("grid", cached), ("box", on_box)):
+        path = write_prediction(labels, meta, tmp_path / f"{name}.nii.gz")
+        written = nib.load(str(path))
+        assert written.shape == source.shape and np.allclose(written.affine, source.affine)
+        back = to_internal(np.asarray(written.dataobj), case.convention)
+        assert _dice(back > 0, truth > 0) > 0.9

@@ -20,11 +20,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from smml_lightning.data.cache import CaseMeta, uncrop
+from smml_lightning.data.labels import to_internal
+from smml_lightning.data.layouts import LABEL_KEY
 
 
 def grid_shape(box_shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> tuple[int, int, int]:
@@ -68,17 +71,25 @@ def is_resampled(meta: CaseMeta) -> bool:
     return meta.native_spacing is not None
 
 
-def logits_to_native(logits: torch.Tensor | np.ndarray, meta: CaseMeta) -> np.ndarray:
-    """Native-grid internal labels (uint8, ``meta.original_shape``) from per-class scores ``(C, *grid)``
-    over the cached grid (logits or probabilities): resampled linearly to the crop box, arg-maxed there,
-    and un-cropped (background outside the box)."""
+def logits_to_box(logits: torch.Tensor | np.ndarray, meta: CaseMeta) -> np.ndarray:
+    """Internal labels (uint8) over the crop box in native voxels from per-class scores ``(C, *grid)``
+    over the cached grid (logits or probabilities): resampled linearly, then the largest score wins.
+
+    Metrics need no more than this: every labelled voxel lies inside the crop box, and outside it the
+    prediction is background on the native grid too.
+    """
     scores = torch.as_tensor(logits).float()
     if scores.dim() != 4 or tuple(scores.shape[1:]) != tuple(meta.cropped_shape):
         raise ValueError(f"{meta.name}: scores of shape {tuple(scores.shape)} do not match the cached grid "
                          f"(C, {', '.join(map(str, meta.cropped_shape))})")
     box = _interpolate(scores, meta.box_shape, "trilinear")
-    labels = box.argmax(0).to(torch.uint8).cpu().numpy()
-    return uncrop(labels, meta)
+    return box.max(0).indices.to(torch.uint8).cpu().numpy()  # argmax; max().indices is faster on CPU
+
+
+def logits_to_native(logits: torch.Tensor | np.ndarray, meta: CaseMeta) -> np.ndarray:
+    """Native-grid internal labels (uint8, ``meta.original_shape``) from per-class scores ``(C, *grid)``
+    over the cached grid: :func:`logits_to_box`, un-cropped (background outside the box)."""
+    return uncrop(logits_to_box(logits, meta), meta)
 
 
 def labels_to_native(labels: np.ndarray, meta: CaseMeta) -> np.ndarray:
@@ -100,3 +111,22 @@ def grid_affine(meta: CaseMeta) -> np.ndarray:
     to_native[:3, :3] = np.diag(step)
     to_native[:3, 3] = start + 0.5 * step - 0.5
     return affine @ to_native
+
+
+def native_label(meta: CaseMeta, box: bool = True) -> np.ndarray | None:
+    """The case's reference label on its native grid (internal classes), read again from its source
+    file: over the crop box (``box``, as :func:`logits_to_box` predicts) or the whole original grid.
+    None for a case without a label."""
+    path = meta.source.get(LABEL_KEY)
+    if not meta.has_label or not path:
+        return None
+    from smml_lightning.data.prepare import crop  # prepare imports this module
+
+    data = np.asarray(nib.load(path).dataobj)  # type: ignore[attr-defined]
+    while data.ndim > 3 and data.shape[-1] == 1:  # a trailing time axis, as validation allows
+        data = data[..., 0]
+    if data.shape != tuple(meta.original_shape):
+        raise ValueError(f"{path}: label shape {data.shape} differs from the prepared case's "
+                         f"{tuple(meta.original_shape)}; re-run `smml prepare`")
+    label = to_internal(np.rint(data).astype(np.uint8), meta.convention)
+    return crop(label, meta.crop_box) if box else label

@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from smml_lightning.data.cache import CaseMeta, uncrop
 from smml_lightning.data.labels import CLASS_NAMES, NUM_CLASSES, to_release
 from smml_lightning.data.modalities import MODALITIES, MODALITY_LABELS, NUM_MODALITIES
+from smml_lightning.data.resample import labels_to_native
 from smml_lightning.data.validate import READ_ERRORS
 from smml_lightning.io import atomic_path, atomic_write_bytes
 
@@ -63,17 +64,21 @@ def _check_out(out_path: Path, overwrite: bool, suffixes: tuple[str, ...]) -> No
 def write_prediction(
     labels_cropped: np.ndarray, meta: CaseMeta, out_path: Path | str, overwrite: bool = False
 ) -> Path:
-    """Save internal labels over the cropped grid as a release-convention NIfTI in the original grid."""
+    """Save internal labels over the cached grid (or, for a resampled case, over the crop box in native
+    voxels, as :func:`~smml_lightning.data.resample.logits_to_box` gives them) as a release-convention
+    NIfTI in the original grid; labels on a resampled grid are put back by nearest neighbour."""
     out_path = Path(out_path)
     _check_out(out_path, overwrite, (".nii.gz", ".nii"))
     labels = np.asarray(labels_cropped)
-    if labels.shape != meta.cropped_shape:
+    if labels.shape not in (meta.cropped_shape, meta.box_shape):
         raise ValueError(f"{meta.name}: prediction shape {labels.shape} does not match the crop box "
                          f"{meta.crop_box} (cropped shape {meta.cropped_shape})")
     if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
         raise ValueError(f"{meta.name}: prediction has values outside the internal classes "
                          f"0..{NUM_CLASSES - 1}")
-    release = to_release(uncrop(labels.astype(np.uint8), meta), meta.convention)
+    labels = labels.astype(np.uint8)
+    native = uncrop(labels, meta) if labels.shape == meta.box_shape else labels_to_native(labels, meta)
+    release = to_release(native, meta.convention)
 
     header = _source_header(meta)
     if header is not None:
