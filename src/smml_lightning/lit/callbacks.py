@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
@@ -47,7 +47,7 @@ class PredictionWriter(BasePredictionWriter):
         if path.exists() and not self.overwrite:
             self.kept.append(path)
             return
-        meta = trainer.datamodule.case_meta(name, stage="predict")
+        meta = cast(Any, trainer).datamodule.case_meta(name, stage="predict")  # set by trainer.predict
         labels = prediction["labels"].numpy()
         write_prediction(labels, meta, path, overwrite=self.overwrite)
         self.written.append(path)
