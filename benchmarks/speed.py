@@ -11,7 +11,11 @@ Results: a table ``item | measured | target | pass/fail`` on stdout and in
 ``benchmarks/results/speed-<date>.{md,json}``. ``--profile`` adds torch.profiler's top operators for
 one training step per precision (where the time of a step goes).
 
-Usage: ``python benchmarks/speed.py [--quick] [--threads 2] [--profile] [--skip data,infer]``.
+Item 7 is the training step at the paper's size (128^3, the brats2018 experiment's network, every SMML
+term, priors as tensors): SMML in bf16 against our single branch in bf16 and in fp32, one warm-up and
+``--paper-reps`` (default 1) alternated repetitions each, a few minutes; ``--no-paper-size`` skips it.
+
+Usage: ``python benchmarks/speed.py [--quick] [--threads 2] [--profile] [--skip data,infer] [--no-paper-size]``.
 """
 
 from __future__ import annotations
@@ -275,6 +279,77 @@ def profile_steps(s: Settings, report: Report, rows: int = 15) -> None:
     report.raw["profiles"] = tables
 
 
+# ---- 7: the training step at the paper's size ------------------------------------------------------------
+
+PAPER_PATCH = 128
+PAPER_CONFIGS = {  # name: (method, bf16); the issue-48 targets compare these three
+    "smml bf16": ("smml", True),
+    "single bf16": ("single", True),
+    "single fp32": ("single", False),
+}
+
+
+def build_paper(method: str, device: str = "cpu", patch: int = PAPER_PATCH, network_overrides: dict[str, Any] | None = None,
+                **smml_kwargs: Any) -> SMML | SingleBranch:
+    """A module with the brats2018 experiment's network (and SMML refiner), read from the shipped config;
+    ``warmup_epochs=0`` so every SMML term is computed. ``network_overrides`` replace network arguments
+    (the GPU check's CPU smoke mode shrinks it); ``smml_kwargs`` go to SMML."""
+    from smml_lightning.experiments import load
+
+    model = load("brats2018")["model"]["init_args"]
+    net = functools.partial(MMFormer, **(model["network"]["init_args"] | (network_overrides or {})), patch_size=patch)
+    torch.manual_seed(0)
+    if method == "smml":
+        refiner = functools.partial(SemanticRefiner, **model["refiner"]["init_args"])
+        module: SMML | SingleBranch = SMML(network=net, refiner=refiner, warmup_epochs=0, roi_size=patch,
+                                           **smml_kwargs)
+    else:
+        module = SingleBranch(network=net, roi_size=patch)
+    module.setup("fit")
+    return module.to(device)
+
+
+def paper_step(module: SMML | SingleBranch, bf16: bool, device: str = "cpu",
+               patch: int = PAPER_PATCH) -> Callable[[], None]:
+    """One optimisation step (fwd + bwd + Adam) on one patch with tensor priors, bf16 autocast as
+    ``precision=bf16-mixed`` or fp32; on CUDA it waits for the GPU so that the time is the step's."""
+    optimizer = module.configure_optimizers()["optimizer"]
+    data = {k: v.to(device) for k, v in batch(1, patch).items()}
+    data["image"] = module._layout(data["image"])
+    kind = torch.device(device).type
+
+    def step() -> None:
+        with torch.autocast(kind, dtype=torch.bfloat16, enabled=bf16):
+            terms = module.training_losses(data)
+            loss = torch.stack(list(terms.values())).sum()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if kind == "cuda":
+            torch.cuda.synchronize()
+
+    return step
+
+
+def bench_paper(reps: int, report: Report, device: str = "cpu") -> dict[str, float]:
+    """Item 7: SMML (brats2018 network, refiners, every term, priors as tensors) against our single
+    branch at 128^3, batch 1, alternating; returns the median seconds per configuration."""
+    print(f"[7] training step at the paper's size: {PAPER_PATCH}^3, batch 1, brats2018 network, {reps} rep(s) "
+          "after one warm-up", flush=True)
+    steps = {name: paper_step(build_paper(method, device), bf16, device)
+             for name, (method, bf16) in PAPER_CONFIGS.items()}
+    times = interleaved(steps, reps)
+    t = {k: med(v) for k, v in times.items()}
+    report.raw["paper"] = {"seconds": times, "patch": PAPER_PATCH, "device": device}
+    for name, value in t.items():
+        report.add(f"7. step {name} ({PAPER_PATCH}^3, brats2018 network)", value, "{:.2f} s")
+    report.add("7. SMML bf16 / single bf16", t["smml bf16"] / t["single bf16"], "{:.2f}x", "<= 2.1x",
+               lambda v: v <= 2.1)
+    report.add("7. SMML bf16 / single fp32", t["smml bf16"] / t["single fp32"], "{:.2f}x", "<= 1x",
+               lambda v: v <= 1.0)
+    return t
+
+
 # ---- 3: 15-subset evaluation with encoder reuse --------------------------------------------------------
 
 def zscored_case(shape: tuple[int, int, int], seed: int = 0) -> torch.Tensor:
@@ -505,6 +580,10 @@ def main(argv: list[str] | None = None) -> int:
                         "(prepare runs anyway when data does: it makes the cache)")
     parser.add_argument("--infer-15", action="store_true",
                         help="item 5 also with all 15 subsets (fastest settings); adds several minutes")
+    parser.add_argument("--paper-size", action=argparse.BooleanOptionalAction, default=None,
+                        help="item 7, the training step at 128^3 with the brats2018 network, a few minutes (on "
+                        "by default, off with --quick)")
+    parser.add_argument("--paper-reps", type=int, default=1, help="timed repetitions of item 7 (default 1)")
     parser.add_argument("--infer-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.infer_child:
@@ -568,6 +647,8 @@ def run_items(args: argparse.Namespace, s: Settings, skip: set[str], report: Rep
                 bench_data(s, report, work / "raw", prepared, step_seconds)
     if "infer" not in skip:
         bench_inference(s, report, args.threads)
+    if args.paper_size if args.paper_size is not None else not args.quick:
+        bench_paper(args.paper_reps, report)
 
 
 if __name__ == "__main__":
