@@ -245,7 +245,7 @@ def _run_one(case: Case, out: Path, min_size: tuple[int, ...], require_all: bool
             return "skipped", case.name, ""
         prepare_case(case, out, min_size, require_all, require_label, spacing)
         return "prepared", case.name, ""
-    except Exception as err:  # every failure is reported in the summary
+    except Exception as err:  # noqa: BLE001 - every failure is reported in the summary
         return "failed", case.name, str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
 
 
