@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import prepared_cache
 
+from conftest import prepared_cache
 from smml_lightning.cli import lightning_main
 from smml_lightning.data.datamodule import BratsDataModule
 from smml_lightning.data.prepare import prepare
@@ -219,7 +219,7 @@ def test_sigterm_writes_last_checkpoint_and_sigkill_resumes_from_the_periodic_on
         config = write_config(tmp_path / f"{name}.yaml", cache_dir, tmp_path / name, max_epochs=100)
         procs[name] = (config, _start_fit(config, tmp_path / f"{name}.log"))
     try:
-        for name, (config, proc) in procs.items():
+        for name, (_config, proc) in procs.items():
             _wait_for(tmp_path / name / "ckpt" / "last.ckpt", proc, tmp_path / f"{name}.log")
         procs["term"][1].send_signal(signal.SIGTERM)
         procs["kill"][1].send_signal(signal.SIGKILL)
