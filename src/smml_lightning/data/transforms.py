@@ -26,8 +26,9 @@ patch or case centre and a shift, in millimetres) while the label and a referenc
 from __future__ import annotations
 
 import math
+from collections.abc import Generator, Sequence
 from pathlib import Path
-from typing import Generator, Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -66,12 +67,13 @@ def rotated_grid(
     return (mm @ rotation.T) / s
 
 
-def read_window(array: np.ndarray, lo: Sequence[int], hi: Sequence[int]) -> np.ndarray:
+def read_window(array: np.ndarray, lo: Sequence[int] | np.ndarray, hi: Sequence[int] | np.ndarray) -> np.ndarray:
     """``array[..., lo:hi]`` over the last three axes, zero outside the array (the cache's background)."""
     shape = array.shape[-3:]
     inner = tuple(slice(max(a, 0), min(b, n)) for a, b, n in zip(lo, hi, shape))
     pad = [(max(-a, 0), max(b - n, 0)) for a, b, n in zip(lo, hi, shape)]
-    window = np.asarray(array[(Ellipsis, *inner)])
+    index: tuple[Any, ...] = (Ellipsis, *inner)
+    window = np.asarray(array[index])
     if any(p != (0, 0) for p in pad):
         window = np.pad(window, [(0, 0)] * (window.ndim - 3) + pad)
     return window
@@ -170,13 +172,13 @@ class AugmentedPatches(tio.Transform):
         shift: float = 0.1,
         jitter_mm: float = 0.0,
         jitter_degrees: float = 0.0,
-        **kwargs: object,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if jitter_mm < 0 or jitter_degrees < 0:
             raise ValueError(f"jitter_mm and jitter_degrees must be >= 0, got {jitter_mm}, {jitter_degrees}")
         self.jitter_mm, self.jitter_degrees = float(jitter_mm), float(jitter_degrees)
-        self.patch_size = tuple(int(p) for p in patch_size)
+        self.patch_size: tuple[int, int, int] = cast(tuple[int, int, int], tuple(int(p) for p in patch_size))
         self.num_patches = int(num_patches)
         self.sampler = tio.LabelSampler(self.patch_size, "label", label_probabilities)
         self.augment = augment
@@ -239,9 +241,9 @@ class AugmentedPatches(tio.Transform):
         return patch
 
     def apply_transform(self, subject: tio.Subject) -> tio.Subject:
-        folder = Path(subject["case_dir"])
+        folder = Path(cast(str, subject["case_dir"]))
         labeled = "label" in subject
-        reference = subject["label"] if labeled else subject["grid"]
+        reference = cast(tio.Image, subject["label"] if labeled else subject["grid"])
         spacing = reference.spacing
         arrays = [np.load(folder / "image.npy", mmap_mode="r")]
         if self.use_prior:
@@ -264,7 +266,7 @@ class AugmentedPatches(tio.Transform):
             for stack, t in zip(stacks, patch):
                 stack.append(t)
         affine = np.diag([*spacing, 1.0])
-        images = {"image": tio.ScalarImage(tensor=torch.cat(stacks[0], dim=1), affine=affine)}
+        images: dict[str, tio.Image] = {"image": tio.ScalarImage(tensor=torch.cat(stacks[0], dim=1), affine=affine)}
         if labeled:
             images["label"] = tio.LabelMap(tensor=torch.cat(stacks[-1], dim=1).round().to(torch.uint8), affine=affine)
         if self.use_prior:
