@@ -10,6 +10,7 @@ config). Experiment configs are named (``smml fit --config brats2018``) or given
 from __future__ import annotations
 
 import errno
+import itertools
 import importlib
 import os
 import sys
@@ -209,7 +210,34 @@ COMMANDS: dict[str, Command] = {
 
 # Disk errors a user can cause (or meet), and how to say them.
 _DISK_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-                errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
+                errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                errno.ENOTDIR: "a file stands where a folder is needed",
+                errno.EISDIR: "a folder stands where a file is needed"}
+_WHILE_WRITING = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def check_configs(argv: Sequence[str]) -> None:
+    """Raise ``ValueError`` naming the file, line and column when a ``--config`` file is not valid YAML, or
+    not a mapping of options (jsonargparse would name neither the file nor, for some errors, the line)."""
+    import yaml
+
+    paths = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    paths += [b for a, b in itertools.pairwise(argv) if a == "--config"]
+    for path in map(Path, paths):
+        if not path.is_file():
+            continue  # jsonargparse names a missing file; a named experiment is ours
+        try:
+            content = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(f"config {path}: YAML syntax error{where}: {problem}") from err
+        except UnicodeDecodeError as err:
+            raise ValueError(f"config {path} is not a text (YAML) file") from err
+        if content is not None and not isinstance(content, dict):
+            raise ValueError(f"config {path} must be a mapping of options (section: values), "
+                             f"got a {type(content).__name__}")
 
 
 def usage() -> str:
@@ -240,6 +268,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(2)
     hint = "\n(set SMML_TRACEBACK=1 for the traceback)"
     try:
+        check_configs(argv[1:])
         command.run(argv[1:])
     except KeyboardInterrupt:
         if os.environ.get("SMML_TRACEBACK"):
@@ -251,12 +280,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         if os.environ.get("SMML_TRACEBACK"):
             raise
         raise SystemExit(f"smml: error: {err}{hint}") from err
-    except OSError as err:
+    except OSError as err:  # after FileNotFoundError, whose messages here come from our checks
         if err.errno not in _DISK_ERRORS or os.environ.get("SMML_TRACEBACK"):
             raise
-        where = f" while writing {err.filename}" if err.filename else ""
-        if err.errno == errno.EACCES:
-            where = f": {err.filename}" if err.filename else ""
+        if not err.filename:
+            where = ""
+        elif err.errno in _WHILE_WRITING:
+            where = f" while writing {err.filename}"
+        else:
+            where = f": {err.filename}"
         raise SystemExit(f"smml: error: {_DISK_ERRORS[err.errno]}{where}{hint}") from err
 
 

@@ -84,3 +84,15 @@ def test_mixed_layouts_rejected_hidden_files_ignored_and_stray_seg_taken(tmp_pat
     synthesize(tmp_path / "other", 1, layout="brats2021", shape=SHAPE)
     with pytest.raises(ValueError, match="several layouts.*brats2020.*brats2021"):
         discover(tmp_path)
+
+
+def test_upper_case_suffixes_and_extensions_are_matched(tmp_path):
+    folder = synthesize(tmp_path, 1, shape=(8, 8, 8), seed=0)[0]
+    for path in list(folder.iterdir()):
+        if path.name.endswith("_flair.nii.gz"):
+            path.rename(path.with_name(path.name.replace("_flair.nii.gz", "_FLAIR.NII.GZ")))
+        if path.name.endswith("_seg.nii.gz"):
+            path.rename(path.with_name(path.name.replace("_seg", "_Seg")))
+    (case,) = discover(tmp_path)
+    assert case.images["flair"].name.endswith("_FLAIR.NII.GZ") and case.label.name.endswith("_Seg.nii.gz")
+    assert all(case.available)

@@ -119,3 +119,42 @@ def test_label_value_outside_release_set(tmp_path, layout, bad):
     seg[0, 0, 0] = bad
     _rewrite(case.label, seg)
     _raises(case, case.label, rf"label values \[{bad}\] are not in the {layout} set")
+
+
+_OPPOSITE = {"R": "L", "L": "R", "A": "P", "P": "A", "S": "I", "I": "S"}
+
+
+def _flip_xy(path):
+    """The same image stored in another orientation (RAS+ <-> LPS+): the first two voxel axes reversed and
+    the affine changed to match, so every voxel keeps its place in the scanner's space."""
+    img = nib.load(str(path))
+    codes = nib.aff2axcodes(img.affine)
+    target = (_OPPOSITE[codes[0]], _OPPOSITE[codes[1]], codes[2])
+    flip = nib.orientations.ornt_transform(nib.orientations.io_orientation(img.affine),
+                                           nib.orientations.axcodes2ornt(target))
+    nib.save(img.as_reoriented(flip), str(path))
+    assert nib.aff2axcodes(nib.load(str(path)).affine) == target
+    return "".join(codes), "".join(target)
+
+
+def test_another_orientation_of_the_same_grid_is_reoriented(tmp_path):
+    case, _ = _case(tmp_path)
+    reference = validate_case(case)
+    _flip_xy(case.images["t2"])
+    _flip_xy(case.label)
+    assert not np.allclose(nib.load(str(case.label)).affine, reference.affine)
+    v = validate_case(case)
+    np.testing.assert_array_equal(v.images["t2"], reference.images["t2"])
+    np.testing.assert_array_equal(v.label, reference.label)
+    np.testing.assert_allclose(v.affine, reference.affine)
+
+
+def test_another_orientation_of_another_grid_says_orientation_differs(tmp_path):
+    case, _ = _case(tmp_path)
+    path = case.images["t1"]
+    before, after = _flip_xy(path)
+    img = nib.load(str(path))
+    shifted = img.affine.copy()
+    shifted[:3, 3] += 5.0  # and 5 mm away: no reorientation makes it coincide
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), shifted), str(path))
+    _raises(case, path, rf"orientation {after} differs from {before} of .*flair.*and the volumes do not coincide")

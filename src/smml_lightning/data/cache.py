@@ -123,7 +123,46 @@ def load_meta(root: Path | str, name: str) -> CaseMeta:
 
 
 def _load(path: Path, mmap: bool) -> np.ndarray:
-    return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, EOFError, OSError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise ValueError(f"case {path.parent.name}: {path} is truncated or unreadable ({err}); re-run "
+                         "`smml prepare` on this cache to redo the case") from err
+
+
+def _array_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """Shape, dtype and data offset of a ``.npy`` file, from its header alone."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+        return shape, dtype, f.tell()
+
+
+def check_case(root: Path | str, name: str) -> None:
+    """Raise ``ValueError`` naming the case and file (and saying to re-run ``smml prepare``) when a cached
+    case's metadata or arrays are unreadable, cut short or of the wrong shape. Reads headers only, so a
+    whole cache is checked in moments before training or testing starts."""
+    meta = load_meta(root, name)
+    arrays = {"image.npy": (4, *meta.cropped_shape), "label.npy": meta.cropped_shape}
+    for file, shape in arrays.items():
+        path = case_dir(root, name) / file
+        if file == "label.npy" and not meta.has_label and not path.exists():
+            continue
+        try:
+            found, dtype, offset = _array_header(path)
+            size = path.stat().st_size
+        except (ValueError, OSError, EOFError) as err:
+            raise ValueError(f"case {name}: {path} is unreadable ({err}); re-run `smml prepare` on this "
+                             "cache to redo the case") from err
+        expected = offset + int(np.prod(found)) * dtype.itemsize
+        if tuple(found) != tuple(shape) or size < expected:
+            problem = (f"holds shape {tuple(found)}, expected {tuple(shape)}" if tuple(found) != tuple(shape)
+                       else f"is truncated ({size} of {expected} bytes)")
+            raise ValueError(f"case {name}: {path} {problem}; re-run `smml prepare` on this cache to redo "
+                             "the case")
 
 
 def load_image(root: Path | str, name: str, mmap: bool = True) -> np.ndarray:

@@ -192,6 +192,8 @@ class BratsDataModule(LightningDataModule):
         names = cache.list_cases(root)
         if not names:
             raise FileNotFoundError(f"cache folder {root} holds no prepared cases: run `smml prepare` first")
+        for name in names:  # a truncated array fails here, named, not in a loader worker mid-epoch
+            cache.check_case(root, name)
         return names
 
     def _make_splits(self) -> dict[str, list[str]]:
@@ -310,7 +312,11 @@ class BratsDataModule(LightningDataModule):
         )
 
     def test_dataloader(self) -> DataLoader:
-        return self._eval_loader(CachedCaseDataset(self.cache_dir, self._split("test")), padded=False)
+        names = self._split("test")
+        if not names:
+            raise ValueError(f"the test split of {self.cache_dir} is empty: set data.test_fraction > 0 or "
+                             "give data.split with test cases")
+        return self._eval_loader(CachedCaseDataset(self.cache_dir, names), padded=False)
 
     @property
     def predict_cache(self) -> Path:

@@ -54,7 +54,8 @@ _EXAMPLES: dict[str, str] = {
 def _file_regex(layout: str) -> re.Pattern[str]:
     case, sep = _CASE_PATTERNS[layout]
     suffixes = "|".join(sorted(set(SUFFIXES[layout].values()), key=len, reverse=True))
-    return re.compile(rf"^({case}){re.escape(sep)}({suffixes})\.nii(?:\.gz)?$")
+    # Suffix and extension in any case (``_FLAIR.nii.gz``, ``.NII``): some exports upper-case them.
+    return re.compile(rf"^({case}){re.escape(sep)}((?i:{suffixes}))(?i:\.nii(?:\.gz)?)$")
 
 
 _REGEXES: dict[str, re.Pattern[str]] = {layout: _file_regex(layout) for layout in LAYOUTS}
@@ -94,7 +95,7 @@ def _nifti_files(root: Path) -> list[Path]:
     for folder, dirs, files in os.walk(root, followlinks=True):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for f in sorted(files):
-            if not f.startswith(".") and (f.endswith(".nii") or f.endswith(".nii.gz")):
+            if not f.startswith(".") and f.lower().endswith((".nii", ".nii.gz")):
                 found.append(Path(folder) / f)
     return found
 
@@ -104,7 +105,7 @@ def _match(path: Path, layouts: tuple[str, ...]) -> tuple[str, str, str] | None:
     for layout in layouts:
         m = _REGEXES[layout].match(path.name)
         if m:
-            return layout, m.group(1), m.group(2)
+            return layout, m.group(1), m.group(2).lower()
     return None
 
 

@@ -56,8 +56,8 @@ class PrepareSummary:
     failed: dict[str, str] = field(default_factory=dict)
 
 
-class NothingPrepared(RuntimeError):
-    """No case of a run ended up usable; ``summary`` says why each failed."""
+class NothingPrepared(ValueError, RuntimeError):
+    """No case of a run ended up usable (a bad input: ``ValueError``); ``summary`` says why each failed."""
 
     def __init__(self, message: str, summary: PrepareSummary) -> None:
         super().__init__(message)
@@ -90,6 +90,8 @@ def cache_lock(out: Path | str) -> Iterator[None]:
     holds the holder's process id); a second run raises ``ValueError`` naming the holder. The kernel drops
     the lock when the holder exits, however it exits, so a killed run never leaves the cache locked."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"cache folder {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
     try:

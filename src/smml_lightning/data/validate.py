@@ -82,6 +82,16 @@ def _load(case: str, path: Path, as_label: bool) -> tuple[np.ndarray, np.ndarray
     return data, np.asarray(img.affine, dtype=np.float64), zooms
 
 
+def _reorient(data: np.ndarray, affine: np.ndarray, ref_affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``data`` with its voxel axes permuted and flipped to the orientation of ``ref_affine``, and the
+    affine that goes with the result (nibabel's orientation tools; the voxels keep their positions)."""
+    orientations = nib.orientations
+    transform = orientations.ornt_transform(orientations.io_orientation(affine),
+                                            orientations.io_orientation(ref_affine))
+    moved = orientations.apply_orientation(data, transform)
+    return np.ascontiguousarray(moved), affine @ orientations.inv_ornt_aff(transform, data.shape)
+
+
 def _check_label(case: Case, path: Path, data: np.ndarray) -> np.ndarray:
     values = CONVENTIONS[case.convention]
     if np.issubdtype(data.dtype, np.floating):
@@ -105,7 +115,9 @@ def validate_case(case: Case, require_all: bool = True, require_label: bool = Tr
     """Load and check a case; raise :class:`CaseError` on the first problem found.
 
     ``require_all`` (training) demands all four modalities; otherwise at least one (prediction).
-    Shapes and affines (within ``affine_atol`` mm) must agree across modalities and the label.
+    Shapes and affines (within ``affine_atol`` mm) must agree across modalities and the label; a file
+    whose voxel axes are ordered or directed differently (RAS+ against LPS+) is reoriented to the first
+    modality's grid when it then coincides with it.
     """
     folder = next((p.parent for p in [*case.images.values(), case.label] if p is not None), None)
     missing = [m for m in MODALITIES if case.images.get(m) is None]
@@ -119,15 +131,26 @@ def validate_case(case: Case, require_all: bool = True, require_label: bool = Tr
     images: dict[str, np.ndarray | None] = {}
     ref: tuple[Path, tuple[int, ...], np.ndarray, tuple[float, ...]] | None = None
 
-    def check_geometry(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
+    def check_geometry(path: Path, data: np.ndarray, affine: np.ndarray) -> np.ndarray:
+        """``data`` on the reference grid: as it is, or reoriented when only the voxel axes' order or
+        direction differ (the same grid stored RAS+ rather than LPS+, say)."""
         assert ref is not None
         ref_path, ref_shape, ref_affine, _ = ref
+        codes, ref_codes = "".join(nib.aff2axcodes(affine)), "".join(nib.aff2axcodes(ref_affine))
+        if codes != ref_codes:
+            data, affine = _reorient(data, affine, ref_affine)
+            if data.shape != ref_shape or not np.allclose(affine, ref_affine, rtol=0.0, atol=affine_atol):
+                raise CaseError(case.name, path, f"orientation {codes} differs from {ref_codes} of {ref_path.name}, "
+                                "and the volumes do not coincide after reorienting: modalities are not "
+                                "co-registered")
+            return data
         if data.shape != ref_shape:
             raise CaseError(case.name, path, f"shape {data.shape} differs from {ref_shape} of {ref_path.name}")
         if not np.allclose(affine, ref_affine, rtol=0.0, atol=affine_atol):
             worst = float(np.abs(affine - ref_affine).max())
             raise CaseError(case.name, path, f"affine differs from that of {ref_path.name} by up to {worst:.4g} "
                             f"(tolerance {affine_atol:g} mm): modalities are not co-registered")
+        return data
 
     for m in MODALITIES:
         path = case.images.get(m)
@@ -138,7 +161,7 @@ def validate_case(case: Case, require_all: bool = True, require_label: bool = Tr
         if ref is None:
             ref = (Path(path), tuple(int(n) for n in data.shape), affine, zooms)
         else:
-            check_geometry(Path(path), data, affine)
+            data = check_geometry(Path(path), data, affine)
         if not np.isfinite(data).all():
             raise CaseError(case.name, path, f"{int((~np.isfinite(data)).sum())} NaN or infinite voxels")
         if not data.any():
@@ -149,7 +172,7 @@ def validate_case(case: Case, require_all: bool = True, require_label: bool = Tr
     label = None
     if case.label is not None:
         data, affine, _ = _load(case.name, Path(case.label), as_label=True)
-        check_geometry(Path(case.label), data, affine)
+        data = check_geometry(Path(case.label), data, affine)
         label = _check_label(case, Path(case.label), data)
     spacing = tuple(float(z) for z in ref[3])
     return ValidatedCase(case=case, images=images, label=label, affine=ref[2], spacing=spacing)  # type: ignore[arg-type]

@@ -34,7 +34,7 @@ from ..experiments import expand_config_args, experiment_name
 from .base import MissingModalityModule
 from .callbacks import AtomicCheckpointIO, BestAndLastCheckpoint, EpochSummary, PredictionWriter
 from .hparams import checkpoint_cli_args
-from .resume import ResumeState
+from .resume import ResumeState, check_checkpoint
 
 # Messages Lightning prints on every call that say nothing about the run (each filter matches one message):
 # `smml` hands LightningCLI its (config-expanded) arguments, which differ from sys.argv by design;
@@ -176,6 +176,9 @@ class SMMLCLI(LightningCLI):
         return run
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
+        ckpt_path = self.config[self.subcommand].get("ckpt_path") if self.subcommand else None
+        if ckpt_path:  # a wrong file ends in one line here, not in Lightning's restore
+            check_checkpoint(ckpt_path, self.model)
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's own plugin
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()

@@ -19,6 +19,9 @@ gathers all ranks' states in ``on_save_checkpoint``, a hook every rank runs. If 
 the saved states do not map onto the new ranks: a warning says so and the seeded states stay (the data
 stream does not depend on them; only model-side randomness differs from the interrupted run).
 
+A checkpoint given as ``--ckpt_path`` is checked before Lightning restores it (:func:`check_checkpoint`),
+so a wrong file ends with one line naming it and what it is, not a page of missing weight names.
+
 On SIGTERM (a scheduler's preemption, ``kill``, ``scancel``) Lightning stops after the current batch by
 raising ``SIGTERMException``; this callback then writes ``last.ckpt`` so at most one step is lost. Ctrl-C
 (``KeyboardInterrupt``, which Lightning turns into ``sys.exit(1)``; ``smml`` makes that status 130) does
@@ -28,6 +31,7 @@ the same, from wherever the step was interrupted: the weights are those of the l
 from __future__ import annotations
 
 import random
+import zipfile
 from pathlib import Path
 from typing import Any, cast
 
@@ -63,6 +67,50 @@ def set_rng_states(states: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     version, internal, py_gauss = states["python"]
     random.setstate((version, tuple(internal), py_gauss))
+
+
+def _class_name(checkpoint: dict[str, Any]) -> str | None:
+    """The model class a checkpoint's hyperparameters name (``_class_path``, as the CLI stores it)."""
+    name = checkpoint.get("hyper_parameters", {}).get("_class_path")
+    return name.rsplit(".", 1)[-1] if isinstance(name, str) else None
+
+
+def check_checkpoint(path: str | Path, module: torch.nn.Module) -> None:
+    """Raise ``ValueError`` (``FileNotFoundError``) with one line naming ``path`` when it is missing, not a
+    PyTorch checkpoint (another file, cut short, corrupt) or holds weights ``module`` cannot take: another
+    method's, or the same method at other sizes."""
+    if str(path) in ("last", "best", "hpc") or str(path).startswith("registry"):
+        return  # Lightning's own names for checkpoints it finds itself
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a checkpoint (not a PyTorch file, or one cut short by an interrupted "
+                         "copy or a full disk)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # whatever torch says, the file is unusable
+        raise ValueError(f"{path} is not a readable checkpoint ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:200]})") from err
+    weights = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(weights, dict):
+        raise ValueError(f"{path} is not a Lightning checkpoint: it holds no state_dict of model weights")  # noqa: TRY004
+    expected = module.state_dict()
+    builds = type(module).__name__
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        held = _class_name(checkpoint)
+        if held is not None and held != builds:
+            raise ValueError(f"checkpoint {path} holds a {held} model; the config builds {builds}: use a "
+                             f"{builds} checkpoint, or the config of the {held} run")
+        raise ValueError(f"checkpoint {path} does not fit the {builds} model the config builds: "
+                         f"{len(missing)} weight(s) missing (e.g. {missing[:1]}), {len(unexpected)} unexpected "
+                         f"(e.g. {unexpected[:1]}); give the model options it was trained with")
+    for key, value in expected.items():
+        if tuple(weights[key].shape) != tuple(value.shape):
+            raise ValueError(f"checkpoint {path} holds {key} of shape {tuple(weights[key].shape)}, the {builds} "
+                             f"model the config builds has {tuple(value.shape)}: give the network options "
+                             "(sizes) it was trained with")
 
 
 def last_checkpoint_callback(trainer: pl.Trainer) -> ModelCheckpoint | None:
