@@ -10,8 +10,8 @@ config). Experiment configs are named (``smml fit --config brats2018``) or given
 from __future__ import annotations
 
 import errno
-import itertools
 import importlib
+import itertools
 import os
 import sys
 from collections.abc import Callable, Sequence
