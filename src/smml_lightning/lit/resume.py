@@ -94,7 +94,7 @@ def check_checkpoint(path: str | Path, module: torch.nn.Module) -> None:
                          f"{str(err).splitlines()[0][:200]})") from err
     weights = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
     if not isinstance(weights, dict):
-        raise ValueError(f"{path} is not a Lightning checkpoint: it holds no state_dict of model weights")  # noqa: TRY004
+        raise ValueError(f"{path} is not a Lightning checkpoint: it holds no state_dict of model weights")
     expected = module.state_dict()
     builds = type(module).__name__
     missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
