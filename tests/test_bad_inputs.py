@@ -305,7 +305,7 @@ entry("priors missing split", 1, "nosplit.json")(
     lambda w, t, m: ["priors", str(w.cache), f"--sam_checkpoint={w.not_ckpt}", f"--split={t / 'nosplit.json'}"])
 
 # fit
-entry("fit missing config", 2, "config", "nothere.yaml", "does not exist")(
+entry("fit missing config", 1, "config", "nothere.yaml", "is neither a file nor a shipped config")(
     lambda w, t, m: ["fit", f"--config={t / 'nothere.yaml'}"])
 entry("fit YAML syntax error", 1, "bad.yaml", "YAML syntax error at line 3")(
     lambda w, t, m: ["fit", f"--config={w.bad_yaml}"])
@@ -344,7 +344,8 @@ def _(w, t, m):
     real = os.fsync
 
     def full(fd):
-        if os.readlink(f"/proc/self/fd/{fd}").endswith(".tmp"):
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if ".ckpt." in name and name.endswith(".tmp"):  # the checkpoint's temporary file, nothing else
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(fd)
     m.setattr(smml_io.os, "fsync", full)
