@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -40,7 +41,7 @@ def _stem(path: Path) -> str:
 def _read_labels(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
     """Integer label array and voxel spacing of a NIfTI file; ValueError naming the file otherwise."""
     try:
-        image = nib.load(str(path))
+        image: Any = nib.load(str(path))  # a NIfTI image (nibabel types load() as any image format)
         data = np.asanyarray(image.dataobj)
         spacing = tuple(float(z) for z in image.header.get_zooms()[:3])
     except Exception as err:  # nibabel raises many kinds for a damaged file

@@ -158,7 +158,7 @@ def surface_hd95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float], 
         return math.inf
     box = _bbox(both)
     spacing = tuple(float(s) for s in spacing)
-    table = _surface_area_table(spacing)  # type: ignore[arg-type]
+    table = _surface_area_table(spacing)
     codes = [_neighbour_codes(m[box]) for m in (truth, pred)]
     borders = [(c != 0) & (c != 255) for c in codes]
     if not (borders[0].any() and borders[1].any()):
@@ -248,7 +248,7 @@ def region_scores(
             kept_hd95.append(MAX_HD95)
             continue
         n_tp += 1
-        sub = _union_slices([near] + [pred_boxes[h - 1] for h in hits])  # type: ignore[list-item]
+        sub = _union_slices([near] + [pred_boxes[h - 1] for h in hits])
         lesion_mask = lesions[sub] == lesion_id
         pred_mask = np.isin(pred_cc[sub], hits)
         kept_dice.append(_dice(pred_mask, lesion_mask))

@@ -7,7 +7,7 @@ applies the ET post-processing used by RFNet/mmFormer ("enhancing_postpro").
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
