@@ -169,7 +169,9 @@ def anatomy_arrays(seed: int | Sequence[int] = 0) -> tuple[dict[str, np.ndarray]
                           for _ in range(3)])
     disp_grid *= np.float32(disp_sd) / disp_grid.std(axis=(1, 2, 3), keepdims=True)
     np.clip(disp_grid, -2.5 * disp_sd, 2.5 * disp_sd, out=disp_grid)
-    to_coarse = [np.float32((c - 1) / max(n - 1, 1)) for c, n in zip(coarse, bshape)]
+    # Dense over the box: torch's upsampling is much cheaper than sampling the grid point by point.
+    disp_box = F.interpolate(torch.from_numpy(disp_grid)[None], size=bshape, mode="trilinear",
+                             align_corners=True)[0].numpy()
 
     # Tumour seed in deep white matter (template voxels), its size and kind.
     seed_q = seeds[rng.integers(len(seeds))].astype(np.float32)
@@ -178,11 +180,11 @@ def anatomy_arrays(seed: int | Sequence[int] = 0) -> tuple[dict[str, np.ndarray]
     atrophy = np.float32(rng.uniform(0.05, 0.35))
     spread = np.float32(rng.uniform(8, 16) if kind == "lgg" else rng.uniform(8, 20))  # oedema reach, mm
 
-    def warp(points: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
-        """Template coordinates of the healthy tissue seen at box voxels ``points`` (3, N), and each
-        point's distance to the tumour seed in the tumour's own (displaced) space."""
-        disp = _linear(disp_grid, [pt * f for pt, f in zip(points, to_coarse)])
-        shifted = [pt + np.float32(lo[a] - c_o[a]) for a, pt in enumerate(points)]
+    def warp(points: tuple[np.ndarray, ...]) -> tuple[list[np.ndarray], np.ndarray]:
+        """Template coordinates of the healthy tissue seen at box voxels ``points`` (three index arrays),
+        and each point's distance to the tumour seed in the tumour's own (displaced) space."""
+        disp = [d[points] for d in disp_box]
+        shifted = [pt.astype(np.float32) + np.float32(lo[a] - c_o[a]) for a, pt in enumerate(points)]
         rel = []
         for c in range(3):
             qc = disp[c] + np.float32(c_t[c] - seed_q[c])
@@ -195,16 +197,16 @@ def anatomy_arrays(seed: int | Sequence[int] = 0) -> tuple[dict[str, np.ndarray]
         return [s + d * factor for s, d in zip(seed_q, rel)], r
 
     # Which voxels can hold brain: the brain mask warped on a grid twice as coarse, widened.
-    grid2 = np.stack(np.meshgrid(*[np.arange(0, n, 2, dtype=np.float32) for n in bshape], indexing="ij"))
-    q2, _ = warp(grid2.reshape(3, -1))
-    mask2 = _linear(template[3:], q2)[0].reshape(grid2.shape[1:]) > 0.01
+    grid2 = np.meshgrid(*[np.arange(0, n, 2) for n in bshape], indexing="ij")
+    q2, _ = warp(tuple(g.ravel() for g in grid2))
+    mask2 = _linear(template[3:], q2)[0].reshape(grid2[0].shape) > 0.01
     mask2 = ndimage.binary_dilation(mask2, iterations=2)
     candidates = np.zeros(bshape, dtype=bool)
     for offset in np.ndindex(2, 2, 2):
         view = candidates[offset[0]::2, offset[1]::2, offset[2]::2]
         view |= mask2[tuple(slice(0, n) for n in view.shape)]
     points = np.nonzero(candidates)
-    q, r_points = warp(np.stack(points).astype(np.float32))
+    q, r_points = warp(points)
     sampled = _linear(template, q)
     t1w, gm, wm, mask = (np.zeros(bshape, dtype=np.float32) for _ in range(4))
     for c, volume in enumerate((t1w, gm, wm, mask)):
