@@ -5,8 +5,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import prepared_cache
 
+from conftest import prepared_cache
 from smml_lightning.cli import main
 
 REPO = Path(__file__).resolve().parents[1]

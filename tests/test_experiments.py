@@ -3,7 +3,7 @@ values it promises; ablation overlays change exactly their knobs when stacked on
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ OVERLAY_CHANGES = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def build(*configs: Path) -> tuple[Any, dict[str, Any]]:
     """The CLI's model, datamodule and flattened config for ``configs`` given in order (no run)."""
     args: list[str] = []
@@ -201,7 +201,7 @@ def test_equal_parameter_variants_match_the_other_methods_size(overlay: str, res
 def transformer_shapes(*networks: MMFormer) -> set[tuple[int, int, int, float]]:
     """(width, heads, MLP width, dropout) of every bottleneck transformer layer of ``networks``."""
     layers = [layer for net in networks for t in [*net.intra, net.inter] for layer in t.layers]
-    return {(l.self_attn.embed_dim, l.self_attn.num_heads, l.linear1.out_features, l.dropout.p) for l in layers}
+    return {(t.self_attn.embed_dim, t.self_attn.num_heads, t.linear1.out_features, t.dropout.p) for t in layers}
 
 
 PUBLIC_TRANSFORMER = {(512, 8, 4096, 0.1)}  # mmFormer's and SMML's public code
