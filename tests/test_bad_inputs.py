@@ -148,11 +148,13 @@ def _fit(w: World, tmp: Path, *extra: str, config: Path | None = None, command: 
 
 
 # synth
-entry("synth zero cases", 1, "n_cases must be >= 1")(lambda w, t, m: ["synth", str(t / "s"), "--cases=0"])
+TINY = "--shape=[16,16,16]"  # the quick generator
+entry("synth zero cases", 1, "n_cases must be >= 1")(lambda w, t, m: ["synth", str(t / "s"), TINY, "--cases=0"])
 entry("synth unknown layout", 1, "unknown layout", "brats1999")(
-    lambda w, t, m: ["synth", str(t / "s"), "--layout=brats1999"])
-entry("synth negative first", 1, "first >= 0")(lambda w, t, m: ["synth", str(t / "s"), "--first=-1"])
-entry("synth cases not a number", 2, "cases", "abc")(lambda w, t, m: ["synth", str(t / "s"), "--cases=abc"])
+    lambda w, t, m: ["synth", str(t / "s"), TINY, "--layout=brats1999"])
+entry("synth negative first", 1, "first >= 0")(lambda w, t, m: ["synth", str(t / "s"), TINY, "--first=-1"])
+entry("synth cases not a number", 2, "cases", "abc")(
+    lambda w, t, m: ["synth", str(t / "s"), TINY, "--cases=abc"])
 entry("synth tiny shape", 1, "every side >= 8", "(4, 4, 4)")(
     lambda w, t, m: ["synth", str(t / "s"), "--cases=1", "--shape=[4,4,4]"])
 entry("synth into a file", 1, "a file stands where a folder is needed", "a_file.txt")(
