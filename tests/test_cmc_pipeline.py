@@ -28,7 +28,7 @@ TINY = [
 
 
 def _common(root: Path) -> list[str]:
-    return ["--config", "experiments/synthetic_cmc.yaml", f"--data.cache_dir={root / 'cache'}",
+    return ["--config", "synthetic_cmc", f"--data.cache_dir={root / 'cache'}",
             f"--trainer.default_root_dir={root / 'fit'}", f"--checkpoint.dirpath={root / 'fit' / 'ckpt'}",
             f"--trainer.logger.init_args.save_dir={root / 'logs'}", *TINY]
 
@@ -52,3 +52,27 @@ def test_cmc_fit_test_predict(tmp_path, monkeypatch):
     written = sorted(out.glob("*_seg.nii.gz"))
     assert len(written) == 2
     assert {int(v) for v in nib.load(written[0]).get_fdata().ravel()} <= {0, 1, 2, 4}
+
+
+def test_cmc_semi_supervised_fit_logs_both_unlabeled_terms(tmp_path, monkeypatch):
+    prepared_cache(tmp_path, 8, seed=6)
+    monkeypatch.chdir(REPO)
+    cli = lightning_main(["fit", *_common(tmp_path), "--config", "labeled/labeled_20",
+                          f"--data.output_dir={tmp_path / 'out'}", "--trainer.max_epochs=1",
+                          "--trainer.log_every_n_steps=1", "--trainer.check_val_every_n_epoch=2"])
+    labeled = (tmp_path / "out" / "labeled.txt").read_text().split()
+    assert labeled == cli.datamodule.labeled and len(labeled) == 1  # 20% of 4 training cases
+    assert cli.trainer.global_step == 2  # as many steps as with every case labeled
+    logged = pd.concat(pd.read_csv(f) for f in (tmp_path / "logs").rglob("metrics.csv"))
+    for term in ("seg", "csc", "cac"):  # zero on a step whose unlabeled sample keeps one modality only
+        values = logged[f"train/{term}_step"].dropna()
+        assert len(values) == 2 and values.ge(0).all() and values.gt(0).any(), term
+
+
+def test_supervised_method_refuses_unlabeled_cases(tmp_path, monkeypatch):
+    prepared_cache(tmp_path, 8, seed=6)
+    monkeypatch.chdir(REPO)
+    args = ["fit", "--config", "synthetic_maml", f"--data.cache_dir={tmp_path / 'cache'}",
+            "--trainer.logger=false", "--data.use_unlabeled=true", "--data.labeled_fraction=0.5"]
+    with pytest.raises(SystemExit, match="supervised only"):
+        lightning_main(args)

@@ -98,7 +98,7 @@ def test_companion_config(base: str, method: str) -> None:
     _, smml = build(EXPERIMENTS / f"{base}.yaml")
     # Same budget as SMML: schedule, patches and (on synthetic data) the optimizer, lr and data sizes.
     shared = [k for k in smml if k.startswith(("trainer.", "data.")) and k not in
-              ("data.n_masks", "data.use_prior", "trainer.default_root_dir")]
+              ("data.n_masks", "data.use_prior", "data.use_unlabeled", "trainer.default_root_dir")]
     if base == "synthetic" or method != "maml":
         shared += ["model.init_args.optimizer", "model.init_args.lr", "model.init_args.weight_decay"]
     differing = {k: (cfg.get(k), smml[k]) for k in shared if cfg.get(k) != smml[k]}
@@ -227,3 +227,16 @@ def test_paper_transformer_variant_gives_synthetic_configs_the_papers_transforme
     assert transformer_shapes(*overlaid) == PUBLIC_TRANSFORMER
     convs = lambda n: sum(p.numel() for m in (n.encoder, n.decoder) for p in m.parameters())  # noqa: E731
     assert [convs(net) for net in overlaid] == [convs(net) for net in nets]  # convolutions untouched
+
+
+@pytest.mark.parametrize("fraction", [10, 20])
+@pytest.mark.parametrize("config", ["synthetic_cmc", "synthetic_maml", "brats2018_cmc"])
+def test_labeled_fraction_overlay_sets_only_the_fraction(config: str, fraction: int) -> None:
+    path = EXPERIMENTS / "labeled" / f"labeled_{fraction}.yaml"
+    assert f"--config labeled/{path.stem}" in path.read_text(), "usage missing from header"
+    cli, cfg = build(EXPERIMENTS / f"{config}.yaml", path)
+    _, reference = build(EXPERIMENTS / f"{config}.yaml")
+    assert {k for k in cfg if cfg[k] != reference.get(k)} == {"data.labeled_fraction"}
+    assert cli.datamodule.hparams.labeled_fraction == fraction / 100
+    # semi-supervised methods train on the unlabeled rest, supervised ones do not
+    assert cli.datamodule.hparams.use_unlabeled is getattr(cli.model, "uses_unlabeled", False)

@@ -13,6 +13,7 @@ exactly the batches an uninterrupted run sees.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,16 @@ from smml_lightning.data.inputs import cache_name
 from smml_lightning.data.labels import NUM_CLASSES
 from smml_lightning.data.layouts import Case, discover
 from smml_lightning.data.modalities import MODALITIES, sample_masks
-from smml_lightning.data.stream import EpochQueue, EpochStream, PatchCollate, PatchLoader, QueueSampler
-from smml_lightning.data.transforms import AugmentedPatches, StackedPatches, case_subject
+from smml_lightning.data.stream import (
+    EpochQueue,
+    EpochStream,
+    MixedQueue,
+    PatchCollate,
+    PatchLoader,
+    QueueSampler,
+)
+from smml_lightning.data.transforms import AugmentedPatches, StackedPatches, case_subject, misalign_case
+from smml_lightning.io import atomic_write_text
 
 # --- reader: torchio calls it lazily, in the Queue's worker processes ----------------------------
 
@@ -63,18 +72,29 @@ class CachedCaseDataset(Dataset):
     ``val_subsets`` / ``test_subsets``, restricted to what a case has).
     """
 
-    def __init__(self, root: Path | str, names: Sequence[str]) -> None:
+    def __init__(self, root: Path | str, names: Sequence[str], misalign_mm: float = 0.0,
+                 misalign_degrees: float = 0.0, seed: int = 0) -> None:
+        """``misalign_mm`` / ``misalign_degrees`` (0: off) move every modality but T1ce by a rigid transform
+        of that size, seeded by ``seed`` and the case name (:func:`misalign_case`), to score robustness to
+        misregistered inputs; the label stays on T1ce's grid."""
         self.root = Path(root)
         self.names = list(names)
         self.available = {n: cache.load_meta(self.root, n).available for n in self.names}
+        self.misalign = (float(misalign_mm), float(misalign_degrees))
+        self.seed = int(seed)
 
     def __len__(self) -> int:
         return len(self.names)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         name = self.names[index]
+        image = torch.from_numpy(np.array(cache.load_image(self.root, name), dtype=np.float32))
+        if any(self.misalign):
+            spacing = cache.load_meta(self.root, name).spacing
+            case_seed = zlib.crc32(f"{self.seed}:{name}".encode())
+            image = misalign_case(image, spacing, *self.misalign, seed=case_seed)
         item: dict[str, Any] = {
-            "image": torch.from_numpy(np.array(cache.load_image(self.root, name), dtype=np.float32)),
+            "image": image,
             "name": name,
             "available": torch.tensor(self.available[name], dtype=torch.bool),
         }
@@ -126,6 +146,24 @@ class BratsDataModule(LightningDataModule):
         predict_dir: cache to predict on (default with ``predict_root``: ``runs/predict_cache/<name>-<key>``,
             keyed by the input's path and content);
             neither given = the test split.
+        labeled_fraction: share of the training cases whose labels are used (1: all). The labeled cases
+            are drawn with ``seed`` from the training split (at least one); with ``output_dir`` their
+            names are written to ``labeled.txt``.
+        labeled_cases: a text file naming the labeled training cases, one per line (instead of
+            ``labeled_fraction``); the other training cases are unlabeled and need no label in the cache.
+        use_unlabeled: train on the unlabeled cases too (semi-supervised methods, e.g. CMC): batches then
+            carry ``labeled`` (bool ``(B,)``) and mix both kinds at ``labeled_share``
+            (:class:`~smml_lightning.data.stream.MixedQueue`). Off (supervised methods): only the labeled
+            cases are used. An unlabeled case's label is never loaded and its patch centres are uniform.
+            Either way an epoch has as many patches as the whole training split
+            (``samples_per_volume`` per case), so every labeled fraction trains for the same number of
+            steps per epoch (the labeled cases recur within an epoch).
+        labeled_share: share of labeled samples in semi-supervised batches (0.5: the public CMC code's
+            pairing of a labeled and an unlabeled batch).
+        jitter_mm, jitter_degrees: per-modality rigid misalignment of training patches, up to these sizes
+            (0: off; :class:`~smml_lightning.data.transforms.AugmentedPatches`).
+        test_misalign_mm, test_misalign_degrees: misalign the test cases' modalities (all but T1ce) by a
+            seeded rigid transform of this size (0: off), to measure robustness to misregistration.
     """
 
     def __init__(
@@ -149,9 +187,26 @@ class BratsDataModule(LightningDataModule):
         augment: bool = True,
         predict_root: str | None = None,
         predict_dir: str | None = None,
+        labeled_fraction: float = 1.0,
+        labeled_cases: str | None = None,
+        use_unlabeled: bool = False,
+        labeled_share: float = 0.5,
+        jitter_mm: float = 0.0,
+        jitter_degrees: float = 0.0,
+        test_misalign_mm: float = 0.0,
+        test_misalign_degrees: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if not 0.0 < float(labeled_fraction) <= 1.0:
+            raise ValueError(f"data.labeled_fraction must be in (0, 1], got {labeled_fraction}")
+        if labeled_cases is not None and float(labeled_fraction) != 1.0:
+            raise ValueError("give data.labeled_cases or data.labeled_fraction, not both")
+        if not 0.0 < float(labeled_share) < 1.0:
+            raise ValueError(f"data.labeled_share must be in (0, 1), got {labeled_share}")
+        for key in ("jitter_mm", "jitter_degrees", "test_misalign_mm", "test_misalign_degrees"):
+            if float(getattr(self.hparams, key)) < 0:
+                raise ValueError(f"data.{key} must be >= 0, got {getattr(self.hparams, key)}")
         if mask_ratio is not None and not 0.0 <= float(mask_ratio) <= 1.0:
             raise ValueError(
                 f"data.mask_ratio must be null (uniform over the 15 subsets) or in [0, 1], got {mask_ratio}"
@@ -175,6 +230,7 @@ class BratsDataModule(LightningDataModule):
         self.label_probabilities = {int(c): float(p) for c, p in probs.items()}
         self.splits: dict[str, list[str]] | None = None
         self._predict_cache: Path | None = None
+        self.labeled: list[str] | None = None
         self._train_stream: EpochStream | None = None
         self._train_stream_resume: dict[str, int] | None = None
 
@@ -213,6 +269,26 @@ class BratsDataModule(LightningDataModule):
             splits.write_split(split, Path(hp.output_dir) / "split.json")
         return split
 
+    def _labeled_cases(self, train: Sequence[str]) -> list[str]:
+        """The labeled training cases: from ``labeled_cases``, or a seeded ``labeled_fraction`` of ``train``."""
+        hp: Any = self.hparams
+        if hp.labeled_cases is not None:
+            path = Path(hp.labeled_cases)
+            if not path.is_file():
+                raise FileNotFoundError(f"labeled-cases file {path} does not exist")
+            names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            unknown = sorted(set(names) - set(train))
+            if unknown or not names:
+                raise ValueError(f"labeled-cases file {path}: " + (
+                    f"{len(unknown)} name(s) not in the training split, e.g. {unknown[:3]}" if unknown
+                    else "names no case"))
+            return sorted(set(names))
+        if hp.labeled_fraction >= 1.0:
+            return list(train)
+        count = max(1, round(hp.labeled_fraction * len(train)))
+        order = np.random.default_rng(hp.seed).permutation(len(train))
+        return sorted(sorted(train)[i] for i in order[:count])
+
     def _check_train_cases(self, names: Sequence[str]) -> None:
         if not names:
             raise ValueError(f"the training split of {self.cache_dir} is empty")
@@ -224,7 +300,8 @@ class BratsDataModule(LightningDataModule):
                     f"case {name!r}: patch size {self.patch_size} is larger than its cropped size {shape}: "
                     "lower data.patch_size or re-run `smml prepare` with a larger minimum size"
                 )
-            if not meta.has_label or not (cache.case_dir(self.cache_dir, name) / "label.npy").is_file():
+            labeled = self.labeled is None or name in self.labeled
+            if labeled and (not meta.has_label or not (cache.case_dir(self.cache_dir, name) / "label.npy").is_file()):
                 raise ValueError(f"case {name!r} in {self.cache_dir} has no label and cannot be used for training")
             if not all(meta.available):
                 absent = [m for m, have in zip(MODALITIES, meta.available) if not have]
@@ -250,23 +327,29 @@ class BratsDataModule(LightningDataModule):
     # -- Lightning hooks ---------------------------------------------------------------------------
 
     def setup(self, stage: str | None = None) -> None:
+        hp: Any = self.hparams
         if self.splits is None:
             self.splits = self._make_splits()
+        if self.labeled is None:
+            self.labeled = self._labeled_cases(self.splits["train"])
+            if len(self.labeled) < len(self.splits["train"]) and hp.output_dir is not None and self.world()[1] == 0:
+                atomic_write_text(Path(hp.output_dir) / "labeled.txt", "".join(f"{n}\n" for n in self.labeled))
         if stage in (None, "fit"):
-            self._check_train_cases(self.splits["train"])
+            self._check_train_cases(self.splits["train"] if hp.use_unlabeled else self.labeled)
 
     def _split(self, part: str) -> list[str]:
         if self.splits is None:
             raise RuntimeError("BratsDataModule.setup() must run before its dataloaders are requested")
         return self.splits[part]
 
-    def train_dataloader(self) -> PatchLoader:
+    def _queue(self, names: Sequence[str], labeled: bool, stream: EpochStream, length: int | None) -> EpochQueue:
+        """A training queue over ``names``, sharded across ranks under DDP, drawing from ``stream``."""
         hp: Any = self.hparams  # an AttributeDict of the constructor's arguments
-        names = self._split("train")
         dataset = tio.SubjectsDataset(
-            [case_subject(self.cache_dir, n, read_label_npy) for n in names],
+            [case_subject(self.cache_dir, n, read_label_npy, labeled=labeled) for n in names],
             transform=AugmentedPatches(self.patch_size, hp.samples_per_volume, self.label_probabilities,
-                                       augment=hp.augment, use_prior=hp.use_prior),
+                                       augment=hp.augment, use_prior=hp.use_prior, jitter_mm=hp.jitter_mm,
+                                       jitter_degrees=hp.jitter_degrees),
         )
         world_size, rank = self.world()
         subject_sampler: DistributedSampler | None = None
@@ -274,13 +357,7 @@ class BratsDataModule(LightningDataModule):
             subject_sampler = DistributedSampler(
                 dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=hp.seed
             )
-        # The run's torch seed: seed_everything's, also after a resume restored the global states.
-        stream = EpochStream((torch.initial_seed(), hp.seed), rank)
-        if self._train_stream_resume is not None:
-            stream.load_state_dict(self._train_stream_resume)
-            self._train_stream_resume = None
-        self._train_stream = stream
-        queue = EpochQueue(
+        return EpochQueue(
             dataset,
             max_length=hp.queue_length,
             samples_per_volume=hp.samples_per_volume,
@@ -291,8 +368,31 @@ class BratsDataModule(LightningDataModule):
             shuffle_patches=True,
             start_background=False,  # the first fill starts the workers, from the epoch's stream
             stream=stream,
+            length=length,
         )
-        collate = PatchCollate(hp.n_masks, hp.mask_ratio, hp.distinct_masks, hp.use_prior, stream)
+
+    def train_dataloader(self) -> PatchLoader:
+        hp: Any = self.hparams
+        names = self._split("train")
+        labeled = self.labeled if self.labeled is not None else list(names)
+        unlabeled = [n for n in names if n not in set(labeled)] if hp.use_unlabeled else []
+        world_size, rank = self.world()
+        # The run's torch seed: seed_everything's, also after a resume restored the global states.
+        stream = EpochStream((torch.initial_seed(), hp.seed), rank)
+        if self._train_stream_resume is not None:
+            stream.load_state_dict(self._train_stream_resume)
+            self._train_stream_resume = None
+        self._train_stream = stream
+        # An epoch has as many patches as the whole training split (per rank, padded like the sampler).
+        length = -(-len(names) // world_size) * hp.samples_per_volume
+        queue: EpochQueue | MixedQueue
+        if unlabeled:
+            queue = MixedQueue(self._queue(labeled, True, stream, None), self._queue(unlabeled, False, stream, None),
+                               hp.labeled_share, length)
+        else:
+            queue = self._queue(labeled, True, stream, None if len(labeled) == len(names) else length)
+        collate = PatchCollate(hp.n_masks, hp.mask_ratio, hp.distinct_masks, hp.use_prior, stream,
+                               semi_supervised=bool(unlabeled))
         # A generator of its own: creating an iterator then draws nothing from the global generator.
         return PatchLoader(queue, batch_size=hp.batch_size, sampler=QueueSampler(queue, hp.batch_size),
                            num_workers=0, collate_fn=collate, generator=torch.Generator())
@@ -316,7 +416,9 @@ class BratsDataModule(LightningDataModule):
         if not names:
             raise ValueError(f"the test split of {self.cache_dir} is empty: set data.test_fraction > 0 or "
                              "give data.split with test cases")
-        return self._eval_loader(CachedCaseDataset(self.cache_dir, names), padded=False)
+        hp: Any = self.hparams
+        return self._eval_loader(CachedCaseDataset(self.cache_dir, names, hp.test_misalign_mm, hp.test_misalign_degrees,
+                                                   hp.seed), padded=False)
 
     @property
     def predict_cache(self) -> Path:

@@ -3,7 +3,8 @@ mid-epoch at the exact batch.
 
 :class:`EpochStream` owns the random source and the position in the epoch; :class:`EpochQueue` (a
 torchio ``Queue``) draws its patches from it and restarts cleanly at each epoch; :class:`QueueSampler`
-passes Lightning's epoch on to the queue and skips the batches a checkpoint had used;
+passes Lightning's epoch on to the queue and skips the batches a checkpoint had used; :class:`MixedQueue`
+interleaves a labeled and an unlabeled queue for semi-supervised training;
 :class:`PatchLoader` is the stateful loader Lightning checkpoints; :class:`PatchCollate` stacks the
 patches and draws the modality masks from the stream.
 :class:`~smml_lightning.data.datamodule.BratsDataModule` wires them together.
@@ -11,6 +12,7 @@ patches and draws the modality masks from the stream.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,9 +21,12 @@ from typing import Any, cast
 import numpy as np
 import torch
 import torchio as tio
-from torch.utils.data import DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler
 
 from smml_lightning.data.modalities import NUM_MODALITIES, sample_masks
+
+UNLABELED = -1
+"""Label value of an unlabeled sample's voxels in a semi-supervised training batch."""
 
 
 class EpochStream:
@@ -104,29 +109,88 @@ class EpochQueue(tio.Queue):
     over the cases (and new workers), so an epoch depends on its stream only.
     """
 
-    def __init__(self, *args: Any, stream: EpochStream, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, stream: EpochStream, length: int | None = None, **kwargs: Any) -> None:
+        """``length``: patches per epoch (default: torchio's, one pass over the cases); a longer epoch
+        cycles over the cases (torchio's queue starts a new pass when one ends)."""
         super().__init__(*args, **kwargs)
         self.stream = stream
+        self.length = length
+
+    def __len__(self) -> int:
+        return super().__len__() if self.length is None else self.length
 
     def __getitem__(self, index: int) -> tio.Subject:
         with self.stream.drawing():
             return super().__getitem__(index)
 
-    def start_epoch(self, epoch: int, batch_size: int) -> int:
-        """Start ``epoch`` and replay the batches a loaded checkpoint had used; returns their number."""
-        used = self.stream.begin(epoch)
+    def reset(self) -> None:
+        """Empty the queue; the next fill starts a new pass over the cases (and new workers)."""
         self.patches_list = []
         self._incomplete_subject = None
         self._num_patches_incomplete = 0
         self._num_sampled_subjects = 0
-        self._subjects_iterable = None  # the next fill starts a new pass over the cases
+        self._subjects_iterable = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Pass the epoch on to the sampler that shards the cases across ranks, if any."""
+        if self.subject_sampler is not None and hasattr(self.subject_sampler, "set_epoch"):
+            self.subject_sampler.set_epoch(epoch)
+
+    def start_epoch(self, epoch: int, batch_size: int) -> int:
+        """Start ``epoch`` and replay the batches a loaded checkpoint had used; returns their number."""
+        used = self.stream.begin(epoch)
+        self.reset()
         for _ in range(min(used * batch_size, len(self))):
             self[0]  # the queue ignores the index; the patch is produced and dropped
         return used
 
 
+class MixedQueue(Dataset):
+    """Labeled and unlabeled patches from two :class:`EpochQueue` s, interleaved at a fixed share.
+
+    Position ``i`` of an epoch is labeled when ``floor((i + 1) s) > floor(i s)`` for the labeled share
+    ``s``, so every run of positions holds labeled samples in that share, as evenly as possible: at
+    ``s = 0.5`` each batch of two has one labeled and one unlabeled sample (the public CMC code pairs a
+    labeled and an unlabeled batch at every step); with batches of one they alternate. Both queues draw
+    from one :class:`EpochStream` in the order of the positions, so an epoch is a function of its stream
+    and a resumed epoch replays its first batches exactly as :class:`EpochQueue` does.
+    """
+
+    def __init__(self, labeled: EpochQueue, unlabeled: EpochQueue, labeled_share: float, length: int) -> None:
+        if labeled.stream is not unlabeled.stream:
+            raise ValueError("MixedQueue: both queues must draw from one EpochStream")
+        if not 0.0 < labeled_share < 1.0:
+            raise ValueError(f"MixedQueue: labeled_share must be in (0, 1), got {labeled_share}")
+        self.labeled, self.unlabeled = labeled, unlabeled
+        self.labeled_share = float(labeled_share)
+        self.length = int(length)
+        self.stream = labeled.stream
+
+    def __len__(self) -> int:
+        return self.length
+
+    def is_labeled(self, index: int) -> bool:
+        return math.floor((index + 1) * self.labeled_share) > math.floor(index * self.labeled_share)
+
+    def __getitem__(self, index: int) -> tio.Subject:
+        return (self.labeled if self.is_labeled(index) else self.unlabeled)[index]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.labeled.set_epoch(epoch)
+        self.unlabeled.set_epoch(epoch)
+
+    def start_epoch(self, epoch: int, batch_size: int) -> int:
+        """Start ``epoch`` in both queues and replay the positions a loaded checkpoint had used."""
+        used = self.stream.begin(epoch)
+        self.labeled.reset()
+        self.unlabeled.reset()
+        for index in range(min(used * batch_size, len(self))):
+            self[index]  # produced in the epoch's order and dropped
+        return used
+
+
 class QueueSampler(DistributedSampler):
-    """Sequential indices over an :class:`EpochQueue`; starting an iteration starts the queue's epoch.
+    """Sequential indices over an :class:`EpochQueue` (or :class:`MixedQueue`); starting an iteration starts the queue's epoch.
 
     Lightning calls ``set_epoch`` on the loader's sampler each epoch, but never sees the sampler
     inside the queue that shards the cases across ranks; this passes the epoch on so every epoch
@@ -140,17 +204,15 @@ class QueueSampler(DistributedSampler):
     counters expect.
     """
 
-    dataset: EpochQueue
+    dataset: EpochQueue | MixedQueue
 
-    def __init__(self, queue: EpochQueue, batch_size: int) -> None:
+    def __init__(self, queue: EpochQueue | MixedQueue, batch_size: int) -> None:
         super().__init__(queue, num_replicas=1, rank=0, shuffle=False)
         self.batch_size = batch_size
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
-        inner = self.dataset.subject_sampler
-        if inner is not None and hasattr(inner, "set_epoch"):
-            inner.set_epoch(epoch)
+        self.dataset.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[int]:
         used = self.dataset.start_epoch(self.epoch, self.batch_size)
@@ -182,6 +244,10 @@ class PatchCollate:
 
     It runs in the main process (the loader around the queue has no workers), once per batch; the
     masks come from the stream's per-batch generator (:meth:`EpochStream.next_mask_generator`).
+
+    With ``semi_supervised`` the batch also has ``labeled`` (bool ``(B,)``) and the label rows of
+    unlabeled samples are :data:`UNLABELED` (-1, which any loss reading them rejects): an unlabeled
+    case's label is never loaded.
     """
 
     n_masks: int
@@ -189,6 +255,14 @@ class PatchCollate:
     distinct: bool
     use_prior: bool
     stream: EpochStream
+    semi_supervised: bool = False
+
+    def _labels(self, patches: list[tio.Subject]) -> torch.Tensor:
+        if not self.semi_supervised:
+            return torch.stack([cast(tio.Image, p["label"]).data for p in patches]).long()
+        shape = (1, *cast(tio.Image, patches[0]["image"]).data.shape[1:])
+        return torch.stack([cast(tio.Image, p["label"]).data.long() if p["labeled"] else torch.full(shape, UNLABELED)
+                            for p in patches])
 
     def __call__(self, patches: list[tio.Subject]) -> dict[str, torch.Tensor]:
         def stacked(key: str) -> torch.Tensor:
@@ -196,10 +270,12 @@ class PatchCollate:
 
         batch = {
             "image": stacked("image").float(),
-            "label": stacked("label").long(),
+            "label": self._labels(patches),
             "masks": sample_masks(len(patches), self.n_masks, self.mask_ratio, self.distinct,
                                   generator=self.stream.next_mask_generator()),
         }
+        if self.semi_supervised:
+            batch["labeled"] = torch.tensor([bool(p["labeled"]) for p in patches])
         if self.use_prior:
             prior = stacked("prior").float()
             batch["prior"] = prior.reshape(prior.shape[0], NUM_MODALITIES, -1, *prior.shape[2:])

@@ -70,7 +70,7 @@ def rotated_grid(
 def read_window(array: np.ndarray, lo: Sequence[int] | np.ndarray, hi: Sequence[int] | np.ndarray) -> np.ndarray:
     """``array[..., lo:hi]`` over the last three axes, zero outside the array (the cache's background)."""
     shape = array.shape[-3:]
-    inner = tuple(slice(max(a, 0), min(b, n)) for a, b, n in zip(lo, hi, shape))
+    inner = tuple(slice(max(int(a), 0), min(int(b), n)) for a, b, n in zip(lo, hi, shape))
     pad = [(max(-a, 0), max(b - n, 0)) for a, b, n in zip(lo, hi, shape)]
     index: tuple[Any, ...] = (Ellipsis, *inner)
     window = np.asarray(array[index])
@@ -180,7 +180,7 @@ class AugmentedPatches(tio.Transform):
         self.jitter_mm, self.jitter_degrees = float(jitter_mm), float(jitter_degrees)
         self.patch_size: tuple[int, int, int] = cast(tuple[int, int, int], tuple(int(p) for p in patch_size))
         self.num_patches = int(num_patches)
-        self.sampler = tio.LabelSampler(self.patch_size, "label", label_probabilities)
+        self.sampler = tio.LabelSampler(cast(tuple[int, int, int], self.patch_size), "label", label_probabilities)
         self.augment = augment
         self.use_prior = use_prior
         self.flip_axes = tuple(flip_axes) if augment else ()

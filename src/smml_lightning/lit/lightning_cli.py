@@ -212,6 +212,10 @@ class SMMLCLI(LightningCLI):
             raise SystemExit(f"data.n_masks={self.datamodule.hparams.n_masks}, but {type(self.model).__name__} "
                              f"needs data.n_masks >= {needed} (one mask per branch; SMML's ablation "
                              "model.init_args.share_mask=true needs 1)")
+        if self.datamodule.hparams.use_unlabeled and not getattr(self.model, "uses_unlabeled", False):
+            raise SystemExit(f"data.use_unlabeled=true, but {type(self.model).__name__} is supervised only and "
+                             "cannot learn from unlabeled cases: set data.use_unlabeled=false (it then trains on "
+                             "the labeled cases alone) or use a semi-supervised method (CMC)")
 
 
 def lightning_main(args: Sequence[str] | None = None, run: bool = True) -> SMMLCLI:
