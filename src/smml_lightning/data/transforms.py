@@ -180,7 +180,7 @@ class AugmentedPatches(tio.Transform):
         self.jitter_mm, self.jitter_degrees = float(jitter_mm), float(jitter_degrees)
         self.patch_size: tuple[int, int, int] = cast(tuple[int, int, int], tuple(int(p) for p in patch_size))
         self.num_patches = int(num_patches)
-        self.sampler = tio.LabelSampler(cast(tuple[int, int, int], self.patch_size), "label", label_probabilities)
+        self.sampler = tio.LabelSampler(self.patch_size, "label", label_probabilities)
         self.augment = augment
         self.use_prior = use_prior
         self.flip_axes = tuple(flip_axes) if augment else ()
