@@ -1,6 +1,8 @@
 """Semi-supervised training data: which cases are labeled, what supervised and semi-supervised batches
 hold, that unlabeled labels are never read, and that a mixed epoch resumes exactly."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -53,8 +55,12 @@ def test_semi_supervised_batches_mix_at_the_share_and_never_read_unlabeled_label
     names = make_cache(tmp_path / "c", n=6)
     labeled = names[:2]
     (tmp_path / "labeled.txt").write_text("\n".join(labeled) + "\n")
-    for name in names[2:]:  # unlabeled cases: a label file that cannot be read
-        (cache.case_dir(tmp_path / "c", name) / "label.npy").write_bytes(b"hidden")
+    for name in names[2:]:  # unlabeled cases, as a user's unlabeled data: no label in the cache at all
+        meta = cache.load_meta(tmp_path / "c", name)
+        image = np.array(cache.load_image(tmp_path / "c", name))
+        (cache.case_dir(tmp_path / "c", name) / "label.npy").unlink()
+        cache.write_case(tmp_path / "c", dataclasses.replace(meta, has_label=False), image, None)
+        assert not (cache.case_dir(tmp_path / "c", name) / "label.npy").exists()
     dm = dm_for(tmp_path / "c", labeled_cases=str(tmp_path / "labeled.txt"), use_unlabeled=True,
                 val_fraction=0, test_fraction=0, num_workers=1)
     dm.setup("fit")
