@@ -62,7 +62,8 @@ def tiny(line: str) -> str:
         if stripped.startswith(start):
             if start == "make train":
                 assert re.search(r'ARGS="[^"]*"', line), "make train without ARGS=\"...\""
-                line = re.sub(r'ARGS="([^"]*)"', lambda m: f'ARGS="{m.group(1)} {shlex.join(extra)}"', line)
+                appended = shlex.join(extra)
+                line = re.sub(r'ARGS="([^"]*)"', lambda m, more=appended: f'ARGS="{m.group(1)} {more}"', line)
                 # The test's folder holds no Makefile and no venv to (re)build: the repo's Makefile, as is.
                 return line.replace("make train", f"make -s -f {shlex.quote(str(REPO / 'Makefile'))} "
                                     "-o .venv/bin/smml train", 1)
