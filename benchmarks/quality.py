@@ -45,11 +45,11 @@ from unittest import mock
 import pandas as pd
 import yaml
 
+from smml_lightning.analysis.runs import DATA_SEED, benchmark_split, held_out_fraction
 from smml_lightning.experiments import EXPERIMENTS_DIR as EXPERIMENTS
 
 REPO = Path(__file__).resolve().parents[1]
 REGIONS = ("WT", "TC", "ET", "ET_post")  # ET_post: small predicted ET emptied, as in the community's tables
-DATA_SEED = 0  # synthetic cases and split: fixed for every method and training seed
 PEER = " one peer"  # --peers: "<method> one peer" rows, each peer scored alone, the two averaged per seed
 TRAIN_FIT = "train-fit"  # --train-fit: each run's scores on its own training cases (its report folder)
 
@@ -96,31 +96,6 @@ def load_yaml(paths: tuple[Path, ...]) -> dict:
 
 
 # ---- data ---------------------------------------------------------------------------------------------
-
-
-def held_out_fraction(cases: int, val_fraction: float, test_fraction: float) -> float:
-    """The test fraction that scores the config's validation and test cases together.
-
-    Runs here never validate (the last weights are scored), so the validation cases join the test set:
-    twice the cases per score, half the noise a 5-case test set puts on small regions like ET. The
-    fraction is exact, so the split's shuffled order gives the same training cases as the config's.
-    """
-    return (round(val_fraction * cases) + round(test_fraction * cases)) / cases
-
-
-def benchmark_split(cache_dir: Path) -> dict[str, list[str]]:
-    """The benchmark's train / test split of ``cache_dir`` (synthetic.yaml's validation cases tested).
-
-    One place for it: ``priors.py`` scores a run's priors on exactly the cases the run trained and
-    tested on.
-    """
-    from smml_lightning.data.cache import list_cases
-    from smml_lightning.data.splits import seeded_split
-
-    names = list_cases(cache_dir)
-    data = load_yaml((EXPERIMENTS / "synthetic.yaml",))["data"]
-    return seeded_split(names, 0.0, held_out_fraction(len(names), data["val_fraction"], data["test_fraction"]),
-                        DATA_SEED)
 
 
 def synthetic_cache(root: Path, cases: int, shape: tuple[int, int, int], patch: int, first: int = 0) -> Path:
@@ -305,7 +280,7 @@ def test(method: Method, data: list[str], seed: int, run_dir: Path, report: str 
         if not ckpt.is_file():
             raise FileNotFoundError(f"{method.name} seed {seed}: no checkpoint {ckpt} after fit")
         # The test's root is its report folder, so its config.yaml lands there and the run folder's
-        # config.yaml stays the one of the fit (benchmarks/loss_terms.py rebuilds runs from it).
+        # config.yaml stays the one of the fit (`smml analyze` rebuilds runs from it).
         # LightningCLI warns when it gets both ``args`` and command-line arguments (this script's own).
         with mock.patch.object(sys, "argv", sys.argv[:1]):
             lightning_main(["test", *common_args(method, data, seed, report), f"--ckpt_path={ckpt}",

@@ -33,22 +33,27 @@ import datetime as dt
 import functools
 import gc
 import json
-import platform
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from smml_lightning.analysis.timing import (
+    cpu_description,
+    interleaved,
+    med,
+    synthetic_branch,
+)
 from smml_lightning.data import cache
 from smml_lightning.data.datamodule import BratsDataModule, read_label_npy
 from smml_lightning.data.labels import NUM_CLASSES
@@ -119,41 +124,22 @@ class Report:
         print(f"  {item}: {fmt.format(value)}" + (f"  (target {target})" if check else ""), flush=True)
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per repetition of each callable, alternating their order every repetition."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    names = list(fns)
-    times: dict[str, list[float]] = {k: [] for k in names}
-    for r in range(reps):
-        for k in names if r % 2 == 0 else names[::-1]:
-            start = time.perf_counter()
-            fns[k]()
-            times[k].append(time.perf_counter() - start)
-    return times
 
 
-def med(values: list[float]) -> float:
-    return statistics.median(values)
 
 
 # ---- models and batches ----------------------------------------------------------------------------
 
-def network(patch: int) -> Callable[[], MMFormer]:
-    """The branch of experiments/synthetic.yaml (MMFormer width 8, transformer dim 64, 4 heads)."""
-    return functools.partial(MMFormer, base_width=8, transformer_dim=64, num_heads=4, transformer_depth=1,
-                             patch_size=patch)
 
 
 def build(method: str, patch: int, channels_last: bool) -> SMML | SingleBranch:
     """A module as the CLI would build it; ``warmup_epochs=0`` so every SMML loss term is computed."""
     torch.manual_seed(0)
     if method == "smml":
-        module: SMML | SingleBranch = SMML(network=network(patch), refiner=functools.partial(SemanticRefiner, width=8),
+        module: SMML | SingleBranch = SMML(network=synthetic_branch(patch), refiner=functools.partial(SemanticRefiner, width=8),
                                            warmup_epochs=0, roi_size=patch, channels_last=channels_last)
     else:
-        module = SingleBranch(network=network(patch), roi_size=patch, channels_last=channels_last)
+        module = SingleBranch(network=synthetic_branch(patch), roi_size=patch, channels_last=channels_last)
     module.setup("fit")
     return module
 
@@ -616,17 +602,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def cpu_description() -> str:
-    """CPU model and its bf16 instructions: bf16 speed-ups differ by these (AMX against AVX-512 bf16 alone)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    fields = {key.strip(): value.strip() for key, value in (line.split(":", 1) for line in info.splitlines() if ":" in line)}
-    model = fields.get("model name", platform.machine())
-    flags = set(fields.get("flags", "").split())
-    bf16 = [name for name in ("amx_bf16", "avx512_bf16") if name in flags]
-    return f"{model} ({', '.join(bf16) or 'no bf16 instructions'})"
 
 
 def run_items(args: argparse.Namespace, s: Settings, skip: set[str], report: Report) -> None:

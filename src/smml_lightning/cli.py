@@ -186,6 +186,13 @@ def predict_command(args: list[str]) -> Any:
     return lightning_command("predict")(args)
 
 
+def analyze_command(args: list[str]) -> Any:
+    """``smml analyze <what> ...``: the analyses of :mod:`smml_lightning.analysis`."""
+    from .analysis.commands import main as run_analysis
+
+    return run_analysis(args)
+
+
 # The subcommands, in the order `smml --help` lists them. A new one is one entry here.
 COMMANDS: dict[str, Command] = {
     "synth": Command("write synthetic BraTS cases as NIfTI in a real layout", function_command(".cli:synth")),
@@ -205,6 +212,8 @@ COMMANDS: dict[str, Command] = {
                      function_command(".sweep:sweep")),
     "evaluate": Command("score a folder of predictions against BraTS labels (challenge lesion-wise and legacy)",
                         function_command(".evaluation.evaluate:evaluate")),
+    "analyze": Command("analyses of trained runs and quality-benchmark work folders (`smml analyze --help`)",
+                       analyze_command),
 }
 
 

@@ -1,27 +1,22 @@
-"""benchmarks/agreement.py: Dice from voxel counts against scipy, and its averaging order by hand. Its
-prediction is checked peer by peer against `smml test` reports in test_quality_benchmark.py."""
-
-import sys
-from pathlib import Path
+"""smml_lightning.analysis.agreement: Dice from voxel counts against scipy, and its averaging order by hand.
+Its prediction is checked peer by peer against `smml test` reports in tests/benchmarks/test_quality_benchmark.py."""
 
 import numpy as np
 import pandas as pd
 import pytest
 from scipy.spatial.distance import dice as scipy_dice_dissimilarity
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-import agreement
-import volumes
+from smml_lightning.analysis import agreement, runs
 
 
 def test_dice_from_counts_matches_scipy():
     rng = np.random.default_rng(0)
     for p_a, p_b in ((0.5, 0.5), (0.1, 0.7), (0.02, 0.02)):
         a, b = rng.random(500) < p_a, rng.random(500) < p_b
-        counts = volumes.region_counts(a.astype(np.uint8) * 3, b.astype(np.uint8) * 3)["ET"]
-        assert agreement.dice_from_counts(*counts) == pytest.approx(1.0 - scipy_dice_dissimilarity(a, b))
-    assert agreement.dice_from_counts(0, 0, 0) == 1.0  # both empty: agree, as the reports score it
-    assert agreement.dice_from_counts(5, 0, 0) == 0.0
+        counts = runs.region_counts(a.astype(np.uint8) * 3, b.astype(np.uint8) * 3)["ET"]
+        assert runs.dice_from_counts(*counts) == pytest.approx(1.0 - scipy_dice_dissimilarity(a, b))
+    assert runs.dice_from_counts(0, 0, 0) == 1.0  # both empty: agree, as the reports score it
+    assert runs.dice_from_counts(5, 0, 0) == 0.0
 
 
 def test_summarise_averages_cases_then_subsets_and_splits_by_modalities():

@@ -1,6 +1,6 @@
 """Does mutual learning change what the two peers predict? Dice between the peers' own label maps.
 
-    python benchmarks/agreement.py runs/quality runs/quality/smml-seed0-steps1200 \
+    smml analyze agreement runs/quality runs/quality/smml-seed0-steps1200 \
         runs/quality/smml_independent_peers-seed0-steps1200 --csv agreement.csv
 
 Each peer of a two-peer run (SMML or one of its ablations) segments every test case of a
@@ -15,31 +15,23 @@ the subsets with each number of available modalities.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import torch
 
-from quality import benchmark_split
-from smml_lightning.data import cache
-from smml_lightning.data.labels import REGIONS
-from smml_lightning.data.modalities import SUBSETS, subset_name
-from smml_lightning.io import atomic_write_text
-from volumes import load_run, parse_work_and_runs, region_counts
-
-
-def dice_from_counts(a: int, b: int, both: int) -> float:
-    """Dice of two masks from their voxel counts and overlap; 1 when both are empty (as in the reports)."""
-    return 1.0 if a + b == 0 else 2.0 * both / (a + b)
-
-
-def test_cases(work: Path) -> list[tuple[Path, str]]:
-    """(cache, case) of every test case of a quality work folder: the split's, then each held-out set's."""
-    cases = [(work / "cache", name) for name in benchmark_split(work / "cache")["test"]]
-    for heldout in sorted(work.glob("heldout-*/cache")):
-        cases += [(heldout, name) for name in cache.list_cases(heldout)]
-    return cases
+from ..data.labels import REGIONS
+from ..data.modalities import SUBSETS, subset_name
+from .runs import (
+    add_work_and_runs,
+    check_csv,
+    dice_from_counts,
+    load_run,
+    predict,
+    region_counts,
+    scored_cases,
+    write_csv,
+)
 
 
 def measure(cases: list[tuple[Path, str]], run_dir: Path) -> pd.DataFrame:
@@ -50,13 +42,11 @@ def measure(cases: list[tuple[Path, str]], run_dir: Path) -> pd.DataFrame:
     subset_ids = list(range(len(SUBSETS)))
     rows = []
     for cache_dir, name in cases:
-        image = torch.from_numpy(np.array(cache.load_image(cache_dir, name), dtype=np.float32))[None]
-        truth = np.asarray(cache.load_label(cache_dir, name))
         preds = []
         for k in (0, 1):
             model.inference_branches = [k]
-            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-                preds.append({sid: p.cpu().numpy() for sid, p in model.predict_case(image, subset_ids).items()})
+            pred, truth = predict(model, dtype, cache_dir, name, subset_ids)
+            preds.append(pred)
         for sid in subset_ids:
             between = region_counts(preds[0][sid], preds[1][sid])
             truths = [region_counts(p[sid], truth) for p in preds]
@@ -83,17 +73,15 @@ def summarise(rows: pd.DataFrame) -> pd.DataFrame:
     return 100 * table.set_index(["run", "modalities", "region"]).sort_index()[columns]
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_work_and_runs(__doc__.split("\n\n")[0], argv,
-                               "a quality.py --work folder: its test and held-out cases are scored",
-                               "two-peer run folders (config.yaml, checkpoints/last.ckpt)")
-    cases = test_cases(args.work)
-    rows = pd.concat([measure(cases, run).assign(run=str(run)) for run in args.runs], ignore_index=True)
-    if args.csv is not None:
-        atomic_write_text(args.csv, rows.to_csv(index=False))
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_work_and_runs(parser, "a quality.py --work folder: its test and held-out cases are scored",
+                      "two-peer run folders (config.yaml, checkpoints/last.ckpt)")
+
+
+def run(args: argparse.Namespace) -> None:
+    check_csv(args.csv)
+    cases = scored_cases(args.work)
+    rows = pd.concat([measure(cases, r).assign(run=str(r)) for r in args.runs], ignore_index=True)
+    write_csv(args.csv, rows)
     print(f"{len(cases)} test cases; Dice % averaged over cases, then over the 15 subsets")
     print(summarise(rows).round(1).to_string())
-
-
-if __name__ == "__main__":
-    main()

@@ -12,7 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-_SPEC = importlib.util.spec_from_file_location("quality", Path(__file__).parents[1] / "benchmarks" / "quality.py")
+from smml_lightning.analysis import agreement, volumes
+from smml_lightning.analysis.runs import benchmark_split, scored_cases
+
+_SPEC = importlib.util.spec_from_file_location("quality", Path(__file__).parents[2] / "benchmarks" / "quality.py")
 quality = sys.modules["quality"] = importlib.util.module_from_spec(_SPEC)  # dataclasses look it up
 _SPEC.loader.exec_module(quality)
 
@@ -88,7 +91,7 @@ def test_peers_cover_smml_and_every_ablation_only():
     assert two == {name for name in chosen if name.startswith("SMML")}
     assert {"SMML independent_peers", "SMML fp32"} <= two
     assert not two & {"single-branch", "U-Net", "MAML"}
-    assert quality.peer_row("SMML") == "SMML one peer"  # the row name of earlier results folders
+    assert quality.peer_row("SMML") == "SMML one peer"  # the row name the docs' tables use
 
 
 @pytest.mark.slow
@@ -99,7 +102,7 @@ def test_quick_benchmark_end_to_end_and_resumes(tmp_path):
     cmd = [sys.executable, str(Path(quality.__file__)), "--quick", "--seeds", "0", "1", "--methods", "SMML",
            "--peers", "--jobs", "2", "--work", str(work), "--out", str(out)]
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    first = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    first = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
 
     runs = pd.read_csv(out / "runs.csv").set_index(["method", "seed"])
@@ -133,13 +136,10 @@ def test_quick_benchmark_end_to_end_and_resumes(tmp_path):
     smml_wt = runs.loc["SMML"]["WT"]
     assert f"| SMML | {100 * smml_wt.mean():.1f} ± {100 * smml_wt.std(ddof=1):.1f} " in table
 
-    # benchmarks/volumes.py rebuilds a run and predicts as its test did: Dice from its voxel counts is
-    # the report's, case by case, on every subset.
-    sys.path.insert(0, str(Path(quality.__file__).parent))
-    import volumes
-
+    # The analyses' run loader rebuilds a run and predicts as its test did: Dice from the voxel counts
+    # of `smml analyze volumes` is the report's, case by case, on every subset.
     run_dir = work / "smml-seed0-steps3"
-    names = quality.benchmark_split(work / "cache")["test"]
+    names = benchmark_split(work / "cache")["test"]
     counts = volumes.measure(work / "cache", names, run_dir, list(range(15)))
     merged = counts.merge(pd.read_csv(run_dir / "report" / "per_case.csv"), on=["case", "subset", "region"])
     assert len(merged) == len(counts) == len(names) * 15 * 3
@@ -147,11 +147,9 @@ def test_quick_benchmark_end_to_end_and_resumes(tmp_path):
     from_counts = np.where(total == 0, 1.0, 2 * merged["both"] / total.clip(lower=1))
     np.testing.assert_allclose(from_counts, merged["dice"], atol=1e-9)
 
-    # benchmarks/agreement.py predicts peer by peer as `smml test` with inference_branches=[k] did
+    # `smml analyze agreement` predicts peer by peer as `smml test` with inference_branches=[k] did
     # (the report*-peer{k} folders of --peers): its Dice of each peer against the labels is theirs.
-    import agreement
-
-    cases = agreement.test_cases(work)
+    cases = scored_cases(work)
     assert len(cases) == 2 + 2
     rows = agreement.measure(cases, run_dir)
     for k in (0, 1):
@@ -163,7 +161,7 @@ def test_quick_benchmark_end_to_end_and_resumes(tmp_path):
 
     fit_logs = {p: p.stat().st_mtime_ns for p in work.glob("*/fit.log")}
     assert len(fit_logs) == 4
-    again = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    again = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "fitting" not in again.stdout
     assert {p: p.stat().st_mtime_ns for p in work.glob("*/fit.log")} == fit_logs

@@ -1,17 +1,16 @@
-"""benchmarks/priors.py: prior Dice against sums over the label written out here, and the label-prior work
-folder leaving its source untouched."""
+"""smml_lightning.analysis.priors: prior Dice against sums over the label written out here, and the label-prior
+work folder (made through `smml analyze priors oracle`) leaving its source untouched."""
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import prepared_cache
+from smml_lightning.analysis import priors as prior_benchmark
+from smml_lightning.analysis import runs
+from smml_lightning.cli import main as smml
 from smml_lightning.data import cache
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-import priors as prior_benchmark
 
 
 def hand_dice(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -59,7 +58,7 @@ def test_score_matches_sums_over_the_label(work):
 
 
 def test_benchmark_split_is_the_quality_split(work):
-    split = prior_benchmark.benchmark_split(work / "cache")
+    split = runs.benchmark_split(work / "cache")
     assert sorted(split["train"] + split["test"]) == cache.list_cases(work / "cache") and not split["val"]
     assert len(split["test"]) == 2  # round(0.17 * 6) validation + round(0.17 * 6) test cases
 
@@ -67,7 +66,7 @@ def test_benchmark_split_is_the_quality_split(work):
 def test_oracle_makes_label_priors_in_a_new_folder(work, tmp_path, capsys):
     source_priors = {n: (work / "cache" / n / "prior.npy").read_bytes() for n in cache.list_cases(work / "cache")}
     target = tmp_path / "oracle"
-    prior_benchmark.main(["oracle", str(work), str(target), "--link", "single_branch"])
+    smml(["analyze", "priors", "oracle", str(work), str(target), "--link", "single_branch"])
 
     assert (work / "cache").resolve() != (target / "cache").resolve()
     assert {n: (work / "cache" / n / "prior.npy").read_bytes() for n in source_priors} == source_priors

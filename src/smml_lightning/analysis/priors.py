@@ -1,7 +1,7 @@
 """The SAM-prior path's inputs in a quality benchmark: how good the cached priors are, and label priors.
 
-    python benchmarks/priors.py score runs/quality
-    python benchmarks/priors.py oracle runs/quality runs/quality-oracle --link single_branch
+    smml analyze priors score runs/quality
+    smml analyze priors oracle runs/quality runs/quality-oracle --link single_branch
     python benchmarks/quality.py --methods SMML --work runs/quality-oracle ...
 
 ``score`` prints, per modality, the Dice of each cached prior's argmax against the label on WT, TC and
@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from quality import benchmark_split
-from smml_lightning.data import cache
-from smml_lightning.data.labels import NUM_CLASSES, REGION_CLASSES, REGIONS
-from smml_lightning.data.modalities import MODALITIES, MODALITY_LABELS
-from smml_lightning.evaluation.metrics import dice
+from ..data import cache
+from ..data.labels import NUM_CLASSES, REGION_CLASSES, REGIONS
+from ..data.modalities import MODALITIES, MODALITY_LABELS
+from ..evaluation.metrics import dice
+from .runs import benchmark_split
 
 
 def score(cache_dir: Path, names: list[str]) -> pd.DataFrame:
@@ -57,8 +57,8 @@ def oracle(source: Path, target: Path, link: list[str]) -> Path:
     for entry in [source / "raw", source / "sam_tiny_random.pth", *sorted(source.glob("heldout-*"))]:
         (target / entry.name).symlink_to(entry.resolve())
     for method in link:
-        for run in sorted(source.glob(f"{method}-seed*")):
-            (target / run.name).symlink_to(run.resolve())
+        for run_dir in sorted(source.glob(f"{method}-seed*")):
+            (target / run_dir.name).symlink_to(run_dir.resolve())
     cache_dir = Path(shutil.copytree(source / "cache", target / "cache", symlinks=True))
     for name in cache.list_cases(cache_dir):
         label = cache.load_label(cache_dir, name, mmap=False)
@@ -69,23 +69,20 @@ def oracle(source: Path, target: Path, link: list[str]) -> Path:
     return cache_dir
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     scoring = sub.add_parser("score", help="Dice of the cached priors per modality and region")
     scoring.add_argument("work", type=Path, help="a quality.py --work folder")
-    making = sub.add_parser("oracle", help="a new work folder whose priors are the labels")
+    making = sub.add_parser("oracle", help="a new work folder whose priors are the labels, then scored")
     making.add_argument("work", type=Path, help="a quality.py --work folder (read only)")
     making.add_argument("target", type=Path, help="the new work folder (must not exist)")
     making.add_argument("--link", nargs="*", default=[], metavar="METHOD",
                         help="run-folder prefixes to reuse, e.g. single_branch")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> None:
     cache_dir = args.work / "cache" if args.command == "score" else oracle(args.work, args.target, args.link)
     split = benchmark_split(cache_dir)
     for part in ("train", "test"):
         print(f"{part} ({len(split[part])} cases): Dice (%) of each modality's prior")
         print(score(cache_dir, split[part]).round(1).to_string(), end="\n\n")
-
-
-if __name__ == "__main__":
-    main()

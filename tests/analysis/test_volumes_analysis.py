@@ -1,21 +1,18 @@
-"""benchmarks/volumes.py: voxel counts and pooled ratios against sums written out by hand. Its run loading
-and prediction are checked end to end against a quality run's own report in test_quality_benchmark.py."""
-
-import sys
-from pathlib import Path
+"""smml_lightning.analysis.volumes: voxel counts and pooled ratios against sums written out by hand. Its run
+loading and prediction are checked end to end against a quality run's own report in
+tests/benchmarks/test_quality_benchmark.py."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-import volumes
+from smml_lightning.analysis import runs, volumes
 
 
 def test_region_counts_by_hand():
     truth = np.array([0, 1, 2, 3, 3, 2, 0, 0])
     pred = np.array([0, 3, 2, 3, 0, 1, 2, 0])
-    counts = volumes.region_counts(pred, truth)
+    counts = runs.region_counts(pred, truth)
     # WT = {1, 2, 3}: pred at 1, 2, 3, 5, 6; truth at 1, 2, 3, 4, 5; both at 1, 2, 3, 5.
     assert counts["WT"] == (5, 5, 4)
     # TC = {1, 3}: pred at 1, 3, 5; truth at 1, 3, 4; both at 1, 3.

@@ -1,6 +1,6 @@
 """Where a quality run's ET Dice comes from: cases with and without enhancement, subsets with and without T1ce.
 
-    python benchmarks/et_breakdown.py runs/quality-1200 smml-seed0-steps1200 single_branch-seed0-steps1200
+    smml analyze et-breakdown runs/quality-1200 smml-seed0-steps1200 single_branch-seed0-steps1200
 
 ET is the region that decides the quality benchmark's spread. Its 15-subset average mixes two different
 things: how well the enhancing rim is outlined where there is one, and whether any ET is predicted in
@@ -22,13 +22,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from smml_lightning.data import cache
-from smml_lightning.data.labels import CLASS_NAMES
+from ..data import cache
+from ..data.labels import CLASS_NAMES
 
 SMALL_ET = 300  # voxels: "small" enhancing regions, where a few voxels move Dice a lot
 
 
 def true_et_volumes(work: Path) -> dict[str, int]:
+    """True ET voxels of every labelled case of a work folder (its cache and held-out caches)."""
     volumes = {}
     for root in [work / "cache", *sorted(work.glob("heldout-*/cache"))]:
         for name in cache.list_cases(root):
@@ -52,6 +53,7 @@ def reports(run_dir: Path, peer: int | None = None, train_fit: bool = False) -> 
 
 def breakdown(work: Path, run: str, volumes: dict[str, int], region: str = "ET", peer: int | None = None,
               train_fit: bool = False) -> pd.Series:
+    """Mean Dice (%) of ``region`` per (case group, subset group), and the case counts."""
     frames = [pd.read_csv(p) for p in reports(work / run, peer, train_fit)]
     if not frames:
         wanted = "train-fit/per_case.csv (quality.py --train-fit)" if train_fit else "report*/per_case.csv"
@@ -60,7 +62,7 @@ def breakdown(work: Path, run: str, volumes: dict[str, int], region: str = "ET",
     rows = rows[rows["region"] == region].copy()
     missing = sorted(set(rows["case"]) - set(volumes))
     if missing:
-        raise KeyError(f"{run}: no prepared label for cases {missing[:5]} under {work}")
+        raise ValueError(f"{run}: no prepared label for cases {missing[:5]} under {work}")
     et = rows["case"].map(volumes)
     rows["cases"] = np.where(et == 0, "no ET", np.where(et < SMALL_ET, f"ET < {SMALL_ET} vox", "ET"))
     rows["subsets"] = np.where(rows["subset"].str.contains("T1ce"), "with T1ce", "without T1ce")
@@ -75,7 +77,7 @@ def added_last(work: Path, run: str, volumes: dict[str, int], region: str = "ET"
                train_fit: bool = False) -> pd.Series:
     """Dice points gained by adding each modality last (all four minus the other three), paired by
     case, on the tumours with and without enhancement: where all four modalities lose their rank."""
-    from smml_lightning.evaluation.report import modality_gains
+    from ..evaluation.report import modality_gains
 
     rows = pd.concat([pd.read_csv(p) for p in reports(work / run, peer, train_fit)])
     rows = rows[rows["region"] == region]
@@ -88,36 +90,34 @@ def added_last(work: Path, run: str, volumes: dict[str, int], region: str = "ET"
     return pd.Series(table, name=run)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("work", type=Path, help="the quality benchmark's --work folder")
     parser.add_argument("runs", nargs="+", help="run folders under it, e.g. smml-seed0-steps1200")
     parser.add_argument("--region", default="ET", help="ET (default) or ET_post")
     parser.add_argument("--peer", type=int, choices=(0, 1), help="an SMML peer's reports (runs with --peers)")
     parser.add_argument("--train-fit", action="store_true", help="the runs' scores on their own training cases "
                         "(runs with quality.py --train-fit) instead of the test cases")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> None:
     volumes = true_et_volumes(args.work)
     scored = "training" if args.train_fit else "test"
-    table = pd.concat([breakdown(args.work, run, volumes, args.region, args.peer, args.train_fit)
-                       for run in args.runs], axis=1)
+    table = pd.concat([breakdown(args.work, r, volumes, args.region, args.peer, args.train_fit)
+                       for r in args.runs], axis=1)
     print(f"{args.region} Dice (%) on the {scored} cases, mean over (case, subset) pairs; cases by true ET volume "
           f"({scored} cases without any ET in brackets)\n")
     columns = [c for c in table.index if c[0] != "cases"]
     print(f"| run | {scored} cases (no ET) | " + " | ".join(f"{a}, {b}" for a, b in columns) + " |")
     print("|---" * (len(columns) + 2) + "|")
-    for run in table.columns:
-        cells = " | ".join(f"{table.loc[c, run]:.1f}" for c in columns)
-        print(f"| {run} | {table.loc[('cases', 'n'), run]:.0f} ({table.loc[('cases', 'no ET'), run]:.0f}) | {cells} |")
-    last = pd.concat([added_last(args.work, run, volumes, args.region, args.peer, args.train_fit)
-                      for run in args.runs], axis=1)
+    for name in table.columns:
+        cells = " | ".join(f"{table.loc[c, name]:.1f}" for c in columns)
+        print(f"| {name} | {table.loc[('cases', 'n'), name]:.0f} ({table.loc[('cases', 'no ET'), name]:.0f}) "
+              f"| {cells} |")
+    last = pd.concat([added_last(args.work, r, volumes, args.region, args.peer, args.train_fit)
+                      for r in args.runs], axis=1)
     print(f"\n{args.region} Dice points gained by adding each modality last (all four minus the other three, "
           f"paired by case), on the {scored} cases without and with enhancement\n")
     print("| run | " + " | ".join(f"{a}: {b}" for a, b in last.index) + " |")
     print("|---" * (len(last.index) + 1) + "|")
-    for run in last.columns:
-        print(f"| {run} | " + " | ".join(f"{last.loc[c, run]:+.1f}" for c in last.index) + " |")
-
-
-if __name__ == "__main__":
-    main()
+    for name in last.columns:
+        print(f"| {name} | " + " | ".join(f"{last.loc[c, name]:+.1f}" for c in last.index) + " |")
