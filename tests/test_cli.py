@@ -145,3 +145,30 @@ def test_wheel_carries_configs_license_and_entry_point(tmp_path):
     dist_info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
     assert any(n.startswith(dist_info) and n.endswith("LICENSE") for n in names)
     assert "smml = smml_lightning.cli:main" in zipfile.ZipFile(wheel).read(f"{dist_info}/entry_points.txt").decode()
+
+
+def test_run_names_agree_across_processes_and_never_collide(tmp_path, monkeypatch):
+    from smml_lightning.lit.lightning_cli import RUN_NAME_ENV, default_run_name, run_folder_of
+
+    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "SLURM_NTASKS", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv(RUN_NAME_ENV, "from-rank-0")
+    name, shared = default_run_name()
+    assert re.fullmatch(r"\d{8}-\d{6}", name) and not shared  # rank 0 ignores a stale name from earlier
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a child started by Lightning's DDP launcher
+    assert default_run_name() == ("from-rank-0", True)
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.setenv("SLURM_NTASKS", "8")  # srun starts every rank itself
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    assert default_run_name() == ("job-4242", True)
+    assert run_folder_of(str(tmp_path / "runs" / "x" / "r1" / "checkpoints" / "last.ckpt")) == tmp_path / "runs" / "x" / "r1"
+    assert run_folder_of(str(tmp_path / "best.ckpt")) is None and run_folder_of("last") is None
+
+    # Two fits started in the same second get two folders.
+    monkeypatch.delenv("SLURM_NTASKS")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("smml_lightning.lit.lightning_cli.default_run_name", lambda: ("same", False))
+    first = lightning_main(["--config", "synthetic", "--trainer.logger=false"], run=False)
+    Path(first.trainer.default_root_dir).mkdir(parents=True)
+    second = lightning_main(["--config", "synthetic", "--trainer.logger=false"], run=False)
+    assert [Path(c.trainer.default_root_dir).name for c in (first, second)] == ["same", "same-2"]
