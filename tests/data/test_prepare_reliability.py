@@ -113,3 +113,18 @@ def test_out_of_range_values_are_rejected_with_the_range(tmp_path, capsys, optio
     message = str(info.value.code) + capsys.readouterr().err
     assert option.lstrip("-") in message and allowed in message and "Traceback" not in message
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_cache_from_before_the_fingerprints_is_judged_by_modification_times(tmp_path):
+    (folder,) = synthesize(tmp_path / "raw", 1, shape=SHAPE, seed=1)
+    out = tmp_path / "cache"
+    _prepare(tmp_path / "raw", out)
+    meta_path = out / folder.name / cache.META
+    meta = json.loads(meta_path.read_text())
+    del meta["source_stat"]  # as an earlier version wrote it
+    meta_path.write_text(json.dumps(meta))
+    assert _prepare(tmp_path / "raw", out).skipped == [folder.name]  # sources older than the case
+    flair = folder / f"{folder.name}_flair.nii.gz"
+    later = meta_path.stat().st_mtime_ns + 2_000_000_000
+    os.utime(flair, ns=(later, later))  # edited after the case was made
+    assert _prepare(tmp_path / "raw", out).prepared == [folder.name]

@@ -11,7 +11,8 @@ original grid. Runs are idempotent and
 survive interruption: finished cases are skipped, half-written ones redone, and one bad case is
 reported rather than stopping the rest. A case counts as finished only while its source files are the
 ones it was made from (same paths, sizes and modification times), so an edited or replaced download
-is prepared again. One run at a time holds the cache folder (a lock file); a second one stops with the
+is prepared again; a case cached before sizes and times were recorded counts while its sources are
+older than its ``meta.json``. One run at a time holds the cache folder (a lock file); a second one stops with the
 first one's process id. Ctrl-C stops a parallel run at once: the workers are terminated, and a case
 they were writing has no ``meta.json`` yet, so the next run redoes it.
 """
@@ -170,8 +171,13 @@ def _is_done(out: Path, case: Case, min_size: Sequence[int], require_label: bool
         meta = cache.load_meta(out, case.name)
         if meta.source != case.sources or any(s < m for s, m in zip(meta.cropped_shape, min_size)):
             return False
-        if meta.source_stat != source_stats(case):  # an edited file; or a cache that predates the record
+        stats = source_stats(case)
+        if meta.source_stat and meta.source_stat != stats:  # an edited or replaced file
             return False
+        if not meta.source_stat:  # a case from before the record: its sources must predate it
+            made = (cache.case_dir(out, case.name) / cache.META).stat().st_mtime_ns
+            if any(mtime >= made for _, mtime in stats.values()):
+                return False
         if (meta.native_spacing is None) != (spacing is None) or (
                 spacing is not None and not np.allclose(meta.spacing, spacing)):
             return False
