@@ -6,9 +6,9 @@ masks (SMML's two branches see two different subsets of the same patch). Evaluat
 cropped cases one at a time.
 
 Each training epoch's batches are a pure function of (seed, epoch, rank)
-(:mod:`smml_lightning.data.stream`), and the datamodule's ``state_dict`` says how far the current epoch got; Lightning stores it in
-checkpoints, so a run resumed mid-epoch replays the epoch's stream up to that point and continues with
-exactly the batches an uninterrupted run sees.
+(:mod:`smml_lightning.data.stream`), and the datamodule's ``state_dict`` says how far the current
+epoch got; Lightning stores it in checkpoints, so a run resumed mid-epoch replays the epoch's stream
+up to that point and continues with exactly the batches an uninterrupted run sees.
 """
 
 from __future__ import annotations

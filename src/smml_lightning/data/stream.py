@@ -38,7 +38,7 @@ class EpochStream:
     at will: a run resumed from a checkpoint written after batch k of an epoch starts that epoch's stream
     afresh, produces and discards its first k batches' patches (data time only, no model work) and
     continues with exactly the batches the uninterrupted run saw. ``epoch`` and ``batches`` (handed out
-    this epoch) are what :meth:`~smml_lightning.data.datamodule.BratsDataModule.state_dict` puts into checkpoints. Iterating the loader
+    this epoch) are what the datamodule's ``state_dict`` puts into checkpoints. Iterating the loader
     without ``set_epoch`` (outside Lightning) replays the same epoch each time, as a
     ``DistributedSampler`` does.
 
@@ -78,7 +78,7 @@ class EpochStream:
 
     @contextmanager
     def drawing(self) -> Iterator[None]:
-        """Run a block with ``generator`` as torch's global CPU generator; the global state is restored after."""
+        """Run a block with ``generator`` as torch's global CPU generator, then restore the global state."""
         outside = torch.get_rng_state()
         torch.set_rng_state(self.generator.get_state())
         try:
@@ -190,7 +190,8 @@ class MixedQueue(Dataset):
 
 
 class QueueSampler(DistributedSampler):
-    """Sequential indices over an :class:`EpochQueue` (or :class:`MixedQueue`); starting an iteration starts the queue's epoch.
+    """Sequential indices over an :class:`EpochQueue` (or :class:`MixedQueue`); starting an iteration
+    starts the queue's epoch.
 
     Lightning calls ``set_epoch`` on the loader's sampler each epoch, but never sees the sampler
     inside the queue that shards the cases across ranks; this passes the epoch on so every epoch

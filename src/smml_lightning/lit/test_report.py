@@ -5,8 +5,8 @@ carry it) per region and puts the subset tables, legacy and lesion-wise, into W&
 
 Where the report goes and what it quotes are the module's settings (``report_dir``,
 ``compare_published``, ``method_name``, ``et_min_voxels``, ``challenge`` and the sliding-window
-settings), so configs keep one place for them. :class:`~smml_lightning.lit.base.MissingModalityModule` registers this
-callback itself (``configure_callbacks``).
+settings), so configs keep one place for them. :class:`~smml_lightning.lit.base.MissingModalityModule`
+registers this callback itself (``configure_callbacks``).
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ class TestReport(pl.Callback):
         if outputs:
             self.rows.extend(outputs["rows"])
 
-    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: MissingModalityModule) -> None:  # type: ignore[override]  # this callback serves MissingModalityModule only
+    # The callback serves MissingModalityModule only (its settings name the report), hence the narrower type.
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: MissingModalityModule) -> None:  # type: ignore[override]
         rows = gather_rows(self.rows)
         if not rows:
             return

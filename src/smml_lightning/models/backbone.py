@@ -201,8 +201,8 @@ class UNetDecoder(nn.Module):
     Each level: x2 transposed convolution to the level's width -> concatenate the skip -> 3x3x3 conv ->
     1x1x1 conv. (mmFormer upsamples trilinearly and then convolves at the fine scale; the learnt 2x2x2
     transposed convolution, as in nnU-Net, does the same job at a fraction of the cost: it was about a
-    third of a CPU training step.) Deep-supervision heads sit on the three coarser decoder levels (1/8, 1/4, 1/2
-    resolution); their logits keep their own resolution, so the loss resizes the labels.
+    third of a CPU training step.) Deep-supervision heads sit on the three coarser decoder levels (1/8,
+    1/4, 1/2 resolution); their logits keep their own resolution, so the loss resizes the labels.
     """
 
     def __init__(
