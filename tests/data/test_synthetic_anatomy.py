@@ -4,6 +4,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from smml_lightning.cli import main
 from smml_lightning.data.labels import to_internal
 from smml_lightning.data.layouts import discover
 from smml_lightning.data.modalities import MODALITIES
@@ -102,3 +103,18 @@ def test_refuses_existing_files(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["BraTS20_Training_001_t2.nii.gz"]
     with pytest.raises(ValueError, match="workers"):
         synthesize_anatomy(tmp_path / "x", 1, workers=0)
+
+
+def test_cli_default_is_the_anatomy_generator(tmp_path):
+    """`smml synth` without --generator writes anatomy cases: it refuses the same existing file, and
+    --shape belongs to the tiny generator."""
+    folder = tmp_path / "BraTS20_Training_001"
+    folder.mkdir()
+    (folder / "BraTS20_Training_001_seg.nii.gz").write_bytes(b"precious")
+    with pytest.raises(SystemExit, match="BraTS20_Training_001_seg.nii.gz already exists"):
+        main(["synth", str(tmp_path), "--cases", "1"])
+    with pytest.raises(SystemExit, match="--shape applies to --generator tiny"):
+        main(["synth", str(tmp_path / "x"), "--generator", "anatomy", "--shape", "[32, 32, 24]"])
+    with pytest.raises(SystemExit, match="unknown --generator 'big'"):
+        main(["synth", str(tmp_path / "x"), "--generator", "big"])
+    assert not (tmp_path / "x").exists()
