@@ -399,3 +399,13 @@ def test_bad_input(world, tmp_path, monkeypatch, capsys, name, build, status, ex
     assert lines, f"{name}: no line says all of {expected}:\n{text[-2000:]}"
     assert checksums(world.root) == before, f"{name} changed files written before it"
     assert not list(tmp_path.rglob(".*.tmp*")), "a temporary file was left behind"
+
+
+def test_a_fitting_checkpoint_passes_the_checks(world, tmp_path, monkeypatch):
+    """The checks before restoring let a checkpoint of the configured model through: fit resumes from it."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    main(_fit(world, tmp_path, f"--ckpt_path={world.ckpt}", "--trainer.max_steps=2"))
+    resumed = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert resumed["global_step"] == 2  # one step in the checkpoint, one more here
