@@ -1,5 +1,12 @@
 """The anatomy generator: full-size cases on the MNI template, written in real layouts."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -118,3 +125,35 @@ def test_cli_default_is_the_anatomy_generator(tmp_path):
     with pytest.raises(SystemExit, match="unknown --generator 'big'"):
         main(["synth", str(tmp_path / "x"), "--generator", "big"])
     assert not (tmp_path / "x").exists()
+
+
+def test_ctrl_c_stops_parallel_synth_at_once(tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) ends `smml synth --workers 2` with
+    status 130 and one line, its workers gone and the pending cases never started."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "smml_lightning.cli", "synth", str(tmp_path), "--cases", "6",
+                             "--workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+    try:
+        end = time.time() + 180
+        while not list(tmp_path.glob("*/*_seg.nii.gz")):  # a first case is written: the pool is busy
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.time() < end, "no case written in 180 s"
+            time.sleep(0.05)
+        workers = [int(c) for task in Path(f"/proc/{proc.pid}/task").glob("*")
+                   for c in (task / "children").read_text().split()]
+        os.killpg(proc.pid, signal.SIGINT)
+        start = time.time()
+        code = proc.wait(timeout=60)
+        took = time.time() - start
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert code == 130 and "Traceback" not in err and err.strip().splitlines()[-1].startswith("smml: interrupted")
+    assert took < 15, f"synth took {took:.1f} s to stop"
+    time.sleep(0.5)
+    assert workers and not [pid for pid in workers if Path(f"/proc/{pid}").exists()
+                            and "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()]
+    assert len(list(tmp_path.glob("*/*_seg.nii.gz"))) < 6, "the pending cases were not cancelled"

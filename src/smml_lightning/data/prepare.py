@@ -261,12 +261,12 @@ def _run_job(job: tuple) -> tuple[str, str, str]:
     return _run_one(*job)
 
 
-def _ignore_sigint() -> None:
+def ignore_sigint() -> None:
     """Workers leave Ctrl-C to the parent, which terminates them (a terminal sends it to all)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _stop(pool: ProcessPoolExecutor) -> None:
+def terminate_workers(pool: ProcessPoolExecutor) -> None:
     """Terminate the workers now: their cases stay unfinished (no ``meta.json``), and the pool fails the
     cases not started (``BrokenProcessPool``), so none of them runs. (Cancelling the futures first would
     race the pool's own clean-up in Python 3.11.) Python 3.14 has ``terminate_workers``; before it, the
@@ -305,14 +305,14 @@ def prepare(root: Path | str, out: Path | str, layout: str = "auto",
         results = []
         with tqdm(total=len(cases), desc="prepare", unit="case", disable=not progress) as bar:
             if workers > 1:
-                with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), initializer=_ignore_sigint) as pool:
+                with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), initializer=ignore_sigint) as pool:
                     futures = [pool.submit(_run_job, job) for job in jobs]
                     try:
                         for future in as_completed(futures):
                             results.append(future.result())
                             bar.update()
                     except BaseException:  # Ctrl-C (or a worker lost): stop now, not after the queue
-                        _stop(pool)
+                        terminate_workers(pool)
                         raise
             else:
                 for job in jobs:

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from smml_lightning.data.modalities import MODALITIES
+from smml_lightning.data.prepare import ignore_sigint, terminate_workers
 from smml_lightning.data.synthetic.write import (
     brats_affine,
     check_layout,
@@ -340,5 +341,13 @@ def synthesize_anatomy(out: Path | str, n_cases: int, layout: str = "brats2020",
     jobs = [(out, layout, seed, i) for i in indices]
     if workers == 1 or n_cases == 1:
         return [_write_one(job) for job in jobs]
-    with ProcessPoolExecutor(max_workers=min(workers, n_cases, os.cpu_count() or 1)) as pool:
-        return list(pool.map(_write_one, jobs))
+    # As prepare's pool: Ctrl-C reaches the parent only, which terminates the workers at once (their
+    # cases are left unfinished: a re-run with overwrite redoes them) and runs none of the pending ones.
+    with ProcessPoolExecutor(max_workers=min(workers, n_cases, os.cpu_count() or 1),
+                             initializer=ignore_sigint) as pool:
+        futures = [pool.submit(_write_one, job) for job in jobs]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            terminate_workers(pool)
+            raise
