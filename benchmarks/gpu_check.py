@@ -102,8 +102,9 @@ def speed_table(device: str, reps: int, patch: int, network: dict[str, Any] | No
 
     rows = []
     steps = {}
-    for name, (method, bf16) in speed.PAPER_CONFIGS.items():
-        module = speed.build_paper(method, device, patch=patch, network_overrides=network)
+    for name, (method, bf16, fuse) in speed.PAPER_CONFIGS.items():
+        module = speed.build_paper(method, device, patch=patch, network_overrides=network,
+                                   **({"fuse_peers": True} if fuse else {}))
         steps[name] = speed.paper_step(module, bf16, device, patch=patch)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -217,6 +218,7 @@ def run(out: Path, smoke: bool, steps: int, n_cases: int, n_test: int, reps: int
         "test": {"cases": n_test, "seconds": test_seconds, "peak_gib": test_peak, "dice_15_subsets": summary},
         "speed": table, "smml_bf16_over_single_bf16": t["smml bf16"] / t["single bf16"],
         "smml_bf16_over_single_fp32": t["smml bf16"] / t["single fp32"],
+        "fused_over_plain": t["smml bf16 fused peers"] / t["smml bf16"],
         "total_seconds": time.perf_counter() - started,
     }
     (out / "gpu_check.json").write_text(json.dumps(results, indent=1))
@@ -259,6 +261,7 @@ def markdown(r: dict[str, Any], patch: int) -> str:
                      f"peak {gib(row['peak_gib'])} |")
     lines.append(f"| SMML bf16 / single bf16 (target <= 2.1x) | {r['smml_bf16_over_single_bf16']:.2f}x |")
     lines.append(f"| SMML bf16 / single fp32 (target <= 1x) | {r['smml_bf16_over_single_fp32']:.2f}x |")
+    lines.append(f"| SMML bf16, fused peers / plain | {r['fused_over_plain']:.2f}x |")
     return "\n".join(lines)
 
 

@@ -268,10 +268,11 @@ def profile_steps(s: Settings, report: Report, rows: int = 15) -> None:
 # ---- 7: the training step at the paper's size ------------------------------------------------------------
 
 PAPER_PATCH = 128
-PAPER_CONFIGS = {  # name: (method, bf16); the issue-48 targets compare these three
-    "smml bf16": ("smml", True),
-    "single bf16": ("single", True),
-    "single fp32": ("single", False),
+PAPER_CONFIGS = {  # name: (method, bf16, SMML's fuse_peers); the issue-48 targets compare the first three
+    "smml bf16": ("smml", True, False),
+    "single bf16": ("single", True, False),
+    "single fp32": ("single", False, False),
+    "smml bf16 fused peers": ("smml", True, True),
 }
 
 
@@ -322,8 +323,8 @@ def bench_paper(reps: int, report: Report, device: str = "cpu") -> dict[str, flo
     branch at 128^3, batch 1, alternating; returns the median seconds per configuration."""
     print(f"[7] training step at the paper's size: {PAPER_PATCH}^3, batch 1, brats2018 network, {reps} rep(s) "
           "after one warm-up", flush=True)
-    steps = {name: paper_step(build_paper(method, device), bf16, device)
-             for name, (method, bf16) in PAPER_CONFIGS.items()}
+    steps = {name: paper_step(build_paper(method, device, **({"fuse_peers": True} if fuse else {})), bf16, device)
+             for name, (method, bf16, fuse) in PAPER_CONFIGS.items()}
     times = interleaved(steps, reps)
     t = {k: med(v) for k, v in times.items()}
     report.raw["paper"] = {"seconds": times, "patch": PAPER_PATCH, "device": device}
@@ -333,6 +334,7 @@ def bench_paper(reps: int, report: Report, device: str = "cpu") -> dict[str, flo
                lambda v: v <= 2.1)
     report.add("7. SMML bf16 / single fp32", t["smml bf16"] / t["single fp32"], "{:.2f}x", "<= 1x",
                lambda v: v <= 1.0)
+    report.add("7. SMML bf16, fused peers / plain", t["smml bf16 fused peers"] / t["smml bf16"], "{:.2f}x")
     return t
 
 

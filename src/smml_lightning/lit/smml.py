@@ -34,6 +34,7 @@ from ..losses.prior import prior_consistency
 from ..losses.segmentation import deep_supervision_loss, masked_aux_loss
 from ..models.backbone import MMFormer
 from ..models.base import MaskedSegmenter, SegmentationOutput
+from ..models.peers import FusedPeers
 from ..models.refine import SemanticRefiner
 from .base import MissingModalityModule, check_weights
 
@@ -53,6 +54,9 @@ class SMML(MissingModalityModule):
         sample_relation_across_ranks: under DDP, relate the samples of the global batch (all ranks')
             in the inter-sample HCC, not only this rank's: with SMML's one volume per GPU a rank alone
             has no pair of samples to relate and the term would be zero. No effect in one process.
+        fuse_peers: run the two branches' convolutional layers as one grouped kernel each in training
+            (:class:`~smml_lightning.models.peers.FusedPeers`): the same losses and gradients to float
+            rounding. Needs MMFormer branches.
         inference_branches: the peers whose logits are averaged by ``validate``, ``test`` and
             ``predict``: both (default, the method) or one, ``[0]`` or ``[1]``, to score a peer alone
             (separates what averaging two networks gives from what mutual learning gives each one).
@@ -79,6 +83,7 @@ class SMML(MissingModalityModule):
         share_mask: bool = False,
         sample_relation_across_ranks: bool = True,
         inference_branches: list[int] | None = None,
+        fuse_peers: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -101,6 +106,7 @@ class SMML(MissingModalityModule):
         self.share_mask = share_mask
         self.sample_relation_across_ranks = sample_relation_across_ranks
         self.inference_branches = branches
+        self.fused_peers = FusedPeers(cast(MMFormer, self.branches[0])) if fuse_peers else None
 
     def inference_models(self) -> list[MaskedSegmenter]:
         return [cast(MaskedSegmenter, self.branches[k]) for k in self.inference_branches]
@@ -134,7 +140,12 @@ class SMML(MissingModalityModule):
             raise ValueError("SMML needs two masks per sample: set data.n_masks=2 (or model.share_mask=true)")
         branch_masks = [masks[:, 0], masks[:, 0] if self.share_mask else masks[:, 1]]
         warm = not self.in_warmup()
-        outs = [branch(batch["image"], m) for branch, m in zip(self.branches, branch_masks)]
+        outs: list[Any]  # as the plain path's nn.Module calls
+        if self.fused_peers is not None:
+            outs = cast(list[Any], self.fused_peers(cast(list[MMFormer], list(self.branches)), batch["image"],
+                                                    branch_masks))
+        else:
+            outs = [branch(batch["image"], m) for branch, m in zip(self.branches, branch_masks)]
         terms: dict[str, torch.Tensor] = {}
         for k, (out, m) in enumerate(zip(outs, branch_masks)):
             for name, value in self._branch_terms(k, out, batch, m, warm).items():

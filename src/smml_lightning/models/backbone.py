@@ -344,14 +344,18 @@ class MMFormer(MaskedSegmenter):
     def encode(self, image: torch.Tensor) -> list[torch.Tensor]:
         check_image(image, self.in_modalities)
         features = self.encoder(image)
-        x = self.to_tokens(features[-1])
+        skips = features[:-1] if self.training else self.skip_shares(features[:-1])
+        return [*skips, self.intra_modal(features[-1])]
+
+    def intra_modal(self, last: torch.Tensor) -> torch.Tensor:
+        """The last encoder stage ``(B, M * w, *s)`` -> tokens -> one transformer per modality -> the
+        per-modality bottleneck map ``(B, M * transformer_dim, *s)``."""
+        x = self.to_tokens(last)
         b, grid = x.shape[0], x.shape[2:]
         tokens = x.unflatten(1, (self.in_modalities, -1)).flatten(3).transpose(2, 3)  # (B, M, N, dim)
         pos = self._positions(grid)
         intra = torch.stack([t(tokens[:, k], pos[k]) for k, t in enumerate(self.intra)], dim=1)
-        bottleneck = intra.transpose(2, 3).reshape(b, -1, *grid)
-        skips = features[:-1] if self.training else self.skip_shares(features[:-1])
-        return [*skips, bottleneck]
+        return intra.transpose(2, 3).reshape(b, -1, *grid)
 
     def skip_shares(self, skips: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Each modality's contribution to each skip-fusion conv, ``(B, M * w_i, *S / 2^i)``, no bias.
@@ -385,23 +389,9 @@ class MMFormer(MaskedSegmenter):
 
     def decode(self, encoded: list[torch.Tensor], mask: torch.Tensor) -> SegmentationOutput:
         *skips, tokens_map = encoded
-        b, m, grid = tokens_map.shape[0], self.in_modalities, tokens_map.shape[2:]
+        b, m = tokens_map.shape[0], self.in_modalities
         mask = check_mask(mask, b, m)
-
-        # Inter-modal attention over available tokens only: missing keys are padding, and missing
-        # queries are zeroed again afterwards so nothing of a missing modality survives.
-        tokens = mask_modalities(tokens_map, mask).unflatten(1, (m, -1)).flatten(3).transpose(2, 3)
-        n = tokens.shape[2]
-        pos = self._positions(grid).reshape(m * n, -1)
-        padding = (~mask).repeat_interleave(n, dim=1)
-        inter = self.inter(tokens.reshape(b, m * n, -1), pos, padding).reshape(b, m, n, -1)
-        inter = inter * mask.to(inter.dtype)[:, :, None, None]
-        # from_tokens in two steps: its 1x1x1 conv gives the fused inter-modal features before any norm
-        # (the public code's ``x5_inter``), which feature-level consistency relates; norm and activation
-        # then give the decoder's input.
-        inter_features = conv_of(self.from_tokens)(inter.transpose(2, 3).reshape(b, -1, *grid))
-        bottleneck = norm_act_of(self.from_tokens)(inter_features)
-
+        inter_features, bottleneck = self.inter_modal(tokens_map, mask)
         fused = self.decoder(self._fuse_skips(skips, mask), bottleneck, deep=self.training)
         if not self.training:
             return SegmentationOutput(logits=fused.logits, bottleneck=inter_features)
@@ -422,3 +412,21 @@ class MMFormer(MaskedSegmenter):
             bottleneck=inter_features,
             aux_mask=aux_mask,
         )
+
+    def inter_modal(self, tokens_map: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inter-modal transformer over the available modalities' tokens (``mask`` checked): the fused
+        features before any norm, which feature-level consistency relates, and the decoder's input."""
+        b, m, grid = tokens_map.shape[0], self.in_modalities, tokens_map.shape[2:]
+        # Inter-modal attention over available tokens only: missing keys are padding, and missing
+        # queries are zeroed again afterwards so nothing of a missing modality survives.
+        tokens = mask_modalities(tokens_map, mask).unflatten(1, (m, -1)).flatten(3).transpose(2, 3)
+        n = tokens.shape[2]
+        pos = self._positions(grid).reshape(m * n, -1)
+        padding = (~mask).repeat_interleave(n, dim=1)
+        inter = self.inter(tokens.reshape(b, m * n, -1), pos, padding).reshape(b, m, n, -1)
+        inter = inter * mask.to(inter.dtype)[:, :, None, None]
+        # from_tokens in two steps: its 1x1x1 conv gives the fused inter-modal features before any norm
+        # (the public code's ``x5_inter``), which feature-level consistency relates; norm and activation
+        # then give the decoder's input.
+        inter_features = conv_of(self.from_tokens)(inter.transpose(2, 3).reshape(b, -1, *grid))
+        return inter_features, norm_act_of(self.from_tokens)(inter_features)
