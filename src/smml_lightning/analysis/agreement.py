@@ -22,6 +22,7 @@ import pandas as pd
 
 from ..data.labels import REGIONS
 from ..data.modalities import SUBSETS, subset_name
+from ..lit.smml import SMML
 from .runs import (
     add_work_and_runs,
     check_csv,
@@ -37,7 +38,7 @@ from .runs import (
 def measure(cases: list[tuple[Path, str]], run_dir: Path) -> pd.DataFrame:
     """One row per case, subset and region: Dice peer 0 vs peer 1, and each peer vs the labels."""
     model, dtype = load_run(run_dir)
-    if len(getattr(model, "branches", ())) != 2:
+    if not isinstance(model, SMML):
         raise ValueError(f"{run_dir}: {type(model).__name__} has no two peers to compare")
     subset_ids = list(range(len(SUBSETS)))
     rows = []
