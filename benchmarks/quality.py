@@ -11,6 +11,8 @@
                                                     # every method with a config overlay (here: the loss)
     python benchmarks/quality.py --overlay ablations/shared_mask --overlay-on SMML \
         --work runs/quality-shared-mask              # an overlay of SMML's own settings, SMML only
+    python benchmarks/quality.py --overlay labeled/labeled_10 --methods CMC MAML \
+        --work runs/quality-labeled10                # semi-supervised: 10% labeled (CMC also uses the rest)
 
 Pipeline: synthetic cases (fixed seed) -> prepare -> SAM priors once (tiny random SAM, decoder fitted on
 the training split) -> for each method and seed, `python -m smml_lightning.cli fit` in a subprocess for
@@ -78,6 +80,7 @@ def methods(ablations: bool, fp32: bool = False) -> list[Method]:
         Method("single-branch", (EXPERIMENTS / "synthetic_single.yaml",)),
         Method("U-Net", (EXPERIMENTS / "synthetic_unet.yaml",)),
         Method("MAML", (EXPERIMENTS / "synthetic_maml.yaml",)),
+        Method("CMC", (EXPERIMENTS / "synthetic_cmc.yaml",)),
     ]
     if ablations:
         for overlay in sorted((EXPERIMENTS / "ablations").glob("*.yaml")):

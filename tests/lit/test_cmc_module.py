@@ -1,6 +1,7 @@
 """The CMC LightningModule: which samples each term reads, its schedules, and the unlabeled gradient."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -69,6 +70,13 @@ def test_schedules_follow_the_config():
     assert model.consistency_weights(12) == pytest.approx((1.0, 0.0))
     with pytest.raises(ValueError, match="ramp_epochs"):
         module(ramp_epochs=None).ramp_length()
+    by_epochs = module(ramp_epochs=None)
+    by_epochs._trainer = SimpleNamespace(max_epochs=12, max_steps=-1)
+    assert by_epochs.ramp_length() == 12
+    by_steps = module(ramp_epochs=None)  # a run bounded by steps: 10 steps of 4 batches, 2 per step
+    by_steps._trainer = SimpleNamespace(max_epochs=-1, max_steps=10, num_training_batches=4,
+                                        accumulate_grad_batches=2)
+    assert by_steps.ramp_length() == 5
     with pytest.raises(ValueError, match="w_csc"):
         module(w_csc=-1.0)
 

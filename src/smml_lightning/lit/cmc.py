@@ -25,6 +25,7 @@ run by default), so at its switch-on (epoch 350 of 500) CSC starts at weight 0.6
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -92,13 +93,17 @@ class CMC(MissingModalityModule):
         return [self.net]
 
     def ramp_length(self) -> int:
-        """``ramp_epochs``, or the trainer's ``max_epochs`` when it is ``None``."""
+        """``ramp_epochs``; when it is ``None``, the run's length in epochs: the trainer's ``max_epochs``, or
+        for a run bounded by ``max_steps`` alone, the epochs those steps take."""
         if self.ramp_epochs is not None:
             return self.ramp_epochs
-        max_epochs = self.trainer.max_epochs if self._trainer is not None else None
-        if max_epochs is None or max_epochs < 0:
-            raise ValueError("CMC: set model.ramp_epochs (the trainer has no max_epochs to ramp over)")
-        return max_epochs
+        trainer = self._trainer
+        if trainer is not None and trainer.max_epochs is not None and trainer.max_epochs >= 0:
+            return int(trainer.max_epochs)
+        if trainer is not None and trainer.max_steps > 0 and 0 < trainer.num_training_batches < math.inf:
+            per_epoch = trainer.num_training_batches / trainer.accumulate_grad_batches
+            return max(1, math.ceil(trainer.max_steps / per_epoch))
+        raise ValueError("CMC: set model.ramp_epochs (the trainer has no max_epochs or max_steps to ramp over)")
 
     def consistency_weights(self, epoch: int) -> tuple[float, float]:
         """Schedule factors ``(csc, cac)`` at ``epoch`` (0 during the warm-up), before ``w_csc``/``w_cac``."""
