@@ -78,27 +78,32 @@ def test_semi_supervised_batches_mix_at_the_share_and_never_read_unlabeled_label
         assert batch["masks"].shape == (2, 2, 4)
 
 
-def test_a_mixed_epoch_replays_from_a_mid_epoch_loader_state(tmp_path):
+@pytest.mark.parametrize("use_unlabeled", [True, False])
+def test_an_epoch_with_unlabeled_cases_replays_from_a_mid_epoch_loader_state(tmp_path, use_unlabeled):
+    """Mixed (semi-supervised) and labeled-only epochs that cycle over their cases both resume exactly."""
     make_cache(tmp_path / "c", n=6)
 
     def loader():
         torch.manual_seed(3)
-        dm = dm_for(tmp_path / "c", labeled_fraction=0.34, use_unlabeled=True, val_fraction=0, test_fraction=0,
-                    queue_length=3, labeled_share=0.5, batch_size=1)
+        dm = dm_for(tmp_path / "c", labeled_fraction=0.34, use_unlabeled=use_unlabeled, val_fraction=0,
+                    test_fraction=0, queue_length=3, labeled_share=0.5, batch_size=1)
         dm.setup("fit")
         return dm.train_dataloader()
 
     first = loader()
     first.sampler.set_epoch(1)
     epoch = list(first)
-    assert len(epoch) == 12 and [b["labeled"].item() for b in epoch] == [False, True] * 6
+    assert len(epoch) == 12
+    keys = ("image", "label", "masks", "labeled") if use_unlabeled else ("image", "label", "masks")
+    if use_unlabeled:
+        assert [b["labeled"].item() for b in epoch] == [False, True] * 6
     resumed = loader()
     resumed.load_state_dict({"epoch": 1, "batches": 5})
     resumed.sampler.set_epoch(1)
     rest = list(resumed)
     assert len(rest) == 7
     for i, (got, want) in enumerate(zip(rest, epoch[5:])):
-        for key in ("image", "label", "masks", "labeled"):
+        for key in keys:
             assert torch.equal(got[key], want[key]), f"batch {i + 5}: {key} differs"
 
 
