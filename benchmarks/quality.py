@@ -19,13 +19,19 @@ the training split) -> for each method and seed, `python -m smml_lightning.cli f
 exactly ``--steps`` optimizer steps (no validation, the last weights are scored) -> `test` over all 15
 subsets on the fixed test split and on 40 more held-out cases -> one table (method x WT/TC/ET/ET_post, mean over
 the 15 subsets, spread over seeds), SMML's gain over the single-branch per number of available
-modalities, Markdown + CSV + PNG.
+modalities, Markdown + CSV + PNG + PROVENANCE.md (command, commit, host CPU, date) in the benchmark's
+current-result folder ``benchmarks/results/quality/``, which each run replaces as a whole (``--out``
+writes elsewhere; ``--quick`` writes to ``<work>/results``).
 
 Every method keeps its experiment file's settings; the benchmark only sets the data, the seed and the
 step budget. SMML's warm-up (in epochs) is rescaled so it covers the same fraction of the budget as in
 its config (2 of 15 epochs), otherwise a short budget would be mostly warm-up. The data seed and the
 split are the same for every run; only the training seed changes. Work files go under ``--work``
 (default runs/quality) and finished runs are reused, so an interrupted benchmark resumes.
+
+The script runs in three steps: :func:`parse` turns the command line into a checked :class:`Plan`,
+:func:`run` makes the data and trains and tests every run, and :func:`tables` and :func:`result_files`
+make the result folder's files.
 """
 
 from __future__ import annotations
@@ -47,10 +53,13 @@ from unittest import mock
 import pandas as pd
 import yaml
 
+from smml_lightning.analysis.results import PROVENANCE, check_result_folder, provenance, write_result_folder
 from smml_lightning.analysis.runs import DATA_SEED, benchmark_split, held_out_fraction
 from smml_lightning.experiments import EXPERIMENTS_DIR as EXPERIMENTS
+from smml_lightning.experiments import resolve
 
 REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "quality"  # the benchmark's current result
 REGIONS = ("WT", "TC", "ET", "ET_post")  # ET_post: small predicted ET emptied, as in the community's tables
 PEER = " one peer"  # --peers: "<method> one peer" rows, each peer scored alone, the two averaged per seed
 TRAIN_FIT = "train-fit"  # --train-fit: each run's scores on its own training cases (its report folder)
@@ -210,7 +219,7 @@ def fit(method: Method, data: list[str], seed: int, steps: int, steps_per_epoch:
         env = {**os.environ, "WANDB_MODE": "disabled"}
         if threads is not None:
             env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        done = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        done = subprocess.run(cmd, check=False, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO, env=env)
     wall = time.perf_counter() - started
     if done.returncode != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
@@ -228,8 +237,8 @@ def busy_cores_warning(load: float | None = None) -> str | None:
     """A warning when other processes already keep the cores busy, else ``None``.
 
     Fits that share the cores with another benchmark run several times slower (two benchmarks at
-    ``--jobs 1`` each take every core: 2.7 s a step instead of 0.9 here), and the table's fit seconds
-    would not compare with other runs'. ``load`` defaults to the one-minute load average.
+    ``--jobs 1`` each take every core), and the table's fit seconds would not compare with other runs'.
+    ``load`` defaults to the one-minute load average.
     """
     if load is None:
         if not hasattr(os, "getloadavg"):
@@ -394,8 +403,8 @@ def region_rows(stats: pd.DataFrame, wall: bool) -> list[str]:
 def last_modality_rows(last: pd.DataFrame) -> list[str]:
     """The "all four minus the other three" table (:func:`last_modality_gains`) in Markdown."""
     regions = list(dict.fromkeys(last["region"]))
-    lines = ["Dice points gained by adding each modality last (paired by case), mean over seeds "
-             "[min–max]; below zero, that three-modality subset beats all four.", "",
+    lines = [("Dice points gained by adding each modality last (paired by case), mean over seeds "
+             "[min–max]; below zero, that three-modality subset beats all four."), "",
              "| method | added | " + " | ".join(regions) + " |", "|---" * (len(regions) + 2) + "|"]
     for (method, modality), part in last.groupby(["method", "modality"], observed=True, sort=False):
         by_region = part.set_index("region")
@@ -420,8 +429,8 @@ def markdown(summary: dict, gain: dict[tuple[str, str], pd.DataFrame], meta: dic
              "| method | " + " | ".join(REGIONS) + " | fit wall (s) |", "|---" * (len(REGIONS) + 2) + "|"]
     lines += region_rows(stats, wall=True)
     if any(str(m).endswith(PEER) for m in stats.index):
-        lines += ["", f"<method>{PEER}: the method's weights with one peer's logits instead of both averaged "
-                  "(`model.init_args.inference_branches=[k]`), the mean of peers 0 and 1 per seed."]
+        lines += ["", (f"<method>{PEER}: the method's weights with one peer's logits instead of both averaged "
+                  "(`model.init_args.inference_branches=[k]`), the mean of peers 0 and 1 per seed.")]
     for (a, b), table in gain.items():
         lines += ["", f"## {a} minus {b}, by number of available modalities",
                   "Dice points, mean over the subsets with that many modalities [min–max over seed pairs].", "",
@@ -437,9 +446,9 @@ def markdown(summary: dict, gain: dict[tuple[str, str], pd.DataFrame], meta: dic
     if summary.get(TRAIN_FIT) is not None:
         train = summary[TRAIN_FIT]
         lines += ["", "## On the training cases (`--train-fit`)",
-                  "The same runs scored on the cases they were trained on (Dice %, mean over the 15 subsets; "
+                  ("The same runs scored on the cases they were trained on (Dice %, mean over the 15 subsets; "
                   "mean ± std over seeds [min–max]). Close to the test figures, the runs have not fitted their "
-                  "own data (under-fitted); far above them, they fit it but do not generalise.", "",
+                  "own data (under-fitted); far above them, they fit it but do not generalise."), "",
                   "| method | " + " | ".join(REGIONS) + " |", "|---" * (len(REGIONS) + 1) + "|",
                   *region_rows(train["stats"], wall=False),
                   "", "All four modalities minus the other three, on the training cases:",
@@ -458,9 +467,9 @@ def markdown(summary: dict, gain: dict[tuple[str, str], pd.DataFrame], meta: dic
     sources = summary.get("spread_sources")
     if sources is not None and len(sources):
         lines += ["", "## Where the seed spread comes from",
-                  "Std over seeds of each run's 15-subset average (Dice points), split into the part more test "
+                  ("Std over seeds of each run's 15-subset average (Dice points), split into the part more test "
                   "cases would remove (seed-by-case interaction over the test cases) and the part only more "
-                  "seeds average out (training); their squares add up to the seed std's.", "",
+                  "seeds average out (training); their squares add up to the seed std's."), "",
                   "| method | region | seeds x cases | seed std | test cases | training |", "|---" * 6 + "|"]
         for row in sources.itertuples():
             lines.append(f"| {row.method} | {row.region} | {row.seeds} x {row.cases} | {pct(row.seed_std)} | "
@@ -497,10 +506,41 @@ def figure(subsets: pd.DataFrame, order: list[str]) -> bytes:
     return buffer.getvalue()
 
 
-# ---- main ---------------------------------------------------------------------------------------------
+# ---- parse, run, write --------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> None:
+@dataclass(frozen=True)
+class Plan:
+    """One benchmark run, from the command line: what to train and score, where, and where the result goes."""
+
+    methods: tuple[Method, ...]
+    seeds: tuple[int, ...]
+    steps: int
+    cases: int
+    heldout: int
+    shape: tuple[int, int, int]
+    prior_epochs: int
+    peers: bool
+    train_fit: bool
+    jobs: int
+    work: Path
+    out: Path
+    command: str
+
+
+@dataclass
+class Scores:
+    """Everything the runs of a plan produced: per-case rows (test and ``--train-fit``), fit seconds, and
+    the table order of the methods (with their "one peer" rows)."""
+
+    rows: pd.DataFrame
+    train_rows: pd.DataFrame | None
+    walls: pd.DataFrame
+    order: list[str]
+    split: dict[str, list[str]]
+
+
+def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 8 small cases, 3 steps, one seed")
     parser.add_argument("--steps", type=int, help="optimizer steps per run (default 600, quick 3)")
@@ -530,26 +570,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=1,
                         help="fits run side by side, each on an equal share of the cores (default 1); tests "
                              "run one at a time after the fits")
-    parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results/quality-<date>)")
-    parser.add_argument("--work", type=Path, help="data and runs (default runs/quality or runs/quality-quick)")
+    parser.add_argument("--out", type=Path, help="result folder, replaced as a whole by each run (default "
+                        f"{RESULTS.relative_to(REPO)}, the benchmark's current result; quick: <work>/results)")
+    parser.add_argument("--work", type=Path, help="data and runs; finished runs are reused (default runs/quality "
+                        "or runs/quality-quick)")
+    return parser
+
+
+def parse(argv: list[str] | None = None) -> Plan:
+    """The command line as a checked plan; a bad option ends here, before any data is made."""
+    parser = arguments()
     args = parser.parse_args(argv)
-
-    from smml_lightning.io import atomic_write_bytes, atomic_write_text
-
-    date = time.strftime("%Y%m%d")
     quick = args.quick
-    steps = args.steps or (3 if quick else 600)
-    cases = args.cases or (8 if quick else 32)
-    seeds = args.seeds or ([0] if quick else [0, 1, 2])
-    if args.heldout is None:
-        args.heldout = 2 if quick else 40
-    if args.heldout < 0:
-        parser.error(f"--heldout must be >= 0, got {args.heldout}")
+    heldout = (2 if quick else 40) if args.heldout is None else args.heldout
+    if heldout < 0:
+        parser.error(f"--heldout must be >= 0, got {heldout}")
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
-    shape = (48, 48, 32) if quick else (64, 64, 48)
-    work = (args.work or REPO / "runs" / ("quality-quick" if quick else "quality")).resolve()
-    out = args.out or REPO / "benchmarks" / "results" / f"quality-{date}{'-quick' if quick else ''}"
     chosen = methods(args.ablations, args.fp32)
     if args.methods:
         known = [m.name for m in chosen]
@@ -557,8 +594,6 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             parser.error(f"unknown --methods {unknown}; choose from {known}")
         chosen = [m for m in chosen if m.name in {*args.methods, "SMML", "single-branch"}]
-    from smml_lightning.experiments import resolve
-
     try:
         args.overlay = [resolve(o) for o in args.overlay]
     except FileNotFoundError as err:
@@ -570,76 +605,119 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--overlay-on {unknown}: not among the methods run ({[m.name for m in chosen]})")
     chosen = [replace(m, configs=(*m.configs, *args.overlay)) if m.name in overlaid else m
               for m in chosen]
+    work = (args.work or REPO / "runs" / ("quality-quick" if quick else "quality")).resolve()
+    out = args.out or (work / "results" if quick else RESULTS)
+    try:
+        check_result_folder(out)
+    except FileExistsError as error:
+        parser.error(f"--out {error}")
+    return Plan(methods=tuple(chosen), seeds=tuple(args.seeds or ([0] if quick else [0, 1, 2])),
+                steps=args.steps or (3 if quick else 600), cases=args.cases or (8 if quick else 32),
+                heldout=heldout, shape=(48, 48, 32) if quick else (64, 64, 48), prior_epochs=2 if quick else 30,
+                peers=args.peers, train_fit=args.train_fit, jobs=args.jobs, work=work, out=out,
+                command=shlex.join(["python", "benchmarks/quality.py",
+                                    *(argv if argv is not None else sys.argv[1:])]))
+
+
+def run(plan: Plan) -> Scores:
+    """Data, priors and every fit (reused when finished), then every test: the per-case rows."""
     base = load_yaml((EXPERIMENTS / "synthetic.yaml",))["data"]
     patch = int(base["patch_size"])
-    test_fraction = held_out_fraction(cases, base["val_fraction"], base["test_fraction"])
-
+    test_fraction = held_out_fraction(plan.cases, base["val_fraction"], base["test_fraction"])
     started = time.time()
     if warning := busy_cores_warning():
         print(warning, flush=True)
-    print(f"== data: {cases} cases of {shape} in {work}", flush=True)
-    cache_dir, split = prepare_data(work, cases, shape, patch, prior_epochs=2 if quick else 30)
+    print(f"== data: {plan.cases} cases of {plan.shape} in {plan.work}", flush=True)
+    cache_dir, split = prepare_data(plan.work, plan.cases, plan.shape, patch, plan.prior_epochs)
     data = data_args(cache_dir, test_fraction)
-    heldout = prepare_heldout(work, cases, args.heldout, shape, patch) if args.heldout else []
-    train_cases = test_on(cache_dir, split["train"], work / "train-fit-split.json") if args.train_fit else []
-    n_test = len(split["test"]) + args.heldout
+    heldout = prepare_heldout(plan.work, plan.cases, plan.heldout, plan.shape, patch) if plan.heldout else []
+    heldout_report = f"report-heldout-{plan.cases}-{plan.heldout}"
+    train_cases = test_on(cache_dir, split["train"], plan.work / "train-fit-split.json") if plan.train_fit else []
+    n_test = len(split["test"]) + plan.heldout
     steps_per_epoch = math.ceil(len(split["train"]) * base["samples_per_volume"] / base["batch_size"])
-    runs = [(method, seed, work / f"{slug(method.name)}-seed{seed}-steps{steps}") for method in chosen for seed in seeds]
-    peered = {m.name for m in chosen if args.peers and two_peers(m)}  # --peers: scored peer by peer too
-    print(f"== {len(runs)} fits of {steps} steps, {args.jobs} at a time", flush=True)
-    fit_walls = fit_all(runs, data, steps, steps_per_epoch, args.jobs)
+    runs = [(method, seed, plan.work / f"{slug(method.name)}-seed{seed}-steps{plan.steps}")
+            for method in plan.methods for seed in plan.seeds]
+    peered = {m.name for m in plan.methods if plan.peers and two_peers(m)}  # --peers: scored peer by peer too
+    print(f"== {len(runs)} fits of {plan.steps} steps, {plan.jobs} at a time", flush=True)
+    fit_walls = fit_all(runs, data, plan.steps, steps_per_epoch, plan.jobs)
     rows, train_rows, walls = [], [], []
     for method, seed, run_dir in runs:
-        wall = fit_walls[run_dir]
         print(f"== {method.name} seed {seed}: test on {n_test} cases x 15 subsets ({time.time() - started:.0f} s)",
               flush=True)
         rows.append(test(method, data, seed, run_dir))
         if heldout:
-            rows.append(test(method, heldout, seed, run_dir, f"report-heldout-{cases}-{args.heldout}"))
+            rows.append(test(method, heldout, seed, run_dir, heldout_report))
         if train_cases:
             train_rows.append(test(method, train_cases, seed, run_dir, TRAIN_FIT))
-        walls.append({"method": method.name, "seed": seed, "wall_seconds": wall})
+        walls.append({"method": method.name, "seed": seed, "wall_seconds": fit_walls[run_dir]})
         if method.name in peered:
             for k in (0, 1):
                 peer = Method(peer_row(method.name), method.configs,
                               (*method.args, f"--model.init_args.inference_branches=[{k}]"))
                 rows.append(test(peer, data, seed, run_dir, f"report-peer{k}"))
                 if heldout:
-                    rows.append(test(peer, heldout, seed, run_dir, f"report-heldout-{cases}-{args.heldout}-peer{k}"))
-            walls.append({"method": peer_row(method.name), "seed": seed, "wall_seconds": wall})
-    order = [name for m in chosen for name in (m.name, *([peer_row(m.name)] if m.name in peered else []))]
-    all_rows = pd.concat(rows)
-    summary = summarise(all_rows, pd.DataFrame(walls), order)
-    summary["last_modality"] = last_modality_gains(all_rows, order)
-    summary["spread_sources"] = spread_sources(all_rows, order)
-    if train_rows:
-        trained, train_all = [m.name for m in chosen], pd.concat(train_rows)
-        summary[TRAIN_FIT] = summarise(train_all, pd.DataFrame(walls), trained)
-        summary[TRAIN_FIT]["last_modality"] = last_modality_gains(train_all, trained)
+                    rows.append(test(peer, heldout, seed, run_dir, f"{heldout_report}-peer{k}"))
+            walls.append({"method": peer_row(method.name), "seed": seed, "wall_seconds": fit_walls[run_dir]})
+    order = [name for m in plan.methods for name in (m.name, *([peer_row(m.name)] if m.name in peered else []))]
+    return Scores(rows=pd.concat(rows), train_rows=pd.concat(train_rows) if train_rows else None,
+                  walls=pd.DataFrame(walls), order=order, split=split)
+
+
+def tables(plan: Plan, scores: Scores) -> tuple[dict, dict[tuple[str, str], pd.DataFrame]]:
+    """The summary tables of :func:`summarise` and friends, and each gain table over the single branch."""
+    summary = summarise(scores.rows, scores.walls, scores.order)
+    summary["last_modality"] = last_modality_gains(scores.rows, scores.order)
+    summary["spread_sources"] = spread_sources(scores.rows, scores.order)
+    if scores.train_rows is not None:
+        trained = [m.name for m in plan.methods]
+        summary[TRAIN_FIT] = summarise(scores.train_rows, scores.walls, trained)
+        summary[TRAIN_FIT]["last_modality"] = last_modality_gains(scores.train_rows, trained)
     gain = {(a, "single-branch"): gains(summary["per_subset"], a, "single-branch")
-            for a in order if a == "SMML" or a.endswith(PEER)}
-    meta = {"date": date, "cases": cases, "shape": shape, "steps": steps, "seeds": seeds, "jobs": args.jobs,
-            "split": f"{len(split['train'])}/{len(split['test'])} train/test (the config's validation cases "
-                     "join the test set: runs here do not validate)"
-                     + (f", and {args.heldout} more held-out test cases (numbered {cases + 1}-{cases + args.heldout}, "
-                        f"same generator), {n_test} test cases in all" if args.heldout else ""),
-            "command": shlex.join(["python", "benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])])}
-    text = markdown(summary, gain, meta)
-    atomic_write_text(out / "quality.md", text)
-    atomic_write_text(out / "runs.csv", summary["per_run"].to_csv(index=False))
-    atomic_write_text(out / "subsets.csv", summary["subsets"].to_csv(index=False))
-    atomic_write_text(out / "last_modality.csv", summary["last_modality"].to_csv(index=False))
-    atomic_write_text(out / "spread_sources.csv", summary["spread_sources"].to_csv(index=False))
-    if train_rows:
-        atomic_write_text(out / "train_fit_runs.csv", summary[TRAIN_FIT]["per_run"].to_csv(index=False))
-        atomic_write_text(out / "train_fit_last_modality.csv",
-                          summary[TRAIN_FIT]["last_modality"].to_csv(index=False))
+            for a in scores.order if a == "SMML" or a.endswith(PEER)}
+    return summary, gain
+
+
+def result_files(plan: Plan, scores: Scores, summary: dict, gain: dict[tuple[str, str], pd.DataFrame],
+                 seconds: float) -> dict[str, str | bytes]:
+    """The result folder's files by name: Markdown, CSVs, the figure and PROVENANCE.md."""
+    n_test = len(scores.split["test"]) + plan.heldout
+    meta = {"date": time.strftime("%Y%m%d"), "cases": plan.cases, "shape": plan.shape, "steps": plan.steps,
+            "seeds": list(plan.seeds), "jobs": plan.jobs, "command": plan.command,
+            "split": f"{len(scores.split['train'])}/{len(scores.split['test'])} train/test (the config's validation "
+                     "cases join the test set: runs here do not validate)"
+                     + (f", and {plan.heldout} more held-out test cases (numbered {plan.cases + 1}-"
+                        f"{plan.cases + plan.heldout}, same generator), {n_test} test cases in all"
+                        if plan.heldout else "")}
+    files: dict[str, str | bytes] = {
+        "quality.md": markdown(summary, gain, meta),
+        "runs.csv": summary["per_run"].to_csv(index=False),
+        "subsets.csv": summary["subsets"].to_csv(index=False),
+        "last_modality.csv": summary["last_modality"].to_csv(index=False),
+        "spread_sources.csv": summary["spread_sources"].to_csv(index=False),
+    }
+    if TRAIN_FIT in summary:
+        files["train_fit_runs.csv"] = summary[TRAIN_FIT]["per_run"].to_csv(index=False)
+        files["train_fit_last_modality.csv"] = summary[TRAIN_FIT]["last_modality"].to_csv(index=False)
     for (a, _), table in gain.items():
-        atomic_write_text(out / f"gain_{slug(a)}_vs_single.csv", table.to_csv(index=False))
-    png = figure(summary["subsets"], order)
-    atomic_write_bytes(out / "quality.png", lambda f: f.write(png))
-    print(text)
-    print(f"results in {out} ({time.time() - started:.0f} s)")
+        files[f"gain_{slug(a)}_vs_single.csv"] = table.to_csv(index=False)
+    files["quality.png"] = figure(summary["subsets"], scores.order)
+    files[PROVENANCE] = provenance("quality benchmark", plan.command, REPO,
+                                   (f"Work folder: `{plan.work}` (runs, per-case reports, fit logs)",
+                                    f"Wall time: {seconds:.0f} s, {plan.jobs} fit(s) at a time"))
+    return files
+
+
+def main(argv: list[str] | None = None) -> None:
+    plan = parse(argv)
+    started = time.time()
+    scores = run(plan)
+    summary, gain = tables(plan, scores)
+    files = result_files(plan, scores, summary, gain, time.time() - started)
+    replaced = plan.out.is_dir() and any(plan.out.iterdir())
+    write_result_folder(plan.out, files)
+    print(files["quality.md"])
+    print(f"results in {plan.out}{' (the previous result there replaced)' if replaced else ''} "
+          f"({time.time() - started:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -1,30 +1,33 @@
-"""Speed benchmarks (issue 6): training step, mixed precision, SMML vs one branch, 15-subset reuse,
-data loading, whole-case inference memory and preprocessing, measured side by side in one run.
+"""Speed benchmarks: training step, mixed precision, SMML vs one branch, 15-subset reuse, data loading,
+whole-case inference memory and preprocessing, measured side by side in one run.
 
-The machine is shared and noisy, so the configurations of each item alternate repetition by
+The machine may be shared and noisy, so the configurations of each item alternate repetition by
 repetition (A B C, C B A, ...) and the table reports medians and ratios of medians: a load spike then
 hits every configuration rather than one. Everything runs on synthetic data written to a temporary
-folder. ``--quick`` is a ~2 minute smoke version (small patches, fewer repetitions, an extrapolated
-naive 15-subset cost and a smaller inference case); the default run takes under 15 minutes on 2 cores.
+folder. ``--quick`` is a smoke version (small patches, fewer repetitions, an extrapolated naive
+15-subset cost and a smaller inference case); the default run is sized for about 15 minutes on 2 cores.
 
-Results: a table ``item | measured | target | pass/fail`` on stdout and in
-``benchmarks/results/speed-<date>.{md,json}``. ``--profile`` adds torch.profiler's top operators for
-one training step per precision (where the time of a step goes).
+Results: a table ``item | measured | target | pass/fail`` on stdout, and ``speed.md``, ``speed.json``
+(every repetition's seconds) and ``PROVENANCE.md`` (command, commit, host CPU, date) in the benchmark's
+current-result folder ``benchmarks/results/speed/``, which each full run replaces as a whole; ``--quick``
+writes to ``runs/speed-quick``, ``--out`` anywhere else, and an interrupted run to ``<out>-partial``.
+``--profile`` adds torch.profiler's top operators for one training step per precision (where the
+time of a step goes).
 
 Item 7 is the training step at the paper's size (128^3, the brats2018 experiment's network, every SMML
 term, priors as tensors): SMML in bf16 against our single branch in bf16 and in fp32, one warm-up and
 ``--paper-reps`` (default 1) alternated repetitions each, a few minutes; ``--no-paper-size`` skips it.
 
-Usage: ``python benchmarks/speed.py [--quick] [--threads 2] [--profile] [--skip data,infer] [--no-paper-size]``.
+Usage: ``python benchmarks/speed.py [--quick] [--threads 2] [--profile] [--skip data,infer] [--no-paper-size]
+[--out DIR]``.
 """
 
 from __future__ import annotations
 
 import os
 
-# libgomp reads this when torch loads. On a shared machine (load 7 on 2 cores) the default spinning
-# barriers made a 2-thread single-branch fp32 step at 32^3 take 37-40 s against 6.3 s with 1 thread and
-# 1.6-2.3 s with PASSIVE (measured here): a descheduled peer thread stalls every parallel region.
+# libgomp reads this when torch loads, which here is before smml_lightning sets the same default: with
+# spinning barriers a descheduled peer thread stalls every parallel region on a loaded machine.
 # Override by setting OMP_WAIT_POLICY in the environment.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -34,6 +37,7 @@ import functools
 import gc
 import json
 import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -48,6 +52,12 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from smml_lightning.analysis.results import (
+    PROVENANCE,
+    check_result_folder,
+    provenance,
+    write_result_folder,
+)
 from smml_lightning.analysis.timing import (
     cpu_description,
     interleaved,
@@ -63,13 +73,13 @@ from smml_lightning.data.prepare import prepare, z_score
 from smml_lightning.data.synthetic import synthesize, synthesize_arrays
 from smml_lightning.data.transforms import AugmentedPatches, case_subject
 from smml_lightning.evaluation.inference import predict_subsets
-from smml_lightning.io import atomic_write_text
 from smml_lightning.lit.baselines import SingleBranch
 from smml_lightning.lit.smml import SMML
 from smml_lightning.models.backbone import MMFormer
 from smml_lightning.models.refine import SemanticRefiner
 
-RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "speed"  # the benchmark's current result
 FULL_SHAPE = (240, 240, 155)
 GIB = 2**30
 
@@ -225,8 +235,8 @@ def bench_steps(s: Settings, report: Report) -> float:
     report.raw["steps"] = {"seconds": times, "flops": flops, "peak_gflops": peak, "patch": s.patch, "batch": s.batch}
     for name, value in t.items():
         report.add(f"step {name} ({s.patch}^3, batch {s.batch})", value, "{:.2f} s")
-    # The target is on the configs' setting, bf16-mixed without channels-last (the module default): on
-    # this CPU channels-last made the step slower, its norms converting layouts (row "bf16+CL").
+    # The target is on the configs' setting, bf16-mixed without channels-last (the module default); the
+    # "bf16+CL" row shows whether channels-last pays on this CPU (its norms convert layouts).
     report.add("1. SMML speed-up fp32 / bf16 (configs' default, no CL)", t["smml fp32"] / t["smml bf16"], "{:.2f}x",
                ">= 2.5x", lambda v: v >= 2.5)
     report.add("1. SMML speed-up fp32 / bf16+CL", t["smml fp32"] / t["smml bf16+CL"], "{:.2f}x")
@@ -549,14 +559,17 @@ def markdown(report: Report, header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(report: Report, header: str, meta: dict[str, Any]) -> tuple[Path, Path]:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    md, js = RESULTS / f"speed-{stamp}.md", RESULTS / f"speed-{stamp}.json"
-    atomic_write_text(md, markdown(report, header))
+def write_results(out: Path, report: Report, header: str, meta: dict[str, Any], command: str) -> None:
+    """``out`` holds this run's table, its raw seconds and PROVENANCE.md, replacing a previous result."""
     payload = {"meta": meta, "rows": [asdict(r) | {"verdict": r.verdict} for r in report.rows], "raw": report.raw}
-    atomic_write_text(js, json.dumps(payload, indent=1, default=str))
-    return md, js
+    settings = (f"Threads: {meta['threads']}, OMP_WAIT_POLICY={meta['omp_wait_policy']}, "
+                f"GLIBC_TUNABLES={meta['glibc_tunables'] or '(unset)'}, torch {meta['torch']}")
+    load = (f"Load average {meta['load_average_start'][0]:.1f} -> {meta['load_average_end'][0]:.1f}, "
+            f"{meta['seconds'] / 60:.1f} min")
+    notes = (settings, load)
+    write_result_folder(out, {"speed.md": markdown(report, header),
+                              "speed.json": json.dumps(payload, indent=1, default=str),
+                              PROVENANCE: provenance("speed benchmark", command, REPO, notes)})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -572,11 +585,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="item 7, the training step at 128^3 with the brats2018 network, a few minutes (on "
                         "by default, off with --quick)")
     parser.add_argument("--paper-reps", type=int, default=1, help="timed repetitions of item 7 (default 1)")
+    parser.add_argument("--out", type=Path, help="result folder, replaced as a whole by each run (default "
+                        f"{RESULTS.relative_to(REPO)}, the benchmark's current result; quick: runs/speed-quick)")
     parser.add_argument("--infer-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.infer_child:
         infer_child(json.loads(args.infer_child))
         return 0
+    out = args.out or (REPO / "runs" / "speed-quick" if args.quick else RESULTS)
+    try:
+        check_result_folder(out)
+    except FileExistsError as error:
+        parser.error(f"--out {error}")
+    command = shlex.join(["python", "benchmarks/speed.py", *(argv if argv is not None else sys.argv[1:])])
     torch.set_num_threads(args.threads)
     s = QUICK if args.quick else Settings()
     if args.infer_15:
@@ -587,8 +608,9 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()
     try:
         run_items(args, s, skip, report)
-    except KeyboardInterrupt:  # keep what was measured: a full run is long on a loaded machine
+    except KeyboardInterrupt:  # keep what was measured, beside the current result: a full run is long
         report.rows.append(Row("run interrupted: items after this line are missing", "-"))
+        out = out.with_name(f"{out.name}-partial")
     meta = {"quick": args.quick, "threads": args.threads, "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
             "load_average_start": load_start, "load_average_end": os.getloadavg(),
@@ -599,8 +621,8 @@ def main(argv: list[str] | None = None) -> int:
               f"GLIBC_TUNABLES={meta['glibc_tunables'] or '(unset)'}, {meta['seconds'] / 60:.1f} min, "
               f"load average {load_start[0]:.1f} -> {meta['load_average_end'][0]:.1f})")
     print("\n" + markdown(report, header))
-    md, js = write_results(report, header, meta)
-    print(f"written {md} and {js}")
+    write_results(out, report, header, meta, command)
+    print(f"results in {out}")
     return 0
 
 

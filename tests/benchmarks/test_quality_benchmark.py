@@ -94,6 +94,31 @@ def test_peers_cover_smml_and_every_ablation_only():
     assert quality.peer_row("SMML") == "SMML one peer"  # the row name the docs' tables use
 
 
+def test_parse_writes_to_the_current_result_folder_unless_told_otherwise(tmp_path, capsys):
+    work = tmp_path / "work"
+    full = quality.parse(["--work", str(work), "--jobs", "2"])
+    assert full.out == quality.REPO / "benchmarks" / "results" / "quality"
+    assert (full.steps, full.seeds, full.cases, full.heldout, full.jobs) == (600, (0, 1, 2), 32, 40, 2)
+    assert full.work == work.resolve()
+    assert [m.name for m in full.methods] == ["SMML", "single-branch", "U-Net", "MAML", "CMC"]
+    assert full.command == f"python benchmarks/quality.py --work {work} --jobs 2"
+    quick = quality.parse(["--quick", "--work", str(work)])
+    assert quick.out == work.resolve() / "results"  # a smoke run is not the benchmark's current result
+    assert (quick.steps, quick.seeds, quick.cases, quick.heldout) == (3, (0,), 8, 2)
+    assert quality.parse(["--quick", "--out", str(tmp_path / "mine")]).out == tmp_path / "mine"
+
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine\n")
+    with pytest.raises(SystemExit) as stop:
+        quality.parse(["--quick", "--out", str(mine)])
+    assert stop.value.code == 2 and "no PROVENANCE.md" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    with pytest.raises(SystemExit):
+        quality.parse(["--methods", "nope"])
+    assert "unknown --methods ['nope']" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_quick_benchmark_end_to_end_and_resumes(tmp_path):
     """`quality.py --quick` over two seeds: every table is recomputed here from the per-case reports,
@@ -132,6 +157,9 @@ def test_quick_benchmark_end_to_end_and_resumes(tmp_path):
             assert s["seed_std"] == pytest.approx(runs.loc[method][region].std(ddof=1), abs=1e-9)
             if s["training"] > 0:
                 assert s["test_cases"] ** 2 + s["training"] ** 2 == pytest.approx(s["seed_std"] ** 2)
+    provenance = (out / "PROVENANCE.md").read_text()
+    assert f"- Command: `python benchmarks/quality.py {' '.join(cmd[2:])}`" in provenance
+    assert "- Commit: " in provenance and "- Host CPU: " in provenance and "- Date: " in provenance
     table = (out / "quality.md").read_text()
     smml_wt = runs.loc["SMML"]["WT"]
     assert f"| SMML | {100 * smml_wt.mean():.1f} ± {100 * smml_wt.std(ddof=1):.1f} " in table
