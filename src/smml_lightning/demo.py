@@ -12,12 +12,15 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from .data.cache import is_done as done
 from .data.cache import mark_done
 
+SETTINGS = "demo.json"
 
-def demo(out: str = "runs/demo", config: str = "synthetic", cases: int = 24,
+
+def demo(out: str = "runs/demo", experiment: str = "synthetic", cases: int = 24,
          shape: tuple[int, int, int] = (64, 64, 48), seed: int = 0, sam_checkpoint: str | None = None,
          model_type: str = "tiny", prior_epochs: int = 30, fit_args: list[str] | None = None) -> None:
     """Run the whole pipeline on synthetic data with offline logging.
@@ -25,7 +28,8 @@ def demo(out: str = "runs/demo", config: str = "synthetic", cases: int = 24,
     Args:
         out: everything goes under this folder: raw/, cache/ (with the priors) and the run folder fit/
             (its config, checkpoints, W&B offline logs and test-<time>/ reports).
-        config: experiment config for fit and test (a shipped name or a path).
+        experiment: experiment config for fit and test (a shipped name or a path). Not ``--config``:
+            that option is the command line's own (a YAML file of this command's arguments).
         cases: number of synthetic cases (split 2/3 train, 1/6 val, 1/6 test by the datamodule's seed).
         shape: synthetic volume shape (a downsampled head; 240x240x155 is full size).
         seed: seed of the data, the split and training.
@@ -43,8 +47,11 @@ def demo(out: str = "runs/demo", config: str = "synthetic", cases: int = 24,
     from .priors import run_priors
 
     root = Path(out)
-    resolve(config)  # an unknown name fails here, before any work
-    settings = load(config)
+    resolve(experiment)  # an unknown name fails here, before any work
+    settings = load(experiment)
+    claim_folder(root, {"experiment": experiment, "cases": cases, "shape": list(shape), "seed": seed,
+                        "sam_checkpoint": sam_checkpoint, "model_type": model_type, "prior_epochs": prior_epochs,
+                        "fit_args": list(fit_args or [])})
     raw, cache = root / "raw", root / "cache"
     started = time.time()
 
@@ -69,7 +76,7 @@ def demo(out: str = "runs/demo", config: str = "synthetic", cases: int = 24,
     run_priors(cache, checkpoint=sam_checkpoint, model_type=model_type, epochs=prior_epochs, train_names=train)
 
     fit_dir = root / "fit"
-    common = ["--config", config, f"--data.cache_dir={cache}", f"--seed_everything={seed}", f"--data.seed={seed}",
+    common = ["--config", experiment, f"--data.cache_dir={cache}", f"--seed_everything={seed}", f"--data.seed={seed}",
               f"--trainer.default_root_dir={fit_dir}", *(fit_args or [])]
     if not done(fit_dir):
         step("fit SMML")
@@ -88,6 +95,33 @@ def demo(out: str = "runs/demo", config: str = "synthetic", cases: int = 24,
     if md.is_file():
         print(md.read_text())
     print(f"report: {report}")
+
+
+def claim_folder(root: Path, settings: dict[str, Any]) -> None:
+    """Record the demo's settings in ``<out>/demo.json``, or check them against the ones recorded there.
+
+    Every step skips what a folder already holds, so a re-run with other settings would silently reuse
+    data, priors and a fit made with the old ones while printing the new ones: it stops instead, naming
+    what differs.
+    """
+    from .io import atomic_write_text
+
+    path = root / SETTINGS
+    if path.is_file():
+        try:
+            before = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{path}: unreadable demo settings ({err}); use another --out") from err
+        changed = [f"{key} {before.get(key)!r} -> {value!r}" for key, value in settings.items()
+                   if before.get(key) != value]
+        if changed:
+            raise ValueError(f"{root} holds a demo made with other settings ({'; '.join(changed)}): use another "
+                             "--out, or remove that folder to start again")
+        return
+    if root.is_dir() and any(root.iterdir()):
+        raise ValueError(f"{root} is not empty and holds no {SETTINGS}: the demo writes only into a new or "
+                         "empty folder (use another --out)")
+    atomic_write_text(path, json.dumps(settings, indent=1) + "\n")
 
 
 def _patch_size(cfg: dict) -> int:
