@@ -19,8 +19,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 
+from ..data.cache import CaseMeta
 from ..data.labels import REGION_CLASSES, REGIONS
 from ..data.modalities import SUBSETS, parse_subset, subset_index, subset_name
+from ..data.resample import is_resampled, logits_to_box, native_label
 from ..evaluation.inference import predict_subsets
 from ..evaluation.lesionwise import challenge_metrics, challenge_rules
 from ..evaluation.metrics import case_metrics, dice, image_diagonal
@@ -238,13 +240,21 @@ class MissingModalityModule(pl.LightningModule):
                  batch_size=1)
 
     # ---- whole-case inference -----------------------------------------------------------------
-    def predict_case(self, image: torch.Tensor, subset_ids: Sequence[int]) -> dict[int, torch.Tensor]:
-        """Internal label maps ``(D, H, W)`` per subset index for one whole (cropped) case."""
+    def predict_case(self, image: torch.Tensor, subset_ids: Sequence[int],
+                     native: CaseMeta | None = None) -> dict[int, torch.Tensor]:
+        """Internal label maps ``(D, H, W)`` per subset index for one whole (cropped) case.
+
+        Given ``native``, the metadata of a case cached on a resampled grid, the maps lie on its crop
+        box in native voxels instead: the logits are resampled there before the argmax
+        (:func:`~smml_lightning.data.resample.logits_to_box`).
+        """
         logits = predict_subsets(
             self.inference_models(), self._layout(image), [SUBSETS[i] for i in subset_ids],
             roi_size=self.roi_size, overlap=self.sw_overlap, mode=self.sw_mode,
             sw_batch_size=self.sw_batch_size,
         )
+        if native is not None and is_resampled(native):
+            return {sid: torch.from_numpy(logits_to_box(logits[sid][0], native)) for sid in subset_ids}
         return {sid: predicted_labels(logits[sid])[0] for sid in subset_ids}
 
     @staticmethod
@@ -279,14 +289,21 @@ class MissingModalityModule(pl.LightningModule):
         on and per region, and for WT, TC and ET the challenge figures
         (:func:`~smml_lightning.evaluation.lesionwise.challenge_metrics`) unless ``challenge`` is None.
         The case is scored on its crop, as if on its original grid: an HD95 with one side empty is that
-        grid's diagonal, and specificity counts the voxels outside the crop."""
+        grid's diagonal, and specificity counts the voxels outside the crop. A case cached on a resampled
+        grid is scored on its native grid: logits resampled before the argmax, against the label read
+        again from its source file, distances in native millimetres."""
         name = batch["name"][0]
-        spacing = self._spacing(name)
-        label = batch["label"][0, 0].cpu().numpy()
+        meta = self._meta(name)
+        truth = native_label(meta) if meta is not None and is_resampled(meta) else None
+        if meta is not None and truth is not None:
+            spacing, label, native = tuple(meta.native_spacing or meta.spacing), truth, meta
+        else:
+            spacing, label, native = self._spacing(name), batch["label"][0, 0].cpu().numpy(), None
         grid = self._original_shape(name) or label.shape
         diagonal = image_diagonal(grid, spacing)
         rows = []
-        for sid, pred in self.predict_case(batch["image"], self._within(self.test_subset_ids, batch)).items():
+        subsets = self._within(self.test_subset_ids, batch)
+        for sid, pred in self.predict_case(batch["image"], subsets, native).items():
             labels = pred.cpu().numpy()
             metrics = case_metrics(labels, label, spacing, et_min_voxels=self.et_min_voxels,
                                    empty_distance=diagonal)
@@ -303,11 +320,15 @@ class MissingModalityModule(pl.LightningModule):
                 "sw_batch_size": self.sw_batch_size, "et_min_voxels": self.et_min_voxels,
                 "branches_averaged": len(self.inference_models())}
 
-    def _original_shape(self, name: str) -> tuple[int, int, int] | None:
+    def _meta(self, name: str, stage: str = "fit") -> CaseMeta | None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "case_meta"):
-            return tuple(datamodule.case_meta(name).original_shape)
+            return datamodule.case_meta(name, stage=stage)
         return None
+
+    def _original_shape(self, name: str) -> tuple[int, int, int] | None:
+        meta = self._meta(name)
+        return None if meta is None else meta.original_shape
 
     def _spacing(self, name: str) -> tuple[float, float, float]:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -321,5 +342,5 @@ class MissingModalityModule(pl.LightningModule):
         if not any(available):
             raise ValueError(f"case {batch['name'][0]}: no modality is available, nothing to segment from")
         sid = SUBSETS.index(available)
-        labels = self.predict_case(batch["image"], [sid])[sid]
+        labels = self.predict_case(batch["image"], [sid], self._meta(batch["name"][0], stage="predict"))[sid]
         return {"name": batch["name"][0], "labels": labels.to(torch.uint8).cpu(), "subset": subset_name(available)}

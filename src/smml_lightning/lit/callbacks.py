@@ -40,6 +40,7 @@ class PredictionWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prediction: Any,
                            batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+        from ..data.resample import resample_labels
         from ..evaluation.predict import write_overlay, write_prediction
 
         name = prediction["name"]
@@ -52,7 +53,10 @@ class PredictionWriter(BasePredictionWriter):
         write_prediction(labels, meta, path, overwrite=self.overwrite)
         self.written.append(path)
         if self.overlay:
-            write_overlay(batch["image"][0].float().cpu().numpy(), labels, meta.available,
+            image = batch["image"][0].float().cpu().numpy()
+            if labels.shape != image.shape[1:]:  # a resampled case's labels lie on its native crop box
+                labels = resample_labels(labels, image.shape[1:])
+            write_overlay(image, labels, meta.available,
                           self.output_dir / f"{name}_overlay.png", overwrite=self.overwrite)
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
