@@ -7,8 +7,8 @@ EXP ?= synthetic
 OUT ?= runs/demo
 ARGS ?=
 export OMP_WAIT_POLICY ?= PASSIVE
-# glibc backs large allocations (3D activations: hundreds of MB) with transparent huge pages: ~15x
-# fewer page faults; the SMML CPU training step ran 1.14x faster here (README, Speed).
+# glibc backs large allocations (3D activations: hundreds of MB) with transparent huge pages: far fewer
+# page faults and a faster CPU training step (docs/benchmarks.md).
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: install lint test demo train sweep bench quality freeze clean
