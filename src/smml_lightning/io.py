@@ -81,7 +81,9 @@ def atomic_path(path: Path | str, suffix: str = "") -> Iterator[Path]:
         os.replace(tmp, path)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.filename in (None, name):
+        # An OS error (errno set) names the file meant; setting a filename on one raised with a bare
+        # message would replace that message in its text.
+        if isinstance(err, OSError) and err.errno is not None and err.filename in (None, name):
             err.filename = str(path)
         raise
     _fsync_dir(path.parent)
