@@ -186,3 +186,30 @@ def test_lightning_cli_predict_names_the_cases_it_cannot_prepare(setup, tmp_path
     with pytest.warns(UserWarning, match=f"case {cases[4].name} of .* is not predicted: .*_flair.nii.gz"):
         data.prepare_data()
     assert sorted(b["name"][0] for b in data.predict_dataloader()) == [c.name for c in cases[:4]]
+
+
+def test_a_model_trained_at_reduced_spacing_sees_new_cases_at_that_spacing(setup, tmp_path):
+    """The checkpoint records the training cache's spacing; predict resamples inputs to it and writes the
+    labels back in the input's own grid."""
+    model = SMML(network=partial(MMFormer, base_width=4, transformer_dim=16, num_heads=2),
+                 refiner=partial(SemanticRefiner, width=4), roi_size=16)
+    model.input_spacing = (2.0, 2.0, 2.0)
+    trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(model)
+    ckpt = tmp_path / "coarse.ckpt"
+    trainer.save_checkpoint(ckpt)
+    assert SMML.load_from_checkpoint(ckpt).input_spacing == (2.0, 2.0, 2.0)
+
+    case = sorted(p for p in (setup / "raw").iterdir() if p.is_dir())[0]
+    shutil.copytree(case, tmp_path / "in" / case.name)
+    out = tmp_path / "out"
+    assert _run("-i", tmp_path / "in", "-o", out, "-c", ckpt, "--overlay", "true") == 0
+    metas = list((out / ".smml-cache").rglob("meta.json"))
+    assert len(metas) == 1
+    meta = json.loads(metas[0].read_text())
+    seg = nib.load(out / f"{case.name}_seg.nii.gz")
+    ref = nib.load(case / f"{case.name}_flair.nii.gz")
+    assert meta["spacing"] == [2.0, 2.0, 2.0]
+    assert np.allclose(meta["native_spacing"], ref.header.get_zooms()[:3])
+    assert seg.shape == ref.shape and np.allclose(seg.affine, ref.affine)
+    assert (out / f"{case.name}_overlay.png").stat().st_size > 0

@@ -39,7 +39,7 @@ def provenance(title: str, command: str, repo: Path, notes: tuple[str, ...] = ()
              f"- Command: `{command}`",
              f"- Commit: {git_commit(repo)}",
              f"- Host CPU: {cpu_description()}",
-             f"- Date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+             f"- Date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
              *(f"- {note}" for note in notes)]
     return "\n".join(lines) + "\n"
 

@@ -32,6 +32,7 @@ from smml_lightning.data.inputs import cache_name
 from smml_lightning.data.labels import NUM_CLASSES
 from smml_lightning.data.layouts import Case, discover
 from smml_lightning.data.modalities import MODALITIES, sample_masks
+from smml_lightning.data.resample import resampled_spacing
 from smml_lightning.data.stream import (
     EpochQueue,
     EpochStream,
@@ -447,9 +448,20 @@ class BratsDataModule(LightningDataModule):
         from .prepare import prepare
 
         summary = prepare(hp.predict_root, self.predict_cache, min_size=self.patch_size, require_all=False,
-                          require_label=False, workers=min(2, hp.num_workers) or 1)
+                          require_label=False, workers=min(2, hp.num_workers) or 1, spacing=self.training_spacing())
         for name, reason in summary.failed.items():  # the others are still predicted
             rank_zero_warn(f"case {name} of {hp.predict_root} is not predicted: {reason}")
+
+    def training_spacing(self) -> tuple[float, float, float] | None:
+        """The training cache's voxel spacing when ``smml prepare --spacing`` resampled it (prediction inputs
+        are resampled to it), else None."""
+        try:
+            names = cache.list_cases(self.cache_dir)
+        except FileNotFoundError:
+            return None
+        if not names:
+            return None
+        return resampled_spacing(cache.load_meta(self.cache_dir, names[0]))
 
     def check_ready(self) -> None:
         """Fail early, with what to do, when the training cache is missing."""

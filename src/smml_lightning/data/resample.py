@@ -71,6 +71,14 @@ def is_resampled(meta: CaseMeta) -> bool:
     return meta.native_spacing is not None
 
 
+def resampled_spacing(meta: CaseMeta) -> tuple[float, float, float] | None:
+    """The spacing (mm) of the case's cached arrays when ``prepare --spacing`` resampled them, else None."""
+    if not is_resampled(meta):
+        return None
+    x, y, z = (float(v) for v in meta.spacing)
+    return x, y, z
+
+
 def logits_to_box(logits: torch.Tensor | np.ndarray, meta: CaseMeta) -> np.ndarray:
     """Internal labels (uint8) over the crop box in native voxels from per-class scores ``(C, *grid)``
     over the cached grid (logits or probabilities): resampled linearly, then the largest score wins.

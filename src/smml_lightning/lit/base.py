@@ -22,7 +22,7 @@ from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from ..data.cache import CaseMeta
 from ..data.labels import REGION_CLASSES, REGIONS
 from ..data.modalities import SUBSETS, parse_subset, subset_index, subset_name
-from ..data.resample import is_resampled, logits_to_box, native_label
+from ..data.resample import is_resampled, logits_to_box, native_label, resampled_spacing
 from ..evaluation.inference import predict_subsets
 from ..evaluation.lesionwise import challenge_metrics, challenge_rules
 from ..evaluation.metrics import case_metrics, dice, image_diagonal
@@ -31,6 +31,8 @@ from ..models.base import MaskedSegmenter, predicted_labels
 from ..models.numerics import guard_small_bf16_convs
 from .hparams import checkpoint_class, record_hyperparameters
 from .test_report import TestReport
+
+INPUT_SPACING = "smml_input_spacing"  # checkpoint key of MissingModalityModule.input_spacing
 
 
 def _subset_indices(names: Sequence[str] | None) -> list[int]:
@@ -123,6 +125,8 @@ class MissingModalityModule(pl.LightningModule):
             self.save_hyperparameters()
         record_hyperparameters(self)
         self._skip_update = False  # set by a skipped non-finite step, read before the update
+        # Voxel spacing (mm) of the cache the model was trained on, when resampled (``prepare --spacing``).
+        self.input_spacing: tuple[float, float, float] | None = None
         if not 0.0 <= sw_overlap < 1.0:
             raise ValueError(f"model.sw_overlap must be in [0, 1), got {sw_overlap}")
         if sw_batch_size < 1:
@@ -171,6 +175,24 @@ class MissingModalityModule(pl.LightningModule):
         guard_small_bf16_convs(self)  # before the optimizer is built; see models/numerics.py
         if self.channels_last:
             channels_last_weights(self)
+        if stage == "fit":
+            self.input_spacing = self._training_spacing()
+
+    def _training_spacing(self) -> tuple[float, float, float] | None:
+        """The voxel spacing of the training cache when ``smml prepare --spacing`` resampled it, else None."""
+        datamodule: Any = getattr(self.trainer, "datamodule", None)
+        names = (getattr(datamodule, "splits", None) or {}).get("train") or []
+        if not names or not hasattr(datamodule, "case_meta"):
+            return None
+        return resampled_spacing(datamodule.case_meta(names[0]))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The grid the model was trained on: prediction from a checkpoint alone resamples new cases to it.
+        checkpoint[INPUT_SPACING] = None if self.input_spacing is None else list(self.input_spacing)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        spacing = checkpoint.get(INPUT_SPACING)
+        self.input_spacing = None if spacing is None else (float(spacing[0]), float(spacing[1]), float(spacing[2]))
 
     def in_warmup(self) -> bool:
         """True before the epoch at which the mutual/consistency terms switch on."""

@@ -32,6 +32,7 @@ from ..data.inputs import cache_name, drop_bad_modalities
 from ..data.layouts import Case, discover
 from ..data.modalities import MODALITIES, SUBSETS
 from ..data.prepare import _is_done, cache_lock, prepare_case
+from ..data.resample import resample_labels
 from ..evaluation.predict import prediction_name, write_overlay, write_prediction
 from ..io import atomic_write_text
 from .base import MissingModalityModule
@@ -168,15 +169,19 @@ def _predict_case(case: Case, path: Path, work: Path, model: MissingModalityModu
         else:
             case = dataclasses.replace(case, label=None)  # labels are not needed to predict
         result.modalities = [m for m, have in zip(MODALITIES, case.available) if have]
-        if not _is_done(work, case, model.roi_size, require_label=False):
-            prepare_case(case, work, min_size=model.roi_size, require_all=False, require_label=False)
+        spacing = model.input_spacing  # a model trained at reduced spacing sees its inputs at that spacing
+        if not _is_done(work, case, model.roi_size, require_label=False, spacing=spacing):
+            prepare_case(case, work, min_size=model.roi_size, require_all=False, require_label=False,
+                         spacing=spacing)
         meta = cache.load_meta(work, case.name)
         image = torch.from_numpy(cache.load_image(work, case.name, mmap=False))[None].to(where)
         sid = SUBSETS.index(tuple(meta.available))
         with _autocast(where, precision):
-            labels = model.predict_case(image, [sid])[sid].cpu().numpy()
+            labels = model.predict_case(image, [sid], meta)[sid].cpu().numpy()  # on the native crop box
         write_prediction(labels, meta, path, overwrite=overwrite)
         if overlay:
+            if labels.shape != image.shape[2:]:  # the overlay shows the cached grid
+                labels = resample_labels(labels, image.shape[2:])
             write_overlay(image[0].float().cpu().numpy(), labels, meta.available,
                           output / f"{case.name}_overlay.png", overwrite=True)
         result.status, result.reason = "written", None
