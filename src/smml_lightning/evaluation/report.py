@@ -155,22 +155,7 @@ def lesionwise_table(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame | None:
 def _lesionwise_markdown(table: pd.DataFrame, challenge: str) -> list[str]:
     """The lesion-wise table (subset rows as in the legacy table) and how its figures are computed."""
     rules = challenge_rules(challenge)
-    regions = [r for r in REPORT_REGIONS if f"{r}_lesion_dice" in table.columns]
-    by_subset = table.set_index("subset")
-    head = ["#", *(MODALITY_LABELS[m] for m in MODALITIES)]
-    head += [f"Dice {r}" for r in regions] + [f"HD95 {r}" for r in regions]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for i, (name, mask) in enumerate(zip(SUBSET_NAMES, SUBSETS), start=1):
-        row = by_subset.loc[name] if name in by_subset.index else None
-        cells = [str(i), *("●" if on else "○" for on in mask)]
-        cells += [_fmt(np.nan if row is None else row[f"{r}_lesion_dice"], 100) for r in regions]
-        cells += [_fmt(np.nan if row is None else row[f"{r}_lesion_hd95"]) for r in regions]
-        lines.append("| " + " | ".join(cells) + " |")
-    avg = by_subset.loc[AVERAGE]
-    cells = [f"**{AVERAGE}**", "", "", "", ""]
-    cells += [f"**{_fmt(avg[f'{r}_lesion_dice'], 100)}**" for r in regions]
-    cells += [f"**{_fmt(avg[f'{r}_lesion_hd95'])}**" for r in regions]
-    lines.append("| " + " | ".join(cells) + " |")
+    lines = _subset_rows(table, "lesion_dice", "lesion_hd95")
     return [
         "", f"## BraTS challenge scoring: lesion-wise Dice (%) and HD95 (mm), {rules.name} rules", "",
         *lines, "",
@@ -263,6 +248,28 @@ def _fmt(value: float, scale: float = 1.0) -> str:
     return "–" if pd.isna(value) else f"{value * scale:.1f}"
 
 
+def _subset_rows(table: pd.DataFrame, dice: str, hd95: str) -> list[str]:
+    """Markdown rows of a subset table (one row per subset in table order, then the average): the
+    modality marks, then ``<region>_<dice>`` (as %) and ``<region>_<hd95>`` (mm) per region present."""
+    regions = [r for r in REPORT_REGIONS if f"{r}_{dice}" in table.columns]
+    by_subset = table.set_index("subset")
+    head = ["#", *(MODALITY_LABELS[m] for m in MODALITIES)]
+    head += [f"Dice {r}" for r in regions] + [f"HD95 {r}" for r in regions]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, (name, mask) in enumerate(zip(SUBSET_NAMES, SUBSETS), start=1):
+        row = by_subset.loc[name] if name in by_subset.index else None
+        cells = [str(i), *("●" if on else "○" for on in mask)]
+        cells += [_fmt(np.nan if row is None else row[f"{r}_{dice}"], 100) for r in regions]
+        cells += [_fmt(np.nan if row is None else row[f"{r}_{hd95}"]) for r in regions]
+        lines.append("| " + " | ".join(cells) + " |")
+    avg = by_subset.loc[AVERAGE]
+    cells = [f"**{AVERAGE}**", "", "", "", ""]
+    cells += [f"**{_fmt(avg[f'{r}_{dice}'], 100)}**" for r in regions]
+    cells += [f"**{_fmt(avg[f'{r}_{hd95}'])}**" for r in regions]
+    lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def _markdown(
     summary: pd.DataFrame,
     method_name: str,
@@ -276,22 +283,9 @@ def _markdown(
     challenge: str = "gli",
     original_grid: bool = False,
 ) -> str:
-    regions = [r for r in REPORT_REGIONS if f"{r}_dice" in summary.columns]
     by_subset = summary.set_index("subset")
-    head = ["#", *(MODALITY_LABELS[m] for m in MODALITIES)]
-    head += [f"Dice {r}" for r in regions] + [f"HD95 {r}" for r in regions]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for i, (name, mask) in enumerate(zip(SUBSET_NAMES, SUBSETS), start=1):
-        cells = [str(i), *("●" if on else "○" for on in mask)]
-        row = by_subset.loc[name] if name in by_subset.index else None
-        cells += [_fmt(np.nan if row is None else row[f"{r}_dice"], 100) for r in regions]
-        cells += [_fmt(np.nan if row is None else row[f"{r}_hd95"]) for r in regions]
-        lines.append("| " + " | ".join(cells) + " |")
     avg = by_subset.loc[AVERAGE]
-    cells = [f"**{AVERAGE}**", "", "", "", ""]
-    cells += [f"**{_fmt(avg[f'{r}_dice'], 100)}**" for r in regions]
-    cells += [f"**{_fmt(avg[f'{r}_hd95'])}**" for r in regions]
-    lines.append("| " + " | ".join(cells) + " |")
+    lines = _subset_rows(summary, "dice", "hd95")
 
     n_subsets = len(by_subset) - 1
     ranking = subset_ranking(summary)
