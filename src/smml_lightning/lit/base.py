@@ -180,7 +180,8 @@ class MissingModalityModule(pl.LightningModule):
 
     def _training_spacing(self) -> tuple[float, float, float] | None:
         """The voxel spacing of the training cache when ``smml prepare --spacing`` resampled it, else None."""
-        datamodule: Any = getattr(self.trainer, "datamodule", None)
+        # ``_trainer``: ``self.trainer`` raises when the module is set up without one (benchmarks, tests).
+        datamodule: Any = getattr(self._trainer, "datamodule", None)
         names = (getattr(datamodule, "splits", None) or {}).get("train") or []
         if not names or not hasattr(datamodule, "case_meta"):
             return None
