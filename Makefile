@@ -23,6 +23,7 @@ install: $(BIN)/smml ## make .venv and install the package editable with dev ext
 
 lint: $(BIN)/smml ## ruff and mypy as configured in pyproject.toml (what .ci/run checks before the tests)
 	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
 
 test: $(BIN)/smml ## the whole test suite (CPU, a few minutes)

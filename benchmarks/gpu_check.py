@@ -56,13 +56,15 @@ class StepTimer(pl.Callback):
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._sync(pl_module)
         self._start = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._sync(pl_module)
         self.seconds.append(time.perf_counter() - self._start)
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
@@ -90,8 +92,10 @@ def write_split_file(cache_dir: Path, path: Path, n_test: int) -> dict[str, list
 
     names = cache.list_cases(cache_dir)
     if len(names) < n_test + 2:
-        raise SystemExit(f"gpu_check: {len(names)} cases cannot give {n_test} test, 1 validation and 1+ training")
-    split = {"train": names[: -n_test - 1], "val": names[-n_test - 1: -n_test], "test": names[-n_test:]}
+        raise SystemExit(
+            f"gpu_check: {len(names)} cases cannot give {n_test} test, 1 validation and 1+ training"
+        )
+    split = {"train": names[: -n_test - 1], "val": names[-n_test - 1 : -n_test], "test": names[-n_test:]}
     splits.write_split(split, path)
     return split
 
@@ -103,8 +107,9 @@ def speed_table(device: str, reps: int, patch: int, network: dict[str, Any] | No
     rows = []
     steps = {}
     for name, (method, bf16, fuse) in speed.PAPER_CONFIGS.items():
-        module = speed.build_paper(method, device, patch=patch, network_overrides=network,
-                                   **({"fuse_peers": True} if fuse else {}))
+        module = speed.build_paper(
+            method, device, patch=patch, network_overrides=network, **({"fuse_peers": True} if fuse else {})
+        )
         steps[name] = speed.paper_step(module, bf16, device, patch=patch)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -119,15 +124,26 @@ def speed_table(device: str, reps: int, patch: int, network: dict[str, Any] | No
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, a few steps (seconds): the tests' mode")
+    parser.add_argument(
+        "--smoke", action="store_true", help="CPU, tiny shapes, a few steps (seconds): the tests' mode"
+    )
     parser.add_argument("--out", help="keep everything in this folder (default: a temporary one, removed)")
     parser.add_argument("--steps", type=int, help="training steps (default 300; 2 with --smoke)")
-    parser.add_argument("--cases", type=int, help="synthetic cases, 2 test + 1 validation + the rest training "
-                        "(default 10; 4 with --smoke)")
+    parser.add_argument(
+        "--cases",
+        type=int,
+        help="synthetic cases, 2 test + 1 validation + the rest training (default 10; 4 with --smoke)",
+    )
     parser.add_argument("--test-cases", type=int, default=2)
-    parser.add_argument("--reps", type=int, help="timed repetitions per speed-table row (default 5; 1 with --smoke)")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="processes for synth/prepare and data-loader workers (0 loads in the main process)")
+    parser.add_argument(
+        "--reps", type=int, help="timed repetitions per speed-table row (default 5; 1 with --smoke)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="processes for synth/prepare and data-loader workers (0 loads in the main process)",
+    )
     args = parser.parse_args(argv)
     smoke = args.smoke
     if not smoke and not torch.cuda.is_available():
@@ -151,8 +167,17 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(out, ignore_errors=True)
 
 
-def run(out: Path, smoke: bool, steps: int, n_cases: int, n_test: int, reps: int, workers: int, patch: int,
-        device: str) -> int:
+def run(
+    out: Path,
+    smoke: bool,
+    steps: int,
+    n_cases: int,
+    n_test: int,
+    reps: int,
+    workers: int,
+    patch: int,
+    device: str,
+) -> int:
     from smml_lightning.cli import COMMANDS
 
     started = time.perf_counter()
@@ -161,7 +186,9 @@ def run(out: Path, smoke: bool, steps: int, n_cases: int, n_test: int, reps: int
     synth = [str(raw), f"--cases={n_cases}", "--layout=brats2018", f"--workers={max(workers, 1)}"]
     COMMANDS["synth"].run([*synth, *([f"--shape=[{patch},{patch},{patch}]"] if smoke else [])])
     phase("smml prepare, tensor priors", started)
-    COMMANDS["prepare"].run([str(raw), str(cache_dir), f"--workers={max(workers, 1)}", f"--min_size=[{patch},{patch},{patch}]"])
+    COMMANDS["prepare"].run(
+        [str(raw), str(cache_dir), f"--workers={max(workers, 1)}", f"--min_size=[{patch},{patch},{patch}]"]
+    )
     write_tensor_priors(cache_dir)
     split = write_split_file(cache_dir, out / "split.json", n_test)
 
@@ -169,18 +196,34 @@ def run(out: Path, smoke: bool, steps: int, n_cases: int, n_test: int, reps: int
     n_train = len(split["train"])
     per_volume = max(1, min(25, math.ceil(steps / n_train / 2)))
     epochs = math.ceil(steps / (n_train * per_volume))
-    common = ["--config=brats2018", f"--data.cache_dir={cache_dir}", f"--data.split={out / 'split.json'}",
-              f"--trainer.default_root_dir={run_dir}", "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
-              "--trainer.logger.init_args.save_dir=.", "--trainer.enable_progress_bar=false",
-              f"--data.num_workers={workers}", f"--data.patch_size={patch}"]
+    common = [
+        "--config=brats2018",
+        f"--data.cache_dir={cache_dir}",
+        f"--data.split={out / 'split.json'}",
+        f"--trainer.default_root_dir={run_dir}",
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        "--trainer.logger.init_args.save_dir=.",
+        "--trainer.enable_progress_bar=false",
+        f"--data.num_workers={workers}",
+        f"--data.patch_size={patch}",
+    ]
     if smoke:
         common += [f"--model.init_args.network.init_args.{k}={v}" for k, v in SMOKE_NETWORK.items()]
         common += ["--model.init_args.refiner.init_args.width=4"]
-    fit = [*common, f"--trainer.max_epochs={epochs}", f"--trainer.check_val_every_n_epoch={epochs}",
-           "--trainer.num_sanity_val_steps=0", f"--data.samples_per_volume={per_volume}",
-           f"--data.queue_length={max(8, 2 * per_volume)}", "--model.init_args.warmup_epochs=0",
-           '--trainer.callbacks=[{"class_path": "gpu_check.StepTimer"}]']
-    phase(f"smml fit --config brats2018: {epochs} epochs x {n_train} cases x {per_volume} patches, bf16-mixed", started)
+    fit = [
+        *common,
+        f"--trainer.max_epochs={epochs}",
+        f"--trainer.check_val_every_n_epoch={epochs}",
+        "--trainer.num_sanity_val_steps=0",
+        f"--data.samples_per_volume={per_volume}",
+        f"--data.queue_length={max(8, 2 * per_volume)}",
+        "--model.init_args.warmup_epochs=0",
+        '--trainer.callbacks=[{"class_path": "gpu_check.StepTimer"}]',
+    ]
+    phase(
+        f"smml fit --config brats2018: {epochs} epochs x {n_train} cases x {per_volume} patches, bf16-mixed",
+        started,
+    )
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     fit_start = time.perf_counter()
@@ -190,7 +233,7 @@ def run(out: Path, smoke: bool, steps: int, n_cases: int, n_test: int, reps: int
     timer = next(c for c in cli.trainer.callbacks if type(c).__name__ == "StepTimer")
     if not timer.seconds or not all(math.isfinite(v) for v in timer.losses):
         raise SystemExit(f"gpu_check: the fit's losses are not finite: {timer.losses[-5:]}")
-    later = timer.seconds[timer.steps_in_first_epoch:] or timer.seconds
+    later = timer.seconds[timer.steps_in_first_epoch :] or timer.seconds
     step_median = statistics.median(later)
     last = run_dir / "checkpoints" / "last.ckpt"
 
@@ -213,10 +256,16 @@ def run(out: Path, smoke: bool, steps: int, n_cases: int, n_test: int, reps: int
     t = {row["config"]: row["seconds"] for row in table}
     results = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)",
-        "fit": {"steps": len(timer.seconds), "seconds": fit_seconds, "median_step_s": step_median,
-                "peak_gib": fit_peak, "last_loss": timer.losses[-1]},
+        "fit": {
+            "steps": len(timer.seconds),
+            "seconds": fit_seconds,
+            "median_step_s": step_median,
+            "peak_gib": fit_peak,
+            "last_loss": timer.losses[-1],
+        },
         "test": {"cases": n_test, "seconds": test_seconds, "peak_gib": test_peak, "dice_15_subsets": summary},
-        "speed": table, "smml_bf16_over_single_bf16": t["smml bf16"] / t["single bf16"],
+        "speed": table,
+        "smml_bf16_over_single_bf16": t["smml bf16"] / t["single bf16"],
         "smml_bf16_over_single_fp32": t["smml bf16"] / t["single fp32"],
         "fused_over_plain": t["smml bf16 fused peers"] / t["smml bf16"],
         "total_seconds": time.perf_counter() - started,
@@ -247,18 +296,26 @@ def gib(value: float) -> str:
 def markdown(r: dict[str, Any], patch: int) -> str:
     fit, test = r["fit"], r["test"]
     dice = ", ".join(f"{k} {100 * v:.1f}" for k, v in test["dice_15_subsets"].items())
-    lines = [f"## GPU check on {r['device']} ({r['total_seconds'] / 60:.1f} min)", "",
-             "| item | value |", "|---|---|",
-             (f"| fit: median step after epoch 1 ({fit['steps']} steps, bf16-mixed, loader included) | "
-              f"{fit['median_step_s']:.3f} s |"),
-             f"| fit: wall time | {fit['seconds']:.0f} s |",
-             f"| fit: peak GPU memory | {gib(fit['peak_gib'])} |",
-             f"| test: {test['cases']} cases x 15 subsets, wall time | {test['seconds']:.0f} s |",
-             f"| test: peak GPU memory | {gib(test['peak_gib'])} |",
-             f"| test: 15-subset mean Dice (%) | {dice} |"]
+    lines = [
+        f"## GPU check on {r['device']} ({r['total_seconds'] / 60:.1f} min)",
+        "",
+        "| item | value |",
+        "|---|---|",
+        (
+            f"| fit: median step after epoch 1 ({fit['steps']} steps, bf16-mixed, loader included) | "
+            f"{fit['median_step_s']:.3f} s |"
+        ),
+        f"| fit: wall time | {fit['seconds']:.0f} s |",
+        f"| fit: peak GPU memory | {gib(fit['peak_gib'])} |",
+        f"| test: {test['cases']} cases x 15 subsets, wall time | {test['seconds']:.0f} s |",
+        f"| test: peak GPU memory | {gib(test['peak_gib'])} |",
+        f"| test: 15-subset mean Dice (%) | {dice} |",
+    ]
     for row in r["speed"]:
-        lines.append(f"| step {row['config']} ({patch}^3, brats2018 network) | {row['seconds']:.3f} s, "
-                     f"peak {gib(row['peak_gib'])} |")
+        lines.append(
+            f"| step {row['config']} ({patch}^3, brats2018 network) | {row['seconds']:.3f} s, "
+            f"peak {gib(row['peak_gib'])} |"
+        )
     lines.append(f"| SMML bf16 / single bf16 (target <= 2.1x) | {r['smml_bf16_over_single_bf16']:.2f}x |")
     lines.append(f"| SMML bf16 / single fp32 (target <= 1x) | {r['smml_bf16_over_single_fp32']:.2f}x |")
     lines.append(f"| SMML bf16, fused peers / plain | {r['fused_over_plain']:.2f}x |")

@@ -125,8 +125,9 @@ def synthetic_cache(root: Path, cases: int, shape: tuple[int, int, int], patch: 
     return cache_dir
 
 
-def prepare_data(work: Path, cases: int, shape: tuple[int, int, int], patch: int,
-                 prior_epochs: int) -> tuple[Path, dict[str, list[str]]]:
+def prepare_data(
+    work: Path, cases: int, shape: tuple[int, int, int], patch: int, prior_epochs: int
+) -> tuple[Path, dict[str, list[str]]]:
     """Synthetic cases, the prepared cache and the SAM priors, each made once."""
     from smml_lightning.models.sam_prior import save_tiny_sam_checkpoint
     from smml_lightning.priors import run_priors
@@ -172,21 +173,37 @@ def slug(name: str) -> str:
 
 def data_args(cache_dir: Path, test_fraction: float) -> list[str]:
     """CLI arguments fixing the data and the split for every run."""
-    return [f"--data.cache_dir={cache_dir}", f"--data.seed={DATA_SEED}", "--data.val_fraction=0",
-            f"--data.test_fraction={test_fraction}"]
+    return [
+        f"--data.cache_dir={cache_dir}",
+        f"--data.seed={DATA_SEED}",
+        "--data.val_fraction=0",
+        f"--data.test_fraction={test_fraction}",
+    ]
 
 
 def common_args(method: Method, data: list[str], seed: int, run_dir: Path) -> list[str]:
     args: list[str] = []
     for path in method.configs:
         args += ["--config", str(path)]
-    return args + [*method.args, *data, f"--seed_everything={seed}",
-                   f"--trainer.default_root_dir={run_dir}", "--trainer.logger=false",
-                   f"--model.init_args.method_name={method.name}"]
+    return args + [
+        *method.args,
+        *data,
+        f"--seed_everything={seed}",
+        f"--trainer.default_root_dir={run_dir}",
+        "--trainer.logger=false",
+        f"--model.init_args.method_name={method.name}",
+    ]
 
 
-def fit(method: Method, data: list[str], seed: int, steps: int, steps_per_epoch: int, run_dir: Path,
-        threads: int | None = None) -> float:
+def fit(
+    method: Method,
+    data: list[str],
+    seed: int,
+    steps: int,
+    steps_per_epoch: int,
+    run_dir: Path,
+    threads: int | None = None,
+) -> float:
     """Train in a subprocess (its memory is released at exit); return the wall time in seconds.
 
     ``threads`` caps the subprocess's intra-op threads (OpenMP / MKL), for fits that share the cores.
@@ -202,10 +219,21 @@ def fit(method: Method, data: list[str], seed: int, steps: int, steps_per_epoch:
         fraction = init["warmup_epochs"] / cfg["trainer"]["max_epochs"]
         extra.append(f"--model.init_args.warmup_epochs={round(fraction * steps / steps_per_epoch)}")
     checkpoints = run_dir / "checkpoints"
-    cmd = [sys.executable, "-m", "smml_lightning.cli", "fit", *common_args(method, data, seed, run_dir),
-           f"--trainer.max_steps={steps}", "--trainer.max_epochs=-1", "--trainer.limit_val_batches=0",
-           "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false",
-           "--checkpoint.monitor=null", f"--checkpoint.dirpath={checkpoints}", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "smml_lightning.cli",
+        "fit",
+        *common_args(method, data, seed, run_dir),
+        f"--trainer.max_steps={steps}",
+        "--trainer.max_epochs=-1",
+        "--trainer.limit_val_batches=0",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.enable_progress_bar=false",
+        "--checkpoint.monitor=null",
+        f"--checkpoint.dirpath={checkpoints}",
+        *extra,
+    ]
     if checkpoints.exists():  # an interrupted fit: start over, or Lightning would save last-v1.ckpt beside it
         print(f"   {run_dir.name}: removing the checkpoints of an unfinished fit", flush=True)
         shutil.rmtree(checkpoints)
@@ -246,12 +274,15 @@ def busy_cores_warning(load: float | None = None) -> str | None:
         load = os.getloadavg()[0]
     if load < cores() - 0.5:
         return None
-    return (f"warning: load average {load:.1f} on {cores()} cores before any fit: fits will be slower and their "
-            "seconds not comparable; to run two benchmarks side by side, start each with OMP_NUM_THREADS=1")
+    return (
+        f"warning: load average {load:.1f} on {cores()} cores before any fit: fits will be slower and their "
+        "seconds not comparable; to run two benchmarks side by side, start each with OMP_NUM_THREADS=1"
+    )
 
 
-def fit_all(runs: list[tuple[Method, int, Path]], data: list[str], steps: int, steps_per_epoch: int,
-            jobs: int) -> dict[Path, float]:
+def fit_all(
+    runs: list[tuple[Method, int, Path]], data: list[str], steps: int, steps_per_epoch: int, jobs: int
+) -> dict[Path, float]:
     """Every run's fit, ``jobs`` at a time; wall seconds by run folder.
 
     Side by side, each fit gets an equal share of the cores: small 3D convolutions do not scale to many
@@ -264,8 +295,14 @@ def fit_all(runs: list[tuple[Method, int, Path]], data: list[str], steps: int, s
     failures: list[str] = []
     pool = ThreadPoolExecutor(max_workers=jobs)
     try:
-        pending = {pool.submit(fit, method, data, seed, steps, steps_per_epoch, run_dir, threads): (method, seed, run_dir)
-                   for method, seed, run_dir in runs}
+        pending = {
+            pool.submit(fit, method, data, seed, steps, steps_per_epoch, run_dir, threads): (
+                method,
+                seed,
+                run_dir,
+            )
+            for method, seed, run_dir in runs
+        }
         for future in as_completed(pending):
             method, seed, run_dir = pending[future]
             try:
@@ -295,8 +332,15 @@ def test(method: Method, data: list[str], seed: int, run_dir: Path, report: str 
         # config.yaml stays the one of the fit (`smml analyze` rebuilds runs from it).
         # LightningCLI warns when it gets both ``args`` and command-line arguments (this script's own).
         with mock.patch.object(sys, "argv", sys.argv[:1]):
-            lightning_main(["test", *common_args(method, data, seed, report), f"--ckpt_path={ckpt}",
-                            f"--model.init_args.report_dir={report}", "--trainer.enable_progress_bar=false"])
+            lightning_main(
+                [
+                    "test",
+                    *common_args(method, data, seed, report),
+                    f"--ckpt_path={ckpt}",
+                    f"--model.init_args.report_dir={report}",
+                    "--trainer.enable_progress_bar=false",
+                ]
+            )
     frame = pd.read_csv(per_case)
     return frame[frame["region"].isin(REGIONS)].assign(method=method.name, seed=seed)
 
@@ -338,20 +382,36 @@ def spread_sources(rows: pd.DataFrame, order: list[str]) -> pd.DataFrame:
             continue
         x = wide.to_numpy()
         residual = x - x.mean(1, keepdims=True) - x.mean(0, keepdims=True) + x.mean()
-        test_var = (residual ** 2).sum() / ((k - 1) * (n - 1)) / n
+        test_var = (residual**2).sum() / ((k - 1) * (n - 1)) / n
         seed_var = x.mean(1).var(ddof=1)
-        parts.append({"method": method, "region": region, "seeds": k, "cases": n, "seed_std": math.sqrt(seed_var),
-                      "test_cases": math.sqrt(test_var), "training": math.sqrt(max(0.0, seed_var - test_var))})
-    frame = pd.DataFrame(parts, columns=["method", "region", "seeds", "cases", "seed_std", "test_cases", "training"])
+        parts.append(
+            {
+                "method": method,
+                "region": region,
+                "seeds": k,
+                "cases": n,
+                "seed_std": math.sqrt(seed_var),
+                "test_cases": math.sqrt(test_var),
+                "training": math.sqrt(max(0.0, seed_var - test_var)),
+            }
+        )
+    frame = pd.DataFrame(
+        parts, columns=["method", "region", "seeds", "cases", "seed_std", "test_cases", "training"]
+    )
     frame["method"] = pd.Categorical(frame["method"], categories=order, ordered=True)
-    return frame.sort_values(["method", "region"], key=lambda c: c.map(REGIONS.index) if c.name == "region" else c)
+    return frame.sort_values(
+        ["method", "region"], key=lambda c: c.map(REGIONS.index) if c.name == "region" else c
+    )
 
 
 def gains(per_subset: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
     """Dice gain of ``a`` over ``b`` per number of available modalities (mean over subsets), with the
     min-max over seed pairs (seed i of ``a`` against seed i of ``b``)."""
-    wide = per_subset[per_subset["method"].isin([a, b])].pivot_table(
-        index=["seed", "subset", "region"], columns="method", values="dice").dropna()
+    wide = (
+        per_subset[per_subset["method"].isin([a, b])]
+        .pivot_table(index=["seed", "subset", "region"], columns="method", values="dice")
+        .dropna()
+    )
     wide["gain"] = wide[a] - wide[b]
     wide = wide.reset_index()
     wide["n_modalities"] = wide["subset"].map(n_modalities)
@@ -373,8 +433,11 @@ def last_modality_gains(rows: pd.DataFrame, order: list[str]) -> pd.DataFrame:
         parts.append(table[table["added"] == "last"].assign(method=method, seed=seed))
     frame = pd.concat(parts)
     frame["method"] = pd.Categorical(frame["method"], categories=order, ordered=True)
-    return frame.groupby(["method", "modality", "region"], observed=True, sort=False)["gain"].agg(
-        ["mean", "min", "max"]).reset_index()
+    return (
+        frame.groupby(["method", "modality", "region"], observed=True, sort=False)["gain"]
+        .agg(["mean", "min", "max"])
+        .reset_index()
+    )
 
 
 def pct(value: float) -> str:
@@ -403,38 +466,66 @@ def region_rows(stats: pd.DataFrame, wall: bool) -> list[str]:
 def last_modality_rows(last: pd.DataFrame) -> list[str]:
     """The "all four minus the other three" table (:func:`last_modality_gains`) in Markdown."""
     regions = list(dict.fromkeys(last["region"]))
-    lines = [("Dice points gained by adding each modality last (paired by case), mean over seeds "
-             "[min–max]; below zero, that three-modality subset beats all four."), "",
-             "| method | added | " + " | ".join(regions) + " |", "|---" * (len(regions) + 2) + "|"]
+    lines = [
+        (
+            "Dice points gained by adding each modality last (paired by case), mean over seeds "
+            "[min–max]; below zero, that three-modality subset beats all four."
+        ),
+        "",
+        "| method | added | " + " | ".join(regions) + " |",
+        "|---" * (len(regions) + 2) + "|",
+    ]
     for (method, modality), part in last.groupby(["method", "modality"], observed=True, sort=False):
         by_region = part.set_index("region")
-        cells = [f"{100 * by_region.loc[r, 'mean']:+.1f} [{100 * by_region.loc[r, 'min']:+.1f}, "
-                 f"{100 * by_region.loc[r, 'max']:+.1f}]" for r in regions]
+        cells = [
+            f"{100 * by_region.loc[r, 'mean']:+.1f} [{100 * by_region.loc[r, 'min']:+.1f}, "
+            f"{100 * by_region.loc[r, 'max']:+.1f}]"
+            for r in regions
+        ]
         lines.append(f"| {method} | {modality} | " + " | ".join(cells) + " |")
     return lines
 
 
 def markdown(summary: dict, gain: dict[tuple[str, str], pd.DataFrame], meta: dict) -> str:
     stats = summary["stats"]
-    lines = [f"# Quality benchmark ({meta['date']})", "",
-             f"{meta['cases']} synthetic cases of {'x'.join(map(str, meta['shape']))} (data seed {DATA_SEED}); "
-             f"split {meta['split']}; {meta['steps']} optimizer steps per run; training seeds {meta['seeds']}. "
-             "Dice (%) on the test cases, mean over the 15 subsets; mean ± std over seeds [min–max]. "
-             "ET_post is ET after the small-ET post-processing the published tables use (a predicted ET under "
-             "`model.init_args.et_min_voxels` voxels is emptied). "
-             "Wall time: the fit subprocess (includes ~10-20 s start-up; the machine is shared, so noisy"
-             + (f"; {meta['jobs']} fits ran side by side, each on its share of the cores" if meta["jobs"] > 1
-                else "") + ").",
-             f"Command: `{meta['command']}`", "",
-             "| method | " + " | ".join(REGIONS) + " | fit wall (s) |", "|---" * (len(REGIONS) + 2) + "|"]
+    lines = [
+        f"# Quality benchmark ({meta['date']})",
+        "",
+        f"{meta['cases']} synthetic cases of {'x'.join(map(str, meta['shape']))} (data seed {DATA_SEED}); "
+        f"split {meta['split']}; {meta['steps']} optimizer steps per run; training seeds {meta['seeds']}. "
+        "Dice (%) on the test cases, mean over the 15 subsets; mean ± std over seeds [min–max]. "
+        "ET_post is ET after the small-ET post-processing the published tables use (a predicted ET under "
+        "`model.init_args.et_min_voxels` voxels is emptied). "
+        "Wall time: the fit subprocess (includes ~10-20 s start-up; the machine is shared, so noisy"
+        + (
+            f"; {meta['jobs']} fits ran side by side, each on its share of the cores"
+            if meta["jobs"] > 1
+            else ""
+        )
+        + ").",
+        f"Command: `{meta['command']}`",
+        "",
+        "| method | " + " | ".join(REGIONS) + " | fit wall (s) |",
+        "|---" * (len(REGIONS) + 2) + "|",
+    ]
     lines += region_rows(stats, wall=True)
     if any(str(m).endswith(PEER) for m in stats.index):
-        lines += ["", (f"<method>{PEER}: the method's weights with one peer's logits instead of both averaged "
-                  "(`model.init_args.inference_branches=[k]`), the mean of peers 0 and 1 per seed.")]
+        lines += [
+            "",
+            (
+                f"<method>{PEER}: the method's weights with one peer's logits instead of both averaged "
+                "(`model.init_args.inference_branches=[k]`), the mean of peers 0 and 1 per seed."
+            ),
+        ]
     for (a, b), table in gain.items():
-        lines += ["", f"## {a} minus {b}, by number of available modalities",
-                  "Dice points, mean over the subsets with that many modalities [min–max over seed pairs].", "",
-                  "| modalities | " + " | ".join(REGIONS) + " |", "|---" * (len(REGIONS) + 1) + "|"]
+        lines += [
+            "",
+            f"## {a} minus {b}, by number of available modalities",
+            "Dice points, mean over the subsets with that many modalities [min–max over seed pairs].",
+            "",
+            "| modalities | " + " | ".join(REGIONS) + " |",
+            "|---" * (len(REGIONS) + 1) + "|",
+        ]
         for k in sorted(table["n_modalities"].unique()):
             cells = []
             for region in REGIONS:
@@ -442,38 +533,65 @@ def markdown(summary: dict, gain: dict[tuple[str, str], pd.DataFrame], meta: dic
                 cells.append(f"{100 * row['mean']:+.1f} [{100 * row['min']:+.1f}, {100 * row['max']:+.1f}]")
             lines.append(f"| {k} | " + " | ".join(cells) + " |")
     if summary.get("last_modality") is not None:
-        lines += ["", "## All four modalities minus the other three", *last_modality_rows(summary["last_modality"])]
+        lines += [
+            "",
+            "## All four modalities minus the other three",
+            *last_modality_rows(summary["last_modality"]),
+        ]
     if summary.get(TRAIN_FIT) is not None:
         train = summary[TRAIN_FIT]
-        lines += ["", "## On the training cases (`--train-fit`)",
-                  ("The same runs scored on the cases they were trained on (Dice %, mean over the 15 subsets; "
-                  "mean ± std over seeds [min–max]). Close to the test figures, the runs have not fitted their "
-                  "own data (under-fitted); far above them, they fit it but do not generalise."), "",
-                  "| method | " + " | ".join(REGIONS) + " |", "|---" * (len(REGIONS) + 1) + "|",
-                  *region_rows(train["stats"], wall=False),
-                  "", "All four modalities minus the other three, on the training cases:",
-                  *last_modality_rows(train["last_modality"])]
+        lines += [
+            "",
+            "## On the training cases (`--train-fit`)",
+            (
+                "The same runs scored on the cases they were trained on (Dice %, mean over the 15 subsets; "
+                "mean ± std over seeds [min–max]). Close to the test figures, the runs have not fitted their "
+                "own data (under-fitted); far above them, they fit it but do not generalise."
+            ),
+            "",
+            "| method | " + " | ".join(REGIONS) + " |",
+            "|---" * (len(REGIONS) + 1) + "|",
+            *region_rows(train["stats"], wall=False),
+            "",
+            "All four modalities minus the other three, on the training cases:",
+            *last_modality_rows(train["last_modality"]),
+        ]
     if gain:
         lines += ["", "## Acceptance: SMML above single-branch by more than the seed spread", ""]
         per_run = summary["per_run"].set_index(["method", "seed"])
         for region in REGIONS:
             delta = stats.loc["SMML", (region, "mean")] - stats.loc["single-branch", (region, "mean")]
-            spread = max(stats.loc[m, (region, "max")] - stats.loc[m, (region, "min")]
-                         for m in ("SMML", "single-branch"))
-            verdict = ("yes" if delta > spread else "no") if len(meta["seeds"]) > 1 else "n/a (one seed, no spread)"
+            spread = max(
+                stats.loc[m, (region, "max")] - stats.loc[m, (region, "min")]
+                for m in ("SMML", "single-branch")
+            )
+            verdict = (
+                ("yes" if delta > spread else "no") if len(meta["seeds"]) > 1 else "n/a (one seed, no spread)"
+            )
             paired = (per_run.loc["SMML", region] - per_run.loc["single-branch", region]).dropna()
-            lines.append(f"- {region}: gain {100 * delta:+.1f} points, largest seed range {100 * spread:.1f} -> {verdict}"
-                         f" (paired by seed: {', '.join(f'{100 * g:+.1f}' for g in paired)})")
+            lines.append(
+                f"- {region}: gain {100 * delta:+.1f} points, largest seed range {100 * spread:.1f} -> {verdict}"
+                f" (paired by seed: {', '.join(f'{100 * g:+.1f}' for g in paired)})"
+            )
     sources = summary.get("spread_sources")
     if sources is not None and len(sources):
-        lines += ["", "## Where the seed spread comes from",
-                  ("Std over seeds of each run's 15-subset average (Dice points), split into the part more test "
-                  "cases would remove (seed-by-case interaction over the test cases) and the part only more "
-                  "seeds average out (training); their squares add up to the seed std's."), "",
-                  "| method | region | seeds x cases | seed std | test cases | training |", "|---" * 6 + "|"]
+        lines += [
+            "",
+            "## Where the seed spread comes from",
+            (
+                "Std over seeds of each run's 15-subset average (Dice points), split into the part more test "
+                "cases would remove (seed-by-case interaction over the test cases) and the part only more "
+                "seeds average out (training); their squares add up to the seed std's."
+            ),
+            "",
+            "| method | region | seeds x cases | seed std | test cases | training |",
+            "|---" * 6 + "|",
+        ]
         for row in sources.itertuples():
-            lines.append(f"| {row.method} | {row.region} | {row.seeds} x {row.cases} | {pct(row.seed_std)} | "
-                         f"{pct(row.test_cases)} | {pct(row.training)} |")
+            lines.append(
+                f"| {row.method} | {row.region} | {row.seeds} x {row.cases} | {pct(row.seed_std)} | "
+                f"{pct(row.test_cases)} | {pct(row.training)} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -546,34 +664,72 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, help="optimizer steps per run (default 600, quick 3)")
     parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (default 0 1 2, quick 0)")
     parser.add_argument("--cases", type=int, help="synthetic cases (default 32, quick 8)")
-    parser.add_argument("--heldout", type=int, help="more synthetic test cases, never trained on, scored with "
-                        "the split's test cases (default 40, quick 2; 0: the split's only)")
+    parser.add_argument(
+        "--heldout",
+        type=int,
+        help="more synthetic test cases, never trained on, scored with "
+        "the split's test cases (default 40, quick 2; 0: the split's only)",
+    )
     parser.add_argument("--ablations", action="store_true", help="also train the five SMML ablations")
-    parser.add_argument("--fp32", action="store_true", help="also train SMML in fp32 (checks that the default "
-                        "bf16-mixed keeps accuracy)")
-    parser.add_argument("--peers", action="store_true", help="also score each peer of SMML (and of each SMML "
-                        "ablation run) alone on the same weights (row '<method> one peer', the mean of the "
-                        "two): what averaging two networks adds, apart from what mutual learning gives each one")
-    parser.add_argument("--train-fit", action="store_true", help="also score every run on its own training "
-                        "cases (folder train-fit/): tells a model that has not fitted its data from one that "
-                        "does not generalise")
-    parser.add_argument("--methods", nargs="+", help="only these methods (names as in the table; SMML and "
-                        "single-branch are always kept for the gain table)")
-    parser.add_argument("--overlay", action="append", default=[],
-                        help="config overlay stacked on every method's configs (repeatable), by path or "
-                             "shipped name, e.g. variants/public_seg_loss; give it its own --work, since run "
-                             "folders are named by method, seed and steps only")
-    parser.add_argument("--overlay-on", nargs="+", metavar="METHOD",
-                        help="stack the overlays on these methods only (default: every method), e.g. "
-                             "--overlay-on SMML for an overlay of SMML's own settings; the others train as in "
-                             "their experiment files")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="fits run side by side, each on an equal share of the cores (default 1); tests "
-                             "run one at a time after the fits")
-    parser.add_argument("--out", type=Path, help="result folder, replaced as a whole by each run (default "
-                        f"{RESULTS.relative_to(REPO)}, the benchmark's current result; quick: <work>/results)")
-    parser.add_argument("--work", type=Path, help="data and runs; finished runs are reused (default runs/quality "
-                        "or runs/quality-quick)")
+    parser.add_argument(
+        "--fp32",
+        action="store_true",
+        help="also train SMML in fp32 (checks that the default bf16-mixed keeps accuracy)",
+    )
+    parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="also score each peer of SMML (and of each SMML "
+        "ablation run) alone on the same weights (row '<method> one peer', the mean of the "
+        "two): what averaging two networks adds, apart from what mutual learning gives each one",
+    )
+    parser.add_argument(
+        "--train-fit",
+        action="store_true",
+        help="also score every run on its own training "
+        "cases (folder train-fit/): tells a model that has not fitted its data from one that "
+        "does not generalise",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        help="only these methods (names as in the table; SMML and "
+        "single-branch are always kept for the gain table)",
+    )
+    parser.add_argument(
+        "--overlay",
+        action="append",
+        default=[],
+        help="config overlay stacked on every method's configs (repeatable), by path or "
+        "shipped name, e.g. variants/public_seg_loss; give it its own --work, since run "
+        "folders are named by method, seed and steps only",
+    )
+    parser.add_argument(
+        "--overlay-on",
+        nargs="+",
+        metavar="METHOD",
+        help="stack the overlays on these methods only (default: every method), e.g. "
+        "--overlay-on SMML for an overlay of SMML's own settings; the others train as in "
+        "their experiment files",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="fits run side by side, each on an equal share of the cores (default 1); tests "
+        "run one at a time after the fits",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="result folder, replaced as a whole by each run (default "
+        f"{RESULTS.relative_to(REPO)}, the benchmark's current result; quick: <work>/results)",
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        help="data and runs; finished runs are reused (default runs/quality or runs/quality-quick)",
+    )
     return parser
 
 
@@ -603,20 +759,30 @@ def parse(argv: list[str] | None = None) -> Plan:
         parser.error("--overlay-on needs at least one --overlay")
     if unknown := sorted(overlaid - {m.name for m in chosen}):
         parser.error(f"--overlay-on {unknown}: not among the methods run ({[m.name for m in chosen]})")
-    chosen = [replace(m, configs=(*m.configs, *args.overlay)) if m.name in overlaid else m
-              for m in chosen]
+    chosen = [replace(m, configs=(*m.configs, *args.overlay)) if m.name in overlaid else m for m in chosen]
     work = (args.work or REPO / "runs" / ("quality-quick" if quick else "quality")).resolve()
     out = args.out or (work / "results" if quick else RESULTS)
     try:
         check_result_folder(out)
     except FileExistsError as error:
         parser.error(f"--out {error}")
-    return Plan(methods=tuple(chosen), seeds=tuple(args.seeds or ([0] if quick else [0, 1, 2])),
-                steps=args.steps or (3 if quick else 600), cases=args.cases or (8 if quick else 32),
-                heldout=heldout, shape=(48, 48, 32) if quick else (64, 64, 48), prior_epochs=2 if quick else 30,
-                peers=args.peers, train_fit=args.train_fit, jobs=args.jobs, work=work, out=out,
-                command=shlex.join(["python", "benchmarks/quality.py",
-                                    *(argv if argv is not None else sys.argv[1:])]))
+    return Plan(
+        methods=tuple(chosen),
+        seeds=tuple(args.seeds or ([0] if quick else [0, 1, 2])),
+        steps=args.steps or (3 if quick else 600),
+        cases=args.cases or (8 if quick else 32),
+        heldout=heldout,
+        shape=(48, 48, 32) if quick else (64, 64, 48),
+        prior_epochs=2 if quick else 30,
+        peers=args.peers,
+        train_fit=args.train_fit,
+        jobs=args.jobs,
+        work=work,
+        out=out,
+        command=shlex.join(
+            ["python", "benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
+    )
 
 
 def run(plan: Plan) -> Scores:
@@ -632,18 +798,25 @@ def run(plan: Plan) -> Scores:
     data = data_args(cache_dir, test_fraction)
     heldout = prepare_heldout(plan.work, plan.cases, plan.heldout, plan.shape, patch) if plan.heldout else []
     heldout_report = f"report-heldout-{plan.cases}-{plan.heldout}"
-    train_cases = test_on(cache_dir, split["train"], plan.work / "train-fit-split.json") if plan.train_fit else []
+    train_cases = (
+        test_on(cache_dir, split["train"], plan.work / "train-fit-split.json") if plan.train_fit else []
+    )
     n_test = len(split["test"]) + plan.heldout
     steps_per_epoch = math.ceil(len(split["train"]) * base["samples_per_volume"] / base["batch_size"])
-    runs = [(method, seed, plan.work / f"{slug(method.name)}-seed{seed}-steps{plan.steps}")
-            for method in plan.methods for seed in plan.seeds]
+    runs = [
+        (method, seed, plan.work / f"{slug(method.name)}-seed{seed}-steps{plan.steps}")
+        for method in plan.methods
+        for seed in plan.seeds
+    ]
     peered = {m.name for m in plan.methods if plan.peers and two_peers(m)}  # --peers: scored peer by peer too
     print(f"== {len(runs)} fits of {plan.steps} steps, {plan.jobs} at a time", flush=True)
     fit_walls = fit_all(runs, data, plan.steps, steps_per_epoch, plan.jobs)
     rows, train_rows, walls = [], [], []
     for method, seed, run_dir in runs:
-        print(f"== {method.name} seed {seed}: test on {n_test} cases x 15 subsets ({time.time() - started:.0f} s)",
-              flush=True)
+        print(
+            f"== {method.name} seed {seed}: test on {n_test} cases x 15 subsets ({time.time() - started:.0f} s)",
+            flush=True,
+        )
         rows.append(test(method, data, seed, run_dir))
         if heldout:
             rows.append(test(method, heldout, seed, run_dir, heldout_report))
@@ -652,15 +825,25 @@ def run(plan: Plan) -> Scores:
         walls.append({"method": method.name, "seed": seed, "wall_seconds": fit_walls[run_dir]})
         if method.name in peered:
             for k in (0, 1):
-                peer = Method(peer_row(method.name), method.configs,
-                              (*method.args, f"--model.init_args.inference_branches=[{k}]"))
+                peer = Method(
+                    peer_row(method.name),
+                    method.configs,
+                    (*method.args, f"--model.init_args.inference_branches=[{k}]"),
+                )
                 rows.append(test(peer, data, seed, run_dir, f"report-peer{k}"))
                 if heldout:
                     rows.append(test(peer, heldout, seed, run_dir, f"{heldout_report}-peer{k}"))
             walls.append({"method": peer_row(method.name), "seed": seed, "wall_seconds": fit_walls[run_dir]})
-    order = [name for m in plan.methods for name in (m.name, *([peer_row(m.name)] if m.name in peered else []))]
-    return Scores(rows=pd.concat(rows), train_rows=pd.concat(train_rows) if train_rows else None,
-                  walls=pd.DataFrame(walls), order=order, split=split)
+    order = [
+        name for m in plan.methods for name in (m.name, *([peer_row(m.name)] if m.name in peered else []))
+    ]
+    return Scores(
+        rows=pd.concat(rows),
+        train_rows=pd.concat(train_rows) if train_rows else None,
+        walls=pd.DataFrame(walls),
+        order=order,
+        split=split,
+    )
 
 
 def tables(plan: Plan, scores: Scores) -> tuple[dict, dict[tuple[str, str], pd.DataFrame]]:
@@ -672,22 +855,36 @@ def tables(plan: Plan, scores: Scores) -> tuple[dict, dict[tuple[str, str], pd.D
         trained = [m.name for m in plan.methods]
         summary[TRAIN_FIT] = summarise(scores.train_rows, scores.walls, trained)
         summary[TRAIN_FIT]["last_modality"] = last_modality_gains(scores.train_rows, trained)
-    gain = {(a, "single-branch"): gains(summary["per_subset"], a, "single-branch")
-            for a in scores.order if a == "SMML" or a.endswith(PEER)}
+    gain = {
+        (a, "single-branch"): gains(summary["per_subset"], a, "single-branch")
+        for a in scores.order
+        if a == "SMML" or a.endswith(PEER)
+    }
     return summary, gain
 
 
-def result_files(plan: Plan, scores: Scores, summary: dict, gain: dict[tuple[str, str], pd.DataFrame],
-                 seconds: float) -> dict[str, str | bytes]:
+def result_files(
+    plan: Plan, scores: Scores, summary: dict, gain: dict[tuple[str, str], pd.DataFrame], seconds: float
+) -> dict[str, str | bytes]:
     """The result folder's files by name: Markdown, CSVs, the figure and PROVENANCE.md."""
     n_test = len(scores.split["test"]) + plan.heldout
-    meta = {"date": time.strftime("%Y%m%d"), "cases": plan.cases, "shape": plan.shape, "steps": plan.steps,
-            "seeds": list(plan.seeds), "jobs": plan.jobs, "command": plan.command,
-            "split": f"{len(scores.split['train'])}/{len(scores.split['test'])} train/test (the config's validation "
-                     "cases join the test set: runs here do not validate)"
-                     + (f", and {plan.heldout} more held-out test cases (numbered {plan.cases + 1}-"
-                        f"{plan.cases + plan.heldout}, same generator), {n_test} test cases in all"
-                        if plan.heldout else "")}
+    meta = {
+        "date": time.strftime("%Y%m%d"),
+        "cases": plan.cases,
+        "shape": plan.shape,
+        "steps": plan.steps,
+        "seeds": list(plan.seeds),
+        "jobs": plan.jobs,
+        "command": plan.command,
+        "split": f"{len(scores.split['train'])}/{len(scores.split['test'])} train/test (the config's validation "
+        "cases join the test set: runs here do not validate)"
+        + (
+            f", and {plan.heldout} more held-out test cases (numbered {plan.cases + 1}-"
+            f"{plan.cases + plan.heldout}, same generator), {n_test} test cases in all"
+            if plan.heldout
+            else ""
+        ),
+    }
     files: dict[str, str | bytes] = {
         "quality.md": markdown(summary, gain, meta),
         "runs.csv": summary["per_run"].to_csv(index=False),
@@ -701,9 +898,15 @@ def result_files(plan: Plan, scores: Scores, summary: dict, gain: dict[tuple[str
     for (a, _), table in gain.items():
         files[f"gain_{slug(a)}_vs_single.csv"] = table.to_csv(index=False)
     files["quality.png"] = figure(summary["subsets"], scores.order)
-    files[PROVENANCE] = provenance("quality benchmark", plan.command, REPO,
-                                   (f"Work folder: `{plan.work}` (runs, per-case reports, fit logs)",
-                                    f"Wall time: {seconds:.0f} s, {plan.jobs} fit(s) at a time"))
+    files[PROVENANCE] = provenance(
+        "quality benchmark",
+        plan.command,
+        REPO,
+        (
+            f"Work folder: `{plan.work}` (runs, per-case reports, fit logs)",
+            f"Wall time: {seconds:.0f} s, {plan.jobs} fit(s) at a time",
+        ),
+    )
     return files
 
 
@@ -716,8 +919,10 @@ def main(argv: list[str] | None = None) -> None:
     replaced = plan.out.is_dir() and any(plan.out.iterdir())
     write_result_folder(plan.out, files)
     print(files["quality.md"])
-    print(f"results in {plan.out}{' (the previous result there replaced)' if replaced else ''} "
-          f"({time.time() - started:.0f} s)")
+    print(
+        f"results in {plan.out}{' (the previous result there replaced)' if replaced else ''} "
+        f"({time.time() - started:.0f} s)"
+    )
 
 
 if __name__ == "__main__":

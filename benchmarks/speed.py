@@ -104,8 +104,16 @@ class Settings:
     n_cases: int = 4
 
 
-QUICK = Settings(patch=32, reps=2, eval_case=(64, 64, 48), eval_roi=32, naive_subsets=3,
-                 infer_configs=("fastest-1",), loader_epochs=1, prepare_reps=1)
+QUICK = Settings(
+    patch=32,
+    reps=2,
+    eval_case=(64, 64, 48),
+    eval_roi=32,
+    naive_subsets=3,
+    infer_configs=("fastest-1",),
+    loader_epochs=1,
+    prepare_reps=1,
+)
 
 
 @dataclass
@@ -128,26 +136,34 @@ class Report:
     rows: list[Row] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)
 
-    def add(self, item: str, value: float, fmt: str, target: str = "-",
-            check: Callable[[float], bool] | None = None) -> None:
-        self.rows.append(Row(item, fmt.format(value), target, None if check is None else bool(check(value)), value))
+    def add(
+        self,
+        item: str,
+        value: float,
+        fmt: str,
+        target: str = "-",
+        check: Callable[[float], bool] | None = None,
+    ) -> None:
+        self.rows.append(
+            Row(item, fmt.format(value), target, None if check is None else bool(check(value)), value)
+        )
         print(f"  {item}: {fmt.format(value)}" + (f"  (target {target})" if check else ""), flush=True)
 
 
-
-
-
-
 # ---- models and batches ----------------------------------------------------------------------------
-
 
 
 def build(method: str, patch: int, channels_last: bool) -> SMML | SingleBranch:
     """A module as the CLI would build it; ``warmup_epochs=0`` so every SMML loss term is computed."""
     torch.manual_seed(0)
     if method == "smml":
-        module: SMML | SingleBranch = SMML(network=synthetic_branch(patch), refiner=functools.partial(SemanticRefiner, width=8),
-                                           warmup_epochs=0, roi_size=patch, channels_last=channels_last)
+        module: SMML | SingleBranch = SMML(
+            network=synthetic_branch(patch),
+            refiner=functools.partial(SemanticRefiner, width=8),
+            warmup_epochs=0,
+            roi_size=patch,
+            channels_last=channels_last,
+        )
     else:
         module = SingleBranch(network=synthetic_branch(patch), roi_size=patch, channels_last=channels_last)
     module.setup("fit")
@@ -227,30 +243,54 @@ def bench_steps(s: Settings, report: Report) -> float:
     """Items 1 and 2; returns the fastest SMML step (seconds) for the data item's consumption rate."""
     print(f"[1,2] training step, patch {s.patch}^3, batch {s.batch}", flush=True)
     data = batch(s.batch, s.patch)
-    steps = {name: train_step(build(m, s.patch, cl), data, bf16) for name, (m, bf16, cl) in STEP_CONFIGS.items()}
+    steps = {
+        name: train_step(build(m, s.patch, cl), data, bf16) for name, (m, bf16, cl) in STEP_CONFIGS.items()
+    }
     flops = {name: count_flops(steps[name]) for name in ("smml fp32", "smml bf16", "single bf16")}
     times = interleaved(steps, s.reps)
     t = {k: med(v) for k, v in times.items()}
     peak = peaks(s.reps)
-    report.raw["steps"] = {"seconds": times, "flops": flops, "peak_gflops": peak, "patch": s.patch, "batch": s.batch}
+    report.raw["steps"] = {
+        "seconds": times,
+        "flops": flops,
+        "peak_gflops": peak,
+        "patch": s.patch,
+        "batch": s.batch,
+    }
     for name, value in t.items():
         report.add(f"step {name} ({s.patch}^3, batch {s.batch})", value, "{:.2f} s")
     # The target is on the configs' setting, bf16-mixed without channels-last (the module default); the
     # "bf16+CL" row shows whether channels-last pays on this CPU (its norms convert layouts).
-    report.add("1. SMML speed-up fp32 / bf16 (configs' default, no CL)", t["smml fp32"] / t["smml bf16"], "{:.2f}x",
-               ">= 2.5x", lambda v: v >= 2.5)
+    report.add(
+        "1. SMML speed-up fp32 / bf16 (configs' default, no CL)",
+        t["smml fp32"] / t["smml bf16"],
+        "{:.2f}x",
+        ">= 2.5x",
+        lambda v: v >= 2.5,
+    )
     report.add("1. SMML speed-up fp32 / bf16+CL", t["smml fp32"] / t["smml bf16+CL"], "{:.2f}x")
     report.add("1. SMML step GFLOP (fwd+bwd)", flops["smml fp32"] / 1e9, "{:.1f}")
     report.add("1. achieved fp32 GFLOP/s", flops["smml fp32"] / t["smml fp32"] / 1e9, "{:.1f}")
     report.add("1. achieved bf16 GFLOP/s", flops["smml bf16"] / t["smml bf16"] / 1e9, "{:.1f}")
     for name, value in peak.items():
         report.add(f"1. peak {name} GFLOP/s", value, "{:.0f}")
-    report.add("1. fp32 step % of conv3d fp32 peak",
-               100 * flops["smml fp32"] / t["smml fp32"] / 1e9 / peak["conv3d fp32"], "{:.1f}%")
-    report.add("1. bf16 step % of conv3d bf16+CL peak",
-               100 * flops["smml bf16"] / t["smml bf16"] / 1e9 / peak["conv3d bf16+CL"], "{:.1f}%")
-    report.add("2. SMML / single step, bf16", t["smml bf16"] / t["single bf16"], "{:.2f}x", "<= 2.3x",
-               lambda v: v <= 2.3)
+    report.add(
+        "1. fp32 step % of conv3d fp32 peak",
+        100 * flops["smml fp32"] / t["smml fp32"] / 1e9 / peak["conv3d fp32"],
+        "{:.1f}%",
+    )
+    report.add(
+        "1. bf16 step % of conv3d bf16+CL peak",
+        100 * flops["smml bf16"] / t["smml bf16"] / 1e9 / peak["conv3d bf16+CL"],
+        "{:.1f}%",
+    )
+    report.add(
+        "2. SMML / single step, bf16",
+        t["smml bf16"] / t["single bf16"],
+        "{:.2f}x",
+        "<= 2.3x",
+        lambda v: v <= 2.3,
+    )
     report.add("2. SMML / single step, bf16+CL", t["smml bf16+CL"] / t["single bf16+CL"], "{:.2f}x")
     report.add("2. SMML / single step, fp32", t["smml fp32"] / t["single fp32"], "{:.2f}x")
     report.add("2. SMML / single FLOPs", flops["smml bf16"] / flops["single bf16"], "{:.2f}x")
@@ -269,7 +309,9 @@ def profile_steps(s: Settings, report: Report, rows: int = 15) -> None:
         step()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             step()
-        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=45)
+        table = prof.key_averages().table(
+            sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=45
+        )
         print(f"--- profile: {name}, {s.patch}^3\n{table}", flush=True)
         tables[name] = table
     report.raw["profiles"] = tables
@@ -286,28 +328,37 @@ PAPER_CONFIGS = {  # name: (method, bf16, SMML's fuse_peers); the issue-48 targe
 }
 
 
-def build_paper(method: str, device: str = "cpu", patch: int = PAPER_PATCH, network_overrides: dict[str, Any] | None = None,
-                **smml_kwargs: Any) -> SMML | SingleBranch:
+def build_paper(
+    method: str,
+    device: str = "cpu",
+    patch: int = PAPER_PATCH,
+    network_overrides: dict[str, Any] | None = None,
+    **smml_kwargs: Any,
+) -> SMML | SingleBranch:
     """A module with the brats2018 experiment's network (and SMML refiner), read from the shipped config;
     ``warmup_epochs=0`` so every SMML term is computed. ``network_overrides`` replace network arguments
     (the GPU check's CPU smoke mode shrinks it); ``smml_kwargs`` go to SMML."""
     from smml_lightning.experiments import load
 
     model = load("brats2018")["model"]["init_args"]
-    net = functools.partial(MMFormer, **(model["network"]["init_args"] | (network_overrides or {})), patch_size=patch)
+    net = functools.partial(
+        MMFormer, **(model["network"]["init_args"] | (network_overrides or {})), patch_size=patch
+    )
     torch.manual_seed(0)
     if method == "smml":
         refiner = functools.partial(SemanticRefiner, **model["refiner"]["init_args"])
-        module: SMML | SingleBranch = SMML(network=net, refiner=refiner, warmup_epochs=0, roi_size=patch,
-                                           **smml_kwargs)
+        module: SMML | SingleBranch = SMML(
+            network=net, refiner=refiner, warmup_epochs=0, roi_size=patch, **smml_kwargs
+        )
     else:
         module = SingleBranch(network=net, roi_size=patch)
     module.setup("fit")
     return module.to(device)
 
 
-def paper_step(module: SMML | SingleBranch, bf16: bool, device: str = "cpu",
-               patch: int = PAPER_PATCH) -> Callable[[], None]:
+def paper_step(
+    module: SMML | SingleBranch, bf16: bool, device: str = "cpu", patch: int = PAPER_PATCH
+) -> Callable[[], None]:
     """One optimisation step (fwd + bwd + Adam) on one patch with tensor priors, bf16 autocast as
     ``precision=bf16-mixed`` or fp32; on CUDA it waits for the GPU so that the time is the step's."""
     optimizer = module.configure_optimizers()["optimizer"]
@@ -331,24 +382,40 @@ def paper_step(module: SMML | SingleBranch, bf16: bool, device: str = "cpu",
 def bench_paper(reps: int, report: Report, device: str = "cpu") -> dict[str, float]:
     """Item 7: SMML (brats2018 network, refiners, every term, priors as tensors) against our single
     branch at 128^3, batch 1, alternating; returns the median seconds per configuration."""
-    print(f"[7] training step at the paper's size: {PAPER_PATCH}^3, batch 1, brats2018 network, {reps} rep(s) "
-          "after one warm-up", flush=True)
-    steps = {name: paper_step(build_paper(method, device, **({"fuse_peers": True} if fuse else {})), bf16, device)
-             for name, (method, bf16, fuse) in PAPER_CONFIGS.items()}
+    print(
+        f"[7] training step at the paper's size: {PAPER_PATCH}^3, batch 1, brats2018 network, {reps} rep(s) "
+        "after one warm-up",
+        flush=True,
+    )
+    steps = {
+        name: paper_step(build_paper(method, device, **({"fuse_peers": True} if fuse else {})), bf16, device)
+        for name, (method, bf16, fuse) in PAPER_CONFIGS.items()
+    }
     times = interleaved(steps, reps)
     t = {k: med(v) for k, v in times.items()}
     report.raw["paper"] = {"seconds": times, "patch": PAPER_PATCH, "device": device}
     for name, value in t.items():
         report.add(f"7. step {name} ({PAPER_PATCH}^3, brats2018 network)", value, "{:.2f} s")
-    report.add("7. SMML bf16 / single bf16", t["smml bf16"] / t["single bf16"], "{:.2f}x", "<= 2.1x",
-               lambda v: v <= 2.1)
-    report.add("7. SMML bf16 / single fp32", t["smml bf16"] / t["single fp32"], "{:.2f}x", "<= 1x",
-               lambda v: v <= 1.0)
+    report.add(
+        "7. SMML bf16 / single bf16",
+        t["smml bf16"] / t["single bf16"],
+        "{:.2f}x",
+        "<= 2.1x",
+        lambda v: v <= 2.1,
+    )
+    report.add(
+        "7. SMML bf16 / single fp32",
+        t["smml bf16"] / t["single fp32"],
+        "{:.2f}x",
+        "<= 1x",
+        lambda v: v <= 1.0,
+    )
     report.add("7. SMML bf16, fused peers / plain", t["smml bf16 fused peers"] / t["smml bf16"], "{:.2f}x")
     return t
 
 
 # ---- 3: 15-subset evaluation with encoder reuse --------------------------------------------------------
+
 
 def zscored_case(shape: tuple[int, int, int], seed: int = 0) -> torch.Tensor:
     """A synthetic case as the cache holds it: ``(1, 4, *shape)`` float32, z-scored over the brain."""
@@ -358,17 +425,25 @@ def zscored_case(shape: tuple[int, int, int], seed: int = 0) -> torch.Tensor:
 
 
 def bench_subsets(s: Settings, report: Report) -> None:
-    print(f"[3] 15-subset evaluation of a {s.eval_case} case, roi {s.eval_roi}, bf16 (the configs' precision)",
-          flush=True)
+    print(
+        f"[3] 15-subset evaluation of a {s.eval_case} case, roi {s.eval_roi}, bf16 (the configs' precision)",
+        flush=True,
+    )
     models = build("smml", s.eval_roi, False).inference_models()
     image = zscored_case(s.eval_case)
-    run = functools.partial(predict_subsets, models, image, roi_size=s.eval_roi, overlap=s.eval_overlap,
-                            autocast_dtype=torch.bfloat16)
+    run = functools.partial(
+        predict_subsets,
+        models,
+        image,
+        roi_size=s.eval_roi,
+        overlap=s.eval_overlap,
+        autocast_dtype=torch.bfloat16,
+    )
     run(subsets=[SUBSETS[-1]])  # warm-up
     reuse, singles = [], []
     step = len(SUBSETS) / s.naive_subsets
     picked = [SUBSETS[int(i * step)] for i in range(s.naive_subsets)]
-    for half in (picked[: len(picked) // 2], picked[len(picked) // 2:]):  # reuse, singles, reuse, singles
+    for half in (picked[: len(picked) // 2], picked[len(picked) // 2 :]):  # reuse, singles, reuse, singles
         start = time.perf_counter()
         run(subsets=SUBSETS)
         reuse.append(time.perf_counter() - start)
@@ -378,8 +453,13 @@ def bench_subsets(s: Settings, report: Report) -> None:
             singles.append(time.perf_counter() - start)
     one = med(singles)
     naive = sum(singles) * len(SUBSETS) / len(singles)
-    report.raw["subsets"] = {"reuse": reuse, "single": singles, "case": s.eval_case, "roi": s.eval_roi,
-                             "extrapolated_from": len(singles)}
+    report.raw["subsets"] = {
+        "reuse": reuse,
+        "single": singles,
+        "case": s.eval_case,
+        "roi": s.eval_roi,
+        "extrapolated_from": len(singles),
+    }
     report.add("3. one subset, 2 branches (s)", one, "{:.2f} s")
     report.add("3. all 15 with encoder reuse (s)", med(reuse), "{:.2f} s")
     tag = "" if len(singles) == len(SUBSETS) else f", extrapolated from {len(singles)}"
@@ -390,6 +470,7 @@ def bench_subsets(s: Settings, report: Report) -> None:
 
 
 # ---- 4 + 6: preprocessing and data loading ---------------------------------------------------------------
+
 
 def bench_prepare(s: Settings, report: Report, raw: Path, work: Path) -> Path:
     """Item 6; returns a prepared cache for item 4."""
@@ -438,11 +519,24 @@ def cache_patches(cache_dir: Path, patch: int, per_volume: int) -> int:
     return count
 
 
-def loader_rate(cache_dir: Path, s: Settings, augment: bool, use_prior: bool, workers: int) -> tuple[float, int]:
+def loader_rate(
+    cache_dir: Path, s: Settings, augment: bool, use_prior: bool, workers: int
+) -> tuple[float, int]:
     """Patches/s through BratsDataModule's train loader over ``loader_epochs`` epochs, worker start included."""
-    dm = BratsDataModule(str(cache_dir), val_fraction=0.0, test_fraction=0.0, patch_size=s.patch, batch_size=s.batch,
-                         samples_per_volume=4, queue_length=32, num_workers=workers, n_masks=2, mask_ratio=0.5,
-                         use_prior=use_prior, augment=augment)
+    dm = BratsDataModule(
+        str(cache_dir),
+        val_fraction=0.0,
+        test_fraction=0.0,
+        patch_size=s.patch,
+        batch_size=s.batch,
+        samples_per_volume=4,
+        queue_length=32,
+        num_workers=workers,
+        n_masks=2,
+        mask_ratio=0.5,
+        use_prior=use_prior,
+        augment=augment,
+    )
     dm.setup("fit")
     loader = dm.train_dataloader()
     patches = 0
@@ -466,7 +560,10 @@ def bench_data(s: Settings, report: Report, raw: Path, cache_dir: Path, step_sec
     rng = np.random.default_rng(0)
     workers = 2
     rates: dict[str, list[float]] = {"raw": [], "cache": [], "loader": [], "loader+aug+prior": []}
-    timed = {"raw": lambda: raw_patches(raw, s.patch, 4, rng), "cache": lambda: cache_patches(cache_dir, s.patch, 4)}
+    timed = {
+        "raw": lambda: raw_patches(raw, s.patch, 4, rng),
+        "cache": lambda: cache_patches(cache_dir, s.patch, 4),
+    }
     for r in range(2):
         for name in rates if r == 0 else list(rates)[::-1]:
             if name in timed:
@@ -475,7 +572,9 @@ def bench_data(s: Settings, report: Report, raw: Path, cache_dir: Path, step_sec
                 rates[name].append(n / (time.perf_counter() - start))
             else:
                 augment = name == "loader+aug+prior"
-                rates[name].append(loader_rate(cache_dir, s, augment=augment, use_prior=augment, workers=workers)[0])
+                rates[name].append(
+                    loader_rate(cache_dir, s, augment=augment, use_prior=augment, workers=workers)[0]
+                )
     report.raw["data"] = {"patches_per_s": rates, "num_workers": workers}
     r = {k: med(v) for k, v in rates.items()}
     report.add("4. raw NIfTI patches/s (1 process)", r["raw"], "{:.1f}")
@@ -483,14 +582,24 @@ def bench_data(s: Settings, report: Report, raw: Path, cache_dir: Path, step_sec
     report.add("4. cache / raw (1 process each)", r["cache"] / r["raw"], "{:.1f}x", ">= 5x", lambda v: v >= 5)
     # The loader figures include starting the queue's workers, which torchio does every epoch: with the
     # benchmark's 4 cases per epoch that start is a large share; with a real epoch (hundreds) it is not.
-    report.add(f"4. cache loader patches/s (no aug, {workers} workers, worker start included)", r["loader"], "{:.1f}")
-    report.add(f"4. cache loader patches/s (aug + priors, {workers} workers, worker start included)",
-               r["loader+aug+prior"], "{:.1f}")
+    report.add(
+        f"4. cache loader patches/s (no aug, {workers} workers, worker start included)", r["loader"], "{:.1f}"
+    )
+    report.add(
+        f"4. cache loader patches/s (aug + priors, {workers} workers, worker start included)",
+        r["loader+aug+prior"],
+        "{:.1f}",
+    )
     if step_seconds is not None:
         need = s.batch / step_seconds
         report.add("4. model consumption patches/s (fastest SMML step)", need, "{:.2f}")
-        report.add("4. loader (aug + priors) / consumption", r["loader+aug+prior"] / need, "{:.1f}x", ">= 1x",
-                   lambda v: v >= 1)
+        report.add(
+            "4. loader (aug + priors) / consumption",
+            r["loader+aug+prior"] / need,
+            "{:.1f}x",
+            ">= 1x",
+            lambda v: v >= 1,
+        )
 
 
 # ---- 5: whole-case sliding window in a subprocess ------------------------------------------------------
@@ -512,8 +621,16 @@ def infer_child(spec: dict[str, Any]) -> None:
     image = zscored_case(tuple(spec["shape"]))
     subsets = SUBSETS if spec["subsets"] == 15 else [SUBSETS[-1]]
     start = time.perf_counter()
-    predict_subsets(models, image, subsets, roi_size=128, overlap=overlap, mode="gaussian",
-                    autocast_dtype=torch.bfloat16 if bf16 else None, accumulate_dtype=getattr(torch, accumulate))
+    predict_subsets(
+        models,
+        image,
+        subsets,
+        roi_size=128,
+        overlap=overlap,
+        mode="gaussian",
+        autocast_dtype=torch.bfloat16 if bf16 else None,
+        accumulate_dtype=getattr(torch, accumulate),
+    )
     seconds = time.perf_counter() - start
     print(json.dumps({"seconds": seconds, "peak_gib": peak_rss() / GIB}))
 
@@ -539,19 +656,28 @@ def bench_inference(s: Settings, report: Report, threads: int) -> None:
     for config in s.infer_configs:
         setting, n = config.split("-")
         spec = {"setting": setting, "subsets": int(n), "shape": list(s.infer_case), "threads": threads}
-        proc = subprocess.run([sys.executable, __file__, "--infer-child", json.dumps(spec)],
-                              capture_output=True, text=True, check=False)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--infer-child", json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"inference child {config} failed:\n{proc.stderr[-2000:]}")
         found[config] = json.loads(proc.stdout.strip().splitlines()[-1])
         overlap, bf16, accumulate = INFER[setting]
-        label = f"{setting} (overlap {overlap}, {'bf16' if bf16 else 'fp32'}, {accumulate} blend), {n} subset(s)"
+        label = (
+            f"{setting} (overlap {overlap}, {'bf16' if bf16 else 'fp32'}, {accumulate} blend), {n} subset(s)"
+        )
         report.add(f"5. {label}: seconds", found[config]["seconds"], "{:.1f} s")
-        report.add(f"5. {label}: peak RSS", found[config]["peak_gib"], "{:.2f} GiB", "< 6 GiB", lambda v: v < 6)
+        report.add(
+            f"5. {label}: peak RSS", found[config]["peak_gib"], "{:.2f} GiB", "< 6 GiB", lambda v: v < 6
+        )
     report.raw["inference"] = {"case": s.infer_case, "runs": found}
 
 
 # ---- output ----------------------------------------------------------------------------------------------
+
 
 def markdown(report: Report, header: str) -> str:
     lines = [header, "", "| item | measured | target | pass/fail |", "|---|---|---|---|"]
@@ -561,32 +687,62 @@ def markdown(report: Report, header: str) -> str:
 
 def write_results(out: Path, report: Report, header: str, meta: dict[str, Any], command: str) -> None:
     """``out`` holds this run's table, its raw seconds and PROVENANCE.md, replacing a previous result."""
-    payload = {"meta": meta, "rows": [asdict(r) | {"verdict": r.verdict} for r in report.rows], "raw": report.raw}
-    settings = (f"Threads: {meta['threads']}, OMP_WAIT_POLICY={meta['omp_wait_policy']}, "
-                f"GLIBC_TUNABLES={meta['glibc_tunables'] or '(unset)'}, torch {meta['torch']}")
-    load = (f"Load average {meta['load_average_start'][0]:.1f} -> {meta['load_average_end'][0]:.1f}, "
-            f"{meta['seconds'] / 60:.1f} min")
+    payload = {
+        "meta": meta,
+        "rows": [asdict(r) | {"verdict": r.verdict} for r in report.rows],
+        "raw": report.raw,
+    }
+    settings = (
+        f"Threads: {meta['threads']}, OMP_WAIT_POLICY={meta['omp_wait_policy']}, "
+        f"GLIBC_TUNABLES={meta['glibc_tunables'] or '(unset)'}, torch {meta['torch']}"
+    )
+    load = (
+        f"Load average {meta['load_average_start'][0]:.1f} -> {meta['load_average_end'][0]:.1f}, "
+        f"{meta['seconds'] / 60:.1f} min"
+    )
     notes = (settings, load)
-    write_result_folder(out, {"speed.md": markdown(report, header),
-                              "speed.json": json.dumps(payload, indent=1, default=str),
-                              PROVENANCE: provenance("speed benchmark", command, REPO, notes)})
+    write_result_folder(
+        out,
+        {
+            "speed.md": markdown(report, header),
+            "speed.json": json.dumps(payload, indent=1, default=str),
+            PROVENANCE: provenance("speed benchmark", command, REPO, notes),
+        },
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="~2 minute smoke version")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
-    parser.add_argument("--profile", action="store_true", help="also print torch.profiler top ops per precision")
-    parser.add_argument("--skip", default="", help="comma list of items to skip: steps,subsets,data,prepare,infer "
-                        "(prepare runs anyway when data does: it makes the cache)")
-    parser.add_argument("--infer-15", action="store_true",
-                        help="item 5 also with all 15 subsets (fastest settings); adds several minutes")
-    parser.add_argument("--paper-size", action=argparse.BooleanOptionalAction, default=None,
-                        help="item 7, the training step at 128^3 with the brats2018 network, a few minutes (on "
-                        "by default, off with --quick)")
+    parser.add_argument(
+        "--profile", action="store_true", help="also print torch.profiler top ops per precision"
+    )
+    parser.add_argument(
+        "--skip",
+        default="",
+        help="comma list of items to skip: steps,subsets,data,prepare,infer "
+        "(prepare runs anyway when data does: it makes the cache)",
+    )
+    parser.add_argument(
+        "--infer-15",
+        action="store_true",
+        help="item 5 also with all 15 subsets (fastest settings); adds several minutes",
+    )
+    parser.add_argument(
+        "--paper-size",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="item 7, the training step at 128^3 with the brats2018 network, a few minutes (on "
+        "by default, off with --quick)",
+    )
     parser.add_argument("--paper-reps", type=int, default=1, help="timed repetitions of item 7 (default 1)")
-    parser.add_argument("--out", type=Path, help="result folder, replaced as a whole by each run (default "
-                        f"{RESULTS.relative_to(REPO)}, the benchmark's current result; quick: runs/speed-quick)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="result folder, replaced as a whole by each run (default "
+        f"{RESULTS.relative_to(REPO)}, the benchmark's current result; quick: runs/speed-quick)",
+    )
     parser.add_argument("--infer-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.infer_child:
@@ -611,21 +767,28 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # keep what was measured, beside the current result: a full run is long
         report.rows.append(Row("run interrupted: items after this line are missing", "-"))
         out = out.with_name(f"{out.name}-partial")
-    meta = {"quick": args.quick, "threads": args.threads, "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
-            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
-            "load_average_start": load_start, "load_average_end": os.getloadavg(),
-            "settings": asdict(s), "torch": torch.__version__,
-            "cpu": cpu_description(), "seconds": time.perf_counter() - started}
-    header = (f"## Speed ({'quick' if args.quick else 'full'} run, {dt.date.today()}, {meta['cpu']}, torch {torch.__version__}, "
-              f"{args.threads} threads, OMP_WAIT_POLICY={meta['omp_wait_policy']}, "
-              f"GLIBC_TUNABLES={meta['glibc_tunables'] or '(unset)'}, {meta['seconds'] / 60:.1f} min, "
-              f"load average {load_start[0]:.1f} -> {meta['load_average_end'][0]:.1f})")
+    meta = {
+        "quick": args.quick,
+        "threads": args.threads,
+        "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "load_average_start": load_start,
+        "load_average_end": os.getloadavg(),
+        "settings": asdict(s),
+        "torch": torch.__version__,
+        "cpu": cpu_description(),
+        "seconds": time.perf_counter() - started,
+    }
+    header = (
+        f"## Speed ({'quick' if args.quick else 'full'} run, {dt.date.today()}, {meta['cpu']}, torch {torch.__version__}, "
+        f"{args.threads} threads, OMP_WAIT_POLICY={meta['omp_wait_policy']}, "
+        f"GLIBC_TUNABLES={meta['glibc_tunables'] or '(unset)'}, {meta['seconds'] / 60:.1f} min, "
+        f"load average {load_start[0]:.1f} -> {meta['load_average_end'][0]:.1f})"
+    )
     print("\n" + markdown(report, header))
     write_results(out, report, header, meta, command)
     print(f"results in {out}")
     return 0
-
-
 
 
 def run_items(args: argparse.Namespace, s: Settings, skip: set[str], report: Report) -> None:

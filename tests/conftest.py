@@ -34,5 +34,6 @@ def prepared_cache(root: Path, n_cases: int, seed: int, shape: tuple[int, int, i
 def run_script(script: str, *args: object, timeout: float = 240) -> subprocess.CompletedProcess:
     """Run a test file as its own multi-process program (DDP or gloo workers), one thread per process."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, script, *map(str, args)], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, script, *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout
+    )

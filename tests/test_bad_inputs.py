@@ -29,21 +29,40 @@ from smml_lightning.data.prepare import cache_lock, prepare
 from smml_lightning.data.synthetic import synthesize
 
 SHAPE = (32, 32, 32)
-NET = {"class_path": "smml_lightning.models.backbone.MMFormer",
-       "init_args": {"base_width": 4, "transformer_dim": 16, "num_heads": 2, "dropout": 0.0, "patch_size": 32}}
+NET = {
+    "class_path": "smml_lightning.models.backbone.MMFormer",
+    "init_args": {"base_width": 4, "transformer_dim": 16, "num_heads": 2, "dropout": 0.0, "patch_size": 32},
+}
 
 
 def _config(root: Path, cls: str, **model: object) -> dict:
     return {
         "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "devices": 1, "precision": "32-true", "logger": False, "max_steps": 1,
-                    "num_sanity_val_steps": 0, "enable_progress_bar": False, "enable_model_summary": False,
-                    "limit_val_batches": 0, "default_root_dir": str(root / "run")},
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "precision": "32-true",
+            "logger": False,
+            "max_steps": 1,
+            "num_sanity_val_steps": 0,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "limit_val_batches": 0,
+            "default_root_dir": str(root / "run"),
+        },
         "checkpoint": {"dirpath": str(root / "ckpt"), "save_last": True, "monitor": None},
         "model": {"class_path": cls, "init_args": {"network": NET, **model}},
-        "data": {"cache_dir": str(root / "cache"), "patch_size": 32, "batch_size": 1, "samples_per_volume": 1,
-                 "queue_length": 2, "num_workers": 0, "use_prior": False, "val_fraction": 0.34,
-                 "test_fraction": 0.34},
+        "data": {
+            "cache_dir": str(root / "cache"),
+            "patch_size": 32,
+            "batch_size": 1,
+            "samples_per_volume": 1,
+            "queue_length": 2,
+            "num_workers": 0,
+            "use_prior": False,
+            "val_fraction": 0.34,
+            "test_fraction": 0.34,
+        },
     }
 
 
@@ -67,7 +86,9 @@ def world(tmp_path_factory) -> World:
     w = World(root)
     synthesize(root / "raw", 3, shape=SHAPE, seed=1)
     prepare(root / "raw", root / "cache", min_size=SHAPE, progress=False)
-    w.files.update(raw=root / "raw", cache=root / "cache", single=root / "single.yaml", smml=root / "smml.yaml")
+    w.files.update(
+        raw=root / "raw", cache=root / "cache", single=root / "single.yaml", smml=root / "smml.yaml"
+    )
     w.single.write_text(yaml.safe_dump(_config(root, "smml_lightning.lit.baselines.SingleBranch")))
     w.smml.write_text(yaml.safe_dump(_config(root, "smml_lightning.lit.smml.SMML", use_prior=False)))
     main(["fit", f"--config={w.single}"])
@@ -106,8 +127,11 @@ def world(tmp_path_factory) -> World:
 
 
 def checksums(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _raw_copy(w: World, tmp: Path, cases: int = 1) -> list[Path]:
@@ -138,47 +162,68 @@ def entry(name: str, status: int | None, *expected: str):
     def register(build: Callable[[World, Path, pytest.MonkeyPatch], list[str]]):
         ENTRIES.append((name, build, status, list(expected)))
         return build
+
     return register
 
 
 def _fit(w: World, tmp: Path, *extra: str, config: Path | None = None, command: str = "fit") -> list[str]:
     """A tiny run whose outputs go to the entry's own folder."""
-    return [command, f"--config={config or w.single}", f"--trainer.default_root_dir={tmp / 'run'}",
-            f"--checkpoint.dirpath={tmp / 'ckpt'}", *extra]
+    return [
+        command,
+        f"--config={config or w.single}",
+        f"--trainer.default_root_dir={tmp / 'run'}",
+        f"--checkpoint.dirpath={tmp / 'ckpt'}",
+        *extra,
+    ]
 
 
 # synth
 TINY = "--shape=[16,16,16]"  # the quick generator
-entry("synth zero cases", 1, "n_cases must be >= 1")(lambda w, t, m: ["synth", str(t / "s"), TINY, "--cases=0"])
+entry("synth zero cases", 1, "n_cases must be >= 1")(
+    lambda w, t, m: ["synth", str(t / "s"), TINY, "--cases=0"]
+)
 entry("synth unknown layout", 1, "unknown layout", "brats1999")(
-    lambda w, t, m: ["synth", str(t / "s"), TINY, "--layout=brats1999"])
+    lambda w, t, m: ["synth", str(t / "s"), TINY, "--layout=brats1999"]
+)
 entry("synth negative first", 1, "first >= 0")(lambda w, t, m: ["synth", str(t / "s"), TINY, "--first=-1"])
 entry("synth cases not a number", 2, "cases", "abc")(
-    lambda w, t, m: ["synth", str(t / "s"), TINY, "--cases=abc"])
+    lambda w, t, m: ["synth", str(t / "s"), TINY, "--cases=abc"]
+)
 entry("synth tiny shape", 1, "every side >= 8", "(4, 4, 4)")(
-    lambda w, t, m: ["synth", str(t / "s"), "--cases=1", "--shape=[4,4,4]"])
+    lambda w, t, m: ["synth", str(t / "s"), "--cases=1", "--shape=[4,4,4]"]
+)
 entry("synth into a file", 1, "a file stands where a folder is needed", "a_file.txt")(
-    lambda w, t, m: ["synth", str(w.a_file), "--cases=1", "--shape=[16,16,16]"])
+    lambda w, t, m: ["synth", str(w.a_file), "--cases=1", "--shape=[16,16,16]"]
+)
 
 # prepare: arguments and folders
 entry("prepare missing root", 1, "nowhere", "is not a folder")(
-    lambda w, t, m: ["prepare", str(t / "nowhere"), str(t / "out")])
+    lambda w, t, m: ["prepare", str(t / "nowhere"), str(t / "out")]
+)
 entry("prepare empty root", 1, "empty", "no .nii/.nii.gz files found")(
-    lambda w, t, m: ["prepare", str(w.empty), str(t / "out")])
+    lambda w, t, m: ["prepare", str(w.empty), str(t / "out")]
+)
 entry("prepare unknown naming", 1, "unnamed", "no file follows a known BraTS naming", "scan.nii.gz")(
-    lambda w, t, m: ["prepare", str(w.unnamed), str(t / "out")])
+    lambda w, t, m: ["prepare", str(w.unnamed), str(t / "out")]
+)
 entry("prepare unknown layout", 1, "unknown layout", "brats1999")(
-    lambda w, t, m: ["prepare", str(w.raw), str(t / "out"), "--layout=brats1999"])
+    lambda w, t, m: ["prepare", str(w.raw), str(t / "out"), "--layout=brats1999"]
+)
 entry("prepare zero workers", 1, "workers must be >= 1", "got 0")(
-    lambda w, t, m: ["prepare", str(w.raw), str(t / "out"), "--workers=0"])
+    lambda w, t, m: ["prepare", str(w.raw), str(t / "out"), "--workers=0"]
+)
 entry("prepare negative workers", 1, "workers must be >= 1", "got -3")(
-    lambda w, t, m: ["prepare", str(w.raw), str(t / "out"), "--workers=-3"])
+    lambda w, t, m: ["prepare", str(w.raw), str(t / "out"), "--workers=-3"]
+)
 entry("prepare zero min_size", 1, "min_size must be three sizes >= 1", "(32, 0, 32)")(
-    lambda w, t, m: ["prepare", str(w.raw), str(t / "out"), "--min_size=[32,0,32]"])
+    lambda w, t, m: ["prepare", str(w.raw), str(t / "out"), "--min_size=[32,0,32]"]
+)
 entry("prepare two min_size", 2, "min_size", "Expected a tuple with 3 elements", "[32, 32]")(
-    lambda w, t, m: ["prepare", str(w.raw), str(t / "out"), "--min_size=[32,32]"])
+    lambda w, t, m: ["prepare", str(w.raw), str(t / "out"), "--min_size=[32,32]"]
+)
 entry("prepare into a file", 1, "a_file.txt", "is a file, not a folder")(
-    lambda w, t, m: ["prepare", str(w.raw), str(w.a_file)])
+    lambda w, t, m: ["prepare", str(w.raw), str(w.a_file)]
+)
 
 
 @entry("prepare locked cache", 1, "is in use by another `smml prepare`", f"pid {os.getpid()}")
@@ -196,6 +241,7 @@ _HELD: list = []
 def _(w, t, m):
     def full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
     m.setattr(smml_io.os, "fsync", full)
     return ["prepare", str(w.raw), str(t / "out"), f"--min_size={list(SHAPE)}"]
 
@@ -204,6 +250,7 @@ def _(w, t, m):
 def _(w, t, m):
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), kwargs.get("dir"))
+
     m.setattr(tempfile, "mkstemp", read_only)
     return ["prepare", str(w.raw), str(t / "out"), f"--min_size={list(SHAPE)}"]
 
@@ -230,6 +277,7 @@ def _one_bad_case(change: Callable[[Path], None]):
         (folder,) = _raw_copy(w, t, 1)
         change(folder)
         return ["prepare", str(t / "raw"), str(t / "out"), f"--min_size={list(SHAPE)}"]
+
     return build
 
 
@@ -298,47 +346,71 @@ def _(w, t, m):
 # priors
 entry("priors without checkpoint", 1, "--sam_checkpoint")(lambda w, t, m: ["priors", str(w.cache)])
 entry("priors missing checkpoint", 1, "nope.pth", "not found")(
-    lambda w, t, m: ["priors", str(w.cache), f"--sam_checkpoint={t / 'nope.pth'}"])
+    lambda w, t, m: ["priors", str(w.cache), f"--sam_checkpoint={t / 'nope.pth'}"]
+)
 entry("priors not a checkpoint", 1, "notes.ckpt", "not a readable SAM")(
-    lambda w, t, m: ["priors", str(w.cache), f"--sam_checkpoint={w.not_ckpt}"])
+    lambda w, t, m: ["priors", str(w.cache), f"--sam_checkpoint={w.not_ckpt}"]
+)
 entry("priors missing cache", 1, "nocache", "does not exist")(
-    lambda w, t, m: ["priors", str(t / "nocache"), f"--sam_checkpoint={w.not_ckpt}"])
+    lambda w, t, m: ["priors", str(t / "nocache"), f"--sam_checkpoint={w.not_ckpt}"]
+)
 entry("priors missing split", 1, "nosplit.json")(
-    lambda w, t, m: ["priors", str(w.cache), f"--sam_checkpoint={w.not_ckpt}", f"--split={t / 'nosplit.json'}"])
+    lambda w, t, m: [
+        "priors",
+        str(w.cache),
+        f"--sam_checkpoint={w.not_ckpt}",
+        f"--split={t / 'nosplit.json'}",
+    ]
+)
 
 # fit
 entry("fit missing config", 1, "config", "nothere.yaml", "is neither a file nor a shipped config")(
-    lambda w, t, m: ["fit", f"--config={t / 'nothere.yaml'}"])
+    lambda w, t, m: ["fit", f"--config={t / 'nothere.yaml'}"]
+)
 entry("fit YAML syntax error", 1, "bad.yaml", "YAML syntax error at line 3")(
-    lambda w, t, m: ["fit", f"--config={w.bad_yaml}"])
+    lambda w, t, m: ["fit", f"--config={w.bad_yaml}"]
+)
 entry("fit config not a mapping", 1, "list.yaml", "must be a mapping")(
-    lambda w, t, m: ["fit", f"--config={w.list_yaml}"])
+    lambda w, t, m: ["fit", f"--config={w.list_yaml}"]
+)
 entry("fit missing checkpoint", 1, "nope.ckpt", "does not exist")(
-    lambda w, t, m: _fit(w, t, f"--ckpt_path={t / 'nope.ckpt'}"))
+    lambda w, t, m: _fit(w, t, f"--ckpt_path={t / 'nope.ckpt'}")
+)
 entry("fit not a checkpoint", 1, "notes.ckpt", "is not a checkpoint")(
-    lambda w, t, m: _fit(w, t, f"--ckpt_path={w.not_ckpt}"))
+    lambda w, t, m: _fit(w, t, f"--ckpt_path={w.not_ckpt}")
+)
 entry("fit truncated checkpoint", 1, "cut.ckpt", "is not a checkpoint")(
-    lambda w, t, m: _fit(w, t, f"--ckpt_path={w.cut_ckpt}"))
+    lambda w, t, m: _fit(w, t, f"--ckpt_path={w.cut_ckpt}")
+)
 entry("fit checkpoint without weights", 1, "weights_only.ckpt", "holds no state_dict")(
-    lambda w, t, m: _fit(w, t, f"--ckpt_path={w.state_ckpt}"))
-entry("fit checkpoint of another method", 1, "last.ckpt", "holds a SingleBranch model; the config builds SMML")(
-    lambda w, t, m: _fit(w, t, f"--ckpt_path={w.ckpt}", config=w.smml))
+    lambda w, t, m: _fit(w, t, f"--ckpt_path={w.state_ckpt}")
+)
+entry(
+    "fit checkpoint of another method", 1, "last.ckpt", "holds a SingleBranch model; the config builds SMML"
+)(lambda w, t, m: _fit(w, t, f"--ckpt_path={w.ckpt}", config=w.smml))
 entry("fit checkpoint of other sizes", 1, "last.ckpt", "of shape", "network options")(
-    lambda w, t, m: _fit(w, t, f"--ckpt_path={w.ckpt}", "--model.init_args.network.init_args.base_width=8"))
+    lambda w, t, m: _fit(w, t, f"--ckpt_path={w.ckpt}", "--model.init_args.network.init_args.base_width=8")
+)
 entry("fit missing cache", 1, "nocache", "smml prepare")(
-    lambda w, t, m: _fit(w, t, f"--data.cache_dir={t / 'nocache'}"))
+    lambda w, t, m: _fit(w, t, f"--data.cache_dir={t / 'nocache'}")
+)
 entry("fit truncated cache array", 1, "image.npy", "is truncated", "re-run `smml prepare`")(
-    lambda w, t, m: _fit(w, t, f"--data.cache_dir={w.cut_cache}"))
+    lambda w, t, m: _fit(w, t, f"--data.cache_dir={w.cut_cache}")
+)
 entry("fit corrupt case metadata", 1, "meta.json", "unreadable case metadata")(
-    lambda w, t, m: _fit(w, t, f"--data.cache_dir={w.bad_meta_cache}"))
+    lambda w, t, m: _fit(w, t, f"--data.cache_dir={w.bad_meta_cache}")
+)
 entry("fit wrong type", 2, "data.batch_size", "abc")(lambda w, t, m: _fit(w, t, "--data.batch_size=abc"))
 entry("fit zero patch size", 1, "data.patch_size must be a positive int")(
-    lambda w, t, m: _fit(w, t, "--data.patch_size=0"))
+    lambda w, t, m: _fit(w, t, "--data.patch_size=0")
+)
 entry("fit unknown option", 2, "--data.bogus")(lambda w, t, m: _fit(w, t, "--data.bogus=1"))
 entry("fit missing split file", 1, "split file", "nosplit.json", "does not exist")(
-    lambda w, t, m: _fit(w, t, f"--data.split={t / 'nosplit.json'}"))
+    lambda w, t, m: _fit(w, t, f"--data.split={t / 'nosplit.json'}")
+)
 entry("fit mask ratio out of range", 1, "data.mask_ratio", "1.5")(
-    lambda w, t, m: _fit(w, t, "--data.mask_ratio=1.5"))
+    lambda w, t, m: _fit(w, t, "--data.mask_ratio=1.5")
+)
 
 
 @entry("fit full disk at the checkpoint", 1, "no space left on device while writing", "ckpt/")
@@ -350,29 +422,44 @@ def _(w, t, m):
         if ".ckpt." in name and name.endswith(".tmp"):  # the checkpoint's temporary file, nothing else
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(fd)
+
     m.setattr(smml_io.os, "fsync", full)
     return _fit(w, t)
 
 
 # test and predict
 entry("test empty test split", 1, "test split", "is empty", "data.test_fraction")(
-    lambda w, t, m: _fit(w, t, f"--ckpt_path={w.ckpt}", "--data.test_fraction=0", command="test"))
+    lambda w, t, m: _fit(w, t, f"--ckpt_path={w.ckpt}", "--data.test_fraction=0", command="test")
+)
 entry("test not a checkpoint", 1, "notes.ckpt", "is not a checkpoint")(
-    lambda w, t, m: _fit(w, t, f"--ckpt_path={w.not_ckpt}", command="test"))
+    lambda w, t, m: _fit(w, t, f"--ckpt_path={w.not_ckpt}", command="test")
+)
 entry("test truncated cache array", 1, "is truncated", "re-run `smml prepare`")(
-    lambda w, t, m: _fit(w, t, f"--ckpt_path={w.ckpt}", f"--data.cache_dir={w.cut_cache}", command="test"))
+    lambda w, t, m: _fit(w, t, f"--ckpt_path={w.ckpt}", f"--data.cache_dir={w.cut_cache}", command="test")
+)
 entry("predict missing input folder", 1, "noinput", "is not a folder")(
-    lambda w, t, m: _fit(w, t, f"--ckpt_path={w.ckpt}", f"--data.predict_root={t / 'noinput'}",
-                         f"--data.predict_dir={t / 'pcache'}", f"--prediction.output_dir={t / 'pred'}",
-                         command="predict"))
+    lambda w, t, m: _fit(
+        w,
+        t,
+        f"--ckpt_path={w.ckpt}",
+        f"--data.predict_root={t / 'noinput'}",
+        f"--data.predict_dir={t / 'pcache'}",
+        f"--prediction.output_dir={t / 'pred'}",
+        command="predict",
+    )
+)
 entry("predict not a checkpoint", 1, "notes.ckpt", "is not a checkpoint")(
-    lambda w, t, m: _fit(w, t, f"--ckpt_path={w.not_ckpt}", f"--prediction.output_dir={t / 'pred'}",
-                         command="predict"))
+    lambda w, t, m: _fit(
+        w, t, f"--ckpt_path={w.not_ckpt}", f"--prediction.output_dir={t / 'pred'}", command="predict"
+    )
+)
 
 
 def test_the_gallery_is_large():
     assert len({name for name, *_ in ENTRIES}) == len(ENTRIES) >= 40
-    assert {"synth", "prepare", "priors", "fit", "test", "predict"} <= {name.split()[0] for name, *_ in ENTRIES}
+    assert {"synth", "prepare", "priors", "fit", "test", "predict"} <= {
+        name.split()[0] for name, *_ in ENTRIES
+    }
 
 
 @pytest.mark.parametrize("name, build, status, expected", ENTRIES, ids=[e[0] for e in ENTRIES])

@@ -21,13 +21,25 @@ from smml_lightning.experiments import EXPERIMENTS_DIR, available, chain, experi
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
-    "--config", "synthetic_single", "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+    "--config",
+    "synthetic_single",
+    "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
     "--trainer.logger.init_args.save_dir=.",
-    "--model.init_args.network.init_args.base_width=4", "--model.init_args.network.init_args.transformer_dim=16",
-    "--model.init_args.network.init_args.num_heads=2", "--data.patch_size=32", "--data.batch_size=1",
-    "--data.samples_per_volume=1", "--data.queue_length=2", "--data.num_workers=0", "--data.val_fraction=0.25",
-    "--data.test_fraction=0.25", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-    "--trainer.precision=32-true", "--trainer.check_val_every_n_epoch=2", "--trainer.log_every_n_steps=1",
+    "--model.init_args.network.init_args.base_width=4",
+    "--model.init_args.network.init_args.transformer_dim=16",
+    "--model.init_args.network.init_args.num_heads=2",
+    "--data.patch_size=32",
+    "--data.batch_size=1",
+    "--data.samples_per_volume=1",
+    "--data.queue_length=2",
+    "--data.num_workers=0",
+    "--data.val_fraction=0.25",
+    "--data.test_fraction=0.25",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--trainer.precision=32-true",
+    "--trainer.check_val_every_n_epoch=2",
+    "--trainer.log_every_n_steps=1",
 ]
 LISTED = ["synth", "prepare", "priors", "fit", "validate", "test", "predict", "demo", "sweep", "evaluate"]
 
@@ -60,7 +72,9 @@ def test_configs_resolve_by_name_and_path_from_any_folder(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     assert {"brats2018", "brats2020", "synthetic", "synthetic_maml", "ablations/no_prior"} <= set(available())
     assert not any(name.startswith("_base") for name in available())
-    assert chain("experiments/brats2020.yaml") == chain("brats2020") == chain(EXPERIMENTS_DIR / "brats2020.yaml")
+    assert (
+        chain("experiments/brats2020.yaml") == chain("brats2020") == chain(EXPERIMENTS_DIR / "brats2020.yaml")
+    )
     assert experiment_name(["--config", "brats2018", "--config=ablations/no_prior"]) == "brats2018+no_prior"
     own = tmp_path / "mine.yaml"
     own.write_text("# base: synthetic_maml\ndata:\n  batch_size: 3\n")
@@ -80,8 +94,9 @@ def cache_dir(tmp_path_factory) -> Path:
 def test_run_folder_holds_the_run_and_nothing_is_overwritten(cache_dir, tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
     caplog.set_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero")
-    cli = lightning_main(["fit", *TINY, f"--data.cache_dir={cache_dir}", "--trainer.max_epochs=3",
-                          "--run_name=first"])
+    cli = lightning_main(
+        ["fit", *TINY, f"--data.cache_dir={cache_dir}", "--trainer.max_epochs=3", "--run_name=first"]
+    )
     run = tmp_path / "runs" / "synthetic_single" / "first"
     assert Path(cli.trainer.default_root_dir).resolve() == run
     assert (run / "checkpoints" / "last.ckpt").is_file() and list(run.glob("checkpoints/best-*.ckpt"))
@@ -100,18 +115,33 @@ def test_run_folder_holds_the_run_and_nothing_is_overwritten(cache_dir, tmp_path
     assert ["val/dice_mean" in line for line in lines] == [False, True, False]
 
     # Resuming continues in the same folder; test reports land there; the fit's config stays as it was.
-    lightning_main(["fit", *TINY, f"--data.cache_dir={cache_dir}", "--trainer.max_epochs=4",
-                    f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"])
+    lightning_main(
+        [
+            "fit",
+            *TINY,
+            f"--data.cache_dir={cache_dir}",
+            "--trainer.max_epochs=4",
+            f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+        ]
+    )
     assert (run / "config.yaml").read_text() == fit_config
     assert len(list(run.glob("config-fit-*.yaml"))) == 1
     assert yaml.safe_load((run / "summary.json").read_text())["global_step"] == 8
     # The test with the config's own logger, W&B (offline here): every hyperparameter, the subset table
     # with HD95 and the heatmap reach the W&B run, which lies in the run folder with the report.
     wandb_args = [a for a in TINY if not a.startswith("--trainer.logger")]
-    tested = lightning_main(["test", *wandb_args, f"--data.cache_dir={cache_dir}",
-                             f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"])
+    tested = lightning_main(
+        [
+            "test",
+            *wandb_args,
+            f"--data.cache_dir={cache_dir}",
+            f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+        ]
+    )
     logged = tested.trainer.logger.experiment.config  # the W&B run's config, as W&B holds it
-    assert logged["data"]["cache_dir"] == str(cache_dir) and logged["model"]["class_path"].endswith("SingleBranch")
+    assert logged["data"]["cache_dir"] == str(cache_dir) and logged["model"]["class_path"].endswith(
+        "SingleBranch"
+    )
     assert logged["trainer"]["check_val_every_n_epoch"] == 2 and logged["seed_everything"] == 0
     tested.trainer.logger.experiment.finish()
     assert (run / "config.yaml").read_text() == fit_config and len(list(run.glob("config-test-*.yaml"))) == 1
@@ -131,26 +161,59 @@ def test_wheel_carries_configs_license_and_entry_point(tmp_path):
     shutil.copytree(REPO / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     for name in ("setup.cfg", "pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(REPO / name, source / name)
-    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                             "-w", str(tmp_path), str(source)], capture_output=True, text=True, timeout=300, check=False)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     (wheel,) = tmp_path.glob("smml_lightning-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    shipped = {f"smml_lightning/{p.relative_to(EXPERIMENTS_DIR.parent).as_posix()}"
-               for p in EXPERIMENTS_DIR.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    shipped = {
+        f"smml_lightning/{p.relative_to(EXPERIMENTS_DIR.parent).as_posix()}"
+        for p in EXPERIMENTS_DIR.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    }
     assert shipped <= names, sorted(shipped - names)
-    assert {"smml_lightning/experiments/_base/synthetic.yaml", "smml_lightning/experiments/brats2018.yaml",
-            "smml_lightning/experiments/ablations/no_prior.yaml", "smml_lightning/resources/published.csv",
-            "smml_lightning/__main__.py"} <= names
+    assert {
+        "smml_lightning/experiments/_base/synthetic.yaml",
+        "smml_lightning/experiments/brats2018.yaml",
+        "smml_lightning/experiments/ablations/no_prior.yaml",
+        "smml_lightning/resources/published.csv",
+        "smml_lightning/__main__.py",
+    } <= names
     dist_info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
     assert any(n.startswith(dist_info) and n.endswith("LICENSE") for n in names)
-    assert "smml = smml_lightning.cli:main" in zipfile.ZipFile(wheel).read(f"{dist_info}/entry_points.txt").decode()
+    assert (
+        "smml = smml_lightning.cli:main"
+        in zipfile.ZipFile(wheel).read(f"{dist_info}/entry_points.txt").decode()
+    )
 
 
 def test_run_names_agree_across_processes_and_never_collide(tmp_path, monkeypatch):
     from smml_lightning.lit.lightning_cli import RUN_NAME_ENV, default_run_name, run_folder_of
 
-    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "SLURM_NTASKS", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
+    for var in (
+        "LOCAL_RANK",
+        "NODE_RANK",
+        "WORLD_SIZE",
+        "SLURM_NTASKS",
+        "SLURM_JOB_ID",
+        "TORCHELASTIC_RUN_ID",
+    ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv(RUN_NAME_ENV, "from-rank-0")
     name, shared = default_run_name()
@@ -161,7 +224,10 @@ def test_run_names_agree_across_processes_and_never_collide(tmp_path, monkeypatc
     monkeypatch.setenv("SLURM_NTASKS", "8")  # srun starts every rank itself
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     assert default_run_name() == ("job-4242", True)
-    assert run_folder_of(str(tmp_path / "runs" / "x" / "r1" / "checkpoints" / "last.ckpt")) == tmp_path / "runs" / "x" / "r1"
+    assert (
+        run_folder_of(str(tmp_path / "runs" / "x" / "r1" / "checkpoints" / "last.ckpt"))
+        == tmp_path / "runs" / "x" / "r1"
+    )
     assert run_folder_of(str(tmp_path / "best.ckpt")) is None and run_folder_of("last") is None
 
     # Two fits started in the same second get two folders.

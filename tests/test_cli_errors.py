@@ -19,9 +19,17 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 def base(cache: Path | str) -> list[str]:
-    return ["fit", "--config", "synthetic", "--trainer.logger=false",
-            f"--data.cache_dir={cache}", "--data.use_prior=false", "--model.init_args.use_prior=false",
-            "--data.num_workers=0", "--trainer.max_epochs=0"]
+    return [
+        "fit",
+        "--config",
+        "synthetic",
+        "--trainer.logger=false",
+        f"--data.cache_dir={cache}",
+        "--data.use_prior=false",
+        "--model.init_args.use_prior=false",
+        "--data.num_workers=0",
+        "--trainer.max_epochs=0",
+    ]
 
 
 def exit_message(args: list[str], capsys) -> str:
@@ -74,7 +82,12 @@ def test_traceback_on_request(cache_dir, monkeypatch):
 
 def test_make_train_unknown_experiment_lists_the_available_ones():
     # -o: never (re)install the venv from this test, even when setup.cfg is newer than it.
-    result = subprocess.run(["make", "-s", "-o", ".venv/bin/smml", "train", "EXP=nope"], cwd=REPO,
-                            capture_output=True, text=True, timeout=300)  # smml imports torch: slow on a busy host
+    result = subprocess.run(
+        ["make", "-s", "-o", ".venv/bin/smml", "train", "EXP=nope"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # smml imports torch: slow on a busy host
     assert result.returncode != 0
     assert "'nope'" in result.stderr and "synthetic_maml" in result.stderr and "brats2018" in result.stderr

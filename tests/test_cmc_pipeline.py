@@ -28,9 +28,15 @@ TINY = [
 
 
 def _common(root: Path) -> list[str]:
-    return ["--config", "synthetic_cmc", f"--data.cache_dir={root / 'cache'}",
-            f"--trainer.default_root_dir={root / 'fit'}", f"--checkpoint.dirpath={root / 'fit' / 'ckpt'}",
-            f"--trainer.logger.init_args.save_dir={root / 'logs'}", *TINY]
+    return [
+        "--config",
+        "synthetic_cmc",
+        f"--data.cache_dir={root / 'cache'}",
+        f"--trainer.default_root_dir={root / 'fit'}",
+        f"--checkpoint.dirpath={root / 'fit' / 'ckpt'}",
+        f"--trainer.logger.init_args.save_dir={root / 'logs'}",
+        *TINY,
+    ]
 
 
 def test_cmc_fit_test_predict(tmp_path, monkeypatch):
@@ -43,7 +49,9 @@ def test_cmc_fit_test_predict(tmp_path, monkeypatch):
     ckpt = tmp_path / "fit" / "ckpt" / "last.ckpt"
 
     report = tmp_path / "report"
-    lightning_main(["test", *_common(tmp_path), f"--ckpt_path={ckpt}", f"--model.init_args.report_dir={report}"])
+    lightning_main(
+        ["test", *_common(tmp_path), f"--ckpt_path={ckpt}", f"--model.init_args.report_dir={report}"]
+    )
     rows = pd.read_csv(report / "per_case.csv")
     assert rows["subset"].nunique() == 15 and rows["case"].nunique() == 2 and rows["dice"].between(0, 1).all()
 
@@ -57,9 +65,18 @@ def test_cmc_fit_test_predict(tmp_path, monkeypatch):
 def test_cmc_semi_supervised_fit_logs_both_unlabeled_terms(tmp_path, monkeypatch):
     prepared_cache(tmp_path, 8, seed=6)
     monkeypatch.chdir(REPO)
-    cli = lightning_main(["fit", *_common(tmp_path), "--config", "labeled/labeled_20",
-                          f"--data.output_dir={tmp_path / 'out'}", "--trainer.max_epochs=1",
-                          "--trainer.log_every_n_steps=1", "--trainer.check_val_every_n_epoch=2"])
+    cli = lightning_main(
+        [
+            "fit",
+            *_common(tmp_path),
+            "--config",
+            "labeled/labeled_20",
+            f"--data.output_dir={tmp_path / 'out'}",
+            "--trainer.max_epochs=1",
+            "--trainer.log_every_n_steps=1",
+            "--trainer.check_val_every_n_epoch=2",
+        ]
+    )
     labeled = (tmp_path / "out" / "labeled.txt").read_text().split()
     assert labeled == cli.datamodule.labeled and len(labeled) == 1  # 20% of 4 training cases
     assert cli.trainer.global_step == 2  # as many steps as with every case labeled
@@ -72,7 +89,14 @@ def test_cmc_semi_supervised_fit_logs_both_unlabeled_terms(tmp_path, monkeypatch
 def test_supervised_method_refuses_unlabeled_cases(tmp_path, monkeypatch):
     prepared_cache(tmp_path, 8, seed=6)
     monkeypatch.chdir(REPO)
-    args = ["fit", "--config", "synthetic_maml", f"--data.cache_dir={tmp_path / 'cache'}",
-            "--trainer.logger=false", "--data.use_unlabeled=true", "--data.labeled_fraction=0.5"]
+    args = [
+        "fit",
+        "--config",
+        "synthetic_maml",
+        f"--data.cache_dir={tmp_path / 'cache'}",
+        "--trainer.logger=false",
+        "--data.use_unlabeled=true",
+        "--data.labeled_fraction=0.5",
+    ]
     with pytest.raises(SystemExit, match="supervised only"):
         lightning_main(args)

@@ -14,8 +14,11 @@ from smml_lightning.demo import SETTINGS, claim_folder
 
 
 def _checksums(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -46,8 +49,19 @@ def test_a_folder_with_other_files_is_not_taken(tmp_path):
 
 def test_cli_rerun_with_other_options_stops_in_one_line_and_changes_nothing(tmp_path, capsys):
     out = tmp_path / "demo"
-    claim_folder(out, {"experiment": "synthetic", "cases": 24, "shape": [64, 64, 48], "seed": 0,
-                       "sam_checkpoint": None, "model_type": "tiny", "prior_epochs": 30, "fit_args": []})
+    claim_folder(
+        out,
+        {
+            "experiment": "synthetic",
+            "cases": 24,
+            "shape": [64, 64, 48],
+            "seed": 0,
+            "sam_checkpoint": None,
+            "model_type": "tiny",
+            "prior_epochs": 30,
+            "fit_args": [],
+        },
+    )
     (out / "raw").mkdir()
     (out / "raw" / "case.txt").write_text("made by the first run")
     before = _checksums(out)

@@ -36,11 +36,20 @@ COMPANIONS = {
 OVERLAY_CHANGES = {
     "no_pixel_hcc": {"model.init_args.w_pixel": 0.0},
     "no_feature_hcc": {"model.init_args.w_sample": 0.0, "model.init_args.w_class": 0.0},
-    "no_prior": {"model.init_args.use_prior": False, "model.init_args.refiner": None, "data.use_prior": False},
+    "no_prior": {
+        "model.init_args.use_prior": False,
+        "model.init_args.refiner": None,
+        "data.use_prior": False,
+    },
     "shared_mask": {"model.init_args.share_mask": True},
-    "independent_peers": {"model.init_args.w_pixel": 0.0, "model.init_args.w_sample": 0.0,
-                          "model.init_args.w_class": 0.0, "model.init_args.use_prior": False,
-                          "model.init_args.refiner": None, "data.use_prior": False},
+    "independent_peers": {
+        "model.init_args.w_pixel": 0.0,
+        "model.init_args.w_sample": 0.0,
+        "model.init_args.w_class": 0.0,
+        "model.init_args.use_prior": False,
+        "model.init_args.refiner": None,
+        "data.use_prior": False,
+    },
 }
 
 
@@ -97,8 +106,12 @@ def test_companion_config(base: str, method: str) -> None:
     assert cli.datamodule.hparams.n_masks == n_masks and cli.datamodule.hparams.use_prior is False
     _, smml = build(EXPERIMENTS / f"{base}.yaml")
     # Same budget as SMML: schedule, patches and (on synthetic data) the optimizer, lr and data sizes.
-    shared = [k for k in smml if k.startswith(("trainer.", "data.")) and k not in
-              ("data.n_masks", "data.use_prior", "data.use_unlabeled", "trainer.default_root_dir")]
+    shared = [
+        k
+        for k in smml
+        if k.startswith(("trainer.", "data."))
+        and k not in ("data.n_masks", "data.use_prior", "data.use_unlabeled", "trainer.default_root_dir")
+    ]
     if base == "synthetic" or method != "maml":
         shared += ["model.init_args.optimizer", "model.init_args.lr", "model.init_args.weight_decay"]
     differing = {k: (cfg.get(k), smml[k]) for k in shared if cfg.get(k) != smml[k]}
@@ -123,13 +136,19 @@ def test_configs_share_their_base() -> None:
     from smml_lightning.experiments import chain, load
 
     assert [p.stem for p in chain("brats2020")] == ["brats", "brats2018", "brats2020"]
-    differ = {k for k in set(flatten(load("brats2018"))) | set(flatten(load("brats2020")))
-              if flatten(load("brats2018")).get(k) != flatten(load("brats2020")).get(k)}
+    differ = {
+        k
+        for k in set(flatten(load("brats2018"))) | set(flatten(load("brats2020")))
+        if flatten(load("brats2018")).get(k) != flatten(load("brats2020")).get(k)
+    }
     assert differ == {"data.cache_dir"}
     for path in FULL_CONFIGS:
         own = yaml.safe_load(path.read_text())
         assert "trainer" not in own and "checkpoint" not in own, f"{path.name} repeats its base's blocks"
-        assert f"# base: {chain(path)[-2].relative_to(EXPERIMENTS).with_suffix('').as_posix()}" in path.read_text()
+        assert (
+            f"# base: {chain(path)[-2].relative_to(EXPERIMENTS).with_suffix('').as_posix()}"
+            in path.read_text()
+        )
 
 
 def test_brats2018_maml_uses_nnunet_optimisation() -> None:
@@ -151,8 +170,12 @@ def test_ablation_overlay_changes_only_its_knobs(base: str, overlay: str) -> Non
     missing = object()
     changed = {k for k in set(cfg) | set(reference) if cfg.get(k, missing) != reference.get(k, missing)}
     # Nulling the refiner drops its nested init_args keys too; the run folder is the experiment's own.
-    changed = {k for k in changed if not k.startswith("model.init_args.refiner.")
-               and k not in ("trainer.default_root_dir", "checkpoint.dirpath", "experiment")}
+    changed = {
+        k
+        for k in changed
+        if not k.startswith("model.init_args.refiner.")
+        and k not in ("trainer.default_root_dir", "checkpoint.dirpath", "experiment")
+    }
     assert changed == set(wanted), f"{overlay} on {base}: changed {sorted(changed)}"
     assert all(cfg[k] == v for k, v in wanted.items())
     model = cli.model
@@ -162,8 +185,11 @@ def test_ablation_overlay_changes_only_its_knobs(base: str, overlay: str) -> Non
         "no_feature_hcc": lambda: model.w["sample"] == 0 and model.w["cls"] == 0 and model.w["pixel"] == 1,
         "no_prior": lambda: model.refiners is None and not cli.datamodule.hparams.use_prior,
         "shared_mask": lambda: model.share_mask and model.refiners is not None,
-        "independent_peers": lambda: (model.refiners is None and not model.share_mask
-                                      and not any(model.w[k] for k in ("pixel", "sample", "cls"))),
+        "independent_peers": lambda: (
+            model.refiners is None
+            and not model.share_mask
+            and not any(model.w[k] for k in ("pixel", "sample", "cls"))
+        ),
     }[overlay]
     assert expected()
 
@@ -181,9 +207,14 @@ def test_public_seg_loss_variant_sets_the_loss_of_any_method(config: str) -> Non
 
 @pytest.mark.parametrize(
     ("overlay", "resized", "reference"),
-    [("maml_at_smml_parameters", "synthetic_maml", "synthetic"), ("smml_at_maml_parameters", "synthetic", "synthetic_maml")],
+    [
+        ("maml_at_smml_parameters", "synthetic_maml", "synthetic"),
+        ("smml_at_maml_parameters", "synthetic", "synthetic_maml"),
+    ],
 )
-def test_equal_parameter_variants_match_the_other_methods_size(overlay: str, resized: str, reference: str) -> None:
+def test_equal_parameter_variants_match_the_other_methods_size(
+    overlay: str, resized: str, reference: str
+) -> None:
     path = EXPERIMENTS / "variants" / f"{overlay}.yaml"
     assert f"--config variants/{path.stem}" in path.read_text(), "usage missing from header"
 
@@ -201,7 +232,9 @@ def test_equal_parameter_variants_match_the_other_methods_size(overlay: str, res
 def transformer_shapes(*networks: MMFormer) -> set[tuple[int, int, int, float]]:
     """(width, heads, MLP width, dropout) of every bottleneck transformer layer of ``networks``."""
     layers = [layer for net in networks for t in [*net.intra, net.inter] for layer in t.layers]
-    return {(t.self_attn.embed_dim, t.self_attn.num_heads, t.linear1.out_features, t.dropout.p) for t in layers}
+    return {
+        (t.self_attn.embed_dim, t.self_attn.num_heads, t.linear1.out_features, t.dropout.p) for t in layers
+    }
 
 
 PUBLIC_TRANSFORMER = {(512, 8, 4096, 0.1)}  # mmFormer's and SMML's public code

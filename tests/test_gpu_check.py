@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-_SPEC = importlib.util.spec_from_file_location("gpu_check", Path(__file__).parents[1] / "benchmarks" / "gpu_check.py")
+_SPEC = importlib.util.spec_from_file_location(
+    "gpu_check", Path(__file__).parents[1] / "benchmarks" / "gpu_check.py"
+)
 gpu_check = sys.modules["gpu_check"] = importlib.util.module_from_spec(_SPEC)  # the CLI imports its callback
 _SPEC.loader.exec_module(gpu_check)
 
@@ -27,7 +29,12 @@ def test_smoke_runs_every_step_and_reports_its_figures(tmp_path, capsys):
     assert len(cases) == 2 and set(json.loads((tmp_path / "split.json").read_text())["test"]) == cases
     assert {"WT", "TC", "ET"} <= set(result["test"]["dice_15_subsets"])
     assert all(0 <= v <= 1 for v in result["test"]["dice_15_subsets"].values())
-    assert [row["config"] for row in result["speed"]] == ["smml bf16", "single bf16", "single fp32", "smml bf16 fused peers"]
+    assert [row["config"] for row in result["speed"]] == [
+        "smml bf16",
+        "single bf16",
+        "single fp32",
+        "smml bf16 fused peers",
+    ]
     assert all(row["seconds"] > 0 for row in result["speed"])
     out = capsys.readouterr().out
     assert "## GPU check on cpu (smoke)" in out and "SMML bf16 / single bf16" in out

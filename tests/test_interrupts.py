@@ -24,8 +24,14 @@ SHAPE = (48, 48, 48)
 def _start(args: list[str], log: Path) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     # its own process group, so that the test can send Ctrl-C to it as a terminal does
-    return subprocess.Popen([sys.executable, "-m", "smml_lightning.cli", *args], stdout=log.open("w"),
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "smml_lightning.cli", *args],
+        stdout=log.open("w"),
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
 
 
 def _children(pid: int) -> list[int]:
@@ -46,8 +52,10 @@ def _alive(pid: int) -> bool:
 def test_ctrl_c_stops_parallel_prepare_at_once_and_the_rerun_redoes_unfinished_cases(tmp_path):
     synthesize(tmp_path / "raw", 12, shape=SHAPE, seed=3)
     out = tmp_path / "cache"
-    proc = _start(["prepare", str(tmp_path / "raw"), str(out), "--workers=2", f"--min_size={list(SHAPE)}"],
-                  tmp_path / "prepare.log")
+    proc = _start(
+        ["prepare", str(tmp_path / "raw"), str(out), "--workers=2", f"--min_size={list(SHAPE)}"],
+        tmp_path / "prepare.log",
+    )
     try:
         end = time.time() + 120
         while not list(out.glob("*/meta.json")):  # the first case is finished: the pool is busy
@@ -78,7 +86,9 @@ def test_ctrl_c_stops_parallel_prepare_at_once_and_the_rerun_redoes_unfinished_c
     assert not list(out.glob("*/.*.tmp"))
     serial = prepare(tmp_path / "raw", tmp_path / "serial", min_size=SHAPE, progress=False)
     for name in serial.prepared:  # what the interrupted run kept is what an uninterrupted one writes
-        np.testing.assert_array_equal(cache.load_image(out, name), cache.load_image(tmp_path / "serial", name))
+        np.testing.assert_array_equal(
+            cache.load_image(out, name), cache.load_image(tmp_path / "serial", name)
+        )
 
 
 @pytest.fixture(scope="module")
@@ -92,16 +102,45 @@ def small_cache(tmp_path_factory) -> Path:
 def test_ctrl_c_during_fit_writes_last_checkpoint_and_exits_130(small_cache, tmp_path):
     config = {
         "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "devices": 1, "precision": "32-true", "logger": False,
-                    "max_epochs": 1000, "num_sanity_val_steps": 0, "enable_progress_bar": False,
-                    "enable_model_summary": False, "limit_val_batches": 0, "default_root_dir": str(tmp_path)},
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "precision": "32-true",
+            "logger": False,
+            "max_epochs": 1000,
+            "num_sanity_val_steps": 0,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "limit_val_batches": 0,
+            "default_root_dir": str(tmp_path),
+        },
         "checkpoint": {"dirpath": str(tmp_path / "ckpt"), "save_last": True, "monitor": None},
-        "model": {"class_path": "smml_lightning.lit.baselines.SingleBranch", "init_args": {
-            "network": {"class_path": "smml_lightning.models.backbone.MMFormer", "init_args": {
-                "base_width": 4, "transformer_dim": 16, "num_heads": 2, "dropout": 0.0, "patch_size": 32}}}},
-        "data": {"cache_dir": str(small_cache), "patch_size": 32, "batch_size": 1, "samples_per_volume": 1,
-                 "queue_length": 4, "num_workers": 0, "use_prior": False, "val_fraction": 0.25,
-                 "test_fraction": 0.0},
+        "model": {
+            "class_path": "smml_lightning.lit.baselines.SingleBranch",
+            "init_args": {
+                "network": {
+                    "class_path": "smml_lightning.models.backbone.MMFormer",
+                    "init_args": {
+                        "base_width": 4,
+                        "transformer_dim": 16,
+                        "num_heads": 2,
+                        "dropout": 0.0,
+                        "patch_size": 32,
+                    },
+                }
+            },
+        },
+        "data": {
+            "cache_dir": str(small_cache),
+            "patch_size": 32,
+            "batch_size": 1,
+            "samples_per_volume": 1,
+            "queue_length": 4,
+            "num_workers": 0,
+            "use_prior": False,
+            "val_fraction": 0.25,
+            "test_fraction": 0.0,
+        },
     }
     path = tmp_path / "fit.yaml"
     path.write_text(yaml.safe_dump(config))

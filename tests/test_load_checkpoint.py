@@ -50,8 +50,10 @@ def _same_model(a: MissingModalityModule, b: MissingModalityModule) -> None:
 
 
 def test_spec_records_classes_partials_and_objects():
-    assert spec(partial(MMFormer, base_width=4)) == {"class_path": "smml_lightning.models.backbone.MMFormer",
-                                                     "init_args": {"base_width": 4}}
+    assert spec(partial(MMFormer, base_width=4)) == {
+        "class_path": "smml_lightning.models.backbone.MMFormer",
+        "init_args": {"base_width": 4},
+    }
     loss = spec(SegmentationLoss(smooth=2.0, class_weighted_ce=True))
     assert loss["init_args"]["smooth"] == 2.0 and loss["init_args"]["class_weighted_ce"] is True
     assert spec(SemanticRefiner)["init_args"] == {}
@@ -60,30 +62,58 @@ def test_spec_records_classes_partials_and_objects():
 
 
 def test_plain_python_fit_saves_a_checkpoint_that_loads_alone(cache, tmp_path):
-    model = SMML(network=TINY_MMFORMER, refiner=partial(SemanticRefiner, width=4), use_prior=False, roi_size=32,
-                 seg_loss=SegmentationLoss(smooth=2.0), warmup_epochs=0, et_min_voxels=7, inference_branches=[1])
-    data = BratsDataModule(str(cache), patch_size=32, batch_size=1, samples_per_volume=1, queue_length=2,
-                           num_workers=0, val_fraction=0.25, test_fraction=0.25)
-    trainer = Trainer(max_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    model = SMML(
+        network=TINY_MMFORMER,
+        refiner=partial(SemanticRefiner, width=4),
+        use_prior=False,
+        roi_size=32,
+        seg_loss=SegmentationLoss(smooth=2.0),
+        warmup_epochs=0,
+        et_min_voxels=7,
+        inference_branches=[1],
+    )
+    data = BratsDataModule(
+        str(cache),
+        patch_size=32,
+        batch_size=1,
+        samples_per_volume=1,
+        queue_length=2,
+        num_workers=0,
+        val_fraction=0.25,
+        test_fraction=0.25,
+    )
+    trainer = Trainer(
+        max_steps=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, data)
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
     for cls in (SMML, MissingModalityModule):
         loaded = cls.load_from_checkpoint(path)
         _same_model(model, loaded)
-        assert loaded.seg_loss.smooth == 2.0 and loaded.et_min_voxels == 7 and loaded.inference_branches == [1]
+        assert (
+            loaded.seg_loss.smooth == 2.0 and loaded.et_min_voxels == 7 and loaded.inference_branches == [1]
+        )
         assert loaded.roi_size == (32, 32, 32) and loaded.refiners is None
     # Keyword arguments still override what the checkpoint stores.
     assert SMML.load_from_checkpoint(path, et_min_voxels=3).et_min_voxels == 3
 
 
-@pytest.mark.parametrize("make", [
-    lambda: SingleBranch(network=partial(UNetBaseline, base_width=4), roi_size=32, w_aux=0.5),
-    lambda: SingleBranch(network=TINY_MMFORMER, roi_size=32),
-    lambda: MAMLModule(network=partial(MAML, base_width=4), roi_size=32, temperature=2.0),
-    lambda: CMC(network=partial(CMCNet, base_width=4, num_stages=2), roi_size=32, temperature=0.25),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: SingleBranch(network=partial(UNetBaseline, base_width=4), roi_size=32, w_aux=0.5),
+        lambda: SingleBranch(network=TINY_MMFORMER, roi_size=32),
+        lambda: MAMLModule(network=partial(MAML, base_width=4), roi_size=32, temperature=2.0),
+        lambda: CMC(network=partial(CMCNet, base_width=4, num_stages=2), roi_size=32, temperature=0.25),
+    ],
+)
 def test_every_method_loads_through_the_base_class(make, tmp_path):
     torch.manual_seed(0)
     model = make()
@@ -103,24 +133,52 @@ def test_every_method_loads_through_the_base_class(make, tmp_path):
 def test_cli_test_and_predict_with_only_the_checkpoint(cache, tmp_path, monkeypatch):
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     ckpt = tmp_path / "ckpt" / "last.ckpt"
-    fit = lightning_main([
-        "fit", "--config", "experiments/synthetic.yaml", f"--data.cache_dir={cache}",
-        "--model.init_args.network.init_args.base_width=4", "--model.init_args.network.init_args.transformer_dim=16",
-        "--model.init_args.network.init_args.num_heads=2", "--model.init_args.use_prior=false",
-        "--model.init_args.et_min_voxels=3", "--data.use_prior=false", "--data.patch_size=32",
-        "--data.batch_size=1", "--data.samples_per_volume=1", "--data.queue_length=2", "--data.num_workers=0",
-        "--data.val_fraction=0.25", "--data.test_fraction=0.25", "--trainer.max_steps=2",
-        "--trainer.limit_val_batches=0", "--trainer.logger=false", "--trainer.precision=32",
-        f"--trainer.default_root_dir={tmp_path}", f"--checkpoint.dirpath={ckpt.parent}"])
+    fit = lightning_main(
+        [
+            "fit",
+            "--config",
+            "experiments/synthetic.yaml",
+            f"--data.cache_dir={cache}",
+            "--model.init_args.network.init_args.base_width=4",
+            "--model.init_args.network.init_args.transformer_dim=16",
+            "--model.init_args.network.init_args.num_heads=2",
+            "--model.init_args.use_prior=false",
+            "--model.init_args.et_min_voxels=3",
+            "--data.use_prior=false",
+            "--data.patch_size=32",
+            "--data.batch_size=1",
+            "--data.samples_per_volume=1",
+            "--data.queue_length=2",
+            "--data.num_workers=0",
+            "--data.val_fraction=0.25",
+            "--data.test_fraction=0.25",
+            "--trainer.max_steps=2",
+            "--trainer.limit_val_batches=0",
+            "--trainer.logger=false",
+            "--trainer.precision=32",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--checkpoint.dirpath={ckpt.parent}",
+        ]
+    )
     assert ckpt.is_file()
     loaded = MissingModalityModule.load_from_checkpoint(ckpt)
     _same_model(fit.model, loaded)
     assert isinstance(loaded, SMML) and loaded.et_min_voxels == 3 and loaded.roi_size == (32, 32, 32)
 
     report = tmp_path / "report"
-    test = lightning_main(["test", f"--ckpt_path={ckpt}", f"--data.cache_dir={cache}", "--trainer.logger=false",
-                           f"--trainer.default_root_dir={tmp_path}", f"--model.init_args.report_dir={report}"])
-    assert isinstance(test.model, SMML) and test.model.roi_size == (32, 32, 32) and test.model.et_min_voxels == 3
+    test = lightning_main(
+        [
+            "test",
+            f"--ckpt_path={ckpt}",
+            f"--data.cache_dir={cache}",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--model.init_args.report_dir={report}",
+        ]
+    )
+    assert (
+        isinstance(test.model, SMML) and test.model.roi_size == (32, 32, 32) and test.model.et_min_voxels == 3
+    )
     # The fit's split (its fractions and seed, from the checkpoint), not the data module's defaults.
     assert test.datamodule.splits == fit.datamodule.splits
     rows = pd.read_csv(report / "per_case.csv")
@@ -128,8 +186,17 @@ def test_cli_test_and_predict_with_only_the_checkpoint(cache, tmp_path, monkeypa
 
     # predict, likewise: the checkpoint and where the new cases are.
     case = min(p for p in (cache.parent / "raw").iterdir() if p.is_dir())
-    lightning_main(["predict", f"--ckpt_path={ckpt}", f"--data.predict_root={case}", "--trainer.logger=false",
-                    f"--data.predict_dir={tmp_path / 'predict_cache'}", f"--prediction.output_dir={tmp_path / 'pred'}",
-                    f"--trainer.default_root_dir={tmp_path}", "--prediction.overlay=false"])
+    lightning_main(
+        [
+            "predict",
+            f"--ckpt_path={ckpt}",
+            f"--data.predict_root={case}",
+            "--trainer.logger=false",
+            f"--data.predict_dir={tmp_path / 'predict_cache'}",
+            f"--prediction.output_dir={tmp_path / 'pred'}",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--prediction.overlay=false",
+        ]
+    )
     seg = nib.load(tmp_path / "pred" / f"{case.name}_seg.nii.gz")
     assert seg.shape == nib.load(next(case.glob("*_flair.nii.gz"))).shape

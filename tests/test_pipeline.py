@@ -51,22 +51,36 @@ def data(tmp_path_factory):
 
 
 def _common(root: Path) -> list[str]:
-    return ["--config", "synthetic", f"--data.cache_dir={root / 'cache'}",
-            f"--trainer.default_root_dir={root / 'fit'}", f"--checkpoint.dirpath={root / 'fit' / 'ckpt'}",
-            f"--trainer.logger.init_args.save_dir={root / 'logs'}", *TINY]
+    return [
+        "--config",
+        "synthetic",
+        f"--data.cache_dir={root / 'cache'}",
+        f"--trainer.default_root_dir={root / 'fit'}",
+        f"--checkpoint.dirpath={root / 'fit' / 'ckpt'}",
+        f"--trainer.logger.init_args.save_dir={root / 'logs'}",
+        *TINY,
+    ]
 
 
 def test_fit_test_predict_end_to_end(data, monkeypatch):
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     cli = lightning_main(["fit", *_common(data), "--trainer.max_epochs=2", "--trainer.precision=bf16-mixed"])
-    assert cli.trainer.global_step == 2 * 4 * 2  # epochs x train cases (8 - 2 val - 2 test) x 2 patches, batch 1
+    assert (
+        cli.trainer.global_step == 2 * 4 * 2
+    )  # epochs x train cases (8 - 2 val - 2 test) x 2 patches, batch 1
     assert (data / "fit" / "ckpt" / "last.ckpt").is_file()
     assert 0.0 <= float(cli.trainer.callback_metrics["val/dice_mean"]) <= 1.0
     assert list((data / "logs" / "wandb").glob("offline-run-*")), "W&B should log offline by default"
 
     report = data / "report"
-    lightning_main(["test", *_common(data), f"--ckpt_path={data / 'fit' / 'ckpt' / 'last.ckpt'}",
-                    f"--model.init_args.report_dir={report}"])
+    lightning_main(
+        [
+            "test",
+            *_common(data),
+            f"--ckpt_path={data / 'fit' / 'ckpt' / 'last.ckpt'}",
+            f"--model.init_args.report_dir={report}",
+        ]
+    )
     per_case = pd.read_csv(report / "per_case.csv")
     assert per_case["subset"].nunique() == 15 and per_case["case"].nunique() == 2
     assert set(per_case["region"]) == {"WT", "TC", "ET", "ET_post"}
@@ -84,9 +98,16 @@ def test_fit_test_predict_end_to_end(data, monkeypatch):
             (dest / f"{case.name}_{m}.nii.gz").unlink()
         (dest / f"{case.name}_seg.nii.gz").unlink()
     out = data / "pred"
-    lightning_main(["predict", *_common(data), f"--ckpt_path={data / 'fit' / 'ckpt' / 'last.ckpt'}",
-                    f"--data.predict_root={raw}", f"--data.predict_dir={data / 'predict_cache'}",
-                    f"--prediction.output_dir={out}"])
+    lightning_main(
+        [
+            "predict",
+            *_common(data),
+            f"--ckpt_path={data / 'fit' / 'ckpt' / 'last.ckpt'}",
+            f"--data.predict_root={raw}",
+            f"--data.predict_dir={data / 'predict_cache'}",
+            f"--prediction.output_dir={out}",
+        ]
+    )
     for case in cases:
         seg = nib.load(out / f"{case.name}_seg.nii.gz")
         ref = nib.load(case / f"{case.name}_flair.nii.gz")
@@ -100,25 +121,52 @@ def test_fit_test_predict_end_to_end(data, monkeypatch):
 def test_ddp_two_processes_fit_and_test(data, tmp_path):
     """A real 2-process DDP run on CPU (gloo): fit, then test with cases sharded and gathered once."""
     repo = Path(__file__).resolve().parents[1]
-    common = ["--config", "synthetic", f"--data.cache_dir={data / 'cache'}", *TINY,
-              "--data.use_prior=false", "--model.init_args.use_prior=false",
-              "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.init_args.save_dir={tmp_path}",
-              "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp",
-              "--trainer.precision=32", f"--trainer.default_root_dir={tmp_path}",
-              f"--checkpoint.dirpath={tmp_path / 'ckpt'}"]
+    common = [
+        "--config",
+        "synthetic",
+        f"--data.cache_dir={data / 'cache'}",
+        *TINY,
+        "--data.use_prior=false",
+        "--model.init_args.use_prior=false",
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+        "--trainer.precision=32",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--checkpoint.dirpath={tmp_path / 'ckpt'}",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     run = [sys.executable, "-m", "smml_lightning.cli"]
-    fit = subprocess.run([*run, "fit", *common, "--trainer.max_epochs=1"], cwd=repo, env=env,
-                         capture_output=True, text=True, timeout=600)
+    fit = subprocess.run(
+        [*run, "fit", *common, "--trainer.max_epochs=1"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert fit.returncode == 0, fit.stderr[-3000:]
     assert (tmp_path / "ckpt" / "last.ckpt").is_file()
     # One patch per rank: the inter-sample HCC relates the two ranks' patches (alone it would be 0).
     logged = pd.concat(pd.read_csv(f) for f in tmp_path.glob("lightning_logs/*/metrics.csv"))
     assert logged["train/hcc_sample_epoch"].dropna().gt(0).all()
     report = tmp_path / "report"
-    test = subprocess.run([*run, "test", *common, f"--ckpt_path={tmp_path / 'ckpt' / 'last.ckpt'}",
-                           f"--model.init_args.report_dir={report}"], cwd=repo, env=env,
-                          capture_output=True, text=True, timeout=600)
+    test = subprocess.run(
+        [
+            *run,
+            "test",
+            *common,
+            f"--ckpt_path={tmp_path / 'ckpt' / 'last.ckpt'}",
+            f"--model.init_args.report_dir={report}",
+        ],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert test.returncode == 0, test.stderr[-3000:]
     rows = pd.read_csv(report / "per_case.csv")
     assert rows["case"].nunique() == 2  # both test cases, from two ranks, each once

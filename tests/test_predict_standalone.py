@@ -25,8 +25,11 @@ DROPS = [("t1",), ("t1", "t2"), ("flair", "t1ce", "t2"), ()]
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
-    model = SMML(network=partial(MMFormer, base_width=4, transformer_dim=16, num_heads=2),
-                 refiner=partial(SemanticRefiner, width=4), roi_size=16)
+    model = SMML(
+        network=partial(MMFormer, base_width=4, transformer_dim=16, num_heads=2),
+        refiner=partial(SemanticRefiner, width=4),
+        roi_size=16,
+    )
     trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
     trainer.strategy.connect(model)
     trainer.save_checkpoint(root / "model.ckpt")
@@ -85,8 +88,10 @@ def test_every_case_accounted_for_in_its_native_grid_and_header(setup, tmp_path,
             assert seg.header[form] == ref.header[form]
         assert np.allclose(seg.get_sform(), ref.get_sform()) and seg.get_data_dtype() == np.uint8
         assert set(np.unique(np.asarray(seg.dataobj)).tolist()) <= {0, 1, 2, 4}  # 2020: ET written as 4
-    assert (nib.load(out / f"{cases[0].name}_seg.nii.gz").header["sform_code"],
-            nib.load(out / f"{cases[0].name}_seg.nii.gz").header["qform_code"]) == (2, 0)
+    assert (
+        nib.load(out / f"{cases[0].name}_seg.nii.gz").header["sform_code"],
+        nib.load(out / f"{cases[0].name}_seg.nii.gz").header["qform_code"],
+    ) == (2, 0)
 
     # A re-run keeps what is there (not run again) and still reports the failure.
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.nii.gz")}
@@ -97,11 +102,21 @@ def test_every_case_accounted_for_in_its_native_grid_and_header(setup, tmp_path,
 
     # With the switch, the unreadable FLAIR is a missing modality, named in a warning and the summary.
     with pytest.warns(UserWarning, match=f"{cases[4].name}_flair.nii.gz treated as missing"):
-        assert _run("-i", tmp_path / "in", "-o", out, "-c", ckpt, "--missing_ok", "true",
-                    "--brats_names", "true") == 0
+        assert (
+            _run(
+                "-i", tmp_path / "in", "-o", out, "-c", ckpt, "--missing_ok", "true", "--brats_names", "true"
+            )
+            == 0
+        )
     summary = _summary(out)
-    assert summary[cases[4].name]["status"] == "written" and summary[cases[4].name]["modalities"] == ["t1ce", "t1", "t2"]
-    assert list(summary[cases[4].name]["dropped"]) == [str((cases[4] / f"{cases[4].name}_flair.nii.gz").resolve())]
+    assert summary[cases[4].name]["status"] == "written" and summary[cases[4].name]["modalities"] == [
+        "t1ce",
+        "t1",
+        "t2",
+    ]
+    assert list(summary[cases[4].name]["dropped"]) == [
+        str((cases[4] / f"{cases[4].name}_flair.nii.gz").resolve())
+    ]
     assert nib.load(out / f"{cases[4].name}.nii.gz").shape == SHAPE  # BraTS naming: <case id>.nii.gz
 
 
@@ -128,15 +143,21 @@ def test_inputs_with_the_same_name_never_mix(setup, tmp_path):
         for case in picks:
             shutil.copytree(case, dest / case.name)
     shared = tmp_path / "cache"
-    assert _run("-i", first, "-o", tmp_path / "out_a", "-c", setup / "model.ckpt", "--cache_root", shared) == 0
-    assert _run("-i", second, "-o", tmp_path / "out_b", "-c", setup / "model.ckpt", "--cache_root", shared) == 0
+    assert (
+        _run("-i", first, "-o", tmp_path / "out_a", "-c", setup / "model.ckpt", "--cache_root", shared) == 0
+    )
+    assert (
+        _run("-i", second, "-o", tmp_path / "out_b", "-c", setup / "model.ckpt", "--cache_root", shared) == 0
+    )
     assert sorted(_summary(tmp_path / "out_b")) == [raw[2].name]
     assert sorted(p.name for p in (tmp_path / "out_b").glob("*.nii.gz")) == [f"{raw[2].name}_seg.nii.gz"]
     assert len(list(shared.iterdir())) == 2  # one cache per input folder, both named "cases-<key>"
 
     # A case removed from an input is never predicted, even into a fresh output.
     shutil.rmtree(first / raw[1].name)
-    assert _run("-i", first, "-o", tmp_path / "out_a2", "-c", setup / "model.ckpt", "--cache_root", shared) == 0
+    assert (
+        _run("-i", first, "-o", tmp_path / "out_a2", "-c", setup / "model.ckpt", "--cache_root", shared) == 0
+    )
     assert sorted(_summary(tmp_path / "out_a2")) == [raw[0].name]
     assert sorted(p.name for p in (tmp_path / "out_a2").glob("*.nii.gz")) == [f"{raw[0].name}_seg.nii.gz"]
 
@@ -179,8 +200,13 @@ def test_lightning_cli_predict_names_the_cases_it_cannot_prepare(setup, tmp_path
     from smml_lightning.data.datamodule import BratsDataModule
 
     cases = _inputs(setup, tmp_path / "in")
-    data = BratsDataModule("unused", predict_root=str(tmp_path / "in"), predict_dir=str(tmp_path / "pc"),
-                           patch_size=16, num_workers=0)
+    data = BratsDataModule(
+        "unused",
+        predict_root=str(tmp_path / "in"),
+        predict_dir=str(tmp_path / "pc"),
+        patch_size=16,
+        num_workers=0,
+    )
     data.trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
     data.trainer.state.fn = TrainerFn.PREDICTING
     with pytest.warns(UserWarning, match=f"case {cases[4].name} of .* is not predicted: .*_flair.nii.gz"):
@@ -191,8 +217,11 @@ def test_lightning_cli_predict_names_the_cases_it_cannot_prepare(setup, tmp_path
 def test_a_model_trained_at_reduced_spacing_sees_new_cases_at_that_spacing(setup, tmp_path):
     """The checkpoint records the training cache's spacing; predict resamples inputs to it and writes the
     labels back in the input's own grid."""
-    model = SMML(network=partial(MMFormer, base_width=4, transformer_dim=16, num_heads=2),
-                 refiner=partial(SemanticRefiner, width=4), roi_size=16)
+    model = SMML(
+        network=partial(MMFormer, base_width=4, transformer_dim=16, num_heads=2),
+        refiner=partial(SemanticRefiner, width=4),
+        roi_size=16,
+    )
     model.input_spacing = (2.0, 2.0, 2.0)
     trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
     trainer.strategy.connect(model)

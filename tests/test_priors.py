@@ -27,9 +27,16 @@ def _write_case(root: Path, name: str, seed: int, available=(True, True, True, T
     image = rng.normal(size=(4, *SHAPE)).astype(np.float32)
     image[CARRIER] += np.array([0.0, 1.5, 3.0, 4.5], np.float32)[label]
     image[~np.array(available)] = 0
-    meta = cache.CaseMeta(name=name, layout="synthetic", convention="brats2018", available=available,
-                          original_shape=(40, 36, 20), affine=np.eye(4).tolist(), spacing=(1.0, 1.0, 1.0),
-                          crop_box=tuple((2, 2 + s) for s in SHAPE))
+    meta = cache.CaseMeta(
+        name=name,
+        layout="synthetic",
+        convention="brats2018",
+        available=available,
+        original_shape=(40, 36, 20),
+        affine=np.eye(4).tolist(),
+        spacing=(1.0, 1.0, 1.0),
+        crop_box=tuple((2, 2 + s) for s in SHAPE),
+    )
     cache.write_case(root, meta, image, label)
 
 
@@ -48,7 +55,9 @@ def setup(tmp_path_factory):
     _write_case(root, "b", 1)
     _write_case(root, "c", 2, available=(False, True, True, False))
     ckpt = save_tiny_sam_checkpoint(base / "tiny.pth", seed=0, img_size=32)
-    trained = fit_prior_decoder(root, ["a", "b"], ckpt, "tiny", epochs=40, lr=1e-2, out=base / "trained.pt", slab=8)
+    trained = fit_prior_decoder(
+        root, ["a", "b"], ckpt, "tiny", epochs=40, lr=1e-2, out=base / "trained.pt", slab=8
+    )
     random = fit_prior_decoder(root, ["a", "b"], ckpt, "tiny", epochs=0, out=base / "random.pt")
     return {"base": base, "root": root, "ckpt": ckpt, "trained": trained, "random": random}
 
@@ -132,8 +141,9 @@ def test_crash_during_export_leaves_no_partial_file(setup, monkeypatch):
 def test_feature_cache_fallback_trains_the_same_decoder(setup):
     root, ckpt, base = setup["root"], setup["ckpt"], setup["base"]
     kept = fit_prior_decoder(root, ["a", "b"], ckpt, "tiny", epochs=2, out=base / "kept.pt", slab=8)
-    fly = fit_prior_decoder(root, ["a", "b"], ckpt, "tiny", epochs=2, out=base / "fly.pt", slab=8,
-                            feature_cache_bytes=0)
+    fly = fit_prior_decoder(
+        root, ["a", "b"], ckpt, "tiny", epochs=2, out=base / "fly.pt", slab=8, feature_cache_bytes=0
+    )
     a, b = load_prior_decoder(kept)[0].state_dict(), load_prior_decoder(fly)[0].state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
 
@@ -147,7 +157,9 @@ def test_run_priors_fits_exports_and_reuses_the_decoder(setup):
     second = run_priors(root, setup["ckpt"], "tiny", epochs=1, train_names=["a"], slab=8)
     assert second["skipped"] == ["a", "b", "c"] and first["decoder"].stat().st_mtime_ns == stamp
     before = cache.load_prior(root, "a", mmap=False)
-    third = run_priors(root, setup["ckpt"], "tiny", epochs=2, train_names=["a"], slab=8)  # new settings: refit
+    third = run_priors(
+        root, setup["ckpt"], "tiny", epochs=2, train_names=["a"], slab=8
+    )  # new settings: refit
     assert first["decoder"].stat().st_mtime_ns != stamp
     # The old priors came from the old decoder: all are exported again, none kept stale.
     assert third["written"] == ["a", "b", "c"] and third["skipped"] == []

@@ -36,19 +36,50 @@ def write_config(path: Path, cache: Path, out: Path, max_epochs: int = 2, **trai
     """A tiny SMML fit (no priors, fp32, no logger) whose checkpoints go to ``out/ckpt``."""
     config = {
         "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "devices": 1, "precision": "32-true", "logger": False,
-                    "max_epochs": max_epochs, "num_sanity_val_steps": 0, "enable_progress_bar": False,
-                    "enable_model_summary": False, "log_every_n_steps": 1, "default_root_dir": str(out),
-                    **trainer},
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "precision": "32-true",
+            "logger": False,
+            "max_epochs": max_epochs,
+            "num_sanity_val_steps": 0,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "log_every_n_steps": 1,
+            "default_root_dir": str(out),
+            **trainer,
+        },
         "checkpoint": {"dirpath": str(out / "ckpt"), "save_last": True},
-        "model": {"class_path": "smml_lightning.lit.smml.SMML", "init_args": {
-            "network": {"class_path": "smml_lightning.models.backbone.MMFormer", "init_args": {
-                "base_width": 4, "transformer_dim": 16, "num_heads": 2, "dropout": 0.0,
-                "patch_size": PATCH}},
-            "use_prior": False, "warmup_epochs": 1, "lr": 1e-3, "val_subsets": ["all"],
-            "compare_published": False}},
-        "data": {"cache_dir": str(cache), "patch_size": PATCH, "batch_size": 2, "samples_per_volume": 1,
-                 "queue_length": 8, "num_workers": 0, "val_fraction": 0.17, "test_fraction": 0.0},
+        "model": {
+            "class_path": "smml_lightning.lit.smml.SMML",
+            "init_args": {
+                "network": {
+                    "class_path": "smml_lightning.models.backbone.MMFormer",
+                    "init_args": {
+                        "base_width": 4,
+                        "transformer_dim": 16,
+                        "num_heads": 2,
+                        "dropout": 0.0,
+                        "patch_size": PATCH,
+                    },
+                },
+                "use_prior": False,
+                "warmup_epochs": 1,
+                "lr": 1e-3,
+                "val_subsets": ["all"],
+                "compare_published": False,
+            },
+        },
+        "data": {
+            "cache_dir": str(cache),
+            "patch_size": PATCH,
+            "batch_size": 2,
+            "samples_per_volume": 1,
+            "queue_length": 8,
+            "num_workers": 0,
+            "val_fraction": 0.17,
+            "test_fraction": 0.0,
+        },
     }
     path.write_text(yaml.safe_dump(config))
     return path
@@ -91,8 +122,16 @@ def test_resume_from_epoch_end_gives_the_uninterrupted_weights(cache_dir, tmp_pa
 
 def _epoch_loader(cache: Path, workers: int):
     torch.manual_seed(3)
-    dm = BratsDataModule(cache_dir=str(cache), patch_size=16, batch_size=2, samples_per_volume=2, queue_length=3,
-                         num_workers=workers, val_fraction=0, test_fraction=0)
+    dm = BratsDataModule(
+        cache_dir=str(cache),
+        patch_size=16,
+        batch_size=2,
+        samples_per_volume=2,
+        queue_length=3,
+        num_workers=workers,
+        val_fraction=0,
+        test_fraction=0,
+    )
     dm.setup("fit")
     return dm.train_dataloader()
 
@@ -164,16 +203,22 @@ def test_resume_mid_epoch_gives_the_uninterrupted_weights(cache_dir, tmp_path):
         assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [position]
         return saved["global_step"], position
 
-    steps = [run(Interrupt(sigterm_after=2), None, SIGTERMException),
-             run(Interrupt(crash_before=4), last, Crash),
-             run(Interrupt(), last, None)]
+    steps = [
+        run(Interrupt(sigterm_after=2), None, SIGTERMException),
+        run(Interrupt(crash_before=4), last, Crash),
+        run(Interrupt(), last, None),
+    ]
     # where each run stopped, and the training stream's position in its epoch at that point
-    assert steps == [(2, {"epoch": 0, "batches": 2}), (4, {"epoch": 1, "batches": 1}),
-                     (6, {"epoch": 1, "batches": 3})]
+    assert steps == [
+        (2, {"epoch": 0, "batches": 2}),
+        (4, {"epoch": 1, "batches": 1}),
+        (6, {"epoch": 1, "batches": 3}),
+    ]
     saved = checkpoint(last)
     assert_same_weights(saved["state_dict"], reference["state_dict"], atol=1e-6)
-    for got, want in zip(saved["optimizer_states"][0]["state"].values(),
-                         reference["optimizer_states"][0]["state"].values()):
+    for got, want in zip(
+        saved["optimizer_states"][0]["state"].values(), reference["optimizer_states"][0]["state"].values()
+    ):
         for key in want:
             torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6)
     assert saved["lr_schedulers"] == reference["lr_schedulers"]
@@ -181,9 +226,19 @@ def test_resume_mid_epoch_gives_the_uninterrupted_weights(cache_dir, tmp_path):
 
 def _start_fit(config: Path, log: Path) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "smml_lightning.cli", "fit", f"--config={config}",
-                             "--checkpoint.every_n_train_steps=1"], stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            env=env)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "smml_lightning.cli",
+            "fit",
+            f"--config={config}",
+            "--checkpoint.every_n_train_steps=1",
+        ],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
@@ -242,8 +297,9 @@ def test_sigterm_writes_last_checkpoint_and_sigkill_resumes_from_the_periodic_on
 
 
 def _short_fit(cache: Path, out: Path, tmp_path: Path, **model: object):
-    config = write_config(tmp_path / f"{out.name}.yaml", cache, out, max_epochs=1, limit_val_batches=0,
-                          deterministic=True)
+    config = write_config(
+        tmp_path / f"{out.name}.yaml", cache, out, max_epochs=1, limit_val_batches=0, deterministic=True
+    )
     args = [f"--config={config}"] + [f"--model.init_args.{k}={v}" for k, v in model.items()]
     return lightning_main(args, run=False)
 
@@ -295,8 +351,11 @@ def test_nonfinite_loss_skip_leaves_weights_unchanged(cache_dir, tmp_path):
     assert snapshots[1, "adam steps"] == snapshots[1, "adam steps after"] and snapshots[1, "adam steps"]
     assert snapshots[2, "adam steps after"] != snapshots[2, "adam steps"]
     for idx in (0, 2):  # the finite steps do train
-        changed = [k for k in snapshots[idx, "before"]
-                   if not torch.equal(snapshots[idx, "before"][k], snapshots[idx, "after"][k])]
+        changed = [
+            k
+            for k in snapshots[idx, "before"]
+            if not torch.equal(snapshots[idx, "before"][k], snapshots[idx, "after"][k])
+        ]
         assert changed, f"step {idx} changed no weight"
     assert all(torch.isfinite(v).all() for v in cli.model.state_dict().values() if v.is_floating_point())
 
@@ -304,8 +363,9 @@ def test_nonfinite_loss_skip_leaves_weights_unchanged(cache_dir, tmp_path):
 def test_same_seed_deterministic_fits_are_identical(cache_dir, tmp_path):
     results = []
     for name in ("a", "b"):
-        config = write_config(tmp_path / f"{name}.yaml", cache_dir, tmp_path / name, max_epochs=1,
-                              deterministic=True)
+        config = write_config(
+            tmp_path / f"{name}.yaml", cache_dir, tmp_path / name, max_epochs=1, deterministic=True
+        )
         cli = lightning_main(["fit", f"--config={config}"])
         metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
         results.append((metrics, {k: v.clone() for k, v in cli.model.state_dict().items()}))
@@ -319,11 +379,19 @@ def test_prediction_case_without_modalities_is_named(tmp_path):
         if "seg" not in path.name:
             path.unlink()
     with pytest.raises(RuntimeError, match=f"{case.name}.*no modality file found"):
-        prepare(case, tmp_path / "cache", min_size=SHAPE, require_all=False, require_label=False, progress=False)
+        prepare(
+            case, tmp_path / "cache", min_size=SHAPE, require_all=False, require_label=False, progress=False
+        )
     synthesize(tmp_path / "raw", 2, shape=SHAPE, seed=2, overwrite=True)
     for path in case.iterdir():
         if "seg" not in path.name:
             path.unlink()
-    summary = prepare(tmp_path / "raw", tmp_path / "cache", min_size=SHAPE, require_all=False,
-                      require_label=False, progress=False)
+    summary = prepare(
+        tmp_path / "raw",
+        tmp_path / "cache",
+        min_size=SHAPE,
+        require_all=False,
+        require_label=False,
+        progress=False,
+    )
     assert case.name in summary.failed and "no modality" in summary.failed[case.name]

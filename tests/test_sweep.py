@@ -15,15 +15,29 @@ def test_shipped_sweep_file_expands_to_the_full_grid():
     ratios = spec["parameters"]["data.mask_ratio"]["values"]
     seeds = spec["parameters"]["seed_everything"]["values"]
     assert len(runs) == len(ratios) * len(seeds)
-    assert {(r["data.mask_ratio"], r["seed_everything"]) for r in runs} == {(a, b) for a in ratios for b in seeds}
+    assert {(r["data.mask_ratio"], r["seed_everything"]) for r in runs} == {
+        (a, b) for a in ratios for b in seeds
+    }
     cmd = build_command(spec, runs[0])
-    assert cmd[:6] == [sys.executable, "-m", "smml_lightning", "fit", "--config", "synthetic"]  # the venv's smml
-    assert cmd[6:] == [f"--data.mask_ratio={runs[0]['data.mask_ratio']}", f"--seed_everything={runs[0]['seed_everything']}"]
+    assert cmd[:6] == [
+        sys.executable,
+        "-m",
+        "smml_lightning",
+        "fit",
+        "--config",
+        "synthetic",
+    ]  # the venv's smml
+    assert cmd[6:] == [
+        f"--data.mask_ratio={runs[0]['data.mask_ratio']}",
+        f"--seed_everything={runs[0]['seed_everything']}",
+    ]
 
 
 def test_random_search_is_seeded_and_counted():
-    spec = {"method": "random", "parameters": {"a": {"values": [1, 2, 3]}, "b": {"min": 0.0, "max": 1.0},
-                                               "c": {"value": "x"}}}
+    spec = {
+        "method": "random",
+        "parameters": {"a": {"values": [1, 2, 3]}, "b": {"min": 0.0, "max": 1.0}, "c": {"value": "x"}},
+    }
     one, two = expand(spec, count=5, seed=3), expand(spec, count=5, seed=3)
     assert one == two and len(one) == 5
     assert all(r["a"] in (1, 2, 3) and 0.0 <= r["b"] <= 1.0 and r["c"] == "x" for r in one)
@@ -37,13 +51,20 @@ def test_bayes_needs_the_wandb_controller():
 
 
 def test_macros_like_the_wandb_agent():
-    spec = {"program": "train.py", "command": ["${env}", "${interpreter}", "${program}", "--flag", "${args_no_hyphens}"]}
+    spec = {
+        "program": "train.py",
+        "command": ["${env}", "${interpreter}", "${program}", "--flag", "${args_no_hyphens}"],
+    }
     assert build_command(spec, {"x": 1, "y": None}) == [sys.executable, "train.py", "--flag", "x=1", "y=null"]
 
 
 def test_runs_each_command_and_reports_failures(tmp_path, capsys):
-    spec = {"name": "t", "method": "grid", "parameters": {"code": {"values": [0, 1]}},
-            "command": [sys.executable, "-c", "import sys; sys.exit(int(sys.argv[1].split('=')[1]))", "${args}"]}
+    spec = {
+        "name": "t",
+        "method": "grid",
+        "parameters": {"code": {"values": [0, 1]}},
+        "command": [sys.executable, "-c", "import sys; sys.exit(int(sys.argv[1].split('=')[1]))", "${args}"],
+    }
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(SystemExit, match="1 of 2 sweep runs failed"):
@@ -66,9 +87,13 @@ score = 1 - abs(lr - 0.01) * 10  # best at lr 0.01
 
 
 def test_sweep_ends_with_every_run_ranked_best_first(tmp_path, capsys):
-    spec = {"name": "lr", "method": "grid", "metric": {"name": "val/dice_mean", "goal": "maximize"},
-            "parameters": {"lr": {"values": [0.03, 0.01, -1.0, 0.02]}},
-            "command": [sys.executable, "-c", RUN, "${args}"]}
+    spec = {
+        "name": "lr",
+        "method": "grid",
+        "metric": {"name": "val/dice_mean", "goal": "maximize"},
+        "parameters": {"lr": {"values": [0.03, 0.01, -1.0, 0.02]}},
+        "command": [sys.executable, "-c", RUN, "${args}"],
+    }
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(SystemExit, match="1 of 4 sweep runs failed"):

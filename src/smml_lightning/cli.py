@@ -31,9 +31,17 @@ def lightning_main(args: Sequence[str] | None = None, run: bool = True) -> Any:
     return run_cli(args, run)
 
 
-def synth(out: str, cases: int = 8, layout: str = "brats2020", generator: str | None = None,
-          shape: tuple[int, int, int] | None = None, seed: int = 0, first: int = 0, workers: int = 1,
-          overwrite: bool = False) -> None:
+def synth(
+    out: str,
+    cases: int = 8,
+    layout: str = "brats2020",
+    generator: str | None = None,
+    shape: tuple[int, int, int] | None = None,
+    seed: int = 0,
+    first: int = 0,
+    workers: int = 1,
+    overwrite: bool = False,
+) -> None:
     """Write synthetic BraTS cases as NIfTI in a real layout.
 
     Args:
@@ -55,21 +63,36 @@ def synth(out: str, cases: int = 8, layout: str = "brats2020", generator: str | 
 
     generator = generator or ("tiny" if shape is not None else "anatomy")
     if generator == "tiny":
-        paths = synthesize(out, cases, layout=layout, shape=tuple(shape or (240, 240, 155)), seed=seed,
-                           first=first, overwrite=overwrite)
+        paths = synthesize(
+            out,
+            cases,
+            layout=layout,
+            shape=tuple(shape or (240, 240, 155)),
+            seed=seed,
+            first=first,
+            overwrite=overwrite,
+        )
     elif generator == "anatomy":
         if shape is not None:
             raise ValueError("--shape applies to --generator tiny; the anatomy generator writes 240x240x155")
-        paths = synthesize_anatomy(out, cases, layout=layout, seed=seed, first=first, workers=workers,
-                                   overwrite=overwrite)
+        paths = synthesize_anatomy(
+            out, cases, layout=layout, seed=seed, first=first, workers=workers, overwrite=overwrite
+        )
     else:
         raise ValueError(f"unknown --generator {generator!r}; expected anatomy or tiny")
     print(f"wrote {len(paths)} synthetic {layout} cases ({generator} generator) to {out}")
 
 
-def prepare(root: str, out: str, layout: str = "auto", min_size: tuple[int, int, int] = (128, 128, 128),
-            workers: int = 1, require_label: bool = True, overwrite: bool = False,
-            spacing: float | None = None) -> None:
+def prepare(
+    root: str,
+    out: str,
+    layout: str = "auto",
+    min_size: tuple[int, int, int] = (128, 128, 128),
+    workers: int = 1,
+    require_label: bool = True,
+    overwrite: bool = False,
+    spacing: float | None = None,
+) -> None:
     """Validate, crop, z-score and cache a BraTS folder for training (re-runs skip finished cases).
 
     Args:
@@ -87,21 +110,40 @@ def prepare(root: str, out: str, layout: str = "auto", min_size: tuple[int, int,
     from .data.prepare import prepare as run_prepare
 
     try:
-        summary = run_prepare(root, out, layout=layout, min_size=tuple(min_size), workers=workers,
-                              require_label=require_label, overwrite=overwrite, spacing=spacing)
+        summary = run_prepare(
+            root,
+            out,
+            layout=layout,
+            min_size=tuple(min_size),
+            workers=workers,
+            require_label=require_label,
+            overwrite=overwrite,
+            spacing=spacing,
+        )
     except NothingPrepared as err:
         print(format_summary(err.summary))
         raise SystemExit(f"smml: error: {err}") from None
     print(format_summary(summary))
     if summary.failed:
         total = len(summary.failed) + len(summary.prepared) + len(summary.skipped)
-        raise SystemExit(f"smml: error: {len(summary.failed)} of {total} cases failed (see the table above "
-                         f"and {Path(out) / SUMMARY}); the others are ready")
+        raise SystemExit(
+            f"smml: error: {len(summary.failed)} of {total} cases failed (see the table above "
+            f"and {Path(out) / SUMMARY}); the others are ready"
+        )
 
 
-def priors(cache_dir: str, sam_checkpoint: str | None = None, model_type: str = "vit_b", epochs: int = 20,
-           split: str | None = None, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0,
-           device: str = "cpu", overwrite: bool = False) -> None:
+def priors(
+    cache_dir: str,
+    sam_checkpoint: str | None = None,
+    model_type: str = "vit_b",
+    epochs: int = 20,
+    split: str | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    device: str = "cpu",
+    overwrite: bool = False,
+) -> None:
     """Fit the SAM prior decoder on the training cases and export priors for all cached cases.
 
     The decoder sees only the training split's labels, chosen exactly as the datamodule will choose it:
@@ -122,15 +164,25 @@ def priors(cache_dir: str, sam_checkpoint: str | None = None, model_type: str = 
     from .priors import run_priors
 
     if sam_checkpoint is None:
-        raise SystemExit("smml priors needs --sam_checkpoint PATH: download sam_vit_b_01ec64.pth from the "
-                         "segment-anything release (or a MedSAM vit_b checkpoint) and pass --model_type vit_b")
+        raise SystemExit(
+            "smml priors needs --sam_checkpoint PATH: download sam_vit_b_01ec64.pth from the "
+            "segment-anything release (or a MedSAM vit_b checkpoint) and pass --model_type vit_b"
+        )
     train = training_names(cache_dir, split, val_fraction, test_fraction, seed)
-    run_priors(cache_dir, checkpoint=sam_checkpoint, model_type=model_type, epochs=epochs, train_names=train,
-               device=device, overwrite=overwrite)
+    run_priors(
+        cache_dir,
+        checkpoint=sam_checkpoint,
+        model_type=model_type,
+        epochs=epochs,
+        train_names=train,
+        device=device,
+        overwrite=overwrite,
+    )
 
 
-def training_names(cache_dir: str | Path, split: str | None, val_fraction: float, test_fraction: float,
-                   seed: int) -> list[str]:
+def training_names(
+    cache_dir: str | Path, split: str | None, val_fraction: float, test_fraction: float, seed: int
+) -> list[str]:
     """The training split of a cache, as :class:`BratsDataModule` will draw it."""
     from .data import cache, splits
 
@@ -196,32 +248,48 @@ def analyze_command(args: list[str]) -> Any:
 # The subcommands, in the order `smml --help` lists them. A new one is one entry here.
 COMMANDS: dict[str, Command] = {
     "synth": Command("write synthetic BraTS cases as NIfTI in a real layout", function_command(".cli:synth")),
-    "prepare": Command("validate, crop, z-score and cache a BraTS folder for training",
-                       function_command(".cli:prepare")),
-    "priors": Command("fit the SAM prior decoder and export semantic priors into a cache",
-                      function_command(".cli:priors")),
+    "prepare": Command(
+        "validate, crop, z-score and cache a BraTS folder for training", function_command(".cli:prepare")
+    ),
+    "priors": Command(
+        "fit the SAM prior decoder and export semantic priors into a cache", function_command(".cli:priors")
+    ),
     "fit": Command("train a model: --config NAME|PATH (see `smml fit --help`)", lightning_command("fit")),
     "validate": Command("score a checkpoint on the validation split", lightning_command("validate")),
-    "test": Command("score a checkpoint on all 15 modality subsets of the test split and write the report",
-                    lightning_command("test")),
-    "predict": Command("segment new cases with a checkpoint, back into their original grid (-i IN -o OUT -c CKPT)",
-                       predict_command),
-    "demo": Command("the whole pipeline on synthetic data: synth, prepare, priors, fit, test",
-                    function_command(".demo:demo")),
-    "sweep": Command("run a W&B sweep file locally, one fit per run, and rank the runs",
-                     function_command(".sweep:sweep")),
-    "evaluate": Command("score a folder of predictions against BraTS labels (challenge lesion-wise and legacy)",
-                        function_command(".evaluation.evaluate:evaluate")),
-    "analyze": Command("analyses of trained runs and quality-benchmark work folders (`smml analyze --help`)",
-                       analyze_command),
+    "test": Command(
+        "score a checkpoint on all 15 modality subsets of the test split and write the report",
+        lightning_command("test"),
+    ),
+    "predict": Command(
+        "segment new cases with a checkpoint, back into their original grid (-i IN -o OUT -c CKPT)",
+        predict_command,
+    ),
+    "demo": Command(
+        "the whole pipeline on synthetic data: synth, prepare, priors, fit, test",
+        function_command(".demo:demo"),
+    ),
+    "sweep": Command(
+        "run a W&B sweep file locally, one fit per run, and rank the runs", function_command(".sweep:sweep")
+    ),
+    "evaluate": Command(
+        "score a folder of predictions against BraTS labels (challenge lesion-wise and legacy)",
+        function_command(".evaluation.evaluate:evaluate"),
+    ),
+    "analyze": Command(
+        "analyses of trained runs and quality-benchmark work folders (`smml analyze --help`)", analyze_command
+    ),
 }
 
 
 # Disk errors a user can cause (or meet), and how to say them.
-_DISK_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-                errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
-                errno.ENOTDIR: "a file stands where a folder is needed",
-                errno.EISDIR: "a folder stands where a file is needed"}
+_DISK_ERRORS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.ENOTDIR: "a file stands where a folder is needed",
+    errno.EISDIR: "a folder stands where a file is needed",
+}
 _WHILE_WRITING = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
@@ -245,17 +313,27 @@ def check_configs(argv: Sequence[str]) -> None:
         except UnicodeDecodeError as err:
             raise ValueError(f"config {path} is not a text (YAML) file") from err
         if content is not None and not isinstance(content, dict):
-            raise ValueError(f"config {path} must be a mapping of options (section: values), "
-                             f"got a {type(content).__name__}")
+            raise ValueError(
+                f"config {path} must be a mapping of options (section: values), "
+                f"got a {type(content).__name__}"
+            )
 
 
 def usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = [f"usage: smml [--version] [--help] <command> [options]  (smml-lightning {__version__})", "",
-             "commands:"]
+    lines = [
+        f"usage: smml [--version] [--help] <command> [options]  (smml-lightning {__version__})",
+        "",
+        "commands:",
+    ]
     lines += [f"  {name:<{width}}  {command.summary}" for name, command in COMMANDS.items()]
-    lines += ["", ("`smml <command> --help` lists a command's options. Experiment configs are named "
-                   "(`--config brats2018`) or given by path.")]
+    lines += [
+        "",
+        (
+            "`smml <command> --help` lists a command's options. Experiment configs are named "
+            "(`--config brats2018`) or given by path."
+        ),
+    ]
     return "\n".join(lines)
 
 
@@ -282,8 +360,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     except KeyboardInterrupt:
         if os.environ.get("SMML_TRACEBACK"):
             raise
-        print("smml: interrupted (Ctrl-C); finished work is kept: run the same command again to go on",
-              file=sys.stderr)
+        print(
+            "smml: interrupted (Ctrl-C); finished work is kept: run the same command again to go on",
+            file=sys.stderr,
+        )
         raise SystemExit(130) from None
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         if os.environ.get("SMML_TRACEBACK"):

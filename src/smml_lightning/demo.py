@@ -20,9 +20,17 @@ from .data.cache import mark_done
 SETTINGS = "demo.json"
 
 
-def demo(out: str = "runs/demo", experiment: str = "synthetic", cases: int = 24,
-         shape: tuple[int, int, int] = (64, 64, 48), seed: int = 0, sam_checkpoint: str | None = None,
-         model_type: str = "tiny", prior_epochs: int = 30, fit_args: list[str] | None = None) -> None:
+def demo(
+    out: str = "runs/demo",
+    experiment: str = "synthetic",
+    cases: int = 24,
+    shape: tuple[int, int, int] = (64, 64, 48),
+    seed: int = 0,
+    sam_checkpoint: str | None = None,
+    model_type: str = "tiny",
+    prior_epochs: int = 30,
+    fit_args: list[str] | None = None,
+) -> None:
     """Run the whole pipeline on synthetic data with offline logging.
 
     Args:
@@ -49,9 +57,19 @@ def demo(out: str = "runs/demo", experiment: str = "synthetic", cases: int = 24,
     root = Path(out)
     resolve(experiment)  # an unknown name fails here, before any work
     settings = load(experiment)
-    claim_folder(root, {"experiment": experiment, "cases": cases, "shape": list(shape), "seed": seed,
-                        "sam_checkpoint": sam_checkpoint, "model_type": model_type, "prior_epochs": prior_epochs,
-                        "fit_args": list(fit_args or [])})
+    claim_folder(
+        root,
+        {
+            "experiment": experiment,
+            "cases": cases,
+            "shape": list(shape),
+            "seed": seed,
+            "sam_checkpoint": sam_checkpoint,
+            "model_type": model_type,
+            "prior_epochs": prior_epochs,
+            "fit_args": list(fit_args or []),
+        },
+    )
     raw, cache = root / "raw", root / "cache"
     started = time.time()
 
@@ -71,21 +89,36 @@ def demo(out: str = "runs/demo", experiment: str = "synthetic", cases: int = 24,
         if not Path(sam_checkpoint).is_file():
             save_tiny_sam_checkpoint(sam_checkpoint, seed=seed)
     data_cfg = settings.get("data", {})
-    train = training_names(cache, None, data_cfg.get("val_fraction", 0.1), data_cfg.get("test_fraction", 0.2),
-                           seed)
-    run_priors(cache, checkpoint=sam_checkpoint, model_type=model_type, epochs=prior_epochs, train_names=train)
+    train = training_names(
+        cache, None, data_cfg.get("val_fraction", 0.1), data_cfg.get("test_fraction", 0.2), seed
+    )
+    run_priors(
+        cache, checkpoint=sam_checkpoint, model_type=model_type, epochs=prior_epochs, train_names=train
+    )
 
     fit_dir = root / "fit"
-    common = ["--config", experiment, f"--data.cache_dir={cache}", f"--seed_everything={seed}", f"--data.seed={seed}",
-              f"--trainer.default_root_dir={fit_dir}", *(fit_args or [])]
+    common = [
+        "--config",
+        experiment,
+        f"--data.cache_dir={cache}",
+        f"--seed_everything={seed}",
+        f"--data.seed={seed}",
+        f"--trainer.default_root_dir={fit_dir}",
+        *(fit_args or []),
+    ]
     if not done(fit_dir):
         step("fit SMML")
         last = fit_dir / "checkpoints" / "last.ckpt"
         resume = [f"--ckpt_path={last}"] if last.is_file() else []
         cli = lightning_main(["fit", *common, *resume])
         best = cli.trainer.checkpoint_callback.best_model_path or str(last)
-        mark_done(fit_dir, {"best": best, "val_dice_mean": float(cli.trainer.checkpoint_callback.best_model_score
-                                                                  or float("nan"))})
+        mark_done(
+            fit_dir,
+            {
+                "best": best,
+                "val_dice_mean": float(cli.trainer.checkpoint_callback.best_model_score or float("nan")),
+            },
+        )
     best = json.loads((fit_dir / ".done").read_text())["best"]
     step(f"test on all 15 subsets with {best}")
     report = fit_dir / f"test-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -112,15 +145,22 @@ def claim_folder(root: Path, settings: dict[str, Any]) -> None:
             before = json.loads(path.read_text())
         except (OSError, ValueError) as err:
             raise ValueError(f"{path}: unreadable demo settings ({err}); use another --out") from err
-        changed = [f"{key} {before.get(key)!r} -> {value!r}" for key, value in settings.items()
-                   if before.get(key) != value]
+        changed = [
+            f"{key} {before.get(key)!r} -> {value!r}"
+            for key, value in settings.items()
+            if before.get(key) != value
+        ]
         if changed:
-            raise ValueError(f"{root} holds a demo made with other settings ({'; '.join(changed)}): use another "
-                             "--out, or remove that folder to start again")
+            raise ValueError(
+                f"{root} holds a demo made with other settings ({'; '.join(changed)}): use another "
+                "--out, or remove that folder to start again"
+            )
         return
     if root.is_dir() and any(root.iterdir()):
-        raise ValueError(f"{root} is not empty and holds no {SETTINGS}: the demo writes only into a new or "
-                         "empty folder (use another --out)")
+        raise ValueError(
+            f"{root} is not empty and holds no {SETTINGS}: the demo writes only into a new or "
+            "empty folder (use another --out)"
+        )
     atomic_write_text(path, json.dumps(settings, indent=1) + "\n")
 
 

@@ -34,7 +34,9 @@ DEFAULT_DECODER_NAME = "prior_decoder.pt"
 def _slice_encoder(
     checkpoint: str | Path, model_type: str, device: torch.device, chunk_size: int, bf16: bool
 ) -> SliceEncoder:
-    return SliceEncoder(load_sam_image_encoder(checkpoint, model_type), chunk_size=chunk_size, bf16=bf16).to(device)
+    return SliceEncoder(load_sam_image_encoder(checkpoint, model_type), chunk_size=chunk_size, bf16=bf16).to(
+        device
+    )
 
 
 def _available(meta: cache.CaseMeta) -> list[int]:
@@ -97,10 +99,14 @@ def fit_prior_decoder(
     cache_dir = Path(cache_dir)
     dev = torch.device(device)
     metas = [cache.load_meta(cache_dir, n) for n in names]
-    train = [m for m in metas if m.has_label and cache.load_label(cache_dir, m.name) is not None and _available(m)]
+    train = [
+        m for m in metas if m.has_label and cache.load_label(cache_dir, m.name) is not None and _available(m)
+    ]
     if not train:
-        raise ValueError(f"{cache_dir}: none of the {len(metas)} given cases has a label and a modality "
-                         "to fit the prior decoder on")
+        raise ValueError(
+            f"{cache_dir}: none of the {len(metas)} given cases has a label and a modality "
+            "to fit the prior decoder on"
+        )
     encoder = _slice_encoder(checkpoint, model_type, dev, chunk_size, bf16)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -116,7 +122,9 @@ def fit_prior_decoder(
         for i in torch.randperm(len(train), generator=generator).tolist():
             meta = train[i]
             avail = _available(meta)
-            image = torch.from_numpy(cache.load_image(cache_dir, meta.name, mmap=False)[avail]).to(dev)[:, None]
+            image = torch.from_numpy(cache.load_image(cache_dir, meta.name, mmap=False)[avail]).to(dev)[
+                :, None
+            ]
             stored = cache.load_label(cache_dir, meta.name, mmap=False)
             assert stored is not None  # training cases were chosen for having labels
             label = torch.from_numpy(stored.astype(np.int64)).to(dev)
@@ -124,9 +132,13 @@ def fit_prior_decoder(
             depth = min(slab, k)
             k0 = int(torch.randint(0, k - depth + 1, (1,), generator=generator))
             feats = store.features(meta.name, image, k0, k0 + depth)
-            logits = decoder(feats, image[..., k0:k0 + depth], torch.tensor(avail, device=dev),
-                             encoder.cell_size(*image.shape[2:4]))
-            target = label[None, None, ..., k0:k0 + depth].expand(len(avail), -1, -1, -1, -1)
+            logits = decoder(
+                feats,
+                image[..., k0 : k0 + depth],
+                torch.tensor(avail, device=dev),
+                encoder.cell_size(*image.shape[2:4]),
+            )
+            target = label[None, None, ..., k0 : k0 + depth].expand(len(avail), -1, -1, -1, -1)
             loss = loss_fn(logits, target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -154,20 +166,27 @@ def fit_prior_decoder(
     return out
 
 
-def _fit_settings(epochs: int, lr: float, width: int, slab: int, seed: int, names: Sequence[str]) -> dict[str, Any]:
+def _fit_settings(
+    epochs: int, lr: float, width: int, slab: int, seed: int, names: Sequence[str]
+) -> dict[str, Any]:
     return {"epochs": epochs, "lr": lr, "width": width, "slab": slab, "seed": seed, "names": sorted(names)}
 
 
-def load_prior_decoder(path: str | Path, device: str | torch.device = "cpu") -> tuple[PriorDecoder3D, dict[str, Any]]:
+def load_prior_decoder(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[PriorDecoder3D, dict[str, Any]]:
     """Read a decoder file written by :func:`fit_prior_decoder`: the decoder (eval mode) and the whole payload."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prior decoder {path} not found: fit it first (`smml priors` or fit_prior_decoder)")
+        raise FileNotFoundError(
+            f"prior decoder {path} not found: fit it first (`smml priors` or fit_prior_decoder)"
+        )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         config = payload["config"]
-        decoder = PriorDecoder3D(config["in_channels"], config["num_classes"], config["width"],
-                                 config["num_modalities"])
+        decoder = PriorDecoder3D(
+            config["in_channels"], config["num_classes"], config["width"], config["num_modalities"]
+        )
         decoder.load_state_dict(payload["decoder"])
     except Exception as err:  # unpickling, missing keys and shape mismatches all mean a bad file
         raise ValueError(
@@ -206,8 +225,10 @@ def export_priors(
         return result
     encoder = _slice_encoder(checkpoint or config["checkpoint"], config["model_type"], dev, chunk_size, bf16)
     if encoder.out_chans != config["in_channels"]:
-        raise ValueError(f"{decoder_path}: decoder expects {config['in_channels']}-channel SAM features, "
-                         f"the checkpoint's encoder gives {encoder.out_chans}; use the checkpoint it was fitted on")
+        raise ValueError(
+            f"{decoder_path}: decoder expects {config['in_channels']}-channel SAM features, "
+            f"the checkpoint's encoder gives {encoder.out_chans}; use the checkpoint it was fitted on"
+        )
     for name in tqdm(pending, desc="SAM priors", unit="case"):
         meta = cache.load_meta(cache_dir, name)
         image = torch.from_numpy(cache.load_image(cache_dir, name, mmap=False))
@@ -259,14 +280,34 @@ def run_priors(
     start = time.perf_counter()
     refit = overwrite or not _reusable(path, wanted, settings)
     if refit:
-        fit_prior_decoder(cache_dir, train_names, checkpoint, model_type, epochs, lr, device, path,
-                          width=width, slab=slab, chunk_size=chunk_size, bf16=bf16, seed=seed)
+        fit_prior_decoder(
+            cache_dir,
+            train_names,
+            checkpoint,
+            model_type,
+            epochs,
+            lr,
+            device,
+            path,
+            width=width,
+            slab=slab,
+            chunk_size=chunk_size,
+            bf16=bf16,
+            seed=seed,
+        )
     else:
         logger.info("reusing prior decoder %s (fitted with the same settings)", path)
     fitted = time.perf_counter()
     # A new decoder makes every exported prior stale: export them all again.
-    summary = export_priors(cache_dir, all_names, path, checkpoint, device, refit, chunk_size=chunk_size, bf16=bf16)
-    return {"decoder": path, **summary, "fit_seconds": fitted - start, "export_seconds": time.perf_counter() - fitted}
+    summary = export_priors(
+        cache_dir, all_names, path, checkpoint, device, refit, chunk_size=chunk_size, bf16=bf16
+    )
+    return {
+        "decoder": path,
+        **summary,
+        "fit_seconds": fitted - start,
+        "export_seconds": time.perf_counter() - fitted,
+    }
 
 
 def _reusable(path: Path, wanted: dict[str, str], settings: dict[str, Any]) -> bool:

@@ -30,11 +30,17 @@ def _values(spec: dict[str, Any], rng: random.Random | None) -> list[Any]:
         return [spec["value"]]
     if "values" in spec:
         return list(spec["values"]) if rng is None else [rng.choice(spec["values"])]
-    if rng is not None and spec.get("distribution", "uniform") in ("uniform", "int_uniform") and "min" in spec:
+    if (
+        rng is not None
+        and spec.get("distribution", "uniform") in ("uniform", "int_uniform")
+        and "min" in spec
+    ):
         lo, hi = spec["min"], spec["max"]
         return [rng.randint(lo, hi) if isinstance(lo, int) and isinstance(hi, int) else rng.uniform(lo, hi)]
-    raise ValueError(f"sweep parameter spec {spec} is not supported locally (use value, values, or min/max "
-                     "with method: random)")
+    raise ValueError(
+        f"sweep parameter spec {spec} is not supported locally (use value, values, or min/max "
+        "with method: random)"
+    )
 
 
 def expand(sweep: dict[str, Any], count: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
@@ -43,15 +49,19 @@ def expand(sweep: dict[str, Any], count: int | None = None, seed: int = 0) -> li
     params: dict[str, dict[str, Any]] = sweep.get("parameters", {})
     if method == "grid":
         keys = list(params)
-        combos = [dict(zip(keys, vals)) for vals in itertools.product(*(_values(params[k], None) for k in keys))]
+        combos = [
+            dict(zip(keys, vals)) for vals in itertools.product(*(_values(params[k], None) for k in keys))
+        ]
         return combos[:count] if count else combos
     if method == "random":
         if not count:
             raise ValueError("a random sweep needs --count")
         rng = random.Random(seed)
         return [{k: _values(spec, rng)[0] for k, spec in params.items()} for _ in range(count)]
-    raise ValueError(f"sweep method {method!r} needs W&B's controller: run `wandb sweep` and `wandb agent` online; "
-                     "locally use grid or random")
+    raise ValueError(
+        f"sweep method {method!r} needs W&B's controller: run `wandb sweep` and `wandb agent` online; "
+        "locally use grid or random"
+    )
 
 
 def build_command(sweep: dict[str, Any], run_params: dict[str, Any]) -> list[str]:
@@ -97,11 +107,15 @@ def ranking(rows: list[dict[str, Any]], metric: str, goal: str) -> str:
     sign = -1.0 if goal == "maximize" else 1.0
     ordered = sorted(rows, key=lambda r: (r[metric] is None, sign * (r[metric] or 0.0)))
     keys = [k for k in ordered[0] if k not in ("run", metric, "status")] if ordered else []
-    lines = ["| run | " + " | ".join(keys) + f" | {metric} | status |",
-             "|---|" + "---|" * len(keys) + "---|---|"]
+    lines = [
+        "| run | " + " | ".join(keys) + f" | {metric} | status |",
+        "|---|" + "---|" * len(keys) + "---|---|",
+    ]
     for row in ordered:
         value = "n/a" if row[metric] is None else f"{row[metric]:.4f}"
-        lines.append(f"| {row['run']} | " + " | ".join(str(row[k]) for k in keys) + f" | {value} | {row['status']} |")
+        lines.append(
+            f"| {row['run']} | " + " | ".join(str(row[k]) for k in keys) + f" | {value} | {row['status']} |"
+        )
     return "\n".join(lines)
 
 
@@ -116,11 +130,19 @@ def find_sweep(file: str) -> Path:
     if shipped.is_file():
         return shipped
     names = sorted(p.stem for p in (EXPERIMENTS_DIR / "sweeps").glob("*.yaml"))
-    raise FileNotFoundError(f"sweep file {file!r} is neither a file nor a shipped sweep; shipped: {', '.join(names)}")
+    raise FileNotFoundError(
+        f"sweep file {file!r} is neither a file nor a shipped sweep; shipped: {', '.join(names)}"
+    )
 
 
-def sweep(file: str, count: int | None = None, seed: int = 0, dry_run: bool = False,
-          extra: list[str] | None = None, out: str = "runs/sweep") -> None:
+def sweep(
+    file: str,
+    count: int | None = None,
+    seed: int = 0,
+    dry_run: bool = False,
+    extra: list[str] | None = None,
+    out: str = "runs/sweep",
+) -> None:
     """Run a W&B sweep file locally, one run after another, and rank the runs.
 
     Args:
@@ -150,8 +172,14 @@ def sweep(file: str, count: int | None = None, seed: int = 0, dry_run: bool = Fa
         env = dict(os.environ, WANDB_RUN_GROUP=name)
         code = subprocess.run(cmd, env=env, check=False).returncode
         failures += code != 0
-        rows.append({"run": run_dir.name, **params, metric: run_metric(run_dir, spec.get("metric", {}).get("name")),
-                     "status": "ok" if code == 0 else f"failed ({code})"})
+        rows.append(
+            {
+                "run": run_dir.name,
+                **params,
+                metric: run_metric(run_dir, spec.get("metric", {}).get("name")),
+                "status": "ok" if code == 0 else f"failed ({code})",
+            }
+        )
     if rows:
         table = ranking(rows, metric, goal)
         print(f"\nsweep {name}: {len(rows)} runs, {metric} ({goal}), best first\n{table}", flush=True)

@@ -20,10 +20,14 @@ def test_dice_from_counts_matches_scipy():
 
 
 def test_summarise_averages_cases_then_subsets_and_splits_by_modalities():
-    rows = pd.DataFrame([  # run, case, subset, region, agreement, peer0, peer1
-        ("r", "c1", "T1", "ET", 1.0, 0.5, 0.5), ("r", "c2", "T1", "ET", 0.0, 0.5, 0.1),
-        ("r", "c1", "FLAIR+T1", "ET", 0.4, 0.8, 0.9),
-    ], columns=["run", "case", "subset", "region", "agreement", "peer0", "peer1"])
+    rows = pd.DataFrame(
+        [  # run, case, subset, region, agreement, peer0, peer1
+            ("r", "c1", "T1", "ET", 1.0, 0.5, 0.5),
+            ("r", "c2", "T1", "ET", 0.0, 0.5, 0.1),
+            ("r", "c1", "FLAIR+T1", "ET", 0.4, 0.8, 0.9),
+        ],
+        columns=["run", "case", "subset", "region", "agreement", "peer0", "peer1"],
+    )
     table = agreement.summarise(rows)
     every = table.loc[("r", "all", "ET")]
     # Subset T1: mean of the two cases; FLAIR+T1: its one case; then the mean of the two subsets.

@@ -42,7 +42,8 @@ def test_missing_work_folder_is_one_line_naming_it(tmp_path):
     with pytest.raises(SystemExit) as stop:
         smml(["analyze", "priors", "score", str(tmp_path / "absent")])
     assert str(stop.value.code).splitlines()[0] == (
-        f"smml: error: cache folder {tmp_path / 'absent' / 'cache'} does not exist: run `smml prepare` first")
+        f"smml: error: cache folder {tmp_path / 'absent' / 'cache'} does not exist: run `smml prepare` first"
+    )
 
 
 def test_overrides_after_double_dash_are_for_loss_terms_only(tmp_path, capsys):

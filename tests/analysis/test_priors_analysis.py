@@ -47,7 +47,9 @@ def test_score_matches_sums_over_the_label(work):
 
     def mean(pred_of, region):
         classes = {"WT": [1, 2, 3], "TC": [1, 3], "ET": [3]}[region]
-        return 100 * np.mean([hand_dice(np.isin(pred_of(lab), classes), np.isin(lab, classes)) for lab in labels])
+        return 100 * np.mean(
+            [hand_dice(np.isin(pred_of(lab), classes), np.isin(lab, classes)) for lab in labels]
+        )
 
     for region in ("WT", "TC", "ET"):
         assert table.loc["FLAIR", region] == pytest.approx(100.0)
@@ -64,7 +66,9 @@ def test_benchmark_split_is_the_quality_split(work):
 
 
 def test_oracle_makes_label_priors_in_a_new_folder(work, tmp_path, capsys):
-    source_priors = {n: (work / "cache" / n / "prior.npy").read_bytes() for n in cache.list_cases(work / "cache")}
+    source_priors = {
+        n: (work / "cache" / n / "prior.npy").read_bytes() for n in cache.list_cases(work / "cache")
+    }
     target = tmp_path / "oracle"
     smml(["analyze", "priors", "oracle", str(work), str(target), "--link", "single_branch"])
 

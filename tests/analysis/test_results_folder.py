@@ -10,9 +10,13 @@ from smml_lightning.analysis import results
 
 def test_a_new_result_replaces_the_previous_one_whole(tmp_path):
     out = tmp_path / "results" / "quality"
-    results.write_result_folder(out, {"quality.md": "# one\n", "extra.csv": "a\n", results.PROVENANCE: "p1\n"})
+    results.write_result_folder(
+        out, {"quality.md": "# one\n", "extra.csv": "a\n", results.PROVENANCE: "p1\n"}
+    )
     assert sorted(p.name for p in out.iterdir()) == sorted(["quality.md", "extra.csv", results.PROVENANCE])
-    results.write_result_folder(out, {"quality.md": "# two\n", "quality.png": b"\x89PNG", results.PROVENANCE: "p2\n"})
+    results.write_result_folder(
+        out, {"quality.md": "# two\n", "quality.png": b"\x89PNG", results.PROVENANCE: "p2\n"}
+    )
     assert sorted(p.name for p in out.iterdir()) == sorted(["quality.md", "quality.png", results.PROVENANCE])
     assert (out / "quality.md").read_text() == "# two\n" and (out / "quality.png").read_bytes() == b"\x89PNG"
     assert [p.name for p in out.parent.iterdir()] == ["quality"]  # no temporary folder left beside it
@@ -35,8 +39,9 @@ def test_a_folder_that_is_not_a_result_is_refused_and_kept(tmp_path):
 
 def test_provenance_names_command_commit_cpu_and_date(tmp_path):
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True,
-                              text=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(tmp_path), *args], check=True, capture_output=True, text=True
+        ).stdout.strip()
 
     git("init", "-q")
     (tmp_path / "a.txt").write_text("1\n")

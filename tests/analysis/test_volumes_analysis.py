@@ -23,10 +23,11 @@ def test_region_counts_by_hand():
 
 def test_summarise_pools_voxels_then_averages_runs():
     rows = [  # method, run, modalities, region, pred, true, both
-        ("A", "a0", 1, "ET", 10, 20, 5), ("A", "a0", 1, "ET", 30, 20, 15),  # two cases, pooled: 40 / 40 / 20
-        ("A", "a1", 1, "ET", 0, 10, 0),                                        # predicts nothing
+        ("A", "a0", 1, "ET", 10, 20, 5),
+        ("A", "a0", 1, "ET", 30, 20, 15),  # two cases, pooled: 40 / 40 / 20
+        ("A", "a1", 1, "ET", 0, 10, 0),  # predicts nothing
         ("B", "b0", 4, "WT", 12, 10, 9),
-        ("C", "c0", 4, "ET", 5, 0, 0),                                         # no true voxel
+        ("C", "c0", 4, "ET", 5, 0, 0),  # no true voxel
     ]
     counts = pd.DataFrame(rows, columns=["method", "run", "modalities", "region", "pred", "true", "both"])
     table = volumes.summarise(counts)

@@ -15,7 +15,9 @@ import pytest
 from smml_lightning.analysis import agreement, volumes
 from smml_lightning.analysis.runs import benchmark_split, scored_cases
 
-_SPEC = importlib.util.spec_from_file_location("quality", Path(__file__).parents[2] / "benchmarks" / "quality.py")
+_SPEC = importlib.util.spec_from_file_location(
+    "quality", Path(__file__).parents[2] / "benchmarks" / "quality.py"
+)
 quality = sys.modules["quality"] = importlib.util.module_from_spec(_SPEC)  # dataclasses look it up
 _SPEC.loader.exec_module(quality)
 
@@ -27,8 +29,16 @@ def rows_from(per_case: np.ndarray, method: str = "SMML", region: str = "ET") ->
     for seed, scores in enumerate(per_case):
         for case, value in enumerate(scores):
             for subset, offset in (("T1ce", 0.1), ("FLAIR+T1ce", -0.1)):
-                records.append({"case": f"c{case}", "subset": subset, "region": region, "dice": value + offset,
-                                "method": method, "seed": seed})
+                records.append(
+                    {
+                        "case": f"c{case}",
+                        "subset": subset,
+                        "region": region,
+                        "dice": value + offset,
+                        "method": method,
+                        "seed": seed,
+                    }
+                )
     return pd.DataFrame(records)
 
 
@@ -41,13 +51,15 @@ def by_hand(x: np.ndarray) -> tuple[float, float, float]:
     ss = sum((x[i][j] - seed_means[i] - case_means[j] + grand) ** 2 for i in range(k) for j in range(n))
     ms_interaction = ss / ((k - 1) * (n - 1))
     seed_var = sum((m - sum(seed_means) / k) ** 2 for m in seed_means) / (k - 1)
-    return math.sqrt(seed_var), math.sqrt(ms_interaction / n), math.sqrt(max(0.0, seed_var - ms_interaction / n))
+    return (
+        math.sqrt(seed_var),
+        math.sqrt(ms_interaction / n),
+        math.sqrt(max(0.0, seed_var - ms_interaction / n)),
+    )
 
 
 def test_spread_sources_matches_hand_computation():
-    x = np.array([[0.9, 0.0, 1.0, 0.6, 0.7],
-                  [0.8, 1.0, 1.0, 0.5, 0.9],
-                  [0.7, 0.0, 0.0, 0.4, 0.8]])
+    x = np.array([[0.9, 0.0, 1.0, 0.6, 0.7], [0.8, 1.0, 1.0, 0.5, 0.9], [0.7, 0.0, 0.0, 0.4, 0.8]])
     table = quality.spread_sources(rows_from(x), ["SMML"])
     row = table.iloc[0]
     assert (row["seeds"], row["cases"]) == (3, 5)
@@ -59,12 +71,18 @@ def test_spread_sources_separates_pure_shift_from_pure_flips():
     cases = np.array([0.2, 0.5, 0.9, 0.7])
     shifted = np.stack([cases + d for d in (0.0, 0.05, -0.03)])  # seeds differ on every case alike
     flips = np.array([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0]])  # same mean, cases swap
-    table = pd.concat([quality.spread_sources(rows_from(shifted, "shift"), ["shift"]),
-                       quality.spread_sources(rows_from(flips, "flips"), ["flips"])]).set_index("method")
+    table = pd.concat(
+        [
+            quality.spread_sources(rows_from(shifted, "shift"), ["shift"]),
+            quality.spread_sources(rows_from(flips, "flips"), ["flips"]),
+        ]
+    ).set_index("method")
     assert table.loc["shift", "test_cases"] == pytest.approx(0.0, abs=1e-9)
     assert table.loc["shift", "training"] == pytest.approx(np.std([0.0, 0.05, -0.03], ddof=1))
     assert table.loc["flips", "seed_std"] == pytest.approx(0.0, abs=1e-9)
-    assert table.loc["flips", "test_cases"] == pytest.approx(math.sqrt((8 * 0.25 / 3) / 4))  # residuals +-0.5, 3 df, 4 cases
+    assert table.loc["flips", "test_cases"] == pytest.approx(
+        math.sqrt((8 * 0.25 / 3) / 4)
+    )  # residuals +-0.5, 3 df, 4 cases
     assert table.loc["flips", "training"] == 0.0
 
 
@@ -124,21 +142,44 @@ def test_quick_benchmark_end_to_end_and_resumes(tmp_path):
     """`quality.py --quick` over two seeds: every table is recomputed here from the per-case reports,
     and a second run reuses every fit instead of training again."""
     work, out = tmp_path / "work", tmp_path / "out"
-    cmd = [sys.executable, str(Path(quality.__file__)), "--quick", "--seeds", "0", "1", "--methods", "SMML",
-           "--peers", "--jobs", "2", "--work", str(work), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(Path(quality.__file__)),
+        "--quick",
+        "--seeds",
+        "0",
+        "1",
+        "--methods",
+        "SMML",
+        "--peers",
+        "--jobs",
+        "2",
+        "--work",
+        str(work),
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "WANDB_MODE": "disabled"}
     first = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
 
     runs = pd.read_csv(out / "runs.csv").set_index(["method", "seed"])
     peer = quality.peer_row("SMML")
-    assert sorted(runs.index) == [("SMML", 0), ("SMML", 1), (peer, 0), (peer, 1), ("single-branch", 0),
-                                  ("single-branch", 1)]
+    assert sorted(runs.index) == [
+        ("SMML", 0),
+        ("SMML", 1),
+        (peer, 0),
+        (peer, 1),
+        ("single-branch", 0),
+        ("single-branch", 1),
+    ]
     for (method, seed), row in runs.iterrows():
         # A peer row scores SMML's weights one peer at a time (report*-peer0, -peer1), the two pooled.
         is_peer = method == peer
         run_dir = work / f"{quality.slug(method.removesuffix(quality.PEER))}-seed{seed}-steps3"
-        reports = [p for p in sorted(run_dir.glob("report*/per_case.csv")) if ("peer" in p.parent.name) == is_peer]
+        reports = [
+            p for p in sorted(run_dir.glob("report*/per_case.csv")) if ("peer" in p.parent.name) == is_peer
+        ]
         assert len(reports) == (4 if is_peer else 2)  # (each peer) x (the split's test cases, held out)
         cases = pd.concat([pd.read_csv(p) for p in reports])
         assert cases["case"].nunique() == 2 + 2  # the split's test cases (8 cases: 2) and 2 held out
@@ -193,5 +234,8 @@ def test_quick_benchmark_end_to_end_and_resumes(tmp_path):
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "fitting" not in again.stdout
     assert {p: p.stat().st_mtime_ns for p in work.glob("*/fit.log")} == fit_logs
-    assert pd.read_csv(out / "runs.csv").drop(columns="wall_seconds").equals(
-        runs.reset_index().drop(columns="wall_seconds"))
+    assert (
+        pd.read_csv(out / "runs.csv")
+        .drop(columns="wall_seconds")
+        .equals(runs.reset_index().drop(columns="wall_seconds"))
+    )

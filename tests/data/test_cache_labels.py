@@ -1,4 +1,3 @@
-
 import numpy as np
 import pytest
 import torch
@@ -8,9 +7,16 @@ from smml_lightning.data.labels import regions_from_labels, to_internal, to_rele
 
 
 def _meta(name="c1", box=((2, 10), (-1, 5), (3, 9)), shape=(12, 6, 10)):
-    return cache.CaseMeta(name=name, layout="brats2020", convention="brats2018", available=(True,) * 4,
-                          original_shape=shape, affine=np.eye(4).tolist(), spacing=(1.0, 1.0, 1.0),
-                          crop_box=box)
+    return cache.CaseMeta(
+        name=name,
+        layout="brats2020",
+        convention="brats2018",
+        available=(True,) * 4,
+        original_shape=shape,
+        affine=np.eye(4).tolist(),
+        spacing=(1.0, 1.0, 1.0),
+        crop_box=box,
+    )
 
 
 def test_write_load_roundtrip_and_marker(tmp_path):
@@ -61,6 +67,6 @@ def test_regions():
     lab = torch.tensor([[0, 1, 2, 3]])
     r = regions_from_labels(lab)
     assert r[0, :, 0].tolist() == [False, False, False]
-    assert r[0, :, 1].tolist() == [True, True, False]   # NCR: WT, TC
+    assert r[0, :, 1].tolist() == [True, True, False]  # NCR: WT, TC
     assert r[0, :, 2].tolist() == [True, False, False]  # ED: WT
-    assert r[0, :, 3].tolist() == [True, True, True]    # ET: all
+    assert r[0, :, 3].tolist() == [True, True, True]  # ET: all

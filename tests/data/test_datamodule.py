@@ -29,9 +29,17 @@ def make_cache(root, n=4, shape=SHAPE, prior=False, missing=None, labels=True, s
     for i in range(n):
         name = f"case{i:02d}"
         available = tuple(m != missing for m in range(4)) if i == 0 and missing is not None else (True,) * 4
-        meta = cache.CaseMeta(name=name, layout="synthetic", convention="brats2018", available=available,
-                              original_shape=(60, 60, 50), affine=np.eye(4).tolist(), spacing=(1.0, 1.0, 1.0),
-                              crop_box=tuple((3, 3 + s) for s in shape), has_label=labels)
+        meta = cache.CaseMeta(
+            name=name,
+            layout="synthetic",
+            convention="brats2018",
+            available=available,
+            original_shape=(60, 60, 50),
+            affine=np.eye(4).tolist(),
+            spacing=(1.0, 1.0, 1.0),
+            crop_box=tuple((3, 3 + s) for s in shape),
+            has_label=labels,
+        )
         image = rng.normal(size=(4, *shape)).astype(np.float32)
         image[[not a for a in available]] = 0
         centre = [int(rng.integers(8, s - 8)) for s in shape]
@@ -62,8 +70,15 @@ def first_batch(dm):
 
 def test_train_batches_shaped_and_typed_with_two_workers(tmp_path):
     make_cache(tmp_path / "c", n=4, prior=True)
-    dm = dm_for(tmp_path / "c", num_workers=2, use_prior=True, split=None, val_fraction=0, test_fraction=0,
-                patch_size=(16, 12, 8))
+    dm = dm_for(
+        tmp_path / "c",
+        num_workers=2,
+        use_prior=True,
+        split=None,
+        val_fraction=0,
+        test_fraction=0,
+        patch_size=(16, 12, 8),
+    )
     dm.setup("fit")
     loader = dm.train_dataloader()
     assert len(loader) == 4 * 2 // 2
@@ -81,7 +96,9 @@ def test_train_batches_shaped_and_typed_with_two_workers(tmp_path):
 
 def test_masks_follow_mask_ratio_and_single_branch(tmp_path):
     make_cache(tmp_path / "c", n=2)
-    dm = dm_for(tmp_path / "c", n_masks=1, mask_ratio=0.0, val_fraction=0, test_fraction=0, samples_per_volume=4)
+    dm = dm_for(
+        tmp_path / "c", n_masks=1, mask_ratio=0.0, val_fraction=0, test_fraction=0, samples_per_volume=4
+    )
     dm.setup("fit")
     masks = torch.cat([b["masks"] for b in dm.train_dataloader()])
     assert masks.shape == (8, 1, 4) and masks.all()  # ratio 0 drops nothing: only the full subset
@@ -89,8 +106,15 @@ def test_masks_follow_mask_ratio_and_single_branch(tmp_path):
 
 def test_priors_stay_aligned_with_image_under_augmentation(tmp_path):
     make_cache(tmp_path / "c", n=3, prior=True)
-    dm = dm_for(tmp_path / "c", use_prior=True, augment=True, val_fraction=0, test_fraction=0,
-                samples_per_volume=3, patch_size=20)
+    dm = dm_for(
+        tmp_path / "c",
+        use_prior=True,
+        augment=True,
+        val_fraction=0,
+        test_fraction=0,
+        samples_per_volume=3,
+        patch_size=20,
+    )
     torch.manual_seed(3)
     dm.setup("fit")
     n_checked = 0
@@ -113,8 +137,15 @@ def test_priors_are_geometrically_augmented(tmp_path):
     """The alignment test above would pass trivially without augmentation; this shows it happens."""
     make_cache(tmp_path / "c", n=1, prior=True)
     image = torch.from_numpy(np.array(cache.load_image(tmp_path / "c", "case00")))
-    dm = dm_for(tmp_path / "c", use_prior=True, val_fraction=0, test_fraction=0, samples_per_volume=4,
-                batch_size=4, patch_size=SHAPE)  # whole-case patch: only augmentation can change it
+    dm = dm_for(
+        tmp_path / "c",
+        use_prior=True,
+        val_fraction=0,
+        test_fraction=0,
+        samples_per_volume=4,
+        batch_size=4,
+        patch_size=SHAPE,
+    )  # whole-case patch: only augmentation can change it
     torch.manual_seed(0)
     b = first_batch(dm)
     moved = [not torch.allclose(b["prior"][i, :, 0], image, atol=1e-2) for i in range(4)]
@@ -124,17 +155,35 @@ def test_priors_are_geometrically_augmented(tmp_path):
 def test_label_balanced_sampling_centres_on_tumor(tmp_path):
     names = make_cache(tmp_path / "c", n=2)
     p = 12
-    dm = dm_for(tmp_path / "c", augment=False, val_fraction=0, test_fraction=0, samples_per_volume=150,
-                queue_length=300, batch_size=30, patch_size=p)
+    dm = dm_for(
+        tmp_path / "c",
+        augment=False,
+        val_fraction=0,
+        test_fraction=0,
+        samples_per_volume=150,
+        queue_length=300,
+        batch_size=30,
+        patch_size=p,
+    )
     torch.manual_seed(0)
     dm.setup("fit")
     centres = torch.cat([b["label"][:, 0, p // 2, p // 2, p // 2] for b in dm.train_dataloader()])
     assert centres.numel() == 300
     balanced = (centres > 0).float().mean().item()
     # uniform sampling over the valid centres, computed exactly from the label maps
-    uniform = np.mean([
-        (cache.load_label(tmp_path / "c", n)[p // 2: SHAPE[0] - (p - 1) // 2, p // 2: SHAPE[1] - (p - 1) // 2,
-                                               p // 2: SHAPE[2] - (p - 1) // 2] > 0).mean() for n in names])
+    uniform = np.mean(
+        [
+            (
+                cache.load_label(tmp_path / "c", n)[
+                    p // 2 : SHAPE[0] - (p - 1) // 2,
+                    p // 2 : SHAPE[1] - (p - 1) // 2,
+                    p // 2 : SHAPE[2] - (p - 1) // 2,
+                ]
+                > 0
+            ).mean()
+            for n in names
+        ]
+    )
     assert uniform < 0.1
     # three tumor classes and background at equal weight: 3/4 of centres in the tumor
     assert abs(balanced - 0.75) < 0.1, (balanced, uniform)

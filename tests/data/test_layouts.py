@@ -26,7 +26,9 @@ def test_discover_each_layout(tmp_path, layout):
         assert {f.parent.name for f in folders} <= {"HGG", "LGG"}
     if layout == "brats2023":  # t2f is FLAIR, t1c is T1ce, t1n is T1, t2w is T2
         c = cases[0]
-        assert c.images["flair"].name.endswith("-t2f.nii.gz") and c.images["t1ce"].name.endswith("-t1c.nii.gz")
+        assert c.images["flair"].name.endswith("-t2f.nii.gz") and c.images["t1ce"].name.endswith(
+            "-t1c.nii.gz"
+        )
         assert c.images["t1"].name.endswith("-t1n.nii.gz") and c.images["t2"].name.endswith("-t2w.nii.gz")
 
 
@@ -69,8 +71,11 @@ def test_duplicate_case_names_name_both_paths(tmp_path):
     folder = synthesize(tmp_path / "HGG", 1, layout="brats2018", shape=SHAPE)[0]
     copy = tmp_path / "LGG" / folder.name
     shutil.copytree(folder, copy)
-    with pytest.raises(ValueError, match=f"duplicate case '{folder.name}'.*{folder}.*{copy}|"
-                                         f"duplicate case '{folder.name}'.*{copy}.*{folder}"):
+    with pytest.raises(
+        ValueError,
+        match=f"duplicate case '{folder.name}'.*{folder}.*{copy}|"
+        f"duplicate case '{folder.name}'.*{copy}.*{folder}",
+    ):
         discover(tmp_path)
 
 

@@ -57,7 +57,9 @@ def test_mask_ratio_sets_expected_dropped_fraction(ratio):
     probs = subset_probabilities(ratio)
     dropped = torch.tensor([4 - sum(s) for s in SUBSETS], dtype=torch.float64)
     # Binomial(4, r) conditioned on k < 4: hand computation of E[k].
-    pk = torch.tensor([(ratio ** k) * ((1 - ratio) ** (4 - k)) * [1, 4, 6, 4][k] for k in range(4)], dtype=torch.float64)
+    pk = torch.tensor(
+        [(ratio**k) * ((1 - ratio) ** (4 - k)) * [1, 4, 6, 4][k] for k in range(4)], dtype=torch.float64
+    )
     expected = (pk * torch.arange(4)).sum() / pk.sum() if pk.sum() > 0 else torch.tensor(3.0)
     assert abs(float((probs * dropped).sum()) - float(expected)) < 1e-9
     g = torch.Generator().manual_seed(2)

@@ -38,9 +38,16 @@ def test_crop_then_uncrop_restores_the_original_grid():
         cropped = crop(volume[None], box)
         assert cropped.shape[1:] == tuple(b - a for a, b in box)
         assert all(s >= m for s, m in zip(cropped.shape[1:], least))
-        meta = cache.CaseMeta(name="c", layout="brats2020", convention="brats2018", available=(True,) * 4,
-                              original_shape=volume.shape, affine=np.eye(4).tolist(),
-                              spacing=(1.0, 1.0, 1.0), crop_box=box)
+        meta = cache.CaseMeta(
+            name="c",
+            layout="brats2020",
+            convention="brats2018",
+            available=(True,) * 4,
+            original_shape=volume.shape,
+            affine=np.eye(4).tolist(),
+            spacing=(1.0, 1.0, 1.0),
+            crop_box=box,
+        )
         assert np.array_equal(cache.uncrop(cropped, meta)[0], volume)
 
 
@@ -72,7 +79,9 @@ def test_prepare_case_contents_and_label_remapping(tmp_path, layout, et):
         assert meta.original_shape == SHAPE and meta.convention == case.convention
         assert np.allclose(meta.affine, seg_img.affine) and meta.source == case.sources
         label = cache.uncrop(np.asarray(cache.load_label(tmp_path / "cache", case.name)), meta)
-        assert np.array_equal(label == 3, seg == et) and np.array_equal(label, to_internal(seg, case.convention))
+        assert np.array_equal(label == 3, seg == et) and np.array_equal(
+            label, to_internal(seg, case.convention)
+        )
         image = cache.uncrop(np.asarray(cache.load_image(tmp_path / "cache", case.name)), meta)
         raw = np.stack([nib.load(str(case.images[m])).get_fdata() for m in ("flair", "t1ce", "t1", "t2")])
         brain = (raw != 0).any(0)
@@ -85,7 +94,9 @@ def test_prepare_case_contents_and_label_remapping(tmp_path, layout, et):
 def test_missing_modality_allowed_when_not_required(tmp_path):
     folder = synthesize(tmp_path / "raw", 1, shape=SHAPE)[0]
     (folder / f"{folder.name}_t1.nii.gz").unlink()
-    with pytest.raises(RuntimeError, match=r"no case .* could be prepared.*missing modality file\(s\) \['t1'\]"):
+    with pytest.raises(
+        RuntimeError, match=r"no case .* could be prepared.*missing modality file\(s\) \['t1'\]"
+    ):
         prepare(tmp_path / "raw", tmp_path / "cache", min_size=MIN, progress=False)
     prepare(tmp_path / "raw", tmp_path / "cache", min_size=MIN, require_all=False, progress=False)
     meta = cache.load_meta(tmp_path / "cache", folder.name)

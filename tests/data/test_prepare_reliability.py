@@ -70,7 +70,9 @@ def test_a_second_run_on_a_locked_cache_stops_naming_the_holder(tmp_path):
 
     out = tmp_path / "cache"
     with cache_lock(out):
-        with pytest.raises(ValueError, match=rf"{out} is in use by another `smml prepare` \(pid {os.getpid()}\)"):
+        with pytest.raises(
+            ValueError, match=rf"{out} is in use by another `smml prepare` \(pid {os.getpid()}\)"
+        ):
             _prepare(tmp_path / "raw", out)
         assert not (out / SUMMARY).exists() and not cache.list_cases(out)
     assert len(_prepare(tmp_path / "raw", out).prepared) == 1  # released with the context
@@ -103,9 +105,15 @@ def test_prepare_command_exits_zero_when_every_case_is_ready(tmp_path, capsys):
     assert "already prepared 2" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("option, value, allowed", [("--workers", "0", ">= 1"), ("--workers", "-2", ">= 1"),
-                                                    ("--min_size", "[12,0,12]", ">= 1"),
-                                                    ("--min_size", "[-4,12,12]", ">= 1")])
+@pytest.mark.parametrize(
+    "option, value, allowed",
+    [
+        ("--workers", "0", ">= 1"),
+        ("--workers", "-2", ">= 1"),
+        ("--min_size", "[12,0,12]", ">= 1"),
+        ("--min_size", "[-4,12,12]", ">= 1"),
+    ],
+)
 def test_out_of_range_values_are_rejected_with_the_range(tmp_path, capsys, option, value, allowed):
     synthesize(tmp_path / "raw", 1, shape=SHAPE, seed=1)
     with pytest.raises(SystemExit) as info:

@@ -59,17 +59,21 @@ def test_cached_grid_is_where_its_affine_says(realistic):
     meta = cache.load_meta(root, case.name)
     native = nib.load(str(case.label))
     truth = to_internal(np.asarray(native.dataobj), case.convention)
-    expected = resample_from_to(nib.Nifti1Image(truth, native.affine), (meta.grid_shape, grid_affine(meta)),
-                                order=0).get_fdata()
+    expected = resample_from_to(
+        nib.Nifti1Image(truth, native.affine), (meta.grid_shape, grid_affine(meta)), order=0
+    ).get_fdata()
     cached = np.asarray(cache.load_label(root, case.name))
     assert (expected == cached).mean() > 0.995  # ties of nearest neighbour may round either way
     # Images: linear interpolation of the z-scored crop, the same as scipy's through nibabel.
     flair = np.asarray(nib.load(str(case.images["flair"])).dataobj).astype(np.float32)
     brain = np.logical_or.reduce([np.asarray(nib.load(str(p)).dataobj) != 0 for p in case.images.values()])
     zs = z_score(crop(flair, meta.crop_box), crop(brain, meta.crop_box))
-    box_affine = np.asarray(meta.affine) @ np.vstack([np.c_[np.eye(3), [a for a, _ in meta.crop_box]], [0, 0, 0, 1]])
-    by_nibabel = resample_from_to(nib.Nifti1Image(zs, box_affine), (meta.grid_shape, grid_affine(meta)),
-                                  order=1, mode="nearest").get_fdata()
+    box_affine = np.asarray(meta.affine) @ np.vstack(
+        [np.c_[np.eye(3), [a for a, _ in meta.crop_box]], [0, 0, 0, 1]]
+    )
+    by_nibabel = resample_from_to(
+        nib.Nifti1Image(zs, box_affine), (meta.grid_shape, grid_affine(meta)), order=1, mode="nearest"
+    ).get_fdata()
     ours = np.asarray(cache.load_image(root, case.name))[0]
     assert np.abs(by_nibabel - ours)[1:-1, 1:-1, 1:-1].max() < 1e-4
 
@@ -101,10 +105,15 @@ def test_spacing_of_the_scan_itself_changes_nothing(tmp_path):
     (name,) = cache.list_cases(tmp_path / "native")
     a, b = cache.load_meta(tmp_path / "native", name), cache.load_meta(tmp_path / "same", name)
     assert a.native_spacing is None and b.native_spacing == (1.5, 1.5, 1.5) and a.box_shape == b.grid_shape
-    assert np.array_equal(cache.load_label(tmp_path / "native", name), cache.load_label(tmp_path / "same", name))
+    assert np.array_equal(
+        cache.load_label(tmp_path / "native", name), cache.load_label(tmp_path / "same", name)
+    )
     assert np.allclose(cache.load_image(tmp_path / "native", name), cache.load_image(tmp_path / "same", name))
-    np.testing.assert_allclose(grid_affine(b), np.asarray(b.affine) @ np.vstack(
-        [np.c_[np.eye(3), [s for s, _ in b.crop_box]], [0, 0, 0, 1]]), atol=1e-9)
+    np.testing.assert_allclose(
+        grid_affine(b),
+        np.asarray(b.affine) @ np.vstack([np.c_[np.eye(3), [s for s, _ in b.crop_box]], [0, 0, 0, 1]]),
+        atol=1e-9,
+    )
 
 
 def test_cli_spacing_anisotropic_scan_and_rerun_at_another_spacing(tmp_path):
@@ -132,11 +141,15 @@ def test_prediction_written_on_the_original_grid_and_affine(realistic, tmp_path)
     source = nib.load(str(case.label))
     truth = to_internal(np.asarray(source.dataobj), case.convention)
     box_truth = native_label(meta)
-    assert np.array_equal(box_truth, crop(truth, meta.crop_box)) and np.array_equal(native_label(meta, box=False), truth)
+    assert np.array_equal(box_truth, crop(truth, meta.crop_box)) and np.array_equal(
+        native_label(meta, box=False), truth
+    )
     cached = np.array(cache.load_label(root, case.name))
     scores = torch.nn.functional.one_hot(torch.from_numpy(cached).long(), 4).permute(3, 0, 1, 2).float()
     on_box = logits_to_box(scores, meta)
-    assert on_box.shape == meta.box_shape and np.array_equal(cache.uncrop(on_box, meta), logits_to_native(scores, meta))
+    assert on_box.shape == meta.box_shape and np.array_equal(
+        cache.uncrop(on_box, meta), logits_to_native(scores, meta)
+    )
     for name, labels in (("grid", cached), ("box", on_box)):
         path = write_prediction(labels, meta, tmp_path / f"{name}.nii.gz")
         written = nib.load(str(path))

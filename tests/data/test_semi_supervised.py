@@ -22,8 +22,13 @@ def _names_in_epoch(loader, epoch: int = 0) -> list[str]:
 
 def test_labeled_fraction_is_seeded_and_written(tmp_path):
     make_cache(tmp_path / "c", n=8)
-    dm = dm_for(tmp_path / "c", labeled_fraction=0.5, output_dir=str(tmp_path / "out"), val_fraction=0,
-                test_fraction=0)
+    dm = dm_for(
+        tmp_path / "c",
+        labeled_fraction=0.5,
+        output_dir=str(tmp_path / "out"),
+        val_fraction=0,
+        test_fraction=0,
+    )
     dm.setup("fit")
     assert len(dm.labeled) == 4 and set(dm.labeled) < set(dm.splits["train"])
     assert (tmp_path / "out" / "labeled.txt").read_text().split() == dm.labeled
@@ -61,8 +66,14 @@ def test_semi_supervised_batches_mix_at_the_share_and_never_read_unlabeled_label
         (cache.case_dir(tmp_path / "c", name) / "label.npy").unlink()
         cache.write_case(tmp_path / "c", dataclasses.replace(meta, has_label=False), image, None)
         assert not (cache.case_dir(tmp_path / "c", name) / "label.npy").exists()
-    dm = dm_for(tmp_path / "c", labeled_cases=str(tmp_path / "labeled.txt"), use_unlabeled=True,
-                val_fraction=0, test_fraction=0, num_workers=1)
+    dm = dm_for(
+        tmp_path / "c",
+        labeled_cases=str(tmp_path / "labeled.txt"),
+        use_unlabeled=True,
+        val_fraction=0,
+        test_fraction=0,
+        num_workers=1,
+    )
     dm.setup("fit")
     loader = dm.train_dataloader()
     assert isinstance(loader.dataset, MixedQueue) and len(loader) == 6
@@ -85,8 +96,16 @@ def test_an_epoch_with_unlabeled_cases_replays_from_a_mid_epoch_loader_state(tmp
 
     def loader():
         torch.manual_seed(3)
-        dm = dm_for(tmp_path / "c", labeled_fraction=0.34, use_unlabeled=use_unlabeled, val_fraction=0,
-                    test_fraction=0, queue_length=3, labeled_share=0.5, batch_size=1)
+        dm = dm_for(
+            tmp_path / "c",
+            labeled_fraction=0.34,
+            use_unlabeled=use_unlabeled,
+            val_fraction=0,
+            test_fraction=0,
+            queue_length=3,
+            labeled_share=0.5,
+            batch_size=1,
+        )
         dm.setup("fit")
         return dm.train_dataloader()
 
@@ -107,12 +126,15 @@ def test_an_epoch_with_unlabeled_cases_replays_from_a_mid_epoch_loader_state(tmp
             assert torch.equal(got[key], want[key]), f"batch {i + 5}: {key} differs"
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"labeled_fraction": 0.0}, "labeled_fraction"),
-    ({"labeled_fraction": 0.5, "labeled_cases": "x.txt"}, "not both"),
-    ({"labeled_share": 1.0}, "labeled_share"),
-    ({"jitter_mm": -1.0}, "jitter_mm"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"labeled_fraction": 0.0}, "labeled_fraction"),
+        ({"labeled_fraction": 0.5, "labeled_cases": "x.txt"}, "not both"),
+        ({"labeled_share": 1.0}, "labeled_share"),
+        ({"jitter_mm": -1.0}, "jitter_mm"),
+    ],
+)
 def test_bad_semi_supervised_options_are_named(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         dm_for(tmp_path, **kwargs)

@@ -9,8 +9,10 @@ NAMES = [f"BraTS20_Training_{i:03d}" for i in range(1, 24)]
 
 def test_read_split_file_ignores_blanks_comments_and_paths(tmp_path):
     path = tmp_path / "val.txt"
-    path.write_text("# validation cases\n\nBraTS20_Training_001\n  HGG/BraTS20_Training_002/  \n"
-                    "BraTS20_Training_003  # inline note\n")
+    path.write_text(
+        "# validation cases\n\nBraTS20_Training_001\n  HGG/BraTS20_Training_002/  \n"
+        "BraTS20_Training_003  # inline note\n"
+    )
     assert read_split_file(path) == ["BraTS20_Training_001", "BraTS20_Training_002", "BraTS20_Training_003"]
     path.write_text("BraTS20_Training_001\nBraTS20_Training_001\n")
     with pytest.raises(ValueError, match=f"{path}.*listed twice.*BraTS20_Training_001"):
@@ -21,8 +23,11 @@ def test_read_split_file_ignores_blanks_comments_and_paths(tmp_path):
 
 def test_resolve_split_unknown_names_and_overlap(tmp_path):
     (tmp_path / "test.txt").write_text("BraTS20_Training_001\nBraTS20_Training_999\nBraTS20_Training_998\n")
-    with pytest.raises(ValueError, match=r"test split \(split file .*test.txt\).* 2 case\(s\) not found"
-                                         r".*BraTS20_Training_999, BraTS20_Training_998"):
+    with pytest.raises(
+        ValueError,
+        match=r"test split \(split file .*test.txt\).* 2 case\(s\) not found"
+        r".*BraTS20_Training_999, BraTS20_Training_998",
+    ):
         resolve_split(NAMES, test=tmp_path / "test.txt")
     (tmp_path / "test.txt").write_text("BraTS20_Training_001\nBraTS20_Training_002\n")
     (tmp_path / "val.txt").write_text("BraTS20_Training_002\n")

@@ -1,4 +1,3 @@
-
 import hashlib
 
 import nibabel as nib
@@ -50,8 +49,22 @@ def test_first_continues_the_numbering_with_the_same_cases(tmp_path):
     (ia, la), (ib, lb) = _arrays(whole), _arrays(later)
     assert all(np.array_equal(ia[m], ib[m]) for m in MODALITIES) and np.array_equal(la, lb)
     # The same through the command line: `smml synth ... --first 2`.
-    main(["synth", str(tmp_path / "cli"), "--cases", "1", "--first", "2", "--generator", "tiny", "--shape", "[32, 32, 24]",
-          "--seed", "4"])
+    main(
+        [
+            "synth",
+            str(tmp_path / "cli"),
+            "--cases",
+            "1",
+            "--first",
+            "2",
+            "--generator",
+            "tiny",
+            "--shape",
+            "[32, 32, 24]",
+            "--seed",
+            "4",
+        ]
+    )
     (from_cli,) = discover(tmp_path / "cli")
     (ic, lc) = _arrays(from_cli)
     assert from_cli.name == whole.name
@@ -89,12 +102,20 @@ def test_contrasts_follow_mri():
         wm = healthy & (t2 < np.percentile(t2[healthy], 30))
         for m in MODALITIES:
             v = images[m].astype(float) / images[m][healthy].mean()
-            for key, region in (("csf_like", csf), ("wm_like", wm), ("ed", label == 2), ("et", label == 3),
-                                ("ncr", label == 1)):
+            for key, region in (
+                ("csf_like", csf),
+                ("wm_like", wm),
+                ("ed", label == 2),
+                ("et", label == 3),
+                ("ncr", label == 1),
+            ):
                 if region.sum() > 20:
                     means[m][key].append(v[region].mean())
     avg = {m: {k: np.mean(v) for k, v in d.items()} for m, d in means.items()}
-    assert avg["flair"]["ed"] > 1.3 * avg["flair"]["wm_like"] and avg["flair"]["csf_like"] < avg["flair"]["wm_like"]
+    assert (
+        avg["flair"]["ed"] > 1.3 * avg["flair"]["wm_like"]
+        and avg["flair"]["csf_like"] < avg["flair"]["wm_like"]
+    )
     assert avg["t2"]["ed"] > avg["t2"]["wm_like"]
     assert avg["t1ce"]["et"] > 1.3 * max(avg["t1ce"]["ed"], avg["t1ce"]["wm_like"], avg["t1ce"]["ncr"])
     assert avg["t1ce"]["ncr"] < avg["t1ce"]["wm_like"]
@@ -110,13 +131,23 @@ def _features(seed):
 
 def _fit_gaussians(x, y):
     """Quadratic discriminant: one full-covariance Gaussian per class, with class priors."""
-    return [(x[y == c].mean(0), np.cov(x[y == c].T, ddof=0).reshape(x.shape[1], -1) + 1e-6 * np.eye(x.shape[1]),
-             np.log((y == c).mean())) for c in range(4)]
+    return [
+        (
+            x[y == c].mean(0),
+            np.cov(x[y == c].T, ddof=0).reshape(x.shape[1], -1) + 1e-6 * np.eye(x.shape[1]),
+            np.log((y == c).mean()),
+        )
+        for c in range(4)
+    ]
 
 
 def _predict(model, x):
-    scores = [lp - 0.5 * np.linalg.slogdet(cov)[1] - 0.5 * np.einsum("ni,ij,nj->n", x - mu, np.linalg.inv(cov), x - mu)
-              for mu, cov, lp in model]
+    scores = [
+        lp
+        - 0.5 * np.linalg.slogdet(cov)[1]
+        - 0.5 * np.einsum("ni,ij,nj->n", x - mu, np.linalg.inv(cov), x - mu)
+        for mu, cov, lp in model
+    ]
     return np.argmax(scores, 0)
 
 
@@ -140,6 +171,7 @@ def test_missing_modalities_matter_for_an_independent_voxel_classifier():
     assert et["flair+t1ce+t2"] > et["flair+t2"] + 0.3  # enhancement needs T1ce
     assert et["all"] > 0.5 and wt["all"] > 0.6  # and with everything the classes are learnable
 
+
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="unknown layout"):
         synthesize(tmp_path, 1, layout="brats2030")
@@ -158,7 +190,18 @@ def test_synth_refuses_to_overwrite_unless_asked(tmp_path, capsys, layout):
     """A second `smml synth` into the same folder names the first file it would replace, exits non-zero
     and changes nothing; `--overwrite` replaces the cases and leaves unrelated files alone."""
     out = tmp_path / "raw"
-    args = ["synth", str(out), "--cases", "2", "--layout", layout, "--generator", "tiny", "--shape", "[16, 16, 12]"]
+    args = [
+        "synth",
+        str(out),
+        "--cases",
+        "2",
+        "--layout",
+        layout,
+        "--generator",
+        "tiny",
+        "--shape",
+        "[16, 16, 12]",
+    ]
     main(args)
     (out / "notes.txt").write_text("mine")
     before = _checksums(out)

@@ -86,10 +86,24 @@ def test_contrasts_follow_mri(cases):
         # T1 orders the healthy tissues: the darkest voxels are CSF, the brightest white matter.
         csf = healthy & (t1 < np.percentile(t1[healthy], 2))
         wm = healthy & (t1 > np.percentile(t1[healthy], 70))
-        mean = {m: {k: images[m][r].astype(float).mean() for k, r in
-                    (("csf", csf), ("wm", wm), ("ed", label == 2), ("core", label == 1), ("et", label == 3))
-                    if r.any()} for m in MODALITIES}
-        assert mean["flair"]["csf"] < 0.6 * mean["flair"]["wm"] and mean["flair"]["ed"] > 1.3 * mean["flair"]["wm"]
+        mean = {
+            m: {
+                k: images[m][r].astype(float).mean()
+                for k, r in (
+                    ("csf", csf),
+                    ("wm", wm),
+                    ("ed", label == 2),
+                    ("core", label == 1),
+                    ("et", label == 3),
+                )
+                if r.any()
+            }
+            for m in MODALITIES
+        }
+        assert (
+            mean["flair"]["csf"] < 0.6 * mean["flair"]["wm"]
+            and mean["flair"]["ed"] > 1.3 * mean["flair"]["wm"]
+        )
         assert mean["t2"]["csf"] > 1.3 * mean["t2"]["wm"] and mean["t2"]["ed"] > 1.3 * mean["t2"]["wm"]
         assert mean["t1"]["ed"] < mean["t1"]["wm"]
         if grade == "HGG":
@@ -131,17 +145,35 @@ def test_ctrl_c_stops_parallel_synth_at_once(tmp_path):
     """Ctrl-C (SIGINT to the process group, as a terminal sends it) ends `smml synth --workers 2` with
     status 130 and one line, its workers gone and the pending cases never started."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "smml_lightning.cli", "synth", str(tmp_path), "--cases", "6",
-                             "--workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "smml_lightning.cli",
+            "synth",
+            str(tmp_path),
+            "--cases",
+            "6",
+            "--workers",
+            "2",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     try:
         end = time.time() + 180
         while not list(tmp_path.glob("*/*_seg.nii.gz")):  # a first case is written: the pool is busy
             assert proc.poll() is None, proc.stderr.read()
             assert time.time() < end, "no case written in 180 s"
             time.sleep(0.05)
-        workers = [int(c) for task in Path(f"/proc/{proc.pid}/task").glob("*")
-                   for c in (task / "children").read_text().split()]
+        workers = [
+            int(c)
+            for task in Path(f"/proc/{proc.pid}/task").glob("*")
+            for c in (task / "children").read_text().split()
+        ]
         os.killpg(proc.pid, signal.SIGINT)
         start = time.time()
         code = proc.wait(timeout=60)
@@ -151,9 +183,16 @@ def test_ctrl_c_stops_parallel_synth_at_once(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert code == 130 and "Traceback" not in err and err.strip().splitlines()[-1].startswith("smml: interrupted")
+    assert (
+        code == 130
+        and "Traceback" not in err
+        and err.strip().splitlines()[-1].startswith("smml: interrupted")
+    )
     assert took < 15, f"synth took {took:.1f} s to stop"
     time.sleep(0.5)
-    assert workers and not [pid for pid in workers if Path(f"/proc/{pid}").exists()
-                            and "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()]
+    assert workers and not [
+        pid
+        for pid in workers
+        if Path(f"/proc/{pid}").exists() and "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    ]
     assert len(list(tmp_path.glob("*/*_seg.nii.gz"))) < 6, "the pending cases were not cancelled"

@@ -37,9 +37,16 @@ def case(tmp_path_factory):
     image = np.concatenate([mm, noise[None]])
     inside = np.linalg.norm(mm - (CENTRE * SPACING)[:, None, None, None], axis=0) < RADIUS
     label = np.where(inside, 3, 0).astype(np.uint8)
-    meta = cache.CaseMeta(name="c", layout="synthetic", convention="brats2018", available=(True,) * 4,
-                          original_shape=SHAPE, affine=np.diag([*SPACING, 1.0]).tolist(), spacing=SPACING,
-                          crop_box=tuple((0, s) for s in SHAPE))
+    meta = cache.CaseMeta(
+        name="c",
+        layout="synthetic",
+        convention="brats2018",
+        available=(True,) * 4,
+        original_shape=SHAPE,
+        affine=np.diag([*SPACING, 1.0]).tolist(),
+        spacing=SPACING,
+        crop_box=tuple((0, s) for s in SHAPE),
+    )
     cache.write_case(root, meta, image, label)
     prior = np.stack([image, -image], axis=1)  # (4, 2, D, H, W): two "classes" per modality
     cache.write_prior(root, "c", prior)
@@ -72,11 +79,15 @@ def test_without_augmentation_patches_are_exact_crops_and_label_balanced(case):
         assert torch.equal(p["label"].data[0], torch.from_numpy(label[box]))
         prior = p["prior"].data.float()
         assert p["prior"].data.dtype == torch.float16 and p["label"].data.dtype == torch.uint8
-        assert torch.allclose(prior[0::2], p["image"].data, rtol=1e-3) and torch.allclose(prior[1::2], -prior[0::2])
+        assert torch.allclose(prior[0::2], p["image"].data, rtol=1e-3) and torch.allclose(
+            prior[1::2], -prior[0::2]
+        )
         centres.append(label[tuple(c + s // 2 for c, s in zip(corner, PATCH))])
     # torchio's LabelSampler with equal weights for background and tumor: both kinds of centre occur.
     torch.manual_seed(0)
-    many = [int(p["label"].data[0][tuple(s // 2 for s in PATCH)]) for p in _patches(case, augment=False, n=40)]
+    many = [
+        int(p["label"].data[0][tuple(s // 2 for s in PATCH)]) for p in _patches(case, augment=False, n=40)
+    ]
     assert 0.2 < np.mean(np.array(many) == 3) < 0.8
 
 
@@ -106,8 +117,9 @@ def test_rotation_is_a_rotation_in_millimetres_within_ten_degrees(case):
             src_mm = p["image"].data[:3].double()
             inside = src_mm.abs().sum(0) > 0
             assert bool(inside.all()), "patches centred in the ball never reach the zero padding"
-            idx = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in PATCH],
-                                             indexing="ij")) * torch.tensor(SPACING, dtype=torch.float64).view(3, 1, 1, 1)
+            idx = torch.stack(
+                torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in PATCH], indexing="ij")
+            ) * torch.tensor(SPACING, dtype=torch.float64).view(3, 1, 1, 1)
             x = torch.cat([idx[:, inside].T, torch.ones(int(inside.sum()), 1, dtype=torch.float64)], dim=1)
             fit = torch.linalg.lstsq(x, src_mm[:, inside].T).solution  # (4, 3): linear part and offset
             linear = fit[:3].T
@@ -138,10 +150,14 @@ def test_intensity_scale_and_shift_per_channel_on_the_image_only(case):
 
 def test_rotation_matrix_composes_axis_rotations():
     r = rotation_matrix([0.0, 0.0, np.pi / 2])
-    assert torch.allclose(r @ torch.tensor([1.0, 0, 0], dtype=torch.float64), torch.tensor([0, 1.0, 0], dtype=torch.float64))
+    assert torch.allclose(
+        r @ torch.tensor([1.0, 0, 0], dtype=torch.float64), torch.tensor([0, 1.0, 0], dtype=torch.float64)
+    )
     for angles in itertools.product([-0.17, 0.0, 0.17], repeat=3):
         q = rotation_matrix(angles)
-        assert torch.allclose(q @ q.T, torch.eye(3, dtype=torch.float64)) and torch.isclose(torch.linalg.det(q), torch.tensor(1.0, dtype=torch.float64))
+        assert torch.allclose(q @ q.T, torch.eye(3, dtype=torch.float64)) and torch.isclose(
+            torch.linalg.det(q), torch.tensor(1.0, dtype=torch.float64)
+        )
 
 
 # --- unlabeled cases and misalignment -----------------------------------------------------------------
@@ -207,7 +223,7 @@ def test_training_jitter_moves_every_modality_but_t1ce_with_its_priors(case):
         # T1ce (channel 1 holds the axis-1 coordinate in mm) is an exact crop: whole millimetres
         assert torch.equal(own[1], own[1].round())
         # FLAIR (channel 0, the axis-0 coordinate) moved by one sub-voxel shift for the whole patch
-        frac = (own[0][inner] - own[0][inner].floor())
+        frac = own[0][inner] - own[0][inner].floor()
         assert frac.std() < 1e-3
         fractions.append(float(frac.mean()))
         torch.testing.assert_close(p["prior"].data[0::2].float(), own, atol=0.02, rtol=1e-2)  # priors follow

@@ -53,8 +53,13 @@ def test_missing_modality_file_and_missing_label(tmp_path):
 
 
 def test_no_modality_at_all(tmp_path):
-    case = Case(name="X1", layout="brats2020", convention="brats2018",
-                images=dict.fromkeys(["flair", "t1ce", "t1", "t2"]), label=tmp_path / "X1_seg.nii.gz")
+    case = Case(
+        name="X1",
+        layout="brats2020",
+        convention="brats2018",
+        images=dict.fromkeys(["flair", "t1ce", "t1", "t2"]),
+        label=tmp_path / "X1_seg.nii.gz",
+    )
     _raises(case, tmp_path, "no modality file found", require_all=False, require_label=False)
 
 
@@ -130,8 +135,9 @@ def _flip_xy(path):
     img = nib.load(str(path))
     codes = nib.aff2axcodes(img.affine)
     target = (_OPPOSITE[codes[0]], _OPPOSITE[codes[1]], codes[2])
-    flip = nib.orientations.ornt_transform(nib.orientations.io_orientation(img.affine),
-                                           nib.orientations.axcodes2ornt(target))
+    flip = nib.orientations.ornt_transform(
+        nib.orientations.io_orientation(img.affine), nib.orientations.axcodes2ornt(target)
+    )
     nib.save(img.as_reoriented(flip), str(path))
     assert nib.aff2axcodes(nib.load(str(path)).affine) == target
     return "".join(codes), "".join(target)
@@ -157,4 +163,6 @@ def test_another_orientation_of_another_grid_says_orientation_differs(tmp_path):
     shifted = img.affine.copy()
     shifted[:3, 3] += 5.0  # and 5 mm away: no reorientation makes it coincide
     nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), shifted), str(path))
-    _raises(case, path, rf"orientation {after} differs from {before} of .*flair.*and the volumes do not coincide")
+    _raises(
+        case, path, rf"orientation {after} differs from {before} of .*flair.*and the volumes do not coincide"
+    )

@@ -15,10 +15,14 @@ from scipy import ndimage
 SHAPE = (48, 44, 36)
 
 
-def _ball(shape: tuple[int, ...], centre: tuple[float, ...], radius: float,
-          scale: tuple[float, ...] = (1.0, 1.0, 1.0)) -> np.ndarray:
+def _ball(
+    shape: tuple[int, ...],
+    centre: tuple[float, ...],
+    radius: float,
+    scale: tuple[float, ...] = (1.0, 1.0, 1.0),
+) -> np.ndarray:
     grid = np.indices(shape, sparse=True)
-    return sum(((g - c) * s) ** 2 for g, c, s in zip(grid, centre, scale)) <= radius ** 2
+    return sum(((g - c) * s) ** 2 for g, c, s in zip(grid, centre, scale)) <= radius**2
 
 
 def _tumour(label: np.ndarray, centre: tuple[float, ...], radius: float, core: bool = True) -> None:
@@ -95,8 +99,18 @@ def _random(seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 NAMES: tuple[str, ...] = (
-    "matched", "split", "merged", "missed", "spurious", "satellite", "below_threshold", "at_threshold",
-    "empty_empty", "truth_empty", "pred_empty", *(f"random_{k}" for k in range(6)),
+    "matched",
+    "split",
+    "merged",
+    "missed",
+    "spurious",
+    "satellite",
+    "below_threshold",
+    "at_threshold",
+    "empty_empty",
+    "truth_empty",
+    "pred_empty",
+    *(f"random_{k}" for k in range(6)),
 )
 
 

@@ -63,8 +63,9 @@ def main() -> None:
     import metrics as official  # the organisers' module
 
     try:
-        commit = subprocess.run(["git", "-C", args.metrics_dir, "rev-parse", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", args.metrics_dir, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown (not a git checkout)"
     results: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
@@ -79,13 +80,15 @@ def main() -> None:
                 frame = official.get_LesionWiseResults(str(pred_path), str(gt_path), challenge)
                 results[name][challenge] = {
                     row["Labels"]: {ours: float(row[col]) for col, ours in FIELDS.items()}
-                    for _, row in frame.iterrows()}
+                    for _, row in frame.iterrows()
+                }
             print(name, {c: round(results[name][c]["WT"]["lesion_dice"], 4) for c in CHALLENGES})
     provenance = {
         "source": "https://github.com/rachitsaluja/BraTS-2023-Metrics metrics.py get_LesionWiseResults",
         "commit": commit,
-        "packages": {p: metadata.version(p) for p in
-                     ("numpy", "scipy", "pandas", "connected-components-3d", "nibabel")},
+        "packages": {
+            p: metadata.version(p) for p in ("numpy", "scipy", "pandas", "connected-components-3d", "nibabel")
+        },
         "python": sys.version.split()[0],
         "command": "python tests/evaluation/make_lesionwise_reference.py " + " ".join(sys.argv[1:]),
     }

@@ -117,6 +117,7 @@ def test_prediction_with_both_et_values_is_rejected(tmp_path: Path, capsys) -> N
     mixed[0, 0, 0], mixed[0, 0, 1] = 3, 4
     file = tmp_path / "pred" / f"{seg.parent.name}.nii.gz"
     _save_like(file, mixed, image)
-    message = _run(["evaluate", "--pred", str(file.parent), "--ref", str(ref), "--out", str(tmp_path / "o")],
-                   capsys)
+    message = _run(
+        ["evaluate", "--pred", str(file.parent), "--ref", str(ref), "--out", str(tmp_path / "o")], capsys
+    )
     assert str(file) in message and "both 3 and 4" in message

@@ -25,7 +25,9 @@ class ToySegmenter(MaskedSegmenter):
     def encode(self, image):
         self.encode_calls += 1
         self.encoded_windows += image.shape[0]
-        return torch.stack([torch.tanh(enc(image[:, i:i + 1])) for i, enc in enumerate(self.encoders)], dim=1)
+        return torch.stack(
+            [torch.tanh(enc(image[:, i : i + 1])) for i, enc in enumerate(self.encoders)], dim=1
+        )
 
     def decode(self, encoded, mask):
         self.decode_calls += 1
@@ -45,15 +47,17 @@ def _image():
 def _separate(model, image, subset, mode="gaussian"):
     mask = torch.tensor(subset).unsqueeze(0)
     with torch.no_grad():
-        return sliding_window_inference(image, ROI, 1, lambda x: model(x, mask.expand(x.shape[0], -1)).logits,
-                                        overlap=0.5, mode=mode)
+        return sliding_window_inference(
+            image, ROI, 1, lambda x: model(x, mask.expand(x.shape[0], -1)).logits, overlap=0.5, mode=mode
+        )
 
 
 @pytest.mark.parametrize("mode", ["gaussian", "constant"])
 def test_encoder_reuse_matches_separate_runs_and_encodes_once_per_window(mode):
     model, image = ToySegmenter(), _image()
-    out = predict_subsets([model], image, SUBSETS, roi_size=ROI, overlap=0.5, mode=mode,
-                          accumulate_dtype=torch.float32)
+    out = predict_subsets(
+        [model], image, SUBSETS, roi_size=ROI, overlap=0.5, mode=mode, accumulate_dtype=torch.float32
+    )
     # Hand count: interval 4 on each axis -> ceil((12-8)/4)+1 = 2, 2, and ceil((10-8)/4)+1 = 2 windows.
     n_windows = math.prod(math.ceil((s - ROI) / (ROI // 2)) + 1 for s in SHAPE)
     assert n_windows == 8
@@ -70,8 +74,9 @@ def test_encoder_reuse_matches_separate_runs_and_encodes_once_per_window(mode):
 def test_two_models_average_equals_mean_of_separate_runs():
     models, image = [ToySegmenter(seed=0), ToySegmenter(seed=5)], _image()
     subsets = [SUBSETS[3], SUBSETS[14]]
-    out = predict_subsets(models, image, subsets, roi_size=ROI, sw_batch_size=2,
-                          accumulate_dtype=torch.float32)
+    out = predict_subsets(
+        models, image, subsets, roi_size=ROI, sw_batch_size=2, accumulate_dtype=torch.float32
+    )
     assert all(m.encode_calls == 4 for m in models)  # 8 windows in batches of 2
     for subset in subsets:
         expected = (_separate(models[0], image, subset) + _separate(models[1], image, subset)) / 2
@@ -121,12 +126,21 @@ def test_ambient_autocast_is_used_for_the_networks_only():
     """Inside bf16 autocast (as Lightning runs test_step), windows batched in pairs with float16 blending
     work, and give what an explicit ``autocast_dtype`` gives."""
     model, image = ToySegmenter(), _image()
-    explicit = predict_subsets([model], image, [SUBSETS[14]], roi_size=ROI, sw_batch_size=2,
-                               autocast_dtype=torch.bfloat16, accumulate_dtype=torch.float16)
+    explicit = predict_subsets(
+        [model],
+        image,
+        [SUBSETS[14]],
+        roi_size=ROI,
+        sw_batch_size=2,
+        autocast_dtype=torch.bfloat16,
+        accumulate_dtype=torch.float16,
+    )
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ambient = predict_subsets([model], image, [SUBSETS[14]], roi_size=ROI, sw_batch_size=2,
-                                  accumulate_dtype=torch.float16)
-    fp32 = predict_subsets([model], image, [SUBSETS[14]], roi_size=ROI, sw_batch_size=2,
-                           accumulate_dtype=torch.float16)
+        ambient = predict_subsets(
+            [model], image, [SUBSETS[14]], roi_size=ROI, sw_batch_size=2, accumulate_dtype=torch.float16
+        )
+    fp32 = predict_subsets(
+        [model], image, [SUBSETS[14]], roi_size=ROI, sw_batch_size=2, accumulate_dtype=torch.float16
+    )
     assert torch.equal(ambient[14], explicit[14])
     assert not torch.equal(ambient[14], fp32[14])  # the networks really ran in bf16

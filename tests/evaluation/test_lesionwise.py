@@ -48,13 +48,24 @@ def test_matches_official_code(name: str) -> None:
                 assert ours[region][metric] == pytest.approx(value, abs=1e-6), (challenge, region, metric)
 
 
-@pytest.mark.skipif(not (os.environ.get("SMML_BRATS23_PYTHON") and os.environ.get("SMML_BRATS23_METRICS")),
-                    reason="set SMML_BRATS23_PYTHON and SMML_BRATS23_METRICS to run the official code live")
+@pytest.mark.skipif(
+    not (os.environ.get("SMML_BRATS23_PYTHON") and os.environ.get("SMML_BRATS23_METRICS")),
+    reason="set SMML_BRATS23_PYTHON and SMML_BRATS23_METRICS to run the official code live",
+)
 def test_official_code_live_reproduces_the_reference(tmp_path: Path) -> None:
     out = tmp_path / "reference.json"
-    subprocess.run([os.environ["SMML_BRATS23_PYTHON"], str(Path(__file__).parent / "make_lesionwise_reference.py"),
-                    "--metrics-dir", os.environ["SMML_BRATS23_METRICS"], "--out", str(out)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            os.environ["SMML_BRATS23_PYTHON"],
+            str(Path(__file__).parent / "make_lesionwise_reference.py"),
+            "--metrics-dir",
+            os.environ["SMML_BRATS23_METRICS"],
+            "--out",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+    )
     live = json.loads(out.read_text())["cases"]
     for name, challenges in REFERENCE["cases"].items():
         for challenge, regions in challenges.items():
@@ -65,7 +76,7 @@ def test_official_code_live_reproduces_the_reference(tmp_path: Path) -> None:
 
 def _cube(shape: tuple[int, int, int], lo: tuple[int, int, int], size: int) -> np.ndarray:
     mask = np.zeros(shape, bool)
-    mask[lo[0]:lo[0] + size, lo[1]:lo[1] + size, lo[2]:lo[2] + size] = True
+    mask[lo[0] : lo[0] + size, lo[1] : lo[1] + size, lo[2] : lo[2] + size] = True
     return mask
 
 
@@ -87,12 +98,26 @@ def test_empty_sides() -> None:
     empty, blob = np.zeros(shape, bool), _cube(shape, (5, 5, 5), 8)
     both = region_scores(empty, empty, (1, 1, 1))
     assert (both.lesion_dice, both.lesion_hd95, both.legacy_dice, both.legacy_hd95, both.sensitivity) == (
-        1.0, 0.0, 1.0, 0.0, 1.0)
+        1.0,
+        0.0,
+        1.0,
+        0.0,
+        1.0,
+    )
     missed = region_scores(empty, blob, (1, 1, 1))
-    assert (missed.lesion_dice, missed.lesion_hd95, missed.legacy_hd95, missed.n_fn) == (0.0, MAX_HD95, MAX_HD95, 1)
+    assert (missed.lesion_dice, missed.lesion_hd95, missed.legacy_hd95, missed.n_fn) == (
+        0.0,
+        MAX_HD95,
+        MAX_HD95,
+        1,
+    )
     spurious = region_scores(blob, empty, (1, 1, 1))
     assert (spurious.lesion_dice, spurious.lesion_hd95, spurious.n_fp, spurious.sensitivity) == (
-        0.0, MAX_HD95, 1, 0.0)
+        0.0,
+        MAX_HD95,
+        1,
+        0.0,
+    )
     assert math.isinf(surface_hd95(blob, empty, (1, 1, 1)))
 
 
@@ -119,7 +144,12 @@ def test_missing_prediction_is_worst_and_counts_kept_lesions() -> None:
     truth, _, spacing = case("below_threshold")
     for challenge, n_fn in (("gli", 1), ("met", 2)):  # the 27-voxel lesion counts only for MET
         worst = worst_scores(truth > 0, spacing, challenge)
-        assert (worst.lesion_dice, worst.lesion_hd95, worst.legacy_dice, worst.n_fn) == (0.0, MAX_HD95, 0.0, n_fn)
+        assert (worst.lesion_dice, worst.lesion_hd95, worst.legacy_dice, worst.n_fn) == (
+            0.0,
+            MAX_HD95,
+            0.0,
+            n_fn,
+        )
         assert worst.n_fn == region_scores(np.zeros_like(truth, bool), truth > 0, spacing, challenge).n_fn
     assert challenge_metrics(None, truth, spacing)["WT"]["lesion_dice"] == 0.0
 

@@ -27,6 +27,7 @@ def _pairs(n: int = 4) -> list[tuple[np.ndarray, np.ndarray]]:
 
 def _scipy_hd(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...], q: float) -> float:
     """Independent HD: 6-connected surfaces, exact EDT in mm, max of the two directed percentiles."""
+
     def surface(m: np.ndarray) -> np.ndarray:
         return m ^ ndimage.binary_erosion(m)
 

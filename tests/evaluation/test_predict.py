@@ -14,9 +14,17 @@ AFFINE = np.array([[-1.0, 0, 0, 120], [0, -1.0, 0, 119], [0, 0, 1.2, -70], [0, 0
 
 
 def _meta(convention, source=None):
-    return CaseMeta(name="case1", layout="brats2020", convention=convention, available=(True,) * 4,
-                    original_shape=SHAPE, affine=AFFINE.tolist(), spacing=(1.0, 1.0, 1.2), crop_box=BOX,
-                    source=source or {})
+    return CaseMeta(
+        name="case1",
+        layout="brats2020",
+        convention=convention,
+        available=(True,) * 4,
+        original_shape=SHAPE,
+        affine=AFFINE.tolist(),
+        spacing=(1.0, 1.0, 1.2),
+        crop_box=BOX,
+        source=source or {},
+    )
 
 
 def _release_label(et):

@@ -18,9 +18,16 @@ REGIONS = ("WT", "TC", "ET", "ET_post")
 def _rows(n_cases=3, seed=0):
     rng = np.random.default_rng(seed)
     return [
-        {"case": f"case{c}", "subset": s, "region": r,
-         "dice": float(rng.random()), "hd95": float(rng.random() * 20)}
-        for c in range(n_cases) for s in SUBSET_NAMES for r in REGIONS
+        {
+            "case": f"case{c}",
+            "subset": s,
+            "region": r,
+            "dice": float(rng.random()),
+            "hd95": float(rng.random() * 20),
+        }
+        for c in range(n_cases)
+        for s in SUBSET_NAMES
+        for r in REGIONS
     ]
 
 
@@ -54,8 +61,13 @@ def test_summary_hand_computed_two_cases():
 
 def test_write_report_files_rows_and_markdown_order(tmp_path):
     rows = _rows()
-    paths = write_report(rows, tmp_path / "rep", "SMML", dataset_layout="brats2018",
-                         settings={"roi_size": 128, "overlap": 0.5, "mode": "gaussian"})
+    paths = write_report(
+        rows,
+        tmp_path / "rep",
+        "SMML",
+        dataset_layout="brats2018",
+        settings={"roi_size": 128, "overlap": 0.5, "mode": "gaussian"},
+    )
     assert set(paths) == {"per_case", "summary", "report", "heatmap", "modality_gains"}
     assert all(p.is_file() for p in paths.values())
     per_case = pd.read_csv(paths["per_case"])
@@ -66,8 +78,9 @@ def test_write_report_files_rows_and_markdown_order(tmp_path):
     assert {f"{r}_{m}" for r in REGIONS for m in ("dice", "hd95")} <= set(summary.columns)
 
     text = paths["report"].read_text()
-    table = [line for line in text.splitlines()
-             if (line.startswith("| ") and "●" in line) or "**Average**" in line]
+    table = [
+        line for line in text.splitlines() if (line.startswith("| ") and "●" in line) or "**Average**" in line
+    ]
     assert len(table) == 16
     assert [line.split("|")[1].strip() for line in table] == [*map(str, range(1, 16)), "**Average**"]
     # Row 1 is T2 only: FLAIR, T1ce, T1 missing, T2 present; its WT Dice is the mean in percent.
@@ -118,15 +131,24 @@ def test_subset_ranking_and_its_line_in_the_report(tmp_path):
         n = subset.count("+") + 1
         for region in REGIONS:
             dice = 0.2 * n - (0.1 if subset == "T1" else 0.0)
-            rows.append({"case": "a", "subset": subset, "region": region,
-                         "dice": 0.0 if region == "ET_post" else dice, "hd95": 1.0})
+            rows.append(
+                {
+                    "case": "a",
+                    "subset": subset,
+                    "region": region,
+                    "dice": 0.0 if region == "ET_post" else dice,
+                    "hd95": 1.0,
+                }
+            )
     ranking = subset_ranking(summary_table(rows))
     assert ranking.index[0] == "FLAIR+T1ce+T1+T2" and ranking.index[-1] == "T1"
     assert ranking.iloc[0] == pytest.approx(0.8) and ranking.iloc[-1] == pytest.approx(0.1)
     assert len(ranking) == 15
     text = write_report(rows, tmp_path / "rep", "SMML")["report"].read_text()
-    assert ("Mean Dice over WT, TC and ET: best FLAIR+T1ce+T1+T2 (80.0), worst T1 (10.0); "
-            "all four modalities rank 1 of 15.") in text
+    assert (
+        "Mean Dice over WT, TC and ET: best FLAIR+T1ce+T1+T2 (80.0), worst T1 (10.0); "
+        "all four modalities rank 1 of 15."
+    ) in text
 
 
 def _additive_rows(n_cases=4):
@@ -135,7 +157,9 @@ def _additive_rows(n_cases=4):
     for c in range(n_cases):
         for subset in SUBSET_NAMES:
             dice = 0.05 * c + 0.1 * (subset.count("+") + 1) + (0.3 if "T1ce" in subset else 0.0)
-            rows += [{"case": f"c{c}", "subset": subset, "region": r, "dice": dice, "hd95": 1.0} for r in REGIONS]
+            rows += [
+                {"case": f"c{c}", "subset": subset, "region": r, "dice": dice, "hd95": 1.0} for r in REGIONS
+            ]
     return rows
 
 

@@ -18,11 +18,20 @@ def _rows(seed: int = 0) -> list[dict]:
     for case in ("a", "b"):
         for subset in SUBSET_NAMES[:2] + SUBSET_NAMES[-1:]:
             for region in ("WT", "TC", "ET", "ET_post"):
-                row = {"case": case, "subset": subset, "region": region, "dice": float(rng.random()),
-                       "hd95": float(rng.random() * 9)}
+                row = {
+                    "case": case,
+                    "subset": subset,
+                    "region": region,
+                    "dice": float(rng.random()),
+                    "hd95": float(rng.random() * 9),
+                }
                 if region != "ET_post":
-                    row.update({m: float(rng.integers(0, 4)) if m.startswith("n_") else float(rng.random())
-                                for m in METRICS})
+                    row.update(
+                        {
+                            m: float(rng.integers(0, 4)) if m.startswith("n_") else float(rng.random())
+                            for m in METRICS
+                        }
+                    )
                 rows.append(row)
     return rows
 
@@ -50,10 +59,13 @@ def test_report_has_both_tables(tmp_path) -> None:
     assert len(per_case) == 2 * 3 * 3 and set(per_case["region"]) == {"WT", "TC", "ET"}
     summary = pd.read_csv(paths["lesionwise_summary"]).set_index("subset")
     assert summary.loc[SUBSET_NAMES[0], "TC_lesion_dice"] == pytest.approx(
-        per_case[(per_case["subset"] == SUBSET_NAMES[0]) & (per_case["region"] == "TC")]["lesion_dice"].mean())
+        per_case[(per_case["subset"] == SUBSET_NAMES[0]) & (per_case["region"] == "TC")]["lesion_dice"].mean()
+    )
     text = paths["report"].read_text()
-    legacy, lesion = text.index("Dice (%) and HD95 (mm) per available-modality subset"), text.index(
-        "lesion-wise Dice (%) and HD95 (mm), BraTS-MET rules")
+    legacy, lesion = (
+        text.index("Dice (%) and HD95 (mm) per available-modality subset"),
+        text.index("lesion-wise Dice (%) and HD95 (mm), BraTS-MET rules"),
+    )
     assert legacy < lesion < text.index("## How these figures were computed")
     assert "original, uncropped grid" in text
     avg = summary.loc["Average"]
@@ -68,8 +80,16 @@ def test_rows_from_challenge_metrics_fit_the_report(tmp_path) -> None:
     rows = []
     for subset in SUBSET_NAMES[:2]:
         for region, values in challenge_metrics(pred, truth, (1.0, 1.0, 1.0)).items():
-            rows.append({"case": "x", "subset": subset, "region": region, "dice": values["legacy_dice"],
-                         "hd95": values["legacy_hd95"], **values})
+            rows.append(
+                {
+                    "case": "x",
+                    "subset": subset,
+                    "region": region,
+                    "dice": values["legacy_dice"],
+                    "hd95": values["legacy_hd95"],
+                    **values,
+                }
+            )
     table = lesionwise_table(rows).set_index("subset")
     assert table.loc[SUBSET_NAMES[0], "WT_n_tp"] == 1 and table.loc[SUBSET_NAMES[0], "WT_n_fp"] == 0
     assert 0.5 < table.loc["Average", "ET_lesion_dice"] < 1.0

@@ -19,8 +19,16 @@ class PeakingScore(BoringModel):
 
 
 def fit(callback: ModelCheckpoint, root: Path, **trainer_args) -> None:
-    args = dict(max_epochs=3, limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
-                enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
+    args = dict(
+        max_epochs=3,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+    )
     trainer = pl.Trainer(callbacks=[callback], **{**args, **trainer_args})
     trainer.fit(PeakingScore())
 

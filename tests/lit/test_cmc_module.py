@@ -24,9 +24,15 @@ def batch() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     label = torch.randint(0, 4, (3, 1, P, P, P), generator=g)
     label[2] = -1  # an unlabeled sample's placeholder: reading it would fail in the loss
-    masks = torch.tensor([[[True, True, False, True]], [[True, False, False, False]], [[True, True, True, True]]])
-    return {"image": torch.randn(3, 4, P, P, P, generator=g), "label": label, "masks": masks,
-            "labeled": torch.tensor([True, True, False])}
+    masks = torch.tensor(
+        [[[True, True, False, True]], [[True, False, False, False]], [[True, True, True, True]]]
+    )
+    return {
+        "image": torch.randn(3, 4, P, P, P, generator=g),
+        "label": label,
+        "masks": masks,
+        "labeled": torch.tensor([True, True, False]),
+    }
 
 
 def test_terms_read_the_right_samples():
@@ -36,7 +42,10 @@ def test_terms_read_the_right_samples():
     assert set(terms) == {"seg", "csc", "cac"}
     out = model.net(b["image"], b["masks"][:, 0])
     mask = b["masks"][:, 0]
-    lab_losses = [model.seg_loss(out.aux_logits[m][s:s + 1], b["label"][s:s + 1]) for s, m in [(0, 0), (0, 1), (0, 3)]]
+    lab_losses = [
+        model.seg_loss(out.aux_logits[m][s : s + 1], b["label"][s : s + 1])
+        for s, m in [(0, 0), (0, 1), (0, 3)]
+    ]
     # per-modality batch Dice over the labeled samples having it, weighted by their share, / mean branches
     flair = model.seg_loss(out.aux_logits[0][:2], b["label"][:2])
     expected_seg = (flair + (lab_losses[1] + lab_losses[2]) / 2) * 2 / 4
@@ -66,7 +75,9 @@ def test_schedules_follow_the_config():
     model = module(warmup_epochs=4, ramp_epochs=10)
     assert model.consistency_weights(3) == (0.0, 0.0)
     csc, cac = model.consistency_weights(7)
-    assert csc == pytest.approx(math.exp(-5 * 0.3**2)) and cac == pytest.approx(0.5 * (math.cos(0.7 * math.pi) + 1))
+    assert csc == pytest.approx(math.exp(-5 * 0.3**2)) and cac == pytest.approx(
+        0.5 * (math.cos(0.7 * math.pi) + 1)
+    )
     assert model.consistency_weights(12) == pytest.approx((1.0, 0.0))
     with pytest.raises(ValueError, match="ramp_epochs"):
         module(ramp_epochs=None).ramp_length()
@@ -74,8 +85,9 @@ def test_schedules_follow_the_config():
     by_epochs._trainer = SimpleNamespace(max_epochs=12, max_steps=-1)
     assert by_epochs.ramp_length() == 12
     by_steps = module(ramp_epochs=None)  # a run bounded by steps: 10 steps of 4 batches, 2 per step
-    by_steps._trainer = SimpleNamespace(max_epochs=-1, max_steps=10, num_training_batches=4,
-                                        accumulate_grad_batches=2)
+    by_steps._trainer = SimpleNamespace(
+        max_epochs=-1, max_steps=10, num_training_batches=4, accumulate_grad_batches=2
+    )
     assert by_steps.ramp_length() == 5
     with pytest.raises(ValueError, match="w_csc"):
         module(w_csc=-1.0)

@@ -16,8 +16,11 @@ def test_each_modality_model_gets_nnunets_deep_supervision_loss():
     model = MAMLModule(network=lambda: MAML(base_width=2), roi_size=P, channels_last=False, warmup_epochs=0)
     g = torch.Generator().manual_seed(1)
     label = torch.randint(0, 4, (2, 1, P, P, P), generator=g)
-    batch = {"image": torch.randn(2, 4, P, P, P, generator=g), "label": label,
-             "masks": torch.ones(2, 1, 4, dtype=torch.bool)}
+    batch = {
+        "image": torch.randn(2, 4, P, P, P, generator=g),
+        "label": label,
+        "masks": torch.ones(2, 1, 4, dtype=torch.bool),
+    }
     terms = model.training_losses(batch)
     assert set(terms) == {"seg_fused", "seg_modality", "seg_deep", "mutual"}
 
@@ -43,9 +46,11 @@ def test_modality_models_are_supervised_on_every_sample_whatever_the_mask():
     torch.manual_seed(0)
     model = MAMLModule(network=lambda: MAML(base_width=2), roi_size=P, channels_last=False, warmup_epochs=0)
     g = torch.Generator().manual_seed(1)
-    batch = {"image": torch.randn(2, 4, P, P, P, generator=g),
-             "label": torch.randint(0, 4, (2, 1, P, P, P), generator=g),
-             "masks": torch.ones(2, 1, 4, dtype=torch.bool)}
+    batch = {
+        "image": torch.randn(2, 4, P, P, P, generator=g),
+        "label": torch.randint(0, 4, (2, 1, P, P, P), generator=g),
+        "masks": torch.ones(2, 1, 4, dtype=torch.bool),
+    }
     full = model.training_losses(batch)
     batch["masks"] = torch.tensor([[[True, False, False, True]], [[False, True, False, False]]])
     partial = model.training_losses(batch)

@@ -32,13 +32,19 @@ class _DataModule:
 
 def _module(root, monkeypatch, label):
     """A module whose logits are the one-hot of ``label`` (the cached grid's): perfect on that grid."""
+
     def perfect(models, image, subsets, **kwargs):
         onehot = torch.nn.functional.one_hot(torch.as_tensor(np.array(label)).long(), 4).permute(3, 0, 1, 2)
         return {SUBSETS.index(tuple(s)): onehot[None].float() for s in subsets}
 
     monkeypatch.setattr(lit_base, "predict_subsets", perfect)
-    module = SingleBranch(network=lambda: MMFormer(base_width=4, transformer_dim=16, num_heads=2, patch_size=16),
-                          roi_size=16, channels_last=False, test_subsets=["all"], challenge=None)
+    module = SingleBranch(
+        network=lambda: MMFormer(base_width=4, transformer_dim=16, num_heads=2, patch_size=16),
+        roi_size=16,
+        channels_last=False,
+        test_subsets=["all"],
+        challenge=None,
+    )
     module._trainer = types.SimpleNamespace(datamodule=_DataModule(root))
     return module
 
@@ -52,26 +58,44 @@ def test_resampled_case_scored_against_its_native_label(tmp_path, monkeypatch):
         prepare(tmp_path / "raw", root, min_size=MIN, spacing=spacing, progress=False)
         meta = cache.load_meta(root, case.name)
         label = cache.load_label(root, case.name)
-        batch = {"name": [case.name], "image": torch.from_numpy(np.array(cache.load_image(root, case.name)))[None],
-                 "label": torch.from_numpy(np.array(label))[None, None], "available": torch.ones(1, 4, dtype=torch.bool)}
+        batch = {
+            "name": [case.name],
+            "image": torch.from_numpy(np.array(cache.load_image(root, case.name)))[None],
+            "label": torch.from_numpy(np.array(label))[None, None],
+            "available": torch.ones(1, 4, dtype=torch.bool),
+        }
         rows = _module(root, monkeypatch, label).test_step(batch, 0)["rows"]
         dice = {r["region"]: r["dice"] for r in rows}
         if spacing is None:  # the cached grid is the native one: the model's labels are the truth
-            assert dice == {r: v["dice"] for r, v in case_metrics(np.array(label), truth[tuple(
-                slice(a, b) for a, b in meta.crop_box)], meta.spacing).items()}
+            assert dice == {
+                r: v["dice"]
+                for r, v in case_metrics(
+                    np.array(label), truth[tuple(slice(a, b) for a, b in meta.crop_box)], meta.spacing
+                ).items()
+            }
             assert dice["WT"] == dice["TC"] == 1.0
             continue
         # Resampled: the upsampled one-hot, arg-maxed on the native crop, against the native label.
         box = crop(truth, meta.crop_box)
-        onehot = torch.nn.functional.one_hot(torch.from_numpy(np.array(label)).long(), 4).permute(3, 0, 1, 2).float()
+        onehot = (
+            torch.nn.functional.one_hot(torch.from_numpy(np.array(label)).long(), 4)
+            .permute(3, 0, 1, 2)
+            .float()
+        )
         native_pred = lit_base.logits_to_box(onehot, meta)
         # (an HD95 with one side empty is the original grid's diagonal, as test_step scores it)
-        independent = case_metrics(native_pred, box, meta.native_spacing,
-                                   empty_distance=image_diagonal(meta.original_shape, meta.native_spacing))
+        independent = case_metrics(
+            native_pred,
+            box,
+            meta.native_spacing,
+            empty_distance=image_diagonal(meta.original_shape, meta.native_spacing),
+        )
         assert dice == {r: v["dice"] for r, v in independent.items()}
         assert 0.8 < dice["WT"] < 1.0 and 0.8 < dice["TC"] < 1.0  # resampling error, on the native grid
         hd95 = {r["region"]: r["hd95"] for r in rows}
         assert hd95 == {r: v["hd95"] for r, v in independent.items()}
         # predict_step gives labels on the native crop box.
         out = _module(root, monkeypatch, label).predict_step(batch, 0)
-        assert tuple(out["labels"].shape) == meta.box_shape and np.array_equal(out["labels"].numpy(), native_pred)
+        assert tuple(out["labels"].shape) == meta.box_shape and np.array_equal(
+            out["labels"].numpy(), native_pred
+        )

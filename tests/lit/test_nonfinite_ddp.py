@@ -48,16 +48,25 @@ class NanOnRankOne(MissingModalityModule):
 
     def on_train_end(self) -> None:
         weights = [p.detach().flatten().tolist() for p in self.parameters()]
-        (self.out / f"rank{self.global_rank}.json").write_text(json.dumps({"trained": self.trained,
-                                                                           "weights": weights}))
+        (self.out / f"rank{self.global_rank}.json").write_text(
+            json.dumps({"trained": self.trained, "weights": weights})
+        )
 
 
 def _run(out: Path, on_nonfinite: str) -> None:
     pl.seed_everything(0)
     images = [{"image": torch.randn(4, 2, 2, 2)} for _ in range(8)]  # 2 ranks x 4 steps of 1
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(timeout=timedelta(seconds=60)),
-                         max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         enable_checkpointing=False, default_root_dir=out)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=DDPStrategy(timeout=timedelta(seconds=60)),
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=out,
+    )
     try:
         trainer.fit(NanOnRankOne(out, on_nonfinite), DataLoader(images, batch_size=1))
     except NonFiniteLossError as err:

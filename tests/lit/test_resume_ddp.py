@@ -54,10 +54,20 @@ class Noisy(pl.LightningModule):
 def fit(out: Path, devices: int, ckpt_path: str | None = None) -> pl.Trainer:
     pl.seed_everything(0)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_epochs=2,
-        logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=out,
-        callbacks=[ResumeState(), ModelCheckpoint(dirpath=out / "ckpt", filename="{step}", every_n_train_steps=1,
-                                                  save_top_k=-1, save_last=True)],
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        max_epochs=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out,
+        callbacks=[
+            ResumeState(),
+            ModelCheckpoint(
+                dirpath=out / "ckpt", filename="{step}", every_n_train_steps=1, save_top_k=-1, save_last=True
+            ),
+        ],
     )
     trainer.fit(Noisy(out), ckpt_path=ckpt_path)
     return trainer

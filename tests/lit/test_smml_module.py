@@ -13,8 +13,13 @@ P = 32
 
 def tiny_smml(**kw) -> SMML:
     torch.manual_seed(0)
-    return SMML(network=lambda: MMFormer(base_width=4, transformer_dim=16, num_heads=2, dropout=0.0, patch_size=P),
-                refiner=lambda: SemanticRefiner(width=4), roi_size=P, channels_last=False, **kw)
+    return SMML(
+        network=lambda: MMFormer(base_width=4, transformer_dim=16, num_heads=2, dropout=0.0, patch_size=P),
+        refiner=lambda: SemanticRefiner(width=4),
+        roi_size=P,
+        channels_last=False,
+        **kw,
+    )
 
 
 def make_batch(b=2, masks=None):
@@ -30,8 +35,16 @@ def make_batch(b=2, masks=None):
     return {"image": image, "label": label, "masks": masks, "prior": prior}
 
 
-PAPER_TERMS = {"seg_fused", "seg_aux", "seg_deep", "seg_refine", "prior_consist", "hcc_pixel", "hcc_sample",
-               "hcc_class"}
+PAPER_TERMS = {
+    "seg_fused",
+    "seg_aux",
+    "seg_deep",
+    "seg_refine",
+    "prior_consist",
+    "hcc_pixel",
+    "hcc_sample",
+    "hcc_class",
+}
 
 
 def test_all_paper_terms_after_warmup_and_gradients_reach_both_branches():
@@ -64,7 +77,9 @@ def test_shared_mask_ablation_feeds_both_branches_the_first_mask(monkeypatch):
     seen = []
     for branch in model.branches:
         original = branch.forward
-        monkeypatch.setattr(branch, "forward", lambda x, m, _f=original: (seen.append(m.clone()), _f(x, m))[1])
+        monkeypatch.setattr(
+            branch, "forward", lambda x, m, _f=original: (seen.append(m.clone()), _f(x, m))[1]
+        )
     model.training_losses(make_batch())
     assert torch.equal(seen[0], seen[1])
 
@@ -82,10 +97,12 @@ def test_masked_modality_encoder_learns_only_through_its_auxiliary_loss(w_aux):
     per_group = first.weight.shape[0] // 4
     grad = first.weight.grad
     for k, available in enumerate(batch["masks"][0, 0].tolist()):
-        g = grad[k * per_group:(k + 1) * per_group].abs().sum()
+        g = grad[k * per_group : (k + 1) * per_group].abs().sum()
         assert (g > 0) if (available or w_aux > 0) else (g == 0), (k, available, float(g))
     for k in (2, 3):  # the intra-modal transformers feed the fused path and the auxiliary decoder
-        reached = sum(float(p.grad.abs().sum()) for p in model.branches[0].intra[k].parameters() if p.grad is not None)
+        reached = sum(
+            float(p.grad.abs().sum()) for p in model.branches[0].intra[k].parameters() if p.grad is not None
+        )
         assert (reached > 0) == (w_aux > 0), (k, reached)
 
 
@@ -148,7 +165,7 @@ def _varied_batch(b: int, seed: int) -> dict:
     label = torch.zeros(b, 1, P, P, P, dtype=torch.long)
     for i in range(b):
         x, y, z = torch.randint(0, P // 2, (3,), generator=g).tolist()
-        label[i, :, x:x + 12, y:y + 12, z:z + 12] = 1 + i % 3
+        label[i, :, x : x + 12, y : y + 12, z : z + 12] = 1 + i % 3
     scale = torch.rand(b, 4, 1, 1, 1, generator=g) * 2 + 0.5
     image = torch.randn(b, 4, P, P, P, generator=g) * scale + 2 * label.float()
     masks = torch.tensor([[[1, 1, 0, 0], [0, 1, 1, 1]]] * b, dtype=torch.bool)
@@ -164,7 +181,9 @@ def test_feature_hcc_relates_the_pre_norm_bottleneck_and_the_inter_sample_term_p
     model = tiny_smml(warmup_epochs=0, use_prior=False)
     batch = _varied_batch(4, seed=0)
     decoder_inputs = []
-    hook = model.branches[0].decoder.register_forward_hook(lambda mod, args, out: decoder_inputs.append(args[1]))
+    hook = model.branches[0].decoder.register_forward_hook(
+        lambda mod, args, out: decoder_inputs.append(args[1])
+    )
     outs = [branch(batch["image"], batch["masks"][:, k]) for k, branch in enumerate(model.branches)]
     hook.remove()
     post = [branch.from_tokens.adn(out.bottleneck) for branch, out in zip(model.branches, outs)]
@@ -182,5 +201,9 @@ def test_feature_hcc_relates_the_pre_norm_bottleneck_and_the_inter_sample_term_p
     assert pre_norm > 0.01 * seg, (pre_norm, seg)
     assert pre_norm > 10 * post_norm, (pre_norm, post_norm)
     terms = model.training_losses(batch)  # the module's own term is the pre-norm relation
-    torch.testing.assert_close(terms["hcc_sample"], model.w["sample"] * inter_sample_relation(
-        outs[0].bottleneck, outs[1].bottleneck).detach(), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(
+        terms["hcc_sample"],
+        model.w["sample"] * inter_sample_relation(outs[0].bottleneck, outs[1].bottleneck).detach(),
+        rtol=1e-4,
+        atol=1e-7,
+    )

@@ -36,8 +36,12 @@ def _worker(rank: int, init_file: str, out: str) -> None:
         feat_a, feat_b = (f[_rows(rank, sizes)].clone().requires_grad_() for f in _features(sum(sizes)))
         loss = inter_sample_relation(feat_a, feat_b, across_ranks=True)
         loss.backward()
-        result[name] = {"sim": sample_similarity(feat_b.detach(), across_ranks=True),
-                              "loss": loss.detach(), "grad_a": feat_a.grad, "grad_b": feat_b.grad}
+        result[name] = {
+            "sim": sample_similarity(feat_b.detach(), across_ranks=True),
+            "loss": loss.detach(),
+            "grad_a": feat_a.grad,
+            "grad_b": feat_b.grad,
+        }
     torch.save(result, Path(out) / f"rank{rank}.pt")
     dist.destroy_process_group()
 

@@ -54,7 +54,9 @@ def test_channel_nt_xent_matches_a_loop_and_monai():
 def test_csc_averages_over_available_pairs_only():
     f = torch.randn(2, 4, 3, 2, 2, 2, generator=_gen(2))
     mask = torch.tensor([[True, True, False, True], [False, True, False, False]])
-    expected = torch.stack([channel_nt_xent(f[:1, i], f[:1, j])[0] for i, j in [(0, 1), (0, 3), (1, 3)]]).mean()
+    expected = torch.stack(
+        [channel_nt_xent(f[:1, i], f[:1, j])[0] for i, j in [(0, 1), (0, 3), (1, 3)]]
+    ).mean()
     torch.testing.assert_close(csc_loss(f, mask), expected)
     g = f.clone()
     g[0, 2] = torch.randn_like(g[0, 2])  # missing modality
@@ -71,7 +73,9 @@ def test_soft_dice_agreement_by_hand():
     d0 = 2 * (0.1 + 0.3) / (0.04 + 0.36 + 0.5)
     d1 = 2 * (0.4 + 0.2) / (0.64 + 0.16 + 0.5)
     assert soft_dice_agreement(p, q, smooth=0).item() == pytest.approx(1 - (d0 + d1) / 2, rel=1e-6)
-    assert soft_dice_agreement(p, q, smooth=0, include_background=False).item() == pytest.approx(1 - d1, rel=1e-6)
+    assert soft_dice_agreement(p, q, smooth=0, include_background=False).item() == pytest.approx(
+        1 - d1, rel=1e-6
+    )
     assert soft_dice_agreement(p, p).abs().item() < 1e-6
 
 
@@ -115,8 +119,10 @@ def test_unlabeled_terms_send_gradient_into_the_encoder():
     with torch.no_grad():
         net.mia[0].gamma.fill_(0.1)
     out = net(torch.randn(2, 4, 8, 8, 8, generator=_gen(4)), torch.tensor([[True, True, False, True]] * 2))
-    for term in (csc_loss(out.modality_features, out.aux_mask),
-                 cac_loss(torch.stack(out.aux_logits, dim=1), out.aux_mask)):
+    for term in (
+        csc_loss(out.modality_features, out.aux_mask),
+        cac_loss(torch.stack(out.aux_logits, dim=1), out.aux_mask),
+    ):
         net.zero_grad()
         term.backward(retain_graph=True)
         first = net.encoder.stages[0].down.conv.weight.grad

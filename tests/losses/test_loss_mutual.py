@@ -44,7 +44,9 @@ def test_mutual_loss_gives_no_gradient_to_missing_modalities() -> None:
     for m in range(4):
         for b in range(2):
             moved = modality[m].grad[b].abs().sum().item() > 0
-            assert moved == bool(mask[b, m]), f"sample {b}, modality {m}: gradient {moved}, available {bool(mask[b, m])}"
+            assert moved == bool(mask[b, m]), (
+                f"sample {b}, modality {m}: gradient {moved}, available {bool(mask[b, m])}"
+            )
     assert (fused.grad.flatten(1).abs().sum(dim=1) > 0).all()
 
 

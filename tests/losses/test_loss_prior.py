@@ -57,8 +57,9 @@ def test_prior_consistency_gradient_goes_to_fused_only() -> None:
 
 
 def test_prior_consistency_is_zero_for_equal_predictions() -> None:
-    assert prior_consistency(_vol(FUSED), _vol(FUSED), torch.zeros(1, 1, 2, 1, 1, dtype=torch.long)).item() == \
-        pytest.approx(0.0, abs=1e-7)
+    assert prior_consistency(
+        _vol(FUSED), _vol(FUSED), torch.zeros(1, 1, 2, 1, 1, dtype=torch.long)
+    ).item() == pytest.approx(0.0, abs=1e-7)
 
 
 def test_prior_consistency_averages_over_reliable_voxels_by_hand() -> None:
@@ -66,7 +67,10 @@ def test_prior_consistency_averages_over_reliable_voxels_by_hand() -> None:
     fused = [[0.5, -0.2, 1.0], [2.0, 0.1, -1.0], [0.3, 0.3, 0.0]]
     refined = [[1.0, 0.0, 0.0], [0.0, 1.5, 0.2], [2.0, 0.0, 0.5]]  # argmax 0, 1, 0
     label = torch.tensor([0, 1, 0]).reshape(1, 1, 3, 1, 1)
-    kl = [sum(a * math.log(a / b) for a, b in zip(_probs(r, 1.0), _probs(f, 1.0))) for f, r in zip(fused, refined)]
+    kl = [
+        sum(a * math.log(a / b) for a, b in zip(_probs(r, 1.0), _probs(f, 1.0)))
+        for f, r in zip(fused, refined)
+    ]
 
     def vol(voxels):
         return torch.tensor(voxels).T.reshape(1, 3, 3, 1, 1)

@@ -84,7 +84,9 @@ def test_class_weighted_ce_weighs_each_voxel_by_one_minus_its_class_share_per_sa
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     # Unweighted, the same voxels give the plain mean cross-entropy.
     plain = SegmentationLoss(lambda_dice=0.0)(logits, label)
-    assert plain.item() == pytest.approx(torch.nn.functional.cross_entropy(logits, label[:, 0]).item(), rel=1e-6)
+    assert plain.item() == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, label[:, 0]).item(), rel=1e-6
+    )
 
 
 def test_public_code_loss_matches_its_per_class_formula() -> None:
@@ -99,7 +101,9 @@ def test_public_code_loss_matches_its_per_class_formula() -> None:
     for c in range(4):
         share = target[:, c].sum((1, 2, 3)) / target.sum((1, 2, 3, 4))
         cross = cross - ((1 - share).view(-1, 1, 1, 1) * target[:, c] * prob[:, c].log())
-        dice = dice + (2 * (prob[:, c] * target[:, c]).sum() + 1) / (prob[:, c].sum() + target[:, c].sum() + 1)
+        dice = dice + (2 * (prob[:, c] * target[:, c]).sum() + 1) / (
+            prob[:, c].sum() + target[:, c].sum() + 1
+        )
     expected = cross.mean() + 1 - dice / 4
     loss = SegmentationLoss(include_background=True, class_weighted_ce=True)(logits, label)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
@@ -148,7 +152,9 @@ def test_halving_weights_are_nnunets_and_weight_the_outputs() -> None:
 
     label = torch.zeros(1, 1, 4, 4, 4, dtype=torch.long)
     outputs = [torch.zeros(1, 4, 1, 1, 1), torch.zeros(1, 4, 2, 2, 2)]
-    assert deep_supervision_loss(by_size, outputs, label, [0.25, 0.5]).item() == pytest.approx(0.25 * 1 + 0.5 * 2)
+    assert deep_supervision_loss(by_size, outputs, label, [0.25, 0.5]).item() == pytest.approx(
+        0.25 * 1 + 0.5 * 2
+    )
     with pytest.raises(ValueError, match="1 weights for 2 outputs"):
         deep_supervision_loss(by_size, outputs, label, [1.0])
 
@@ -188,8 +194,12 @@ def test_masked_aux_loss_with_every_modality_scored_is_the_sum_of_the_four_losse
 
 def test_masked_aux_loss_without_available_pairs_is_zero_with_a_graph() -> None:
     aux = [torch.randn(1, 4, 2, 2, 2, requires_grad=True) for _ in range(4)]
-    value = masked_aux_loss(SegmentationLoss(), aux, torch.zeros(1, 1, 2, 2, 2, dtype=torch.long),
-                            torch.zeros(1, 4, dtype=torch.bool))
+    value = masked_aux_loss(
+        SegmentationLoss(),
+        aux,
+        torch.zeros(1, 1, 2, 2, 2, dtype=torch.long),
+        torch.zeros(1, 4, dtype=torch.bool),
+    )
     assert value.item() == 0.0
     value.backward()
     assert all(torch.equal(a.grad, torch.zeros_like(a)) for a in aux)
@@ -198,4 +208,9 @@ def test_masked_aux_loss_without_available_pairs_is_zero_with_a_graph() -> None:
 def test_masked_aux_loss_rejects_a_mask_of_the_wrong_width() -> None:
     aux = [torch.zeros(1, 4, 2, 2, 2)] * 4
     with pytest.raises(ValueError, match=r"mask must be \(B, 4\)"):
-        masked_aux_loss(SegmentationLoss(), aux, torch.zeros(1, 1, 2, 2, 2, dtype=torch.long), torch.ones(1, 3, dtype=torch.bool))
+        masked_aux_loss(
+            SegmentationLoss(),
+            aux,
+            torch.zeros(1, 1, 2, 2, 2, dtype=torch.long),
+            torch.ones(1, 3, dtype=torch.bool),
+        )

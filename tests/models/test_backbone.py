@@ -131,8 +131,12 @@ def _run_separately(block, x: torch.Tensor, k: int, groups: int) -> torch.Tensor
     weight = conv.weight.unflatten(0, (groups, -1))[k]
     bias = conv.bias.unflatten(0, (groups, -1))[k]
     y = F.conv3d(x, weight, bias, stride=conv.stride, padding=conv.padding)
-    y = F.instance_norm(y, weight=norm.weight.unflatten(0, (groups, -1))[k],
-                        bias=norm.bias.unflatten(0, (groups, -1))[k], eps=norm.eps)
+    y = F.instance_norm(
+        y,
+        weight=norm.weight.unflatten(0, (groups, -1))[k],
+        bias=norm.bias.unflatten(0, (groups, -1))[k],
+        eps=norm.eps,
+    )
     return F.leaky_relu(y, block.adn.A.negative_slope)
 
 

@@ -27,12 +27,16 @@ def test_mia_attention_matches_a_hand_computation():
             new = [max(energy) - e for e in energy]
             z = sum(torch.exp(torch.tensor(v)) for v in new)
             for j in range(3):
-                assert got[b, i, j].item() == pytest.approx(float(torch.exp(torch.tensor(new[j])) / z), rel=1e-5)
+                assert got[b, i, j].item() == pytest.approx(
+                    float(torch.exp(torch.tensor(new[j])) / z), rel=1e-5
+                )
     # gamma starts at 0: the identity; with gamma set, gamma * A X + X
     assert torch.equal(mia(x.float()), x.float())
     with torch.no_grad():
         mia.gamma.fill_(0.7)
-    expected = 0.7 * torch.einsum("bij,bjn->bin", got, x.reshape(2, 3, -1).float()).reshape(x.shape) + x.float()
+    expected = (
+        0.7 * torch.einsum("bij,bjn->bin", got, x.reshape(2, 3, -1).float()).reshape(x.shape) + x.float()
+    )
     torch.testing.assert_close(mia(x.float()), expected.float())
 
 
@@ -75,9 +79,13 @@ def test_missing_modalities_take_no_part_and_encode_keeps_modalities_apart(share
         torch.testing.assert_close(net.fuse(enc_y, MASK), net.fuse(enc, MASK), rtol=0, atol=0)
         torch.testing.assert_close(net.decode(enc_y, MASK).logits, ref, rtol=0, atol=0)
         # per-modality work only in encode: modality 1's features changed, the others' did not
-        for new, old in zip([*enc_y.skips, enc_y.bottleneck, enc_y.mia], [*enc.skips, enc.bottleneck, enc.mia]):
+        for new, old in zip(
+            [*enc_y.skips, enc_y.bottleneck, enc_y.mia], [*enc.skips, enc.bottleneck, enc.mia]
+        ):
             new, old = new.unflatten(1, (4, -1)), old.unflatten(1, (4, -1))
-            assert torch.equal(new[:, [0, 2, 3]], old[:, [0, 2, 3]]) and not torch.allclose(new[:, 1], old[:, 1])
+            assert torch.equal(new[:, [0, 2, 3]], old[:, [0, 2, 3]]) and not torch.allclose(
+                new[:, 1], old[:, 1]
+            )
         z = x.clone()
         z[:, 3] = 5 * torch.randn_like(z[:, 3])  # available in both samples
         assert (net(z, MASK).logits - ref).abs().amax(dim=(1, 2, 3, 4)).min() > 1e-4

@@ -62,7 +62,9 @@ def test_mmformer_bottleneck_gradients_under_bf16_follow_float32():
     seeds); unguarded, the bottleneck's 3x3x3 convs came out at 0.0-0.57 (or inf).
     """
     torch.manual_seed(0)
-    net = guard_small_bf16_convs(MMFormer(base_width=8, transformer_dim=32, num_heads=2, dropout=0.0, patch_size=32)).train()
+    net = guard_small_bf16_convs(
+        MMFormer(base_width=8, transformer_dim=32, num_heads=2, dropout=0.0, patch_size=32)
+    ).train()
     image = torch.randn(2, 4, 32, 32, 32)
     mask = torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
     grads = {}
@@ -84,8 +86,11 @@ def test_every_method_module_guards_its_convolutions_at_setup():
     from smml_lightning.lit.smml import SMML
     from smml_lightning.models.refine import SemanticRefiner
 
-    module = SMML(network=lambda: MMFormer(base_width=4, transformer_dim=16, num_heads=2, dropout=0.0, patch_size=32),
-                  refiner=lambda: SemanticRefiner(width=4), roi_size=32)
+    module = SMML(
+        network=lambda: MMFormer(base_width=4, transformer_dim=16, num_heads=2, dropout=0.0, patch_size=32),
+        refiner=lambda: SemanticRefiner(width=4),
+        roi_size=32,
+    )
     assert any(type(m) is nn.Conv3d for m in module.modules())
     module.setup("fit")
     assert not any(type(m) is nn.Conv3d for m in module.modules())

@@ -11,14 +11,20 @@ from smml_lightning.models.baselines import UNetBaseline
 from smml_lightning.models.peers import FusedPeers
 from smml_lightning.models.refine import SemanticRefiner
 
-NET = functools.partial(MMFormer, base_width=4, transformer_dim=16, num_heads=2, mlp_ratio=2.0, dropout=0.1,
-                        patch_size=32)
+NET = functools.partial(
+    MMFormer, base_width=4, transformer_dim=16, num_heads=2, mlp_ratio=2.0, dropout=0.1, patch_size=32
+)
 
 
 def smml(fuse: bool) -> SMML:
     torch.manual_seed(0)
-    module = SMML(network=NET, refiner=functools.partial(SemanticRefiner, width=4), warmup_epochs=0, roi_size=32,
-                  fuse_peers=fuse)
+    module = SMML(
+        network=NET,
+        refiner=functools.partial(SemanticRefiner, width=4),
+        warmup_epochs=0,
+        roi_size=32,
+        fuse_peers=fuse,
+    )
     module.setup("fit")
     return module.train()
 
@@ -49,7 +55,10 @@ def test_fused_peers_give_the_plain_losses_and_gradients():
     data = batch()
     terms_plain, grads_plain = losses_and_grads(plain, data)
     terms_fused, grads_fused = losses_and_grads(fused, data)
-    assert terms_plain.keys() == terms_fused.keys() and {"hcc_pixel", "prior_consist", "seg_aux"} <= terms_plain.keys()
+    assert (
+        terms_plain.keys() == terms_fused.keys()
+        and {"hcc_pixel", "prior_consist", "seg_aux"} <= terms_plain.keys()
+    )
     for name in terms_plain:
         torch.testing.assert_close(terms_fused[name], terms_plain[name], rtol=1e-5, atol=1e-6, msg=name)
     # Every parameter of both branches gets the plain path's gradient, none is missing or extra.
@@ -76,5 +85,8 @@ def test_fused_peers_refuse_what_they_cannot_fuse():
         FusedPeers(NET(aux_all_modalities=False))
     fused = FusedPeers(NET())
     with pytest.raises(ValueError, match="shape"):
-        fused([NET(), MMFormer(base_width=8, transformer_dim=16, num_heads=2, patch_size=32)], torch.zeros(1, 4, 32, 32, 32),
-              [torch.ones(1, 4, dtype=torch.bool)] * 2)
+        fused(
+            [NET(), MMFormer(base_width=8, transformer_dim=16, num_heads=2, patch_size=32)],
+            torch.zeros(1, 4, 32, 32, 32),
+            [torch.ones(1, 4, dtype=torch.bool)] * 2,
+        )

@@ -29,7 +29,9 @@ def test_checkpoint_round_trip_through_the_real_loading_path(tiny_ckpt):
     assert all(torch.equal(loaded[k], built[k]) for k in built)
     assert encoder.img_size == 32 and not encoder.training
     assert not any(p.requires_grad for p in encoder.parameters())
-    other = load_sam_image_encoder(save_tiny_sam_checkpoint(tiny_ckpt.parent / "o.pth", seed=4, img_size=32), "tiny")
+    other = load_sam_image_encoder(
+        save_tiny_sam_checkpoint(tiny_ckpt.parent / "o.pth", seed=4, img_size=32), "tiny"
+    )
     assert not torch.equal(other.patch_embed.proj.weight, encoder.patch_embed.proj.weight)
     # the file is a whole SAM state dict, as the official ones are
     keys = torch.load(tiny_ckpt, weights_only=True).keys()
@@ -37,7 +39,9 @@ def test_checkpoint_round_trip_through_the_real_loading_path(tiny_ckpt):
 
 
 def test_missing_checkpoint_says_where_to_get_one(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"(?s)nope\.pth.*sam_vit_b_01ec64\.pth.*MedSAM.*--sam_checkpoint PATH"):
+    with pytest.raises(
+        FileNotFoundError, match=r"(?s)nope\.pth.*sam_vit_b_01ec64\.pth.*MedSAM.*--sam_checkpoint PATH"
+    ):
         load_sam_image_encoder(tmp_path / "nope.pth", "vit_b")
 
 

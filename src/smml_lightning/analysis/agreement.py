@@ -52,10 +52,16 @@ def measure(cases: list[tuple[Path, str]], run_dir: Path) -> pd.DataFrame:
             between = region_counts(preds[0][sid], preds[1][sid])
             truths = [region_counts(p[sid], truth) for p in preds]
             for region in REGIONS:
-                rows.append({"case": name, "subset": subset_name(SUBSETS[sid]), "region": region,
-                             "agreement": dice_from_counts(*between[region]),
-                             "peer0": dice_from_counts(*truths[0][region]),
-                             "peer1": dice_from_counts(*truths[1][region])})
+                rows.append(
+                    {
+                        "case": name,
+                        "subset": subset_name(SUBSETS[sid]),
+                        "region": region,
+                        "agreement": dice_from_counts(*between[region]),
+                        "peer0": dice_from_counts(*truths[0][region]),
+                        "peer1": dice_from_counts(*truths[1][region]),
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -75,8 +81,11 @@ def summarise(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_work_and_runs(parser, "a quality.py --work folder: its test and held-out cases are scored",
-                      "two-peer run folders (config.yaml, checkpoints/last.ckpt)")
+    add_work_and_runs(
+        parser,
+        "a quality.py --work folder: its test and held-out cases are scored",
+        "two-peer run folders (config.yaml, checkpoints/last.ckpt)",
+    )
 
 
 def run(args: argparse.Namespace) -> None:

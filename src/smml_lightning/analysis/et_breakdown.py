@@ -51,8 +51,14 @@ def reports(run_dir: Path, peer: int | None = None, train_fit: bool = False) -> 
     return [p for p in paths if p.parent.name.endswith(f"-peer{peer}")]
 
 
-def breakdown(work: Path, run: str, volumes: dict[str, int], region: str = "ET", peer: int | None = None,
-              train_fit: bool = False) -> pd.Series:
+def breakdown(
+    work: Path,
+    run: str,
+    volumes: dict[str, int],
+    region: str = "ET",
+    peer: int | None = None,
+    train_fit: bool = False,
+) -> pd.Series:
     """Mean Dice (%) of ``region`` per (case group, subset group), and the case counts."""
     frames = [pd.read_csv(p) for p in reports(work / run, peer, train_fit)]
     if not frames:
@@ -73,8 +79,14 @@ def breakdown(work: Path, run: str, volumes: dict[str, int], region: str = "ET",
     return table.rename(run)
 
 
-def added_last(work: Path, run: str, volumes: dict[str, int], region: str = "ET", peer: int | None = None,
-               train_fit: bool = False) -> pd.Series:
+def added_last(
+    work: Path,
+    run: str,
+    volumes: dict[str, int],
+    region: str = "ET",
+    peer: int | None = None,
+    train_fit: bool = False,
+) -> pd.Series:
     """Dice points gained by adding each modality last (all four minus the other three), paired by
     case, on the tumours with and without enhancement: where all four modalities lose their rank."""
     from ..evaluation.report import modality_gains
@@ -95,28 +107,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", help="run folders under it, e.g. smml-seed0-steps1200")
     parser.add_argument("--region", default="ET", help="ET (default) or ET_post")
     parser.add_argument("--peer", type=int, choices=(0, 1), help="an SMML peer's reports (runs with --peers)")
-    parser.add_argument("--train-fit", action="store_true", help="the runs' scores on their own training cases "
-                        "(runs with quality.py --train-fit) instead of the test cases")
+    parser.add_argument(
+        "--train-fit",
+        action="store_true",
+        help="the runs' scores on their own training cases "
+        "(runs with quality.py --train-fit) instead of the test cases",
+    )
 
 
 def run(args: argparse.Namespace) -> None:
     volumes = true_et_volumes(args.work)
     scored = "training" if args.train_fit else "test"
-    table = pd.concat([breakdown(args.work, r, volumes, args.region, args.peer, args.train_fit)
-                       for r in args.runs], axis=1)
-    print(f"{args.region} Dice (%) on the {scored} cases, mean over (case, subset) pairs; cases by true ET volume "
-          f"({scored} cases without any ET in brackets)\n")
+    table = pd.concat(
+        [breakdown(args.work, r, volumes, args.region, args.peer, args.train_fit) for r in args.runs], axis=1
+    )
+    print(
+        f"{args.region} Dice (%) on the {scored} cases, mean over (case, subset) pairs; cases by true ET volume "
+        f"({scored} cases without any ET in brackets)\n"
+    )
     columns = [c for c in table.index if c[0] != "cases"]
     print(f"| run | {scored} cases (no ET) | " + " | ".join(f"{a}, {b}" for a, b in columns) + " |")
     print("|---" * (len(columns) + 2) + "|")
     for name in table.columns:
         cells = " | ".join(f"{table.loc[c, name]:.1f}" for c in columns)
-        print(f"| {name} | {table.loc[('cases', 'n'), name]:.0f} ({table.loc[('cases', 'no ET'), name]:.0f}) "
-              f"| {cells} |")
-    last = pd.concat([added_last(args.work, r, volumes, args.region, args.peer, args.train_fit)
-                      for r in args.runs], axis=1)
-    print(f"\n{args.region} Dice points gained by adding each modality last (all four minus the other three, "
-          f"paired by case), on the {scored} cases without and with enhancement\n")
+        print(
+            f"| {name} | {table.loc[('cases', 'n'), name]:.0f} ({table.loc[('cases', 'no ET'), name]:.0f}) "
+            f"| {cells} |"
+        )
+    last = pd.concat(
+        [added_last(args.work, r, volumes, args.region, args.peer, args.train_fit) for r in args.runs], axis=1
+    )
+    print(
+        f"\n{args.region} Dice points gained by adding each modality last (all four minus the other three, "
+        f"paired by case), on the {scored} cases without and with enhancement\n"
+    )
     print("| run | " + " | ".join(f"{a}: {b}" for a, b in last.index) + " |")
     print("|---" * (len(last.index) + 1) + "|")
     for name in last.columns:

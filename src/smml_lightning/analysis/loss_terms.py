@@ -39,8 +39,9 @@ def gradient_norms(
             terms = model.training_losses(batch)
         for name, value in terms.items():
             grads = torch.autograd.grad(value.float(), params, retain_graph=True, allow_unused=True)
-            norm = torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads if g is not None]
-                                                        or [torch.zeros(())]))
+            norm = torch.linalg.vector_norm(
+                torch.stack([g.float().norm() for g in grads if g is not None] or [torch.zeros(())])
+            )
             total = sums.setdefault(name, [0.0, 0.0])
             total[0] += float(value.detach())
             total[1] += float(norm)

@@ -43,14 +43,19 @@ def score(cache_dir: Path, names: list[str]) -> pd.DataFrame:
             for r, region in enumerate(REGIONS):
                 classes = list(REGION_CLASSES[region])
                 totals[m, r] += dice(np.isin(guess, classes), np.isin(label, classes))
-    return pd.DataFrame(100 * totals / max(len(names), 1), columns=list(REGIONS),
-                        index=[MODALITY_LABELS[m] for m in MODALITIES])
+    return pd.DataFrame(
+        100 * totals / max(len(names), 1),
+        columns=list(REGIONS),
+        index=[MODALITY_LABELS[m] for m in MODALITIES],
+    )
 
 
 def oracle(source: Path, target: Path, link: list[str]) -> Path:
     """A copy of the benchmark folder ``source`` at ``target`` whose priors are the labels; returns its cache."""
     if target.exists():
-        raise FileExistsError(f"{target}: already exists; oracle makes a new work folder and overwrites nothing")
+        raise FileExistsError(
+            f"{target}: already exists; oracle makes a new work folder and overwrites nothing"
+        )
     if not (source / "cache").is_dir():
         raise FileNotFoundError(f"{source}: no cache/ here; give the --work folder of a quality.py run")
     target.mkdir(parents=True)
@@ -76,8 +81,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     making = sub.add_parser("oracle", help="a new work folder whose priors are the labels, then scored")
     making.add_argument("work", type=Path, help="a quality.py --work folder (read only)")
     making.add_argument("target", type=Path, help="the new work folder (must not exist)")
-    making.add_argument("--link", nargs="*", default=[], metavar="METHOD",
-                        help="run-folder prefixes to reuse, e.g. single_branch")
+    making.add_argument(
+        "--link",
+        nargs="*",
+        default=[],
+        metavar="METHOD",
+        help="run-folder prefixes to reuse, e.g. single_branch",
+    )
 
 
 def run(args: argparse.Namespace) -> None:

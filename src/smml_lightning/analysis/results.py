@@ -24,10 +24,16 @@ PROVENANCE = "PROVENANCE.md"
 def git_commit(repo: Path) -> str:
     """``git rev-parse --short HEAD`` of ``repo``, with " dirty" when tracked files have uncommitted changes."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        changes = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                                 capture_output=True, text=True, check=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        changes = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
     return f"{head} dirty" if changes else head
@@ -35,12 +41,15 @@ def git_commit(repo: Path) -> str:
 
 def provenance(title: str, command: str, repo: Path, notes: tuple[str, ...] = ()) -> str:
     """PROVENANCE.md of a result: the command, the commit, the host CPU, the date, and ``notes``."""
-    lines = [f"# Provenance: {title}", "",
-             f"- Command: `{command}`",
-             f"- Commit: {git_commit(repo)}",
-             f"- Host CPU: {cpu_description()}",
-             f"- Date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-             *(f"- {note}" for note in notes)]
+    lines = [
+        f"# Provenance: {title}",
+        "",
+        f"- Command: `{command}`",
+        f"- Commit: {git_commit(repo)}",
+        f"- Host CPU: {cpu_description()}",
+        f"- Date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        *(f"- {note}" for note in notes),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -50,8 +59,10 @@ def check_result_folder(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out}: exists and is not a folder; choose another --out")
     if out.is_dir() and any(out.iterdir()) and not (out / PROVENANCE).is_file():
-        raise FileExistsError(f"{out}: has files but no {PROVENANCE}, so it is not a benchmark result to replace; "
-                              "choose another --out")
+        raise FileExistsError(
+            f"{out}: has files but no {PROVENANCE}, so it is not a benchmark result to replace; "
+            "choose another --out"
+        )
 
 
 def write_result_folder(out: Path, files: dict[str, str | bytes]) -> None:

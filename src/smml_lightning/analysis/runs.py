@@ -55,9 +55,17 @@ def build(run: Path, overrides: list[str], stage: str = "fit") -> tuple[Any, Any
     with tempfile.TemporaryDirectory(prefix="smml-analysis-") as tmp:
         plain = Path(tmp) / "config.yaml"
         plain.write_text(yaml.safe_dump(config))
-        args = ["--config", str(plain), "--data.num_workers=0", "--trainer.logger=false",
-                "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto",
-                "--trainer.num_nodes=1", *overrides]
+        args = [
+            "--config",
+            str(plain),
+            "--data.num_workers=0",
+            "--trainer.logger=false",
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=1",
+            "--trainer.strategy=auto",
+            "--trainer.num_nodes=1",
+            *overrides,
+        ]
         # LightningCLI warns when it gets both ``args`` and command-line arguments (the caller's own).
         with mock.patch.object(sys, "argv", sys.argv[:1]):
             cli = lightning_main(args, run=False)
@@ -73,8 +81,9 @@ def load_run(run_dir: Path) -> tuple[MissingModalityModule, torch.dtype | None]:
     return model.eval(), AUTOCAST.get(str(trainer.precision))
 
 
-def predict(model: MissingModalityModule, dtype: torch.dtype | None, cache_dir: Path, name: str,
-            subset_ids: list[int]) -> tuple[dict[int, np.ndarray], np.ndarray]:
+def predict(
+    model: MissingModalityModule, dtype: torch.dtype | None, cache_dir: Path, name: str, subset_ids: list[int]
+) -> tuple[dict[int, np.ndarray], np.ndarray]:
     """A cached case's label maps under each subset, predicted as the run's test step does, and its label."""
     image = torch.from_numpy(np.array(cache.load_image(cache_dir, name), dtype=np.float32))[None]
     truth = cache.load_label(cache_dir, name)

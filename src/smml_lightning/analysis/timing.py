@@ -42,8 +42,10 @@ def cpu_description() -> str:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
         return platform.processor() or platform.machine()
-    fields = {key.strip(): value.strip()
-              for key, value in (line.split(":", 1) for line in info.splitlines() if ":" in line)}
+    fields = {
+        key.strip(): value.strip()
+        for key, value in (line.split(":", 1) for line in info.splitlines() if ":" in line)
+    }
     model = fields.get("model name", platform.machine())
     flags = set(fields.get("flags", "").split())
     bf16 = [name for name in ("amx_bf16", "avx512_bf16") if name in flags]
@@ -52,5 +54,6 @@ def cpu_description() -> str:
 
 def synthetic_branch(patch: int) -> Callable[..., MMFormer]:
     """The SMML branch of experiments/synthetic.yaml (MMFormer width 8, transformer dim 64, 4 heads)."""
-    return functools.partial(MMFormer, base_width=8, transformer_dim=64, num_heads=4, transformer_depth=1,
-                             patch_size=patch)
+    return functools.partial(
+        MMFormer, base_width=8, transformer_dim=64, num_heads=4, transformer_depth=1, patch_size=patch
+    )

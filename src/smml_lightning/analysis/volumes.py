@@ -35,8 +35,17 @@ def measure(cache_dir: Path, names: list[str], run_dir: Path, subset_ids: list[i
         preds, truth = predict(model, dtype, cache_dir, name, subset_ids)
         for sid, pred in preds.items():
             for region, (p, t, both) in region_counts(pred, truth).items():
-                rows.append({"case": name, "subset": subset_name(SUBSETS[sid]), "modalities": sum(SUBSETS[sid]),
-                             "region": region, "pred": p, "true": t, "both": both})
+                rows.append(
+                    {
+                        "case": name,
+                        "subset": subset_name(SUBSETS[sid]),
+                        "modalities": sum(SUBSETS[sid]),
+                        "region": region,
+                        "pred": p,
+                        "true": t,
+                        "both": both,
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -45,15 +54,22 @@ def summarise(counts: pd.DataFrame) -> pd.DataFrame:
     over a run's cases and subsets, then averaged over the method's runs (NaN where no run has a true voxel)."""
     pooled = counts.groupby(["method", "run", "modalities", "region"])[["pred", "true", "both"]].sum()
     true = pooled["true"].where(pooled["true"] > 0)  # no true voxel at all: volume and recall undefined
-    ratios = pd.DataFrame({"volume": 100 * pooled["pred"] / true,
-                           "precision": 100 * pooled["both"] / pooled["pred"].clip(lower=1),
-                           "recall": 100 * pooled["both"] / true})
+    ratios = pd.DataFrame(
+        {
+            "volume": 100 * pooled["pred"] / true,
+            "precision": 100 * pooled["both"] / pooled["pred"].clip(lower=1),
+            "recall": 100 * pooled["both"] / true,
+        }
+    )
     return ratios.groupby(["method", "modalities", "region"]).mean()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_work_and_runs(parser, "a quality.py --work folder: its cache and split give the cases",
-                      "run folders (with config.yaml and checkpoints/last.ckpt)")
+    add_work_and_runs(
+        parser,
+        "a quality.py --work folder: its cache and split give the cases",
+        "run folders (with config.yaml and checkpoints/last.ckpt)",
+    )
 
 
 def run(args: argparse.Namespace) -> None:

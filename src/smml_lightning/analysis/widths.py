@@ -56,8 +56,10 @@ def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     x = torch.randn(args.batch, 4, *(args.patch,) * 3, generator=torch.Generator().manual_seed(0))
     mask = torch.ones(args.batch, 4, dtype=torch.bool)
-    print(f"{cpu_description()}; {args.threads} thread(s), patch {args.patch}^3, batch {args.batch}, "
-          f"{NUM_CLASSES} classes, bf16 autocast, median of {args.reps}\n")
+    print(
+        f"{cpu_description()}; {args.threads} thread(s), patch {args.patch}^3, batch {args.batch}, "
+        f"{NUM_CLASSES} classes, bf16 autocast, median of {args.reps}\n"
+    )
     print("| network | base width | parameters | s/step | vs config width |\n|---|---|---|---|---|")
     for name, (make, config_width) in NETWORKS.items():
         widths = sorted({*args.widths, config_width})
@@ -69,5 +71,8 @@ def run(args: argparse.Namespace) -> None:
         for w in widths:
             size = sum(p.numel() for p in nets[w].parameters()) / 1e6
             ratio = med(times[w]) / med(times[config_width])
-            print(f"| {name} | {w}{' (config)' if w == config_width else ''} | {size:.1f} M | "
-                  f"{med(times[w]):.2f} | {ratio:.2f}x |", flush=True)
+            print(
+                f"| {name} | {w}{' (config)' if w == config_width else ''} | {size:.1f} M | "
+                f"{med(times[w]):.2f} | {ratio:.2f}x |",
+                flush=True,
+            )

@@ -117,7 +117,9 @@ def load_meta(root: Path | str, name: str) -> CaseMeta:
     try:
         return CaseMeta.from_dict(json.loads(path.read_text()))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: case {name!r} is not in the cache (or was never finished)") from None
+        raise FileNotFoundError(
+            f"{path}: case {name!r} is not in the cache (or was never finished)"
+        ) from None
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"{path}: unreadable case metadata ({err}); re-run `smml prepare`") from err
 
@@ -128,15 +130,19 @@ def _load(path: Path, mmap: bool) -> np.ndarray:
     except (ValueError, EOFError, OSError) as err:
         if isinstance(err, FileNotFoundError):
             raise
-        raise ValueError(f"case {path.parent.name}: {path} is truncated or unreadable ({err}); re-run "
-                         "`smml prepare` on this cache to redo the case") from err
+        raise ValueError(
+            f"case {path.parent.name}: {path} is truncated or unreadable ({err}); re-run "
+            "`smml prepare` on this cache to redo the case"
+        ) from err
 
 
 def _array_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
     """Shape, dtype and data offset of a ``.npy`` file, from its header alone."""
     with open(path, "rb") as f:
         version = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        read = (
+            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        )
         shape, _, dtype = read(f)
         return shape, dtype, f.tell()
 
@@ -155,14 +161,20 @@ def check_case(root: Path | str, name: str) -> None:
             found, dtype, offset = _array_header(path)
             size = path.stat().st_size
         except (ValueError, OSError, EOFError) as err:
-            raise ValueError(f"case {name}: {path} is unreadable ({err}); re-run `smml prepare` on this "
-                             "cache to redo the case") from err
+            raise ValueError(
+                f"case {name}: {path} is unreadable ({err}); re-run `smml prepare` on this "
+                "cache to redo the case"
+            ) from err
         expected = offset + int(np.prod(found)) * dtype.itemsize
         if tuple(found) != tuple(shape) or size < expected:
-            problem = (f"holds shape {tuple(found)}, expected {tuple(shape)}" if tuple(found) != tuple(shape)
-                       else f"is truncated ({size} of {expected} bytes)")
-            raise ValueError(f"case {name}: {path} {problem}; re-run `smml prepare` on this cache to redo "
-                             "the case")
+            problem = (
+                f"holds shape {tuple(found)}, expected {tuple(shape)}"
+                if tuple(found) != tuple(shape)
+                else f"is truncated ({size} of {expected} bytes)"
+            )
+            raise ValueError(
+                f"case {name}: {path} {problem}; re-run `smml prepare` on this cache to redo the case"
+            )
 
 
 def load_image(root: Path | str, name: str, mmap: bool = True) -> np.ndarray:
@@ -187,7 +199,9 @@ def write_prior(root: Path | str, name: str, prior: np.ndarray) -> None:
     """Store a case's priors ``(4, C, D, H, W)`` (as float16), aligned with its cached image."""
     meta = load_meta(root, name)
     if prior.ndim != 5 or prior.shape[2:] != meta.cropped_shape:
-        raise ValueError(f"{name}: prior shape {prior.shape} does not match cached shape {meta.cropped_shape}")
+        raise ValueError(
+            f"{name}: prior shape {prior.shape} does not match cached shape {meta.cropped_shape}"
+        )
     atomic_save_npy(case_dir(root, name) / "prior.npy", prior.astype(np.float16))
 
 
@@ -198,9 +212,11 @@ def uncrop(array: np.ndarray, meta: CaseMeta, fill: float = 0) -> np.ndarray:
     :func:`smml_lightning.data.resample.logits_to_native` (or ``labels_to_native``) instead.
     """
     if tuple(array.shape[-3:]) != tuple(meta.box_shape):
-        raise ValueError(f"{meta.name}: array of shape {array.shape} does not cover the crop box "
-                         f"{meta.crop_box} (native shape {meta.box_shape})"
-                         + ("; resample it to the native grid first" if meta.grid_shape is not None else ""))
+        raise ValueError(
+            f"{meta.name}: array of shape {array.shape} does not cover the crop box "
+            f"{meta.crop_box} (native shape {meta.box_shape})"
+            + ("; resample it to the native grid first" if meta.grid_shape is not None else "")
+        )
     lead = array.shape[:-3]
     out = np.full(lead + tuple(meta.original_shape), fill, dtype=array.dtype)
     src, dst = [], []

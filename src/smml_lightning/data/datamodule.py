@@ -73,8 +73,14 @@ class CachedCaseDataset(Dataset):
     ``val_subsets`` / ``test_subsets``, restricted to what a case has).
     """
 
-    def __init__(self, root: Path | str, names: Sequence[str], misalign_mm: float = 0.0,
-                 misalign_degrees: float = 0.0, seed: int = 0) -> None:
+    def __init__(
+        self,
+        root: Path | str,
+        names: Sequence[str],
+        misalign_mm: float = 0.0,
+        misalign_degrees: float = 0.0,
+        seed: int = 0,
+    ) -> None:
         """``misalign_mm`` / ``misalign_degrees`` (0: off) move every modality but T1ce by a rigid transform
         of that size, seeded by ``seed`` and the case name (:func:`misalign_case`), to score robustness to
         misregistered inputs; the label stays on T1ce's grid."""
@@ -219,7 +225,9 @@ class BratsDataModule(LightningDataModule):
         size = (patch_size,) * 3 if isinstance(patch_size, int) else tuple(int(p) for p in patch_size)
         if len(size) != 3 or min(size) < 1:
             raise ValueError(f"data.patch_size must be a positive int or three of them, got {patch_size}")
-        probs = {c: 1.0 for c in range(NUM_CLASSES)} if label_probabilities is None else dict(label_probabilities)
+        probs = (
+            {c: 1.0 for c in range(NUM_CLASSES)} if label_probabilities is None else dict(label_probabilities)
+        )
         bad = [c for c in probs if not 0 <= int(c) < NUM_CLASSES]
         if bad or any(p < 0 for p in probs.values()) or sum(probs.values()) <= 0:
             raise ValueError(
@@ -280,9 +288,14 @@ class BratsDataModule(LightningDataModule):
             names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
             unknown = sorted(set(names) - set(train))
             if unknown or not names:
-                raise ValueError(f"labeled-cases file {path}: " + (
-                    f"{len(unknown)} name(s) not in the training split, e.g. {unknown[:3]}" if unknown
-                    else "names no case"))
+                raise ValueError(
+                    f"labeled-cases file {path}: "
+                    + (
+                        f"{len(unknown)} name(s) not in the training split, e.g. {unknown[:3]}"
+                        if unknown
+                        else "names no case"
+                    )
+                )
             return sorted(set(names))
         if hp.labeled_fraction >= 1.0:
             return list(train)
@@ -302,8 +315,12 @@ class BratsDataModule(LightningDataModule):
                     "lower data.patch_size or re-run `smml prepare` with a larger minimum size"
                 )
             labeled = self.labeled is None or name in self.labeled
-            if labeled and (not meta.has_label or not (cache.case_dir(self.cache_dir, name) / "label.npy").is_file()):
-                raise ValueError(f"case {name!r} in {self.cache_dir} has no label and cannot be used for training")
+            if labeled and (
+                not meta.has_label or not (cache.case_dir(self.cache_dir, name) / "label.npy").is_file()
+            ):
+                raise ValueError(
+                    f"case {name!r} in {self.cache_dir} has no label and cannot be used for training"
+                )
             if not all(meta.available):
                 absent = [m for m, have in zip(MODALITIES, meta.available) if not have]
                 raise ValueError(
@@ -333,8 +350,14 @@ class BratsDataModule(LightningDataModule):
             self.splits = self._make_splits()
         if self.labeled is None:
             self.labeled = self._labeled_cases(self.splits["train"])
-            if len(self.labeled) < len(self.splits["train"]) and hp.output_dir is not None and self.world()[1] == 0:
-                atomic_write_text(Path(hp.output_dir) / "labeled.txt", "".join(f"{n}\n" for n in self.labeled))
+            if (
+                len(self.labeled) < len(self.splits["train"])
+                and hp.output_dir is not None
+                and self.world()[1] == 0
+            ):
+                atomic_write_text(
+                    Path(hp.output_dir) / "labeled.txt", "".join(f"{n}\n" for n in self.labeled)
+                )
         if stage in (None, "fit"):
             self._check_train_cases(self.splits["train"] if hp.use_unlabeled else self.labeled)
 
@@ -343,14 +366,22 @@ class BratsDataModule(LightningDataModule):
             raise RuntimeError("BratsDataModule.setup() must run before its dataloaders are requested")
         return self.splits[part]
 
-    def _queue(self, names: Sequence[str], labeled: bool, stream: EpochStream, length: int | None) -> EpochQueue:
+    def _queue(
+        self, names: Sequence[str], labeled: bool, stream: EpochStream, length: int | None
+    ) -> EpochQueue:
         """A training queue over ``names``, sharded across ranks under DDP, drawing from ``stream``."""
         hp: Any = self.hparams  # an AttributeDict of the constructor's arguments
         dataset = tio.SubjectsDataset(
             [case_subject(self.cache_dir, n, read_label_npy, labeled=labeled) for n in names],
-            transform=AugmentedPatches(self.patch_size, hp.samples_per_volume, self.label_probabilities,
-                                       augment=hp.augment, use_prior=hp.use_prior, jitter_mm=hp.jitter_mm,
-                                       jitter_degrees=hp.jitter_degrees),
+            transform=AugmentedPatches(
+                self.patch_size,
+                hp.samples_per_volume,
+                self.label_probabilities,
+                augment=hp.augment,
+                use_prior=hp.use_prior,
+                jitter_mm=hp.jitter_mm,
+                jitter_degrees=hp.jitter_degrees,
+            ),
         )
         world_size, rank = self.world()
         subject_sampler: DistributedSampler | None = None
@@ -388,15 +419,31 @@ class BratsDataModule(LightningDataModule):
         length = -(-len(names) // world_size) * hp.samples_per_volume
         queue: EpochQueue | MixedQueue
         if unlabeled:
-            queue = MixedQueue(self._queue(labeled, True, stream, None), self._queue(unlabeled, False, stream, None),
-                               hp.labeled_share, length)
+            queue = MixedQueue(
+                self._queue(labeled, True, stream, None),
+                self._queue(unlabeled, False, stream, None),
+                hp.labeled_share,
+                length,
+            )
         else:
             queue = self._queue(labeled, True, stream, None if len(labeled) == len(names) else length)
-        collate = PatchCollate(hp.n_masks, hp.mask_ratio, hp.distinct_masks, hp.use_prior, stream,
-                               semi_supervised=bool(unlabeled))
+        collate = PatchCollate(
+            hp.n_masks,
+            hp.mask_ratio,
+            hp.distinct_masks,
+            hp.use_prior,
+            stream,
+            semi_supervised=bool(unlabeled),
+        )
         # A generator of its own: creating an iterator then draws nothing from the global generator.
-        return PatchLoader(queue, batch_size=hp.batch_size, sampler=QueueSampler(queue, hp.batch_size),
-                           num_workers=0, collate_fn=collate, generator=torch.Generator())
+        return PatchLoader(
+            queue,
+            batch_size=hp.batch_size,
+            sampler=QueueSampler(queue, hp.batch_size),
+            num_workers=0,
+            collate_fn=collate,
+            generator=torch.Generator(),
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """How far the training stream got in its epoch; Lightning puts it in every checkpoint."""
@@ -408,18 +455,20 @@ class BratsDataModule(LightningDataModule):
         self._train_stream_resume = state_dict.get("train_stream")
 
     def val_dataloader(self) -> DataLoader:
-        return self._eval_loader(
-            CachedCaseDataset(self.cache_dir, self._split("val")), padded=True
-        )
+        return self._eval_loader(CachedCaseDataset(self.cache_dir, self._split("val")), padded=True)
 
     def test_dataloader(self) -> DataLoader:
         names = self._split("test")
         if not names:
-            raise ValueError(f"the test split of {self.cache_dir} is empty: set data.test_fraction > 0 or "
-                             "give data.split with test cases")
+            raise ValueError(
+                f"the test split of {self.cache_dir} is empty: set data.test_fraction > 0 or "
+                "give data.split with test cases"
+            )
         hp: Any = self.hparams
-        return self._eval_loader(CachedCaseDataset(self.cache_dir, names, hp.test_misalign_mm, hp.test_misalign_degrees,
-                                                   hp.seed), padded=False)
+        return self._eval_loader(
+            CachedCaseDataset(self.cache_dir, names, hp.test_misalign_mm, hp.test_misalign_degrees, hp.seed),
+            padded=False,
+        )
 
     @property
     def predict_cache(self) -> Path:
@@ -432,8 +481,9 @@ class BratsDataModule(LightningDataModule):
             return Path(hp.predict_dir)
         if hp.predict_root is not None:
             if self._predict_cache is None:
-                self._predict_cache = Path("runs") / "predict_cache" / cache_name(
-                    hp.predict_root, self._predict_cases())
+                self._predict_cache = (
+                    Path("runs") / "predict_cache" / cache_name(hp.predict_root, self._predict_cases())
+                )
             return self._predict_cache
         return self.cache_dir
 
@@ -447,8 +497,15 @@ class BratsDataModule(LightningDataModule):
             return
         from .prepare import prepare
 
-        summary = prepare(hp.predict_root, self.predict_cache, min_size=self.patch_size, require_all=False,
-                          require_label=False, workers=min(2, hp.num_workers) or 1, spacing=self.training_spacing())
+        summary = prepare(
+            hp.predict_root,
+            self.predict_cache,
+            min_size=self.patch_size,
+            require_all=False,
+            require_label=False,
+            workers=min(2, hp.num_workers) or 1,
+            spacing=self.training_spacing(),
+        )
         for name, reason in summary.failed.items():  # the others are still predicted
             rank_zero_warn(f"case {name} of {hp.predict_root} is not predicted: {reason}")
 
@@ -484,7 +541,9 @@ class BratsDataModule(LightningDataModule):
         if root == self.cache_dir and self.hparams["predict_root"] is None:
             return self.test_dataloader()
         names = self._cached_cases(root)
-        if self.hparams["predict_root"] is not None:  # only the input's cases as it is now, whatever the cache holds
+        if (
+            self.hparams["predict_root"] is not None
+        ):  # only the input's cases as it is now, whatever the cache holds
             present = {case.name for case in self._predict_cases()}
             names = [n for n in names if n in present]
         return self._eval_loader(CachedCaseDataset(root, names), padded=False)

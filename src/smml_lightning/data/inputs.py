@@ -74,14 +74,21 @@ def drop_bad_modalities(case: Case) -> tuple[Case, dict[str, str]]:
         majority = next(g for g in grids.values() if g is not None and counts[g] == best)
         for m, grid in grids.items():
             if grid is not None and grid != majority:
-                dropped[str(images[m])] = (f"on another grid (shape {grid[0]}) than the case's other "
-                                           f"modalities (shape {majority[0]}, or a different affine)")
+                dropped[str(images[m])] = (
+                    f"on another grid (shape {grid[0]}) than the case's other "
+                    f"modalities (shape {majority[0]}, or a different affine)"
+                )
                 images[m] = None
     current = dataclasses.replace(case, images=images, label=None)
     while True:
         if not any(p is not None for p in current.images.values()):
-            raise CaseError(case.name, None, "no usable modality file: " + "; ".join(
-                f"{Path(f).name}: {r}" for f, r in dropped.items()) if dropped else "no modality file found")
+            raise CaseError(
+                case.name,
+                None,
+                "no usable modality file: " + "; ".join(f"{Path(f).name}: {r}" for f, r in dropped.items())
+                if dropped
+                else "no modality file found",
+            )
         try:
             validate_case(current, require_all=False, require_label=False)
             return current, dropped

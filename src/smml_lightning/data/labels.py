@@ -55,5 +55,6 @@ def regions_from_labels(label: torch.Tensor) -> torch.Tensor:
     """
     if label.dim() >= 2 and label.shape[1] == 1:
         label = label[:, 0]
-    return torch.stack([torch.isin(label, torch.tensor(REGION_CLASSES[r], device=label.device))
-                        for r in REGIONS], dim=1)
+    return torch.stack(
+        [torch.isin(label, torch.tensor(REGION_CLASSES[r], device=label.device)) for r in REGIONS], dim=1
+    )

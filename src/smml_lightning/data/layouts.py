@@ -127,8 +127,10 @@ def _scan(root: Path, layouts: tuple[str, ...]) -> tuple[str, list[tuple[Path, s
     expected = "; ".join(_EXAMPLES[layout] for layout in layouts)
     if not files:
         entries = sorted(p.name for p in root.iterdir())
-        raise ValueError(f"{root}: no .nii/.nii.gz files found (expected files like {expected}); "
-                         f"found: {_few(entries) if entries else 'an empty folder'}")
+        raise ValueError(
+            f"{root}: no .nii/.nii.gz files found (expected files like {expected}); "
+            f"found: {_few(entries) if entries else 'an empty folder'}"
+        )
     by_layout: dict[str, list[tuple[Path, str, str]]] = {}
     unmatched = []
     for path in files:
@@ -138,13 +140,19 @@ def _scan(root: Path, layouts: tuple[str, ...]) -> tuple[str, list[tuple[Path, s
         else:
             by_layout.setdefault(hit[0], []).append((path, hit[1], hit[2]))
     if not by_layout:
-        raise ValueError(f"{root}: no file follows a known BraTS naming (expected files like {expected}); "
-                         f"found: {_few([str(p.relative_to(root)) for p in files])}")
+        raise ValueError(
+            f"{root}: no file follows a known BraTS naming (expected files like {expected}); "
+            f"found: {_few([str(p.relative_to(root)) for p in files])}"
+        )
     if len(by_layout) > 1:
-        mixed = "; ".join(f"{layout}: {_few([p.name for p, _, _ in hits], 2)}" for layout, hits in by_layout.items())
-        raise ValueError(f"{root}: files of several layouts are mixed ({mixed}); point at one release "
-                         "or pass layout= explicitly")
-    (layout, hits), = by_layout.items()
+        mixed = "; ".join(
+            f"{layout}: {_few([p.name for p, _, _ in hits], 2)}" for layout, hits in by_layout.items()
+        )
+        raise ValueError(
+            f"{root}: files of several layouts are mixed ({mixed}); point at one release "
+            "or pass layout= explicitly"
+        )
+    ((layout, hits),) = by_layout.items()
     return layout, hits, unmatched
 
 
@@ -183,6 +191,13 @@ def discover(root: Path | str, layout: str = "auto") -> list[Case]:
         strays = stray_labels.get(folders[name], [])
         if label is None and len(strays) == 1:
             label = strays[0]
-        cases.append(Case(name=name, layout=layout, convention=LAYOUT_CONVENTION[layout],
-                          images={m: found.get(m) for m in MODALITIES}, label=label))
+        cases.append(
+            Case(
+                name=name,
+                layout=layout,
+                convention=LAYOUT_CONVENTION[layout],
+                images={m: found.get(m) for m in MODALITIES},
+                label=label,
+            )
+        )
     return cases

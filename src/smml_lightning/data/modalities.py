@@ -63,9 +63,7 @@ def parse_subset(text: str) -> tuple[bool, ...]:
     wanted = {t.strip().lower() for t in text.split("+") if t.strip()}
     unknown = wanted - set(MODALITIES)
     if unknown or not wanted:
-        raise ValueError(
-            f"unknown modality subset {text!r}: use '+'-joined names from {list(MODALITIES)}"
-        )
+        raise ValueError(f"unknown modality subset {text!r}: use '+'-joined names from {list(MODALITIES)}")
     return tuple(m in wanted for m in MODALITIES)
 
 
@@ -87,7 +85,9 @@ def subset_probabilities(mask_ratio: float | None = None) -> torch.Tensor:
     if mask_ratio is None:
         return torch.full((n,), 1.0 / n, dtype=torch.float64)
     if not 0.0 <= float(mask_ratio) <= 1.0:
-        raise ValueError(f"mask_ratio must be null (uniform over the 15 subsets) or in [0, 1], got {mask_ratio}")
+        raise ValueError(
+            f"mask_ratio must be null (uniform over the 15 subsets) or in [0, 1], got {mask_ratio}"
+        )
     r = float(mask_ratio)
     if r == 1.0:  # every sample loses three modalities: all single-modality subsets
         weights = [1.0 if sum(s) == 1 else 0.0 for s in SUBSETS]

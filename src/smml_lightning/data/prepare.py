@@ -69,8 +69,10 @@ def format_summary(summary: PrepareSummary, max_rows: int = 30) -> str:
     """A run's outcome as text: one line of counts, then a table of the cases (every failed case; the
     others too while there are at most ``max_rows`` cases in all)."""
     total = len(summary.prepared) + len(summary.skipped) + len(summary.failed)
-    counts = (f"prepared {len(summary.prepared)}, already prepared {len(summary.skipped)}, "
-              f"failed {len(summary.failed)} of {total} cases in {summary.out}")
+    counts = (
+        f"prepared {len(summary.prepared)}, already prepared {len(summary.skipped)}, "
+        f"failed {len(summary.failed)} of {total} cases in {summary.out}"
+    )
     lines = [counts]
     rows = [(name, "failed", reason) for name, reason in summary.failed.items()]
     if total <= max_rows:
@@ -81,7 +83,9 @@ def format_summary(summary: PrepareSummary, max_rows: int = 30) -> str:
         width = max(len("case"), *(len(name) for name, _, _ in rows))
         status_width = max(len(status) for _, status, _ in rows)
         lines.append(f"{'case':<{width}}  {'status':<{status_width}}  problem")
-        lines += [f"{name:<{width}}  {status:<{status_width}}  {reason}".rstrip() for name, status, reason in rows]
+        lines += [
+            f"{name:<{width}}  {status:<{status_width}}  {reason}".rstrip() for name, status, reason in rows
+        ]
     return "\n".join(lines)
 
 
@@ -100,8 +104,10 @@ def cache_lock(out: Path | str) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise ValueError(f"{out} is in use by another `smml prepare` (pid {holder}); wait for it to "
-                             "finish or stop it, then run again") from None
+            raise ValueError(
+                f"{out} is in use by another `smml prepare` (pid {holder}); wait for it to "
+                "finish or stop it, then run again"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
@@ -161,8 +167,13 @@ def source_stats(case: Case) -> dict[str, list[int]]:
     return stats
 
 
-def _is_done(out: Path, case: Case, min_size: Sequence[int], require_label: bool,
-             spacing: tuple[float, float, float] | None = None) -> bool:
+def _is_done(
+    out: Path,
+    case: Case,
+    min_size: Sequence[int],
+    require_label: bool,
+    spacing: tuple[float, float, float] | None = None,
+) -> bool:
     """Whether ``case`` sits complete in the cache, from these very files (unchanged since), at the
     requested spacing (None: native), with readable arrays."""
     if not cache.is_complete(out, case.name):
@@ -179,7 +190,8 @@ def _is_done(out: Path, case: Case, min_size: Sequence[int], require_label: bool
             if any(mtime >= made for _, mtime in stats.values()):
                 return False
         if (meta.native_spacing is None) != (spacing is None) or (
-                spacing is not None and not np.allclose(meta.spacing, spacing)):
+            spacing is not None and not np.allclose(meta.spacing, spacing)
+        ):
             return False
         if cache.load_image(out, case.name).shape != (len(MODALITIES), *meta.cropped_shape):
             return False
@@ -208,9 +220,14 @@ def target_spacing(spacing: float | Sequence[float] | None) -> tuple[float, floa
     return values[0], values[1], values[2]
 
 
-def prepare_case(case: Case, out: Path | str, min_size: Sequence[int] = (128, 128, 128),
-                 require_all: bool = True, require_label: bool = True,
-                 spacing: float | Sequence[float] | None = None) -> cache.CaseMeta:
+def prepare_case(
+    case: Case,
+    out: Path | str,
+    min_size: Sequence[int] = (128, 128, 128),
+    require_all: bool = True,
+    require_label: bool = True,
+    spacing: float | Sequence[float] | None = None,
+) -> cache.CaseMeta:
     """Validate one case and write its cropped, z-scored (and, given a target ``spacing`` in mm,
     resampled) arrays to the cache."""
     target = target_spacing(spacing)
@@ -235,18 +252,34 @@ def prepare_case(case: Case, out: Path | str, min_size: Sequence[int] = (128, 12
         label = None if label is None else resample_labels(label, shape)
         cached_spacing, native_spacing = target, v.spacing
     meta = cache.CaseMeta(
-        name=case.name, layout=case.layout, convention=case.convention, available=v.available,
-        original_shape=v.shape, affine=v.affine.tolist(), spacing=cached_spacing, crop_box=box,
-        source=case.sources, source_stat=stats, has_label=label is not None,
-        native_spacing=native_spacing, grid_shape=shape,
+        name=case.name,
+        layout=case.layout,
+        convention=case.convention,
+        available=v.available,
+        original_shape=v.shape,
+        affine=v.affine.tolist(),
+        spacing=cached_spacing,
+        crop_box=box,
+        source=case.sources,
+        source_stat=stats,
+        has_label=label is not None,
+        native_spacing=native_spacing,
+        grid_shape=shape,
     )
     _clear_temporaries(cache.case_dir(out, case.name))
     cache.write_case(out, meta, image, label)
     return meta
 
 
-def _run_one(case: Case, out: Path, min_size: tuple[int, ...], require_all: bool, require_label: bool,
-             overwrite: bool, spacing: tuple[float, float, float] | None = None) -> tuple[str, str, str]:
+def _run_one(
+    case: Case,
+    out: Path,
+    min_size: tuple[int, ...],
+    require_all: bool,
+    require_label: bool,
+    overwrite: bool,
+    spacing: tuple[float, float, float] | None = None,
+) -> tuple[str, str, str]:
     """``(status, name, reason)`` for one case; never raises, so one failure cannot stop the pool."""
     try:
         if not overwrite and _is_done(out, case, min_size, require_label, spacing):
@@ -254,7 +287,11 @@ def _run_one(case: Case, out: Path, min_size: tuple[int, ...], require_all: bool
         prepare_case(case, out, min_size, require_all, require_label, spacing)
         return "prepared", case.name, ""
     except Exception as err:  # noqa: BLE001 - every failure is reported in the summary
-        return "failed", case.name, str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
+        return (
+            "failed",
+            case.name,
+            str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}",
+        )
 
 
 def _run_job(job: tuple) -> tuple[str, str, str]:
@@ -280,10 +317,18 @@ def terminate_workers(pool: ProcessPoolExecutor) -> None:
         process.terminate()
 
 
-def prepare(root: Path | str, out: Path | str, layout: str = "auto",
-            min_size: Sequence[int] = (128, 128, 128), workers: int = 1, require_label: bool = True,
-            overwrite: bool = False, require_all: bool = True, progress: bool = True,
-            spacing: float | Sequence[float] | None = None) -> PrepareSummary:
+def prepare(
+    root: Path | str,
+    out: Path | str,
+    layout: str = "auto",
+    min_size: Sequence[int] = (128, 128, 128),
+    workers: int = 1,
+    require_label: bool = True,
+    overwrite: bool = False,
+    require_all: bool = True,
+    progress: bool = True,
+    spacing: float | Sequence[float] | None = None,
+) -> PrepareSummary:
     """Preprocess every case of the release under ``root`` into the cache ``out``.
 
     ``spacing`` (mm, one number or three) resamples every case to that voxel size; None keeps each
@@ -300,12 +345,16 @@ def prepare(root: Path | str, out: Path | str, layout: str = "auto",
     cases = discover(root, layout)
     out = Path(out)
     with cache_lock(out):
-        summary = PrepareSummary(root=str(Path(root).resolve()), out=str(out.resolve()), layout=cases[0].layout)
+        summary = PrepareSummary(
+            root=str(Path(root).resolve()), out=str(out.resolve()), layout=cases[0].layout
+        )
         jobs = [(case, out, size, require_all, require_label, overwrite, target) for case in cases]
         results = []
         with tqdm(total=len(cases), desc="prepare", unit="case", disable=not progress) as bar:
             if workers > 1:
-                with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), initializer=ignore_sigint) as pool:
+                with ProcessPoolExecutor(
+                    max_workers=min(workers, len(jobs)), initializer=ignore_sigint
+                ) as pool:
                     futures = [pool.submit(_run_job, job) for job in jobs]
                     try:
                         for future in as_completed(futures):
@@ -322,7 +371,9 @@ def prepare(root: Path | str, out: Path | str, layout: str = "auto",
     return summary
 
 
-def _record(summary: PrepareSummary, results: list[tuple[str, str, str]], root: Path | str, out: Path) -> None:
+def _record(
+    summary: PrepareSummary, results: list[tuple[str, str, str]], root: Path | str, out: Path
+) -> None:
     """Fill in ``summary`` from the cases' results and write it to ``out``."""
     for status, name, reason in sorted(results, key=lambda r: r[1]):
         if status == "failed":
@@ -332,5 +383,8 @@ def _record(summary: PrepareSummary, results: list[tuple[str, str, str]], root: 
     atomic_write_text(out / SUMMARY, json.dumps(asdict(summary), indent=1))
     if not summary.prepared and not summary.skipped:
         reasons = "; ".join(f"{n}: {r}" for n, r in list(summary.failed.items())[:3])
-        raise NothingPrepared(f"no case of {root} could be prepared ({len(summary.failed)} failed; "
-                              f"see {out / SUMMARY}): {reasons}", summary)
+        raise NothingPrepared(
+            f"no case of {root} could be prepared ({len(summary.failed)} failed; "
+            f"see {out / SUMMARY}): {reasons}",
+            summary,
+        )

@@ -30,7 +30,9 @@ from smml_lightning.data.labels import to_internal
 from smml_lightning.data.layouts import LABEL_KEY
 
 
-def grid_shape(box_shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> tuple[int, int, int]:
+def grid_shape(
+    box_shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]
+) -> tuple[int, int, int]:
     """Shape of a box of ``box_shape`` voxels of ``spacing`` mm resampled to ``target`` mm voxels:
     the nearest whole number of target voxels per axis (at least one), as nnU-Net rounds it."""
     if len(box_shape) != 3 or len(spacing) != 3 or len(target) != 3:
@@ -41,7 +43,9 @@ def grid_shape(box_shape: Sequence[int], spacing: Sequence[float], target: Seque
     return out[0], out[1], out[2]
 
 
-def native_min_size(min_size: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> tuple[int, ...]:
+def native_min_size(
+    min_size: Sequence[int], spacing: Sequence[float], target: Sequence[float]
+) -> tuple[int, ...]:
     """Native voxels a crop box needs per axis so that its resampled grid has at least ``min_size``."""
     return tuple(math.ceil(m * t / s - 1e-6) for m, s, t in zip(min_size, spacing, target))
 
@@ -56,8 +60,9 @@ def _interpolate(array: torch.Tensor, shape: Sequence[int], mode: str) -> torch.
 
 def resample_image(image: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     """Channels ``(C, D, H, W)`` resampled linearly to ``(C, *shape)`` (float32)."""
-    return _interpolate(torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)), shape,
-                        "trilinear").numpy()
+    return _interpolate(
+        torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)), shape, "trilinear"
+    ).numpy()
 
 
 def resample_labels(labels: np.ndarray, shape: Sequence[int]) -> np.ndarray:
@@ -88,8 +93,10 @@ def logits_to_box(logits: torch.Tensor | np.ndarray, meta: CaseMeta) -> np.ndarr
     """
     scores = torch.as_tensor(logits).float()
     if scores.dim() != 4 or tuple(scores.shape[1:]) != tuple(meta.cropped_shape):
-        raise ValueError(f"{meta.name}: scores of shape {tuple(scores.shape)} do not match the cached grid "
-                         f"(C, {', '.join(map(str, meta.cropped_shape))})")
+        raise ValueError(
+            f"{meta.name}: scores of shape {tuple(scores.shape)} do not match the cached grid "
+            f"(C, {', '.join(map(str, meta.cropped_shape))})"
+        )
     box = _interpolate(scores, meta.box_shape, "trilinear")
     return box.max(0).indices.to(torch.uint8).cpu().numpy()  # argmax; max().indices is faster on CPU
 
@@ -104,8 +111,10 @@ def labels_to_native(labels: np.ndarray, meta: CaseMeta) -> np.ndarray:
     """A label map over the cached grid put on the native grid (nearest neighbour, then un-cropped)."""
     labels = np.asarray(labels)
     if labels.shape != tuple(meta.cropped_shape):
-        raise ValueError(f"{meta.name}: labels of shape {labels.shape} do not match the cached grid "
-                         f"{tuple(meta.cropped_shape)}")
+        raise ValueError(
+            f"{meta.name}: labels of shape {labels.shape} do not match the cached grid "
+            f"{tuple(meta.cropped_shape)}"
+        )
     return uncrop(resample_labels(labels, meta.box_shape), meta)
 
 
@@ -134,7 +143,9 @@ def native_label(meta: CaseMeta, box: bool = True) -> np.ndarray | None:
     while data.ndim > 3 and data.shape[-1] == 1:  # a trailing time axis, as validation allows
         data = data[..., 0]
     if data.shape != tuple(meta.original_shape):
-        raise ValueError(f"{path}: label shape {data.shape} differs from the prepared case's "
-                         f"{tuple(meta.original_shape)}; re-run `smml prepare`")
+        raise ValueError(
+            f"{path}: label shape {data.shape} differs from the prepared case's "
+            f"{tuple(meta.original_shape)}; re-run `smml prepare`"
+        )
     label = to_internal(np.rint(data).astype(np.uint8), meta.convention)
     return crop(label, meta.crop_box) if box else label

@@ -53,8 +53,12 @@ def _names_of(source: SplitSource) -> tuple[list[str], str] | None:
     return list(source), "the given list"
 
 
-def resolve_split(names_available: Iterable[str], train: SplitSource = None, val: SplitSource = None,
-                  test: SplitSource = None) -> dict[str, list[str]]:
+def resolve_split(
+    names_available: Iterable[str],
+    train: SplitSource = None,
+    val: SplitSource = None,
+    test: SplitSource = None,
+) -> dict[str, list[str]]:
     """Check split files (or name lists) against the available cases.
 
     Each part is a split-file path, a list of names or ``None``; a ``None`` train gets every
@@ -71,11 +75,13 @@ def resolve_split(names_available: Iterable[str], train: SplitSource = None, val
         names, where = got
         unknown = [n for n in names if n not in available]
         if unknown:
-            raise ValueError(f"{part} split ({where}) names {len(unknown)} case(s) not found among the "
-                             f"{len(available)} available: {_few(unknown)}")
+            raise ValueError(
+                f"{part} split ({where}) names {len(unknown)} case(s) not found among the "
+                f"{len(available)} available: {_few(unknown)}"
+            )
         split[part], origin[part] = names, where
     for i, a in enumerate(PARTS):
-        for b in PARTS[i + 1:]:
+        for b in PARTS[i + 1 :]:
             shared = sorted(set(split.get(a, [])) & set(split.get(b, [])))
             if shared:
                 raise ValueError(f"{a} ({origin[a]}) and {b} ({origin[b]}) share case(s): {_few(shared)}")
@@ -85,8 +91,9 @@ def resolve_split(names_available: Iterable[str], train: SplitSource = None, val
     return {part: list(split.get(part, [])) for part in PARTS}
 
 
-def kfold_split(names: Iterable[str], n_folds: int = 5, fold: int = 0, val_fraction: float = 0.1,
-                seed: int = 0) -> dict[str, list[str]]:
+def kfold_split(
+    names: Iterable[str], n_folds: int = 5, fold: int = 0, val_fraction: float = 0.1, seed: int = 0
+) -> dict[str, list[str]]:
     """Fold ``fold`` of a seeded k-fold: that fold is test, ``val_fraction`` of the rest is val.
 
     Deterministic in ``(set of names, n_folds, seed)`` whatever the input order; parts are sorted.
@@ -133,7 +140,9 @@ def read_split(path: Path | str) -> dict[str, list[str]]:
     return {p: read_split_file(path / f"{p}.txt") if (path / f"{p}.txt").is_file() else [] for p in PARTS}
 
 
-def seeded_split(names: Sequence[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[str]]:
+def seeded_split(
+    names: Sequence[str], val_fraction: float, test_fraction: float, seed: int
+) -> dict[str, list[str]]:
     """A random train/val/test split of ``names``, reproducible from ``seed``; each part sorted."""
     if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
         raise ValueError(

@@ -262,8 +262,12 @@ class PatchCollate:
         if not self.semi_supervised:
             return torch.stack([cast(tio.Image, p["label"]).data for p in patches]).long()
         shape = (1, *cast(tio.Image, patches[0]["image"]).data.shape[1:])
-        return torch.stack([cast(tio.Image, p["label"]).data.long() if p["labeled"] else torch.full(shape, UNLABELED)
-                            for p in patches])
+        return torch.stack(
+            [
+                cast(tio.Image, p["label"]).data.long() if p["labeled"] else torch.full(shape, UNLABELED)
+                for p in patches
+            ]
+        )
 
     def __call__(self, patches: list[tio.Subject]) -> dict[str, torch.Tensor]:
         def stacked(key: str) -> torch.Tensor:
@@ -272,8 +276,13 @@ class PatchCollate:
         batch = {
             "image": stacked("image").float(),
             "label": self._labels(patches),
-            "masks": sample_masks(len(patches), self.n_masks, self.mask_ratio, self.distinct,
-                                  generator=self.stream.next_mask_generator()),
+            "masks": sample_masks(
+                len(patches),
+                self.n_masks,
+                self.mask_ratio,
+                self.distinct,
+                generator=self.stream.next_mask_generator(),
+            ),
         }
         if self.semi_supervised:
             batch["labeled"] = torch.tensor([bool(p["labeled"]) for p in patches])

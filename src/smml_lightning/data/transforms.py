@@ -54,9 +54,7 @@ def rotation_matrix(angles: Sequence[float]) -> torch.Tensor:
     return out
 
 
-def rotated_grid(
-    patch: Sequence[int], spacing: Sequence[float], rotation: torch.Tensor
-) -> torch.Tensor:
+def rotated_grid(patch: Sequence[int], spacing: Sequence[float], rotation: torch.Tensor) -> torch.Tensor:
     """Voxel offsets ``(P0, P1, P2, 3)`` from the patch centre at which a rotated patch samples its source.
 
     The rotation acts in millimetres (``spacing``), so anisotropic grids rotate like the anatomy does.
@@ -67,7 +65,9 @@ def rotated_grid(
     return (mm @ rotation.T) / s
 
 
-def read_window(array: np.ndarray, lo: Sequence[int] | np.ndarray, hi: Sequence[int] | np.ndarray) -> np.ndarray:
+def read_window(
+    array: np.ndarray, lo: Sequence[int] | np.ndarray, hi: Sequence[int] | np.ndarray
+) -> np.ndarray:
     """``array[..., lo:hi]`` over the last three axes, zero outside the array (the cache's background)."""
     shape = array.shape[-3:]
     inner = tuple(slice(max(int(a), 0), min(int(b), n)) for a, b, n in zip(lo, hi, shape))
@@ -97,8 +97,10 @@ def move_modalities(
     and shifts are all zero is returned unchanged.
     """
     if image.ndim != 5 or angles.shape != (image.shape[0], 3) or shifts_mm.shape != (image.shape[0], 3):
-        raise ValueError(f"move_modalities: image (M, k, *S) with angles and shifts (M, 3), got "
-                         f"{tuple(image.shape)}, {tuple(angles.shape)}, {tuple(shifts_mm.shape)}")
+        raise ValueError(
+            f"move_modalities: image (M, k, *S) with angles and shifts (M, 3), got "
+            f"{tuple(image.shape)}, {tuple(angles.shape)}, {tuple(shifts_mm.shape)}"
+        )
     size = image.shape[2:]
     s = torch.tensor(spacing, dtype=torch.float64)
     axes = [(torch.arange(n, dtype=torch.float64) - (n - 1) / 2) for n in size]
@@ -110,19 +112,25 @@ def move_modalities(
         rotation = rotation_matrix([float(a) for a in angles[m]])
         source = ((mm - shifts_mm[m].double()) @ rotation) / s  # R^-1 = R^T: rows times R
         grid = (2 * source / torch.tensor([max(n - 1, 1) for n in size], dtype=torch.float64)).flip(-1)
-        sampled = F.grid_sample(image[m].float()[None], grid[None].float(), mode=mode, padding_mode="zeros",
-                                align_corners=True)[0]
+        sampled = F.grid_sample(
+            image[m].float()[None], grid[None].float(), mode=mode, padding_mode="zeros", align_corners=True
+        )[0]
         out[m] = sampled.to(image.dtype)
     return out
 
 
 def random_rigid(
-    count: int, max_mm: float, max_degrees: float, fixed: Sequence[int] = (JITTER_REFERENCE,),
+    count: int,
+    max_mm: float,
+    max_degrees: float,
+    fixed: Sequence[int] = (JITTER_REFERENCE,),
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Angles (radians) and shifts (mm), ``(count, 3)`` each, uniform in +-``max_degrees`` and +-``max_mm``
     per axis; zero for the modalities in ``fixed``."""
-    angles = torch.deg2rad((torch.rand(count, 3, generator=generator, dtype=torch.float64) * 2 - 1) * max_degrees)
+    angles = torch.deg2rad(
+        (torch.rand(count, 3, generator=generator, dtype=torch.float64) * 2 - 1) * max_degrees
+    )
     shifts = (torch.rand(count, 3, generator=generator, dtype=torch.float64) * 2 - 1) * max_mm
     keep = list(fixed)
     angles[keep], shifts[keep] = 0.0, 0.0
@@ -130,7 +138,11 @@ def random_rigid(
 
 
 def misalign_case(
-    image: torch.Tensor, spacing: Sequence[float], shift_mm: float, degrees: float, seed: int,
+    image: torch.Tensor,
+    spacing: Sequence[float],
+    shift_mm: float,
+    degrees: float,
+    seed: int,
     fixed: Sequence[int] = (JITTER_REFERENCE,),
 ) -> torch.Tensor:
     """A whole case ``(M, *S)`` with every modality but ``fixed`` moved by a rigid transform of a given
@@ -236,8 +248,9 @@ class AugmentedPatches(tio.Transform):
         patch[0] = move_modalities(image[:, None], angles, shifts, spacing)[:, 0]
         if self.use_prior:
             prior = patch[1]
-            patch[1] = move_modalities(prior.reshape(m, -1, *prior.shape[1:]), angles, shifts,
-                                       spacing).reshape(prior.shape)
+            patch[1] = move_modalities(
+                prior.reshape(m, -1, *prior.shape[1:]), angles, shifts, spacing
+            ).reshape(prior.shape)
         return patch
 
     def apply_transform(self, subject: tio.Subject) -> tio.Subject:
@@ -266,18 +279,26 @@ class AugmentedPatches(tio.Transform):
             for stack, t in zip(stacks, patch):
                 stack.append(t)
         affine = np.diag([*spacing, 1.0])
-        images: dict[str, tio.Image] = {"image": tio.ScalarImage(tensor=torch.cat(stacks[0], dim=1), affine=affine)}
+        images: dict[str, tio.Image] = {
+            "image": tio.ScalarImage(tensor=torch.cat(stacks[0], dim=1), affine=affine)
+        }
         if labeled:
-            images["label"] = tio.LabelMap(tensor=torch.cat(stacks[-1], dim=1).round().to(torch.uint8), affine=affine)
+            images["label"] = tio.LabelMap(
+                tensor=torch.cat(stacks[-1], dim=1).round().to(torch.uint8), affine=affine
+            )
         if self.use_prior:
-            images["prior"] = tio.ScalarImage(tensor=torch.cat(stacks[1], dim=1).to(PRIOR_DTYPE), affine=affine)
+            images["prior"] = tio.ScalarImage(
+                tensor=torch.cat(stacks[1], dim=1).to(PRIOR_DTYPE), affine=affine
+            )
         return tio.Subject(name=subject["name"], labeled=labeled, **images)
 
 
 class StackedPatches(tio.data.PatchSampler):
     """Main-process sampler: cuts the patches :class:`AugmentedPatches` stacked along axis 0 apart again."""
 
-    def _generate_patches(self, subject: tio.Subject, num_patches: int | None = None) -> Generator[tio.Subject]:
+    def _generate_patches(
+        self, subject: tio.Subject, num_patches: int | None = None
+    ) -> Generator[tio.Subject]:
         count = subject.spatial_shape[0] // int(self.patch_size[0])
         for k in range(count if num_patches is None else min(count, num_patches)):
             yield self.extract_patch(subject, (k * int(self.patch_size[0]), 0, 0))
@@ -294,5 +315,6 @@ def case_subject(root: Path | str, name: str, reader: object, labeled: bool = Tr
         spacing = cache.load_meta(root, name).spacing
         grid = tio.ScalarImage(tensor=torch.zeros(1, 1, 1, 1), affine=np.diag([*spacing, 1.0]))
         return tio.Subject(name=name, case_dir=str(folder), labeled=False, grid=grid)
-    return tio.Subject(name=name, case_dir=str(folder), labeled=True,
-                       label=tio.LabelMap(folder / "label.npy", reader=reader))
+    return tio.Subject(
+        name=name, case_dir=str(folder), labeled=True, label=tio.LabelMap(folder / "label.npy", reader=reader)
+    )

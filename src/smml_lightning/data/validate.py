@@ -66,13 +66,17 @@ def _load(case: str, path: Path, as_label: bool) -> tuple[np.ndarray, np.ndarray
         img = nib.load(str(path))
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
             raise CaseError(case, path, f"not a NIfTI image (nibabel read it as {type(img).__name__})")
-        data = np.asanyarray(img.dataobj) if as_label else img.get_fdata(dtype=np.float32, caching="unchanged")
+        data = (
+            np.asanyarray(img.dataobj) if as_label else img.get_fdata(dtype=np.float32, caching="unchanged")
+        )
     except CaseError:
         raise
     except FileNotFoundError:
         raise CaseError(case, path, "file does not exist") from None
     except READ_ERRORS as err:
-        raise CaseError(case, path, f"unreadable, truncated or not a NIfTI file ({type(err).__name__}: {err})") from err
+        raise CaseError(
+            case, path, f"unreadable, truncated or not a NIfTI file ({type(err).__name__}: {err})"
+        ) from err
     # Some exports add a trailing singleton time axis; it carries nothing.
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
@@ -86,8 +90,9 @@ def _reorient(data: np.ndarray, affine: np.ndarray, ref_affine: np.ndarray) -> t
     """``data`` with its voxel axes permuted and flipped to the orientation of ``ref_affine``, and the
     affine that goes with the result (nibabel's orientation tools; the voxels keep their positions)."""
     orientations = nib.orientations
-    transform = orientations.ornt_transform(orientations.io_orientation(affine),
-                                            orientations.io_orientation(ref_affine))
+    transform = orientations.ornt_transform(
+        orientations.io_orientation(affine), orientations.io_orientation(ref_affine)
+    )
     moved = orientations.apply_orientation(data, transform)
     return np.ascontiguousarray(moved), affine @ orientations.inv_ornt_aff(transform, data.shape)
 
@@ -105,13 +110,18 @@ def _check_label(case: Case, path: Path, data: np.ndarray) -> np.ndarray:
     bad = sorted(set(present.tolist()) - set(values))
     if bad:
         shown = [int(v) if float(v).is_integer() else v for v in bad[:10]]
-        raise CaseError(case.name, path, f"label values {shown} are not in the {case.layout} "
-                        f"set {list(values)} (convention {case.convention})")
+        raise CaseError(
+            case.name,
+            path,
+            f"label values {shown} are not in the {case.layout} "
+            f"set {list(values)} (convention {case.convention})",
+        )
     return data.astype(np.uint8)
 
 
-def validate_case(case: Case, require_all: bool = True, require_label: bool = True,
-                  affine_atol: float = 1e-3) -> ValidatedCase:
+def validate_case(
+    case: Case, require_all: bool = True, require_label: bool = True, affine_atol: float = 1e-3
+) -> ValidatedCase:
     """Load and check a case; raise :class:`CaseError` on the first problem found.
 
     ``require_all`` (training) demands all four modalities; otherwise at least one (prediction).
@@ -140,16 +150,26 @@ def validate_case(case: Case, require_all: bool = True, require_label: bool = Tr
         if codes != ref_codes:
             data, affine = _reorient(data, affine, ref_affine)
             if data.shape != ref_shape or not np.allclose(affine, ref_affine, rtol=0.0, atol=affine_atol):
-                raise CaseError(case.name, path, f"orientation {codes} differs from {ref_codes} of {ref_path.name}, "
-                                "and the volumes do not coincide after reorienting: modalities are not "
-                                "co-registered")
+                raise CaseError(
+                    case.name,
+                    path,
+                    f"orientation {codes} differs from {ref_codes} of {ref_path.name}, "
+                    "and the volumes do not coincide after reorienting: modalities are not "
+                    "co-registered",
+                )
             return data
         if data.shape != ref_shape:
-            raise CaseError(case.name, path, f"shape {data.shape} differs from {ref_shape} of {ref_path.name}")
+            raise CaseError(
+                case.name, path, f"shape {data.shape} differs from {ref_shape} of {ref_path.name}"
+            )
         if not np.allclose(affine, ref_affine, rtol=0.0, atol=affine_atol):
             worst = float(np.abs(affine - ref_affine).max())
-            raise CaseError(case.name, path, f"affine differs from that of {ref_path.name} by up to {worst:.4g} "
-                            f"(tolerance {affine_atol:g} mm): modalities are not co-registered")
+            raise CaseError(
+                case.name,
+                path,
+                f"affine differs from that of {ref_path.name} by up to {worst:.4g} "
+                f"(tolerance {affine_atol:g} mm): modalities are not co-registered",
+            )
         return data
 
     for m in MODALITIES:

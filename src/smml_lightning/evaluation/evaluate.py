@@ -57,8 +57,10 @@ def prediction_convention(labels: np.ndarray, path: Path, fallback: str) -> str:
     """Release convention of a prediction from its values: ET = 4 (brats2018) or 3 (brats2023)."""
     values = set(np.unique(labels).tolist())
     if not values <= {0, 1, 2, 3, 4}:
-        raise ValueError(f"{path}: label values {sorted(values - {0, 1, 2, 3, 4})} are not BraTS labels "
-                         "(0, 1, 2 and 4 or 3)")
+        raise ValueError(
+            f"{path}: label values {sorted(values - {0, 1, 2, 3, 4})} are not BraTS labels "
+            "(0, 1, 2 and 4 or 3)"
+        )
     if 3 in values and 4 in values:
         raise ValueError(f"{path}: holds both 3 and 4; BraTS releases use one of them for ET")
     if 4 in values:
@@ -74,8 +76,12 @@ def match_predictions(case_names: Sequence[str], pred_dir: Path) -> tuple[dict[s
     found: dict[str, Path] = {}
     for name in case_names:
         case_id = _CASE_ID.search(name)
-        hits = [p for p in files if _stem(p) in (name, f"{name}_seg", f"{name}-seg")
-                or (case_id is not None and _stem(p).endswith(case_id.group(1)))]
+        hits = [
+            p
+            for p in files
+            if _stem(p) in (name, f"{name}_seg", f"{name}-seg")
+            or (case_id is not None and _stem(p).endswith(case_id.group(1)))
+        ]
         if len(hits) > 1:
             raise ValueError(f"case {name}: several predictions match: {', '.join(str(h) for h in hits)}")
         if hits:
@@ -84,8 +90,9 @@ def match_predictions(case_names: Sequence[str], pred_dir: Path) -> tuple[dict[s
     return found, [p for p in files if p not in claimed]
 
 
-def score_folders(pred_dir: Path | str, ref_dir: Path | str, challenge: str = "gli",
-                  layout: str = "auto") -> tuple[pd.DataFrame, list[Path]]:
+def score_folders(
+    pred_dir: Path | str, ref_dir: Path | str, challenge: str = "gli", layout: str = "auto"
+) -> tuple[pd.DataFrame, list[Path]]:
     """Rows ``case, region, prediction, METRICS...`` for every labelled reference case, and unmatched files."""
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
     for what, folder in (("--pred", pred_dir), ("--ref", ref_dir)):
@@ -107,12 +114,19 @@ def score_folders(pred_dir: Path | str, ref_dir: Path | str, challenge: str = "g
         if path is not None:
             raw_pred, _ = _read_labels(path)
             if raw_pred.shape != truth.shape:
-                raise ValueError(f"{path}: shape {raw_pred.shape} differs from the reference {case.label} "
-                                 f"{truth.shape}")
+                raise ValueError(
+                    f"{path}: shape {raw_pred.shape} differs from the reference {case.label} {truth.shape}"
+                )
             pred = to_internal(raw_pred, prediction_convention(raw_pred, path, case.convention))
         for region, values in challenge_metrics(pred, truth, spacing, challenge).items():
-            rows.append({"case": case.name, "region": region, "prediction": "" if path is None else str(path),
-                         **values})
+            rows.append(
+                {
+                    "case": case.name,
+                    "region": region,
+                    "prediction": "" if path is None else str(path),
+                    **values,
+                }
+            )
     return pd.DataFrame(rows, columns=["case", "region", "prediction", *METRICS]), unmatched
 
 
@@ -121,8 +135,11 @@ def summary_frame(per_case: pd.DataFrame) -> pd.DataFrame:
     records = []
     for region in REGIONS:
         part = per_case[per_case["region"] == region]
-        record: dict[str, object] = {"region": region, "n_cases": len(part),
-                                     "n_missing": int((part["prediction"] == "").sum())}
+        record: dict[str, object] = {
+            "region": region,
+            "n_cases": len(part),
+            "n_missing": int((part["prediction"] == "").sum()),
+        }
         for metric in METRICS:
             values = part[metric]
             record[metric] = int(values.sum()) if metric.startswith("n_") else float(values.mean())
@@ -130,48 +147,95 @@ def summary_frame(per_case: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(records)
 
 
-def _markdown(summary: pd.DataFrame, per_case: pd.DataFrame, unmatched: list[Path], challenge: str,
-              pred_dir: Path, ref_dir: Path) -> str:
+def _markdown(
+    summary: pd.DataFrame,
+    per_case: pd.DataFrame,
+    unmatched: list[Path],
+    challenge: str,
+    pred_dir: Path,
+    ref_dir: Path,
+) -> str:
     rules = challenge_rules(challenge)
-    head = ["Region", "Lesion-wise Dice", "Lesion-wise HD95 (mm)", "Legacy Dice", "Legacy HD95 (mm)",
-            "Sensitivity", "Specificity", "TP", "FP", "FN"]
+    head = [
+        "Region",
+        "Lesion-wise Dice",
+        "Lesion-wise HD95 (mm)",
+        "Legacy Dice",
+        "Legacy HD95 (mm)",
+        "Sensitivity",
+        "Specificity",
+        "TP",
+        "FP",
+        "FN",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for rec in summary.itertuples(index=False):
-        lines.append(f"| {rec.region} | {rec.lesion_dice * 100:.2f} | {rec.lesion_hd95:.2f} | "
-                     f"{rec.legacy_dice * 100:.2f} | {rec.legacy_hd95:.2f} | {rec.sensitivity * 100:.2f} | "
-                     f"{rec.specificity * 100:.3f} | {rec.n_tp} | {rec.n_fp} | {rec.n_fn} |")
+        lines.append(
+            f"| {rec.region} | {rec.lesion_dice * 100:.2f} | {rec.lesion_hd95:.2f} | "
+            f"{rec.legacy_dice * 100:.2f} | {rec.legacy_hd95:.2f} | {rec.sensitivity * 100:.2f} | "
+            f"{rec.specificity * 100:.3f} | {rec.n_tp} | {rec.n_fp} | {rec.n_fn} |"
+        )
     missing = sorted(set(per_case.loc[per_case["prediction"] == "", "case"]))
     n_cases = per_case["case"].nunique()
     notes = [
-        (f"- Lesion-wise (the BraTS 2023 challenge rules, {rules.name}): lesions are 26-connected components "
-        f"of the truth, merged when they share a component of the truth dilated {rules.dilation} times "
-        "(18-connected element); a predicted component counts for a lesion when it touches that lesion so "
-        "dilated. Each lesion scores the Dice and HD95 of it against its matched components; a missed "
-        f"lesion scores Dice 0 and HD95 {MAX_HD95:g} mm; lesions of at most {rules.min_volume:g} mm³ are "
-        f"left out; every unmatched predicted component adds a Dice 0 / HD95 {MAX_HD95:g} mm entry. "
-        "A case's score is the mean of its entries (Dice 1, HD95 0 when truth and prediction are empty)."),
-        ("- HD95 as the challenge computes it: area-weighted 95th percentile of the distances between the "
-        f"marching-cubes surfaces, larger direction; exactly one side empty gives {MAX_HD95:g} mm."),
-        ("- Legacy: Dice and HD95 of the whole region, voxel-wise sensitivity and specificity over the "
-        "reference grid; TP/FP/FN count lesions (summed over cases)."),
-        (f"- A missing prediction scores Dice 0, HD95 {MAX_HD95:g} mm, sensitivity and specificity 0, "
-        "and its kept lesions count as false negatives."),
+        (
+            f"- Lesion-wise (the BraTS 2023 challenge rules, {rules.name}): lesions are 26-connected components "
+            f"of the truth, merged when they share a component of the truth dilated {rules.dilation} times "
+            "(18-connected element); a predicted component counts for a lesion when it touches that lesion so "
+            "dilated. Each lesion scores the Dice and HD95 of it against its matched components; a missed "
+            f"lesion scores Dice 0 and HD95 {MAX_HD95:g} mm; lesions of at most {rules.min_volume:g} mm³ are "
+            f"left out; every unmatched predicted component adds a Dice 0 / HD95 {MAX_HD95:g} mm entry. "
+            "A case's score is the mean of its entries (Dice 1, HD95 0 when truth and prediction are empty)."
+        ),
+        (
+            "- HD95 as the challenge computes it: area-weighted 95th percentile of the distances between the "
+            f"marching-cubes surfaces, larger direction; exactly one side empty gives {MAX_HD95:g} mm."
+        ),
+        (
+            "- Legacy: Dice and HD95 of the whole region, voxel-wise sensitivity and specificity over the "
+            "reference grid; TP/FP/FN count lesions (summed over cases)."
+        ),
+        (
+            f"- A missing prediction scores Dice 0, HD95 {MAX_HD95:g} mm, sensitivity and specificity 0, "
+            "and its kept lesions count as false negatives."
+        ),
         "- No subset heatmap: the predictions carry no modality subset.",
     ]
-    intro = (f"{n_cases} reference cases from {ref_dir}; {n_cases - len(missing)} with a prediction, "
-             f"{len(missing)} missing (scored as the worst). Dice and sensitivity in %, means over cases.")
-    parts = [f"# {rules.name} scoring of {pred_dir}", "", intro, "", *lines, "",
-             "## How these figures were computed", "", *notes]
+    intro = (
+        f"{n_cases} reference cases from {ref_dir}; {n_cases - len(missing)} with a prediction, "
+        f"{len(missing)} missing (scored as the worst). Dice and sensitivity in %, means over cases."
+    )
+    parts = [
+        f"# {rules.name} scoring of {pred_dir}",
+        "",
+        intro,
+        "",
+        *lines,
+        "",
+        "## How these figures were computed",
+        "",
+        *notes,
+    ]
     if missing:
         parts += ["", "## Missing predictions", "", *(f"- {name}" for name in missing)]
     if unmatched:
-        parts += ["", "## Prediction files matching no reference case (not scored)", "",
-                  *(f"- {p}" for p in unmatched)]
+        parts += [
+            "",
+            "## Prediction files matching no reference case (not scored)",
+            "",
+            *(f"- {p}" for p in unmatched),
+        ]
     return "\n".join(parts) + "\n"
 
 
-def evaluate(pred: str | None = None, ref: str | None = None, out: str | None = None, challenge: str = "gli",
-             layout: str = "auto", overwrite: bool = False) -> dict[str, Path]:
+def evaluate(
+    pred: str | None = None,
+    ref: str | None = None,
+    out: str | None = None,
+    challenge: str = "gli",
+    layout: str = "auto",
+    overwrite: bool = False,
+) -> dict[str, Path]:
     """Score a folder of predictions against BraTS reference labels (lesion-wise and legacy metrics).
 
     Args:
@@ -190,7 +254,9 @@ def evaluate(pred: str | None = None, ref: str | None = None, out: str | None = 
     paths = {key: out_dir / name for key, name in FILES.items()}
     existing = [str(p) for p in paths.values() if p.exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"report files already exist: {existing}; pass --overwrite true to replace them")
+        raise FileExistsError(
+            f"report files already exist: {existing}; pass --overwrite true to replace them"
+        )
     per_case, unmatched = score_folders(pred, ref, challenge, layout)
     summary = summary_frame(per_case)
     markdown = _markdown(summary, per_case, unmatched, challenge, Path(pred), Path(ref))

@@ -112,9 +112,14 @@ def predict_subsets(
                     logits = model.decode(encoded, mask.expand(batch, -1)).logits
                     n_cls = logits.shape[1]
                     if out is None:
-                        out = torch.zeros(batch, len(masks) * n_cls, *logits.shape[2:],
-                                          dtype=accumulate_dtype, device=logits.device)
-                    out[:, i * n_cls:(i + 1) * n_cls].add_(logits, alpha=weight)
+                        out = torch.zeros(
+                            batch,
+                            len(masks) * n_cls,
+                            *logits.shape[2:],
+                            dtype=accumulate_dtype,
+                            device=logits.device,
+                        )
+                    out[:, i * n_cls : (i + 1) * n_cls].add_(logits, alpha=weight)
             del encoded
         if out is None:
             raise ValueError("predict_subsets needs at least one model and one subset")
@@ -123,9 +128,10 @@ def predict_subsets(
     # MONAI's own tensor work (batching windows with torch.cat, blending) runs outside autocast: CPU
     # autocast rejects a float16 carrier in torch.cat. Only the network calls above are autocast.
     with _eval_mode(models), torch.inference_mode(), torch.autocast(device, enabled=False):
-        blended = sliding_window_inference(carrier, roi, sw_batch_size, predictor, overlap=overlap, mode=mode,
-                                           with_coord=True)
+        blended = sliding_window_inference(
+            carrier, roi, sw_batch_size, predictor, overlap=overlap, mode=mode, with_coord=True
+        )
     unpadded: tuple[Any, ...] = (..., *(slice(0, s) for s in spatial))
     blended = torch.as_tensor(blended)[unpadded]
     n_cls = blended.shape[1] // len(keys)
-    return {k: blended[:, i * n_cls:(i + 1) * n_cls] for i, k in enumerate(keys)}
+    return {k: blended[:, i * n_cls : (i + 1) * n_cls] for i, k in enumerate(keys)}

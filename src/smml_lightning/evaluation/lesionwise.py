@@ -73,8 +73,16 @@ CHALLENGES: dict[str, ChallengeRules] = {
 """Settings of the BraTS 2023 challenges, as in the organisers' lesion-wise metrics code."""
 
 METRICS: tuple[str, ...] = (
-    "lesion_dice", "lesion_hd95", "legacy_dice", "legacy_hd95", "sensitivity", "specificity",
-    "n_tp", "n_fp", "n_fn", "gt_volume",
+    "lesion_dice",
+    "lesion_hd95",
+    "legacy_dice",
+    "legacy_hd95",
+    "sensitivity",
+    "specificity",
+    "n_tp",
+    "n_fp",
+    "n_fn",
+    "gt_volume",
 )
 """Fields of a :class:`RegionScores` row, in report order."""
 
@@ -127,7 +135,7 @@ def _neighbour_codes(mask: np.ndarray) -> np.ndarray:
     for dx in (0, 1):
         for dy in (0, 1):
             for dz in (0, 1):
-                codes += _CODE_WEIGHTS[dx, dy, dz] * padded[dx:dx + n[0], dy:dy + n[1], dz:dz + n[2]]
+                codes += _CODE_WEIGHTS[dx, dy, dz] * padded[dx : dx + n[0], dy : dy + n[1], dz : dz + n[2]]
     return codes
 
 
@@ -151,7 +159,9 @@ def _percentile_distance(distances: np.ndarray, areas: np.ndarray, percent: floa
     return float(distances[min(index, len(distances) - 1)])
 
 
-def surface_hd95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float], percent: float = 95.0) -> float:
+def surface_hd95(
+    pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float], percent: float = 95.0
+) -> float:
     """Challenge HD95 (mm) of two boolean masks; ``inf`` when exactly one is empty, and when both are."""
     both = pred | truth
     if not both.any():
@@ -202,7 +212,9 @@ def region_scores(
     rules = challenge_rules(challenge)
     pred, truth = np.asarray(pred, dtype=bool), np.asarray(truth, dtype=bool)
     if pred.shape != truth.shape or pred.ndim != 3:
-        raise ValueError(f"region_scores: need two 3-D masks of one shape, got {pred.shape} and {truth.shape}")
+        raise ValueError(
+            f"region_scores: need two 3-D masks of one shape, got {pred.shape} and {truth.shape}"
+        )
     voxel_volume = float(np.prod([float(s) for s in spacing]))
     n_pred, n_truth = int(pred.sum()), int(truth.sum())
     n_both = int(np.logical_and(pred, truth).sum())
@@ -257,11 +269,23 @@ def region_scores(
     entries = len(kept_dice) + n_fp
     lesion_dice = sum(kept_dice) / entries if entries else 1.0
     lesion_hd95 = (sum(kept_hd95) + n_fp * MAX_HD95) / entries if entries else 0.0
-    return RegionScores(lesion_dice, lesion_hd95, legacy_dice, legacy_hd95, float(sensitivity),
-                        float(specificity), n_tp, n_fp, n_fn, n_truth * voxel_volume)
+    return RegionScores(
+        lesion_dice,
+        lesion_hd95,
+        legacy_dice,
+        legacy_hd95,
+        float(sensitivity),
+        float(specificity),
+        n_tp,
+        n_fp,
+        n_fn,
+        n_truth * voxel_volume,
+    )
 
 
-def worst_scores(truth: np.ndarray, spacing: Sequence[float], challenge: str | ChallengeRules = "gli") -> RegionScores:
+def worst_scores(
+    truth: np.ndarray, spacing: Sequence[float], challenge: str | ChallengeRules = "gli"
+) -> RegionScores:
     """Scores of a missing prediction: Dice 0, HD95 :data:`MAX_HD95`, sensitivity and specificity 0, every
     kept ground-truth lesion a false negative (the challenge counts a missing case as its worst)."""
     rules = challenge_rules(challenge)

@@ -39,8 +39,13 @@ def image_diagonal(shape: Sequence[int], spacing: Sequence[float]) -> float:
     return math.sqrt(sum((n * s) ** 2 for n, s in zip(shape, spacing)))
 
 
-def hd95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float], percentile: float = 95.0,
-         empty_distance: float | None = None) -> float:
+def hd95(
+    pred: np.ndarray,
+    truth: np.ndarray,
+    spacing: Sequence[float],
+    percentile: float = 95.0,
+    empty_distance: float | None = None,
+) -> float:
     """Symmetric 95th-percentile Hausdorff distance in mm (MONAI ``compute_hausdorff_distance``).
 
     MONAI takes the percentile of each directed set of surface distances and returns the larger of
@@ -73,7 +78,9 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float], percenti
     return float(value.item())
 
 
-def et_postprocess(pred_labels: np.ndarray | torch.Tensor, min_voxels: int = 500) -> np.ndarray | torch.Tensor:
+def et_postprocess(
+    pred_labels: np.ndarray | torch.Tensor, min_voxels: int = 500
+) -> np.ndarray | torch.Tensor:
     """Relabel a predicted ET region with fewer than ``min_voxels`` voxels as NCR.
 
     This is the BraTS "enhancing_postpro" of RFNet/mmFormer: small ET predictions are mostly false
@@ -83,7 +90,9 @@ def et_postprocess(pred_labels: np.ndarray | torch.Tensor, min_voxels: int = 500
     """
     is_et = pred_labels == ET_CLASS
     if int(is_et.sum()) >= min_voxels:
-        return pred_labels.clone() if isinstance(pred_labels, torch.Tensor) else np.array(pred_labels, copy=True)
+        return (
+            pred_labels.clone() if isinstance(pred_labels, torch.Tensor) else np.array(pred_labels, copy=True)
+        )
     if isinstance(pred_labels, torch.Tensor):
         return torch.where(is_et, torch.full_like(pred_labels, NCR_CLASS), pred_labels)
     return np.where(is_et, np.asarray(NCR_CLASS, dtype=pred_labels.dtype), pred_labels)

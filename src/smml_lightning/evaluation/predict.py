@@ -42,7 +42,8 @@ def _source_header(meta: CaseMeta) -> nib.Nifti1Header | None:
             except READ_ERRORS:  # an unreadable donor is skipped; the next one may do
                 continue
             same_grid = tuple(img.shape[:3]) == tuple(meta.original_shape) and np.allclose(
-                img.affine, np.asarray(meta.affine), rtol=0.0, atol=1e-3)
+                img.affine, np.asarray(meta.affine), rtol=0.0, atol=1e-3
+            )
             if same_grid:
                 return nib.Nifti1Header.from_header(img.header)
     return None
@@ -71,11 +72,14 @@ def write_prediction(
     _check_out(out_path, overwrite, (".nii.gz", ".nii"))
     labels = np.asarray(labels_cropped)
     if labels.shape not in (meta.cropped_shape, meta.box_shape):
-        raise ValueError(f"{meta.name}: prediction shape {labels.shape} does not match the crop box "
-                         f"{meta.crop_box} (cropped shape {meta.cropped_shape})")
+        raise ValueError(
+            f"{meta.name}: prediction shape {labels.shape} does not match the crop box "
+            f"{meta.crop_box} (cropped shape {meta.cropped_shape})"
+        )
     if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
-        raise ValueError(f"{meta.name}: prediction has values outside the internal classes "
-                         f"0..{NUM_CLASSES - 1}")
+        raise ValueError(
+            f"{meta.name}: prediction has values outside the internal classes 0..{NUM_CLASSES - 1}"
+        )
     labels = labels.astype(np.uint8)
     native = uncrop(labels, meta) if labels.shape == meta.box_shape else labels_to_native(labels, meta)
     release = to_release(native, meta.convention)
@@ -121,8 +125,10 @@ def write_overlay(
     _check_out(out_png, overwrite, (".png",))
     image, labels = np.asarray(image_cropped), np.asarray(labels_cropped)
     if image.ndim != 4 or image.shape[0] != NUM_MODALITIES or image.shape[1:] != labels.shape:
-        raise ValueError(f"{out_png.name}: image {image.shape} must be ({NUM_MODALITIES}, *labels.shape) "
-                         f"with labels {labels.shape}")
+        raise ValueError(
+            f"{out_png.name}: image {image.shape} must be ({NUM_MODALITIES}, *labels.shape) "
+            f"with labels {labels.shape}"
+        )
     columns = [i for i, on in enumerate(available) if on]
     if len(available) != NUM_MODALITIES or not columns:
         raise ValueError(f"{out_png.name}: available must flag {NUM_MODALITIES} modalities, at least one on")
@@ -139,8 +145,14 @@ def write_overlay(
             ax = axes[r, c]
             # Transpose so the first voxel axis runs left-right, origin at the bottom: radiological-ish view.
             ax.imshow(image[m, :, :, k].T, cmap="gray", origin="lower")
-            ax.imshow(labels[:, :, k].T, cmap=cmap, vmin=0, vmax=NUM_CLASSES - 1, origin="lower",
-                      interpolation="nearest")
+            ax.imshow(
+                labels[:, :, k].T,
+                cmap=cmap,
+                vmin=0,
+                vmax=NUM_CLASSES - 1,
+                origin="lower",
+                interpolation="nearest",
+            )
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:

@@ -81,8 +81,9 @@ def rows_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     dup = frame.duplicated(["case", "subset", "region"], keep=False)
     if dup.any():
         first = frame[dup].iloc[0]
-        raise ValueError(f"duplicate metric rows, e.g. case {first['case']!r}, "
-                         f"{first['subset']}, {first['region']}")
+        raise ValueError(
+            f"duplicate metric rows, e.g. case {first['case']!r}, {first['subset']}, {first['region']}"
+        )
     frame["dice"] = frame["dice"].astype(float)
     frame["hd95"] = frame["hd95"].astype(float)
     frame["subset"] = pd.Categorical(frame["subset"], categories=SUBSET_NAMES, ordered=True)
@@ -119,8 +120,9 @@ def lesionwise_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame | None:
     if not picked:
         return None
     frame = pd.DataFrame(picked)[["case", "subset", "region", *LESION_METRICS]].copy()
-    frame["subset"] = pd.Categorical([_subset_label(v) for v in frame["subset"]], categories=SUBSET_NAMES,
-                                     ordered=True)
+    frame["subset"] = pd.Categorical(
+        [_subset_label(v) for v in frame["subset"]], categories=SUBSET_NAMES, ordered=True
+    )
     frame["region"] = pd.Categorical(frame["region"], categories=REPORT_REGIONS, ordered=True)
     return frame.sort_values(["case", "subset", "region"], kind="stable").reset_index(drop=True)
 
@@ -157,15 +159,20 @@ def _lesionwise_markdown(table: pd.DataFrame, challenge: str) -> list[str]:
     rules = challenge_rules(challenge)
     lines = _subset_rows(table, "lesion_dice", "lesion_hd95")
     return [
-        "", f"## BraTS challenge scoring: lesion-wise Dice (%) and HD95 (mm), {rules.name} rules", "",
-        *lines, "",
-        (f"Lesion-wise figures follow the BraTS 2023 challenge code: lesions are 26-connected components of "
-         f"the truth (merged within {rules.dilation} dilations), each scored against the predicted "
-         f"components touching it after {rules.dilation} dilations; missed lesions and unmatched predicted "
-         f"components score Dice 0 and HD95 374 mm; lesions of at most {rules.min_volume:g} mm³ are left "
-         "out; a case with neither lesions nor predictions scores Dice 1, HD95 0. HD95 is the challenge's "
-         "(area-weighted, marching-cubes surfaces). lesionwise_summary.csv adds the challenge's legacy "
-         "Dice/HD95, sensitivity, specificity (over the original grid) and summed lesion counts."),
+        "",
+        f"## BraTS challenge scoring: lesion-wise Dice (%) and HD95 (mm), {rules.name} rules",
+        "",
+        *lines,
+        "",
+        (
+            f"Lesion-wise figures follow the BraTS 2023 challenge code: lesions are 26-connected components of "
+            f"the truth (merged within {rules.dilation} dilations), each scored against the predicted "
+            f"components touching it after {rules.dilation} dilations; missed lesions and unmatched predicted "
+            f"components score Dice 0 and HD95 374 mm; lesions of at most {rules.min_volume:g} mm³ are left "
+            "out; a case with neither lesions nor predictions scores Dice 1, HD95 0. HD95 is the challenge's "
+            "(area-weighted, marching-cubes surfaces). lesionwise_summary.csv adds the challenge's legacy "
+            "Dice/HD95, sensitivity, specificity (over the original grid) and summed lesion counts."
+        ),
     ]
 
 
@@ -186,8 +193,14 @@ def _gain_interval(gains: np.ndarray, confidence: float, n_resamples: int, seed:
         return np.nan, np.nan
     if np.ptp(gains) == 0:  # every resample has the same mean
         return float(gains[0]), float(gains[0])
-    result = stats.bootstrap((gains,), np.mean, n_resamples=n_resamples, confidence_level=confidence,
-                             method="percentile", rng=np.random.default_rng(seed))
+    result = stats.bootstrap(
+        (gains,),
+        np.mean,
+        n_resamples=n_resamples,
+        confidence_level=confidence,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
@@ -218,7 +231,9 @@ def modality_gains(
     for k, modality in enumerate(MODALITY_LABELS[m] for m in MODALITIES):
         without = [mask for mask in SUBSETS if not mask[k]]
         pairs = {
-            "any": [(subset_name(m), subset_name(tuple(v or i == k for i, v in enumerate(m)))) for m in without],
+            "any": [
+                (subset_name(m), subset_name(tuple(v or i == k for i, v in enumerate(m)))) for m in without
+            ],
             "last": [(subset_name(tuple(i != k for i in range(len(MODALITIES)))), SUBSET_NAMES[-1])],
         }
         for region, dice in tables.items():
@@ -231,10 +246,20 @@ def modality_gains(
                 if not len(gains):
                     continue
                 low, high = _gain_interval(gains, confidence, n_resamples, seed)
-                records.append({"modality": modality, "added": added, "region": region, "n_cases": len(gains),
-                                "gain": float(gains.mean()), "ci_low": low, "ci_high": high})
+                records.append(
+                    {
+                        "modality": modality,
+                        "added": added,
+                        "region": region,
+                        "n_cases": len(gains),
+                        "gain": float(gains.mean()),
+                        "ci_low": low,
+                        "ci_high": high,
+                    }
+                )
     return pd.DataFrame.from_records(
-        records, columns=["modality", "added", "region", "n_cases", "gain", "ci_low", "ci_high"])
+        records, columns=["modality", "added", "region", "n_cases", "gain", "ci_low", "ci_high"]
+    )
 
 
 def load_published(dataset: str | None = None) -> pd.DataFrame:
@@ -290,8 +315,10 @@ def _markdown(
     n_subsets = len(by_subset) - 1
     ranking = subset_ranking(summary)
     all_four = SUBSET_NAMES[-1]
-    rank_note = (f"Mean Dice over WT, TC and ET: best {ranking.index[0]} ({_fmt(ranking.iloc[0], 100)}), "
-                 f"worst {ranking.index[-1]} ({_fmt(ranking.iloc[-1], 100)})")
+    rank_note = (
+        f"Mean Dice over WT, TC and ET: best {ranking.index[0]} ({_fmt(ranking.iloc[0], 100)}), "
+        f"worst {ranking.index[-1]} ({_fmt(ranking.iloc[-1], 100)})"
+    )
     if all_four in ranking.index and n_subsets > 1:
         rank_note += f"; all four modalities rank {list(ranking.index).index(all_four) + 1} of {n_subsets}"
     where = f" on {dataset_layout}" if dataset_layout else ""
@@ -317,7 +344,7 @@ def _markdown(
         + ("case's original, uncropped grid" if original_grid else "evaluated grid")
         + " in mm (373.1 mm for a full 240x240x155 grid at 1 mm). NaN values are skipped in the means.",
         f"- ET_post: a predicted ET of fewer than {et_min_voxels} voxels is relabelled NCR, which empties "
-        "ET and leaves TC and WT unchanged (the community's \"enhancing_postpro\").",
+        'ET and leaves TC and WT unchanged (the community\'s "enhancing_postpro").',
         f"- Whole-case sliding-window inference: {sw}.",
     ]
     if compare:
@@ -331,10 +358,15 @@ def _markdown(
                 dice = " | ".join(f"{v:.1f}" for v in (rec.wt, rec.tc, rec.et))
                 parts.append(f"| {rec.method} | {rec.dataset} | {dice} | {rec.source} |")
             ours = [_fmt(avg.get(f"{r}_dice", np.nan), 100) for r in ("WT", "TC", "ET")]
-            parts.append(f"| **{method_name}** (this run) | {dataset_layout or '–'} | {' | '.join(ours)} "
-                         "| this report |")
-            parts += ["", "Published figures are means over the papers' own splits; they are indicative, "
-                      "not a paired comparison with this run."]
+            parts.append(
+                f"| **{method_name}** (this run) | {dataset_layout or '–'} | {' | '.join(ours)} "
+                "| this report |"
+            )
+            parts += [
+                "",
+                "Published figures are means over the papers' own splits; they are indicative, "
+                "not a paired comparison with this run.",
+            ]
     return "\n".join(parts) + "\n"
 
 
@@ -344,14 +376,23 @@ def _gains_markdown(gains: pd.DataFrame) -> list[str]:
         return []
     cells = gains.set_index(["modality", "added", "region"])
     columns = [(added, region) for added in ("any", "last") for region in dict.fromkeys(gains["region"])]
-    head = ["added modality", *(f"{r} {'to any subset' if a == 'any' else 'to the other three'}" for a, r in columns)]
-    lines = ["", "## What each modality adds", "",
-             "Dice points with the modality minus without it, paired by case, mean over cases [95% bootstrap "
-             "interval over cases]. *To any subset*: averaged over the subsets it can join; *to the other "
-             "three*: all four against the other three (below zero, all four modalities cannot rank first). "
-             "The interval covers case-to-case variation only (a retrained model varies more) and is too narrow "
-             "with few cases (a percentile bootstrap under about 20).", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    head = [
+        "added modality",
+        *(f"{r} {'to any subset' if a == 'any' else 'to the other three'}" for a, r in columns),
+    ]
+    lines = [
+        "",
+        "## What each modality adds",
+        "",
+        "Dice points with the modality minus without it, paired by case, mean over cases [95% bootstrap "
+        "interval over cases]. *To any subset*: averaged over the subsets it can join; *to the other "
+        "three*: all four against the other three (below zero, all four modalities cannot rank first). "
+        "The interval covers case-to-case variation only (a retrained model varies more) and is too narrow "
+        "with few cases (a percentile bootstrap under about 20).",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for modality in dict.fromkeys(gains["modality"]):
         row = [modality]
         for key in columns:
@@ -375,8 +416,15 @@ def _heatmap_png(summary: pd.DataFrame, method_name: str) -> bytes:
     ax.set_xticks(range(len(regions)), regions)
     ax.set_yticks(range(len(summary)), summary["subset"].tolist())
     for (i, j), v in np.ndenumerate(values):
-        ax.text(j, i, "–" if np.isnan(v) else f"{v:.1f}", ha="center", va="center",
-                color="black" if v >= 60 else "white", fontsize=8)
+        ax.text(
+            j,
+            i,
+            "–" if np.isnan(v) else f"{v:.1f}",
+            ha="center",
+            va="center",
+            color="black" if v >= 60 else "white",
+            fontsize=8,
+        )
     ax.set_title(f"{method_name}: mean Dice (%)")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
@@ -426,8 +474,19 @@ def write_report(
         lesion_rows = lesion_frame.astype({"subset": str, "region": str})
         atomic_write_text(paths["lesionwise_per_case"], lesion_rows.to_csv(index=False))
         atomic_write_text(paths["lesionwise_summary"], lesion_table.to_csv(index=False))
-    markdown = _markdown(summary, method_name, frame["case"].nunique(), dataset_layout, compare,
-                         et_min_voxels, settings, gains, lesion_table, challenge, original_grid)
+    markdown = _markdown(
+        summary,
+        method_name,
+        frame["case"].nunique(),
+        dataset_layout,
+        compare,
+        et_min_voxels,
+        settings,
+        gains,
+        lesion_table,
+        challenge,
+        original_grid,
+    )
     atomic_write_text(paths["report"], markdown)
     png = _heatmap_png(summary, method_name)
     atomic_write_bytes(paths["heatmap"], lambda f: f.write(png))

@@ -25,7 +25,9 @@ BASE_LINE = re.compile(r"^#\s*base:\s*(\S+)\s*$")
 
 def available() -> list[str]:
     """Names of the shipped experiment configs and overlays (``_base/`` and sweep files excluded)."""
-    names = (p.relative_to(EXPERIMENTS_DIR).with_suffix("").as_posix() for p in EXPERIMENTS_DIR.rglob("*.yaml"))
+    names = (
+        p.relative_to(EXPERIMENTS_DIR).with_suffix("").as_posix() for p in EXPERIMENTS_DIR.rglob("*.yaml")
+    )
     return sorted(n for n in names if not n.startswith(("_base/", "sweeps/")))
 
 
@@ -43,8 +45,10 @@ def resolve(config: str | Path) -> Path:
     shipped = _shipped(str(config))
     if shipped is not None:
         return shipped
-    raise FileNotFoundError(f"experiment config {str(config)!r} is neither a file nor a shipped config; "
-                            f"shipped: {', '.join(available())}")
+    raise FileNotFoundError(
+        f"experiment config {str(config)!r} is neither a file nor a shipped config; "
+        f"shipped: {', '.join(available())}"
+    )
 
 
 def base_of(path: Path) -> str | None:
@@ -73,7 +77,9 @@ def chain(config: str | Path) -> list[Path]:
         else:
             found = _shipped(base) or (current.parent / base if (current.parent / base).is_file() else None)
             if found is None:
-                raise FileNotFoundError(f"{current}: '# base: {base}' names no shipped config or file beside it")
+                raise FileNotFoundError(
+                    f"{current}: '# base: {base}' names no shipped config or file beside it"
+                )
             current = found
     return files
 
@@ -125,8 +131,11 @@ def experiment_name(args: list[str]) -> str | None:
     ``brats2018+no_prior``), so that two experiments never share a run folder. None without a config."""
     names: list[str] = []
     for i, arg in enumerate(args):
-        value = args[i + 1] if arg in ("--config", "-c") and i + 1 < len(args) else (
-            arg.split("=", 1)[1] if arg.startswith("--config=") else None)
+        value = (
+            args[i + 1]
+            if arg in ("--config", "-c") and i + 1 < len(args)
+            else (arg.split("=", 1)[1] if arg.startswith("--config=") else None)
+        )
         if value is not None and not _inline_yaml(value):
             stem = Path(value).stem
             if stem in ("config",) and Path(value).parent.name:  # a run's saved config: name it by its run

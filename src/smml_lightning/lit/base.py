@@ -169,7 +169,9 @@ class MissingModalityModule(pl.LightningModule):
 
     # ---- helpers ------------------------------------------------------------------------------
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last_3d) if self.channels_last and x.dim() == 5 else x
+        return (
+            x.contiguous(memory_format=torch.channels_last_3d) if self.channels_last and x.dim() == 5 else x
+        )
 
     def setup(self, stage: str) -> None:
         guard_small_bf16_convs(self)  # before the optimizer is built; see models/numerics.py
@@ -193,7 +195,9 @@ class MissingModalityModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         spacing = checkpoint.get(INPUT_SPACING)
-        self.input_spacing = None if spacing is None else (float(spacing[0]), float(spacing[1]), float(spacing[2]))
+        self.input_spacing = (
+            None if spacing is None else (float(spacing[0]), float(spacing[1]), float(spacing[2]))
+        )
 
     def in_warmup(self) -> bool:
         """True before the epoch at which the mutual/consistency terms switch on."""
@@ -206,14 +210,22 @@ class MissingModalityModule(pl.LightningModule):
         bad = [name for name, value in terms.items() if not torch.isfinite(value.detach()).all()]
         # Under DDP all ranks must skip (or stop) together: a rank that skipped its backward alone would
         # leave the others' gradient all-reduce paired with its next step's, or waiting for ever.
-        any_bad = bool(bad) if self._trainer is None else self.trainer.strategy.reduce_boolean_decision(
-            bool(bad), all=False)
+        any_bad = (
+            bool(bad)
+            if self._trainer is None
+            else self.trainer.strategy.reduce_boolean_decision(bool(bad), all=False)
+        )
         if any_bad:
-            found = (f"non-finite loss term(s) {bad} (values: { {k: float(terms[k].detach()) for k in bad} })"
-                     if bad else "a non-finite loss term on another rank")
+            found = (
+                f"non-finite loss term(s) {bad} (values: { {k: float(terms[k].detach()) for k in bad} })"
+                if bad
+                else "a non-finite loss term on another rank"
+            )
             message = f"{found} at epoch {self.current_epoch}, step {self.global_step}"
             if self.on_nonfinite == "raise":
-                raise NonFiniteLossError(message + "; set model.init_args.on_nonfinite=skip to skip such steps")
+                raise NonFiniteLossError(
+                    message + "; set model.init_args.on_nonfinite=skip to skip such steps"
+                )
             # The rank that found the terms names them; the others' notice is said once.
             (warnings.warn if bad else rank_zero_warn)(f"skipping step: {message}")
             return self._skipped_step_loss()
@@ -246,7 +258,9 @@ class MissingModalityModule(pl.LightningModule):
         if self.optimizer_name == "adam":
             opt = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay, amsgrad=True)
         else:
-            opt = torch.optim.SGD(params, lr=self.lr, weight_decay=self.weight_decay, momentum=0.99, nesterov=True)
+            opt = torch.optim.SGD(
+                params, lr=self.lr, weight_decay=self.weight_decay, momentum=0.99, nesterov=True
+            )
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else math.inf
         power = self.poly_power
 
@@ -259,12 +273,18 @@ class MissingModalityModule(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False,
-                 batch_size=1)
+        self.log(
+            "train/lr",
+            self.trainer.optimizers[0].param_groups[0]["lr"],
+            on_step=True,
+            on_epoch=False,
+            batch_size=1,
+        )
 
     # ---- whole-case inference -----------------------------------------------------------------
-    def predict_case(self, image: torch.Tensor, subset_ids: Sequence[int],
-                     native: CaseMeta | None = None) -> dict[int, torch.Tensor]:
+    def predict_case(
+        self, image: torch.Tensor, subset_ids: Sequence[int], native: CaseMeta | None = None
+    ) -> dict[int, torch.Tensor]:
         """Internal label maps ``(D, H, W)`` per subset index for one whole (cropped) case.
 
         Given ``native``, the metadata of a case cached on a resampled grid, the maps lie on its crop
@@ -272,8 +292,12 @@ class MissingModalityModule(pl.LightningModule):
         (:func:`~smml_lightning.data.resample.logits_to_box`).
         """
         logits = predict_subsets(
-            self.inference_models(), self._layout(image), [SUBSETS[i] for i in subset_ids],
-            roi_size=self.roi_size, overlap=self.sw_overlap, mode=self.sw_mode,
+            self.inference_models(),
+            self._layout(image),
+            [SUBSETS[i] for i in subset_ids],
+            roi_size=self.roi_size,
+            overlap=self.sw_overlap,
+            mode=self.sw_mode,
             sw_batch_size=self.sw_batch_size,
         )
         if native is not None and is_resampled(native):
@@ -293,13 +317,20 @@ class MissingModalityModule(pl.LightningModule):
         for pred in preds.values():
             for region in REGIONS:
                 classes = torch.tensor(REGION_CLASSES[region], device=label.device)
-                scores[region].append(dice(torch.isin(pred, classes).cpu().numpy(),
-                                           torch.isin(label, classes).cpu().numpy()))
+                scores[region].append(
+                    dice(torch.isin(pred, classes).cpu().numpy(), torch.isin(label, classes).cpu().numpy())
+                )
         means = {r: sum(v) / len(v) for r, v in scores.items()}
         for region, value in means.items():
             self.log(f"val/dice_{region}", value, on_epoch=True, sync_dist=True, batch_size=1)
-        self.log("val/dice_mean", sum(means.values()) / len(means), on_epoch=True, sync_dist=True,
-                 prog_bar=True, batch_size=1)
+        self.log(
+            "val/dice_mean",
+            sum(means.values()) / len(means),
+            on_epoch=True,
+            sync_dist=True,
+            prog_bar=True,
+            batch_size=1,
+        )
 
     # ---- test: all subsets; the report is written by the TestReport callback ---------------------
     def configure_callbacks(self) -> list[pl.Callback]:
@@ -328,20 +359,37 @@ class MissingModalityModule(pl.LightningModule):
         subsets = self._within(self.test_subset_ids, batch)
         for sid, pred in self.predict_case(batch["image"], subsets, native).items():
             labels = pred.cpu().numpy()
-            metrics = case_metrics(labels, label, spacing, et_min_voxels=self.et_min_voxels,
-                                   empty_distance=diagonal)
-            challenge = ({} if self.challenge is None else
-                         challenge_metrics(labels, label, spacing, self.challenge, grid_voxels=math.prod(grid)))
+            metrics = case_metrics(
+                labels, label, spacing, et_min_voxels=self.et_min_voxels, empty_distance=diagonal
+            )
+            challenge = (
+                {}
+                if self.challenge is None
+                else challenge_metrics(labels, label, spacing, self.challenge, grid_voxels=math.prod(grid))
+            )
             for region, values in metrics.items():
-                rows.append({"case": name, "subset": subset_name(SUBSETS[sid]), "region": region,
-                             "dice": values["dice"], "hd95": values["hd95"], **challenge.get(region, {})})
+                rows.append(
+                    {
+                        "case": name,
+                        "subset": subset_name(SUBSETS[sid]),
+                        "region": region,
+                        "dice": values["dice"],
+                        "hd95": values["hd95"],
+                        **challenge.get(region, {}),
+                    }
+                )
         return {"rows": rows}
 
     def inference_settings(self) -> dict[str, Any]:
         """The whole-case inference settings, as a test report quotes them."""
-        return {"roi_size": list(self.roi_size), "overlap": self.sw_overlap, "blend": self.sw_mode,
-                "sw_batch_size": self.sw_batch_size, "et_min_voxels": self.et_min_voxels,
-                "branches_averaged": len(self.inference_models())}
+        return {
+            "roi_size": list(self.roi_size),
+            "overlap": self.sw_overlap,
+            "blend": self.sw_mode,
+            "sw_batch_size": self.sw_batch_size,
+            "et_min_voxels": self.et_min_voxels,
+            "branches_averaged": len(self.inference_models()),
+        }
 
     def _meta(self, name: str, stage: str = "fit") -> CaseMeta | None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -366,4 +414,8 @@ class MissingModalityModule(pl.LightningModule):
             raise ValueError(f"case {batch['name'][0]}: no modality is available, nothing to segment from")
         sid = SUBSETS.index(available)
         labels = self.predict_case(batch["image"], [sid], self._meta(batch["name"][0], stage="predict"))[sid]
-        return {"name": batch["name"][0], "labels": labels.to(torch.uint8).cpu(), "subset": subset_name(available)}
+        return {
+            "name": batch["name"][0],
+            "labels": labels.to(torch.uint8).cpu(),
+            "subset": subset_name(available),
+        }

@@ -49,7 +49,9 @@ class SingleBranch(MissingModalityModule):
         out = self.net(batch["image"], mask)
         terms = {"seg_fused": self.w["fused"] * self.seg_loss(out.logits, label)}
         if out.aux_logits:
-            terms["seg_aux"] = self.w["aux"] * masked_aux_loss(self.seg_loss, out.aux_logits, label, out.aux_mask)
+            terms["seg_aux"] = self.w["aux"] * masked_aux_loss(
+                self.seg_loss, out.aux_logits, label, out.aux_mask
+            )
         if out.deep_logits:
             terms["seg_deep"] = self.w["deep"] * deep_supervision_loss(self.seg_loss, out.deep_logits, label)
         return terms
@@ -107,14 +109,17 @@ class MAMLModule(MissingModalityModule):
         weights = halving_weights(levels + 1)
         terms = {
             "seg_fused": self.w["fused"] * self.seg_loss(out.logits, label),
-            "seg_modality": self.w["modality"] * weights[0]
+            "seg_modality": self.w["modality"]
+            * weights[0]
             * masked_aux_loss(self.seg_loss, out.aux_logits, label, out.aux_mask),
         }
         if out.deep_logits:  # level-major, coarsest first
             per_output = [weights[levels - i // m] for i in range(len(out.deep_logits))]
             terms["seg_deep"] = self.w["deep"] * deep_supervision_loss(
-                self.seg_loss, out.deep_logits, label, per_output)
+                self.seg_loss, out.deep_logits, label, per_output
+            )
         if not self.in_warmup():
             terms["mutual"] = self.w["mutual"] * modality_mutual_loss(
-                out.logits, out.aux_logits, mask, self.temperature)
+                out.logits, out.aux_logits, mask, self.temperature
+            )
         return terms

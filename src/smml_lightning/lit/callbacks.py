@@ -23,8 +23,13 @@ class PredictionWriter(BasePredictionWriter):
     convention (plus an overlay PNG), atomically. Existing files are kept unless ``overwrite``: a re-run
     after an interruption only writes the cases still missing."""
 
-    def __init__(self, output_dir: str = "predictions", overwrite: bool = False, overlay: bool = True,
-                 brats_names: bool = False) -> None:
+    def __init__(
+        self,
+        output_dir: str = "predictions",
+        overwrite: bool = False,
+        overlay: bool = True,
+        brats_names: bool = False,
+    ) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
         self.overwrite = overwrite
@@ -38,8 +43,16 @@ class PredictionWriter(BasePredictionWriter):
 
         return self.output_dir / prediction_name(name, self.brats_names)
 
-    def write_on_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prediction: Any,
-                           batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+    def write_on_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        prediction: Any,
+        batch_indices: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
         from ..data.resample import resample_labels
         from ..evaluation.predict import write_overlay, write_prediction
 
@@ -56,8 +69,13 @@ class PredictionWriter(BasePredictionWriter):
             image = batch["image"][0].float().cpu().numpy()
             if labels.shape != image.shape[1:]:  # a resampled case's labels lie on its native crop box
                 labels = resample_labels(labels, image.shape[1:])
-            write_overlay(image, labels, meta.available,
-                          self.output_dir / f"{name}_overlay.png", overwrite=self.overwrite)
+            write_overlay(
+                image,
+                labels,
+                meta.available,
+                self.output_dir / f"{name}_overlay.png",
+                overwrite=self.overwrite,
+            )
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         msg = f"predictions: {len(self.written)} written to {self.output_dir}"
@@ -84,8 +102,13 @@ class AutoWandbLogger(WandbLogger):
     out) and can be uploaded later with ``wandb sync <save_dir>/wandb/offline-run-*``.
     """
 
-    def __init__(self, offline: bool | None = None, project: str = "smml-lightning", save_dir: str | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        offline: bool | None = None,
+        project: str = "smml-lightning",
+        save_dir: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         if offline is None:
             mode = os.environ.get("WANDB_MODE")
             offline = mode in ("offline", "disabled") if mode else not wandb_logged_in()
@@ -122,8 +145,11 @@ class EpochSummary(pl.Callback):
         metrics = trainer.callback_metrics
         seconds = time.time() - self._started
         steps = trainer.global_step - self._step0
-        parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}", f"step {trainer.global_step}",
-                 f"{seconds / max(steps, 1):.2f} s/step"]
+        parts = [
+            f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}",
+            f"step {trainer.global_step}",
+            f"{seconds / max(steps, 1):.2f} s/step",
+        ]
         keys = ["train/loss_epoch"]
         if self._validated:
             keys += ["val/dice_mean", "val/dice_WT", "val/dice_TC", "val/dice_ET"]
@@ -137,7 +163,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints written to a temporary file beside the target and renamed into place, so a kill
     during a save never leaves a truncated ``last.ckpt`` that a resume would trust."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
         with atomic_path(path) as tmp:
             super().save_checkpoint(checkpoint, tmp, storage_options)
 

@@ -79,8 +79,9 @@ class CMC(MissingModalityModule):
         if temperature <= 0:
             raise ValueError(f"model.temperature must be > 0, got {temperature}")
         if warmup_epochs < 0 or (ramp_epochs is not None and ramp_epochs < 0):
-            raise ValueError(f"model.warmup_epochs and model.ramp_epochs must be >= 0, got {warmup_epochs}, "
-                             f"{ramp_epochs}")
+            raise ValueError(
+                f"model.warmup_epochs and model.ramp_epochs must be >= 0, got {warmup_epochs}, {ramp_epochs}"
+            )
         self.net = (network or CMCNet)()
         self.w = {"seg": w_seg, "csc": w_csc, "cac": w_cac}
         self.temperature = temperature
@@ -103,7 +104,9 @@ class CMC(MissingModalityModule):
         if trainer is not None and trainer.max_steps > 0 and 0 < trainer.num_training_batches < math.inf:
             per_epoch = trainer.num_training_batches / trainer.accumulate_grad_batches
             return max(1, math.ceil(trainer.max_steps / per_epoch))
-        raise ValueError("CMC: set model.ramp_epochs (the trainer has no max_epochs or max_steps to ramp over)")
+        raise ValueError(
+            "CMC: set model.ramp_epochs (the trainer has no max_epochs or max_steps to ramp over)"
+        )
 
     def consistency_weights(self, epoch: int) -> tuple[float, float]:
         """Schedule factors ``(csc, cac)`` at ``epoch`` (0 during the warm-up), before ``w_csc``/``w_cac``."""
@@ -114,14 +117,19 @@ class CMC(MissingModalityModule):
     def training_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         image, mask = batch["image"], batch["masks"][:, 0]
         labeled = batch.get("labeled")
-        labeled = torch.ones(image.shape[0], dtype=torch.bool, device=image.device) if labeled is None else labeled.bool()
+        labeled = (
+            torch.ones(image.shape[0], dtype=torch.bool, device=image.device)
+            if labeled is None
+            else labeled.bool()
+        )
         out = self.net(image, mask)
         aux_mask = out.aux_mask if out.aux_mask is not None else mask
         terms: dict[str, torch.Tensor] = {}
         lab = labeled.nonzero()[:, 0]
         if len(lab):
-            sup = masked_aux_loss(self.seg_loss, [a[lab] for a in out.aux_logits], batch["label"][lab],
-                                  aux_mask[lab])
+            sup = masked_aux_loss(
+                self.seg_loss, [a[lab] for a in out.aux_logits], batch["label"][lab], aux_mask[lab]
+            )
             # masked_aux_loss sums the branches' losses; divided by the mean number of available branches
             # it is their mean (the public code averages its two modalities' losses)
             terms["seg"] = self.w["seg"] * sup * len(lab) / aux_mask[lab].sum()
@@ -132,10 +140,16 @@ class CMC(MissingModalityModule):
             chosen = torch.ones_like(labeled) if self.consistency_on_labeled else ~labeled
             idx = chosen.nonzero()[:, 0]
             if out.modality_features is None:
-                raise ValueError(f"{type(self.net).__name__} returns no modality_features: CMC needs a CMCNet")
-            terms["csc"] = self.w["csc"] * w_csc * csc_loss(out.modality_features[idx], aux_mask[idx],
-                                                            self.temperature)
+                raise ValueError(
+                    f"{type(self.net).__name__} returns no modality_features: CMC needs a CMCNet"
+                )
+            terms["csc"] = (
+                self.w["csc"] * w_csc * csc_loss(out.modality_features[idx], aux_mask[idx], self.temperature)
+            )
             branch_logits = torch.stack(out.aux_logits, dim=1)[idx]
-            terms["cac"] = self.w["cac"] * w_cac * cac_loss(branch_logits, aux_mask[idx],
-                                                            include_background=self.cac_include_background)
+            terms["cac"] = (
+                self.w["cac"]
+                * w_cac
+                * cac_loss(branch_logits, aux_mask[idx], include_background=self.cac_include_background)
+            )
         return terms

@@ -62,20 +62,35 @@ def spec(value: Any) -> Any:
         return {"class_path": class_path(value), "init_args": {}}
     if isinstance(value, functools.partial):
         # jsonargparse wraps a class as partial(call_without_instantiate_context, instantiator, cls, **init).
-        target = value.func if isinstance(value.func, type) and not value.args else (
-            value.args[-1] if value.func.__module__.startswith("jsonargparse") and value.args
-            and isinstance(value.args[-1], type) else None)
+        target = (
+            value.func
+            if isinstance(value.func, type) and not value.args
+            else (
+                value.args[-1]
+                if value.func.__module__.startswith("jsonargparse")
+                and value.args
+                and isinstance(value.args[-1], type)
+                else None
+            )
+        )
         if target is None:
             raise NotRecordable(f"{value!r} is a partial of something other than a class")
-        return {"class_path": class_path(target), "init_args": {k: spec(v) for k, v in value.keywords.items()}}
+        return {
+            "class_path": class_path(target),
+            "init_args": {k: spec(v) for k, v in value.keywords.items()},
+        }
     if callable(value) and not isinstance(value, torch.nn.Module) and inspect.isfunction(value):
         raise NotRecordable(f"{value!r} is a function, not a class")
     cls = type(value)
     missing = [p.name for p in _init_parameters(cls) if not hasattr(value, p.name)]
     if missing:
-        raise NotRecordable(f"{cls.__name__} does not keep its constructor argument(s) {missing} as attributes")
-    return {"class_path": class_path(cls),
-            "init_args": {p.name: spec(getattr(value, p.name)) for p in _init_parameters(cls)}}
+        raise NotRecordable(
+            f"{cls.__name__} does not keep its constructor argument(s) {missing} as attributes"
+        )
+    return {
+        "class_path": class_path(cls),
+        "init_args": {p.name: spec(getattr(value, p.name)) for p in _init_parameters(cls)},
+    }
 
 
 def record_hyperparameters(module: Any) -> None:
@@ -92,8 +107,10 @@ def record_hyperparameters(module: Any) -> None:
             hparams[key] = spec(hparams[key])
         except NotRecordable as err:
             del hparams[key]
-            rank_zero_warn(f"{type(module).__name__}: hyperparameter {key!r} is not stored in checkpoints ({err}); "
-                           f"pass it again when loading: load_from_checkpoint(path, {key}=...)")
+            rank_zero_warn(
+                f"{type(module).__name__}: hyperparameter {key!r} is not stored in checkpoints ({err}); "
+                f"pass it again when loading: load_from_checkpoint(path, {key}=...)"
+            )
     hparams["_class_path"] = class_path(type(module))
     hparams["_instantiator"] = INSTANTIATOR
     module._hparams_initial = copy.deepcopy(hparams)
@@ -129,7 +146,11 @@ def init_parameter_names(cls: type) -> set[str]:
     """Constructor arguments ``cls`` accepts, its base classes' (reached through ``**kwargs``) included."""
     names: set[str] = set()
     for klass in cls.__mro__:
-        if "__init__" in vars(klass) and klass.__module__.split(".")[0] not in ("lightning", "torch", "builtins"):
+        if "__init__" in vars(klass) and klass.__module__.split(".")[0] not in (
+            "lightning",
+            "torch",
+            "builtins",
+        ):
             names.update(p.name for p in _init_parameters(klass))
     return names
 
@@ -138,8 +159,9 @@ def _arg(key: str, value: Any) -> str:
     return f"--{key}={value if isinstance(value, str) else json.dumps(value)}"
 
 
-def checkpoint_cli_args(args: Sequence[str], package: str,
-                        subcommands: Sequence[str] = ("validate", "test", "predict")) -> list[str]:
+def checkpoint_cli_args(
+    args: Sequence[str], package: str, subcommands: Sequence[str] = ("validate", "test", "predict")
+) -> list[str]:
     """``args`` of ``smml validate|test|predict --ckpt_path X ...`` with the checkpoint's model and data
     options put first, as defaults that every later option and config overrides.
 
@@ -156,7 +178,7 @@ def checkpoint_cli_args(args: Sequence[str], package: str,
     if where is None:
         return args
     path = None
-    for i, arg in enumerate(args[where + 1:], start=where + 1):
+    for i, arg in enumerate(args[where + 1 :], start=where + 1):
         if arg.startswith("--ckpt_path="):
             path = arg.split("=", 1)[1]
         elif arg == "--ckpt_path" and i + 1 < len(args):
@@ -169,8 +191,11 @@ def checkpoint_cli_args(args: Sequence[str], package: str,
         return args  # Lightning's own loading reports it
     extra = []
     hparams = dict(checkpoint.get("hyper_parameters", {}))
-    data = {k: v for k, v in checkpoint.get("datamodule_hyper_parameters", {}).items()
-            if not k.startswith("_") and k not in _RUN_DATA_KEYS}
+    data = {
+        k: v
+        for k, v in checkpoint.get("datamodule_hyper_parameters", {}).items()
+        if not k.startswith("_") and k not in _RUN_DATA_KEYS
+    }
     model = hparams.get("_class_path")
     if isinstance(model, str):
         cls = None
@@ -178,10 +203,13 @@ def checkpoint_cli_args(args: Sequence[str], package: str,
             module_name, attr = model.rsplit(".", 1)
             cls = getattr(importlib.import_module(module_name), attr, None)
         known = init_parameter_names(cls) if isinstance(cls, type) else None
-        init = {k: v for k, v in hparams.items() if not k.startswith("_") and k != "roi_size"
-                and (known is None or k in known)}
+        init = {
+            k: v
+            for k, v in hparams.items()
+            if not k.startswith("_") and k != "roi_size" and (known is None or k in known)
+        }
         extra.append(_arg("model", {"class_path": model, "init_args": init}))
         if "patch_size" not in data and "roi_size" in hparams:
             data["patch_size"] = hparams["roi_size"]
     extra += [_arg(f"data.{k}", v) for k, v in data.items()]
-    return args[:where + 1] + extra + args[where + 1:]
+    return args[: where + 1] + extra + args[where + 1 :]

@@ -38,7 +38,9 @@ from .resume import ResumeState, check_checkpoint
 
 # Messages Lightning prints on every call that say nothing about the run (each filter matches one message):
 # `smml` hands LightningCLI its (config-expanded) arguments, which differ from sys.argv by design;
-warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
+warnings.filterwarnings(
+    "ignore", message="LightningCLI's args parameter is intended to run from within Python"
+)
 # Lightning's own use of a torch API that torch deprecates (nothing a user can change);
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 # the model summary counts parameters at 32 bits under bf16-mixed (its size column says so already);
@@ -118,18 +120,31 @@ class SMMLCLI(LightningCLI):
         parser.link_arguments("data.patch_size", "model.init_args.roi_size")
         # Best (by validation Dice over the subsets) and last checkpoints, top-level as `checkpoint.*`.
         parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.monitor": "val/dice_mean", "checkpoint.mode": "max",
-                             "checkpoint.save_last": True, "checkpoint.filename": "best-{epoch:03d}"})
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/dice_mean",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-{epoch:03d}",
+            }
+        )
         # Where `predict` writes NIfTI files, as `prediction.*`.
         parser.add_lightning_class_args(PredictionWriter, "prediction")
         parser.add_lightning_class_args(EpochSummary, "epoch_summary")
         # Random states in checkpoints (exact resumption) and last.ckpt on SIGTERM, as `resume.*`.
         parser.add_lightning_class_args(ResumeState, "resume")
-        parser.add_argument("--experiment", type=str | None, default=self.default_experiment,
-                            help="the run folder's parent, runs/<experiment>/ (default: the --config names "
-                                 "joined by '+')")
-        parser.add_argument("--run_name", type=str | None, default=None,
-                            help="the run folder's name, runs/<experiment>/<run_name>/ (default: the start time)")
+        parser.add_argument(
+            "--experiment",
+            type=str | None,
+            default=self.default_experiment,
+            help="the run folder's parent, runs/<experiment>/ (default: the --config names joined by '+')",
+        )
+        parser.add_argument(
+            "--run_name",
+            type=str | None,
+            default=None,
+            help="the run folder's name, runs/<experiment>/<run_name>/ (default: the start time)",
+        )
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
         # `validate|test|predict --ckpt_path X` need neither the model's config nor the fit's data options.
@@ -196,26 +211,33 @@ class SMMLCLI(LightningCLI):
         ckpt = trainer.checkpoint_callback
         score = getattr(ckpt, "best_model_score", None)
         summary = {
-            "epoch": trainer.current_epoch, "global_step": trainer.global_step,
+            "epoch": trainer.current_epoch,
+            "global_step": trainer.global_step,
             "monitor": getattr(ckpt, "monitor", None),
             "best_model_path": getattr(ckpt, "best_model_path", None) or None,
             "best_model_score": None if score is None else float(score),
             "last_model_path": getattr(ckpt, "last_model_path", None) or None,
             "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
         }
-        atomic_write_text(Path(trainer.default_root_dir) / "summary.json", json.dumps(summary, indent=1) + "\n")
+        atomic_write_text(
+            Path(trainer.default_root_dir) / "summary.json", json.dumps(summary, indent=1) + "\n"
+        )
 
     def before_fit(self) -> None:
         self.datamodule.check_ready()
         needed = 1 if getattr(self.model, "share_mask", False) else getattr(self.model, "n_masks", 1)
         if self.datamodule.hparams.n_masks < needed:
-            raise SystemExit(f"data.n_masks={self.datamodule.hparams.n_masks}, but {type(self.model).__name__} "
-                             f"needs data.n_masks >= {needed} (one mask per branch; SMML's ablation "
-                             "model.init_args.share_mask=true needs 1)")
+            raise SystemExit(
+                f"data.n_masks={self.datamodule.hparams.n_masks}, but {type(self.model).__name__} "
+                f"needs data.n_masks >= {needed} (one mask per branch; SMML's ablation "
+                "model.init_args.share_mask=true needs 1)"
+            )
         if self.datamodule.hparams.use_unlabeled and not getattr(self.model, "uses_unlabeled", False):
-            raise SystemExit(f"data.use_unlabeled=true, but {type(self.model).__name__} is supervised only and "
-                             "cannot learn from unlabeled cases: set data.use_unlabeled=false (it then trains on "
-                             "the labeled cases alone) or use a semi-supervised method (CMC)")
+            raise SystemExit(
+                f"data.use_unlabeled=true, but {type(self.model).__name__} is supervised only and "
+                "cannot learn from unlabeled cases: set data.use_unlabeled=false (it then trains on "
+                "the labeled cases alone) or use a semi-supervised method (CMC)"
+            )
 
 
 def lightning_main(args: Sequence[str] | None = None, run: bool = True) -> SMMLCLI:

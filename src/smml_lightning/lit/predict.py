@@ -114,8 +114,12 @@ def run_predict(
     cases = discover(input, layout)
     work = Path(cache_root) if cache_root is not None else output / ".smml-cache"
     work = work / cache_name(input, cases)
-    summary = PredictSummary(input=str(input.resolve()), output=str(output.resolve()),
-                             checkpoint=str(checkpoint.resolve()), cache=str(work.resolve()))
+    summary = PredictSummary(
+        input=str(input.resolve()),
+        output=str(output.resolve()),
+        checkpoint=str(checkpoint.resolve()),
+        cache=str(work.resolve()),
+    )
     todo = []
     for case in cases:
         path = output / prediction_name(case.name, brats_names)
@@ -130,32 +134,51 @@ def run_predict(
         try:
             model = MissingModalityModule.load_from_checkpoint(checkpoint, map_location="cpu")
         except Exception as err:
-            raise ValueError(f"checkpoint {checkpoint} cannot be loaded ({type(err).__name__}: {err})") from err
+            raise ValueError(
+                f"checkpoint {checkpoint} cannot be loaded ({type(err).__name__}: {err})"
+            ) from err
         model.setup("predict")
         model.to(where).eval()
-        say(f"model {type(model).__name__} from {checkpoint}; {len(todo)} case(s) to segment on {where}, "
-            f"{len(cases) - len(todo)} already written")
+        say(
+            f"model {type(model).__name__} from {checkpoint}; {len(todo)} case(s) to segment on {where}, "
+            f"{len(cases) - len(todo)} already written"
+        )
     with contextlib.ExitStack() as stack:
         if todo:
             stack.enter_context(cache_lock(work))  # a second run on the same input stops, naming this one
         for case, path in todo:
             assert model is not None
-            summary.cases.append(_predict_case(case, path, work, model, where, missing_ok, overwrite, overlay,
-                                               precision, output, say))
+            summary.cases.append(
+                _predict_case(
+                    case, path, work, model, where, missing_ok, overwrite, overlay, precision, output, say
+                )
+            )
     summary.cases.sort(key=lambda r: r.case)
     output.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output / SUMMARY, json.dumps(asdict(summary), indent=1))
-    say(f"{len(cases)} case(s): {summary.count('written')} written, {summary.count('kept')} kept "
+    say(
+        f"{len(cases)} case(s): {summary.count('written')} written, {summary.count('kept')} kept "
         f"(already there{'' if overwrite else '; --overwrite redoes them'}), {summary.count('failed')} failed; "
-        f"summary in {output / SUMMARY}")
+        f"summary in {output / SUMMARY}"
+    )
     for result in summary.failed:
         say(f"  failed: {result.case}: {result.reason}")
     return summary
 
 
-def _predict_case(case: Case, path: Path, work: Path, model: MissingModalityModule, where: torch.device,
-                  missing_ok: bool, overwrite: bool, overlay: bool, precision: str, output: Path,
-                  say: Callable[..., object]) -> CaseResult:
+def _predict_case(
+    case: Case,
+    path: Path,
+    work: Path,
+    model: MissingModalityModule,
+    where: torch.device,
+    missing_ok: bool,
+    overwrite: bool,
+    overlay: bool,
+    precision: str,
+    output: Path,
+    say: Callable[..., object],
+) -> CaseResult:
     """Prepare, segment and write one case; a failure becomes the result's reason, never an exception."""
     started = time.time()
     result = CaseResult(case.name, "failed", str(path))
@@ -171,8 +194,9 @@ def _predict_case(case: Case, path: Path, work: Path, model: MissingModalityModu
         result.modalities = [m for m, have in zip(MODALITIES, case.available) if have]
         spacing = model.input_spacing  # a model trained at reduced spacing sees its inputs at that spacing
         if not _is_done(work, case, model.roi_size, require_label=False, spacing=spacing):
-            prepare_case(case, work, min_size=model.roi_size, require_all=False, require_label=False,
-                         spacing=spacing)
+            prepare_case(
+                case, work, min_size=model.roi_size, require_all=False, require_label=False, spacing=spacing
+            )
         meta = cache.load_meta(work, case.name)
         image = torch.from_numpy(cache.load_image(work, case.name, mmap=False))[None].to(where)
         sid = SUBSETS.index(tuple(meta.available))
@@ -182,13 +206,21 @@ def _predict_case(case: Case, path: Path, work: Path, model: MissingModalityModu
         if overlay:
             if labels.shape != image.shape[2:]:  # the overlay shows the cached grid
                 labels = resample_labels(labels, image.shape[2:])
-            write_overlay(image[0].float().cpu().numpy(), labels, meta.available,
-                          output / f"{case.name}_overlay.png", overwrite=True)
+            write_overlay(
+                image[0].float().cpu().numpy(),
+                labels,
+                meta.available,
+                output / f"{case.name}_overlay.png",
+                overwrite=True,
+            )
         result.status, result.reason = "written", None
     except Exception as err:  # noqa: BLE001 - every failure is reported in the summary
         result.reason = _reason(err)
-    detail = result.reason if result.status == "failed" else (
-        f"{'+'.join(result.modalities)} in {time.time() - started:.1f} s")
+    detail = (
+        result.reason
+        if result.status == "failed"
+        else (f"{'+'.join(result.modalities)} in {time.time() - started:.1f} s")
+    )
     say(f"{case.name}: {result.status} ({detail})")
     return result
 
@@ -215,9 +247,19 @@ def predict_command(args: list[str]) -> None:
         raise SystemExit(1)
 
 
-def predict(input: str, output: str, checkpoint: str, cache_root: str | None = None, layout: str = "auto",
-            missing_ok: bool = False, brats_names: bool = False, overwrite: bool = False, overlay: bool = False,
-            device: str = "auto", precision: Literal["32", "bf16-mixed", "16-mixed"] = "32") -> PredictSummary:
+def predict(
+    input: str,
+    output: str,
+    checkpoint: str,
+    cache_root: str | None = None,
+    layout: str = "auto",
+    missing_ok: bool = False,
+    brats_names: bool = False,
+    overwrite: bool = False,
+    overlay: bool = False,
+    device: str = "auto",
+    precision: Literal["32", "bf16-mixed", "16-mixed"] = "32",
+) -> PredictSummary:
     """Segment new cases with only a checkpoint (short form: ``smml predict -i INPUT -o OUTPUT -c CKPT``).
 
     Args:
@@ -235,6 +277,16 @@ def predict(input: str, output: str, checkpoint: str, cache_root: str | None = N
         device: auto (a GPU when there is one), cpu, cuda or cuda:N.
         precision: 32, bf16-mixed or 16-mixed.
     """
-    return run_predict(input, output, checkpoint, cache_root=cache_root, layout=layout, missing_ok=missing_ok,
-                       brats_names=brats_names, overwrite=overwrite, overlay=overlay, device=device,
-                       precision=precision)
+    return run_predict(
+        input,
+        output,
+        checkpoint,
+        cache_root=cache_root,
+        layout=layout,
+        missing_ok=missing_ok,
+        brats_names=brats_names,
+        overwrite=overwrite,
+        overlay=overlay,
+        device=device,
+        precision=precision,
+    )

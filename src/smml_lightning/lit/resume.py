@@ -85,13 +85,16 @@ def check_checkpoint(path: str | Path, module: torch.nn.Module) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path} is not a checkpoint (not a PyTorch file, or one cut short by an interrupted "
-                         "copy or a full disk)")
+        raise ValueError(
+            f"{path} is not a checkpoint (not a PyTorch file, or one cut short by an interrupted "
+            "copy or a full disk)"
+        )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # whatever torch says, the file is unusable
-        raise ValueError(f"{path} is not a readable checkpoint ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0][:200]})") from err
+        raise ValueError(
+            f"{path} is not a readable checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+        ) from err
     weights = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
     if not isinstance(weights, dict):
         raise ValueError(f"{path} is not a Lightning checkpoint: it holds no state_dict of model weights")
@@ -101,16 +104,22 @@ def check_checkpoint(path: str | Path, module: torch.nn.Module) -> None:
     if missing or unexpected:
         held = _class_name(checkpoint)
         if held is not None and held != builds:
-            raise ValueError(f"checkpoint {path} holds a {held} model; the config builds {builds}: use a "
-                             f"{builds} checkpoint, or the config of the {held} run")
-        raise ValueError(f"checkpoint {path} does not fit the {builds} model the config builds: "
-                         f"{len(missing)} weight(s) missing (e.g. {missing[:1]}), {len(unexpected)} unexpected "
-                         f"(e.g. {unexpected[:1]}); give the model options it was trained with")
+            raise ValueError(
+                f"checkpoint {path} holds a {held} model; the config builds {builds}: use a "
+                f"{builds} checkpoint, or the config of the {held} run"
+            )
+        raise ValueError(
+            f"checkpoint {path} does not fit the {builds} model the config builds: "
+            f"{len(missing)} weight(s) missing (e.g. {missing[:1]}), {len(unexpected)} unexpected "
+            f"(e.g. {unexpected[:1]}); give the model options it was trained with"
+        )
     for key, value in expected.items():
         if tuple(weights[key].shape) != tuple(value.shape):
-            raise ValueError(f"checkpoint {path} holds {key} of shape {tuple(weights[key].shape)}, the {builds} "
-                             f"model the config builds has {tuple(value.shape)}: give the network options "
-                             "(sizes) it was trained with")
+            raise ValueError(
+                f"checkpoint {path} holds {key} of shape {tuple(weights[key].shape)}, the {builds} "
+                f"model the config builds has {tuple(value.shape)}: give the network options "
+                "(sizes) it was trained with"
+            )
 
 
 def last_checkpoint_callback(trainer: pl.Trainer) -> ModelCheckpoint | None:
@@ -143,7 +152,9 @@ class ResumeState(Callback):
         # Called while the checkpoint is being built, so these are the states at that moment.
         return {"rng": rng_states(), "world_size": self.world_size}
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         # Every rank builds the checkpoint (only rank 0 writes it), so every rank takes part here.
         if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
             per_rank: list[Any] = [None] * trainer.world_size
@@ -153,15 +164,23 @@ class ResumeState(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = int(state_dict.get("world_size", 1))
         if saved != self.world_size:
-            rank_zero_warn(f"the checkpoint holds the random states of {saved} rank(s) but this run has "
-                           f"{self.world_size}: keeping the seeded states, so model-side randomness (not the "
-                           "data) differs from the interrupted run")
+            rank_zero_warn(
+                f"the checkpoint holds the random states of {saved} rank(s) but this run has "
+                f"{self.world_size}: keeping the seeded states, so model-side randomness (not the "
+                "data) differs from the interrupted run"
+            )
             return
         set_rng_states(state_dict["rng_per_rank"][self.rank] if saved > 1 else state_dict["rng"])
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         interrupted = isinstance(exception, (SIGTERMException, KeyboardInterrupt))
-        if not (self.save_on_sigterm and interrupted) or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+        if (
+            not (self.save_on_sigterm and interrupted)
+            or trainer.sanity_checking
+            or trainer.state.fn != TrainerFn.FITTING
+        ):
             return
         callback = last_checkpoint_callback(trainer)
         if callback is None or callback.dirpath is None:
@@ -175,5 +194,7 @@ class ResumeState(Callback):
         trainer.save_checkpoint(path)
         self.sigterm_checkpoint = path
         cause = "SIGTERM" if isinstance(exception, SIGTERMException) else "Ctrl-C"
-        rank_zero_info(f"{cause} at epoch {trainer.current_epoch}, step {trainer.global_step}: wrote {path}; "
-                       f"resume with --ckpt_path={path}")
+        rank_zero_info(
+            f"{cause} at epoch {trainer.current_epoch}, step {trainer.global_step}: wrote {path}; "
+            f"resume with --ckpt_path={path}"
+        )

@@ -87,8 +87,16 @@ class SMML(MissingModalityModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        check_weights(w_fused=w_fused, w_aux=w_aux, w_deep=w_deep, w_refine=w_refine, w_prior=w_prior,
-                      w_pixel=w_pixel, w_sample=w_sample, w_class=w_class)
+        check_weights(
+            w_fused=w_fused,
+            w_aux=w_aux,
+            w_deep=w_deep,
+            w_refine=w_refine,
+            w_prior=w_prior,
+            w_pixel=w_pixel,
+            w_sample=w_sample,
+            w_class=w_class,
+        )
         if temperature <= 0:
             raise ValueError(f"model.temperature must be > 0, got {temperature}")
         branches = [0, 1] if inference_branches is None else list(inference_branches)
@@ -99,8 +107,16 @@ class SMML(MissingModalityModule):
         make_refiner = refiner or SemanticRefiner
         self.use_prior = use_prior
         self.refiners = torch.nn.ModuleList([make_refiner(), make_refiner()]) if use_prior else None
-        self.w = dict(fused=w_fused, aux=w_aux, deep=w_deep, refine=w_refine, prior=w_prior, pixel=w_pixel,
-                      sample=w_sample, cls=w_class)
+        self.w = dict(
+            fused=w_fused,
+            aux=w_aux,
+            deep=w_deep,
+            refine=w_refine,
+            prior=w_prior,
+            pixel=w_pixel,
+            sample=w_sample,
+            cls=w_class,
+        )
         self.temperature = temperature
         self.warmup_epochs = warmup_epochs
         self.share_mask = share_mask
@@ -111,11 +127,14 @@ class SMML(MissingModalityModule):
     def inference_models(self) -> list[MaskedSegmenter]:
         return [cast(MaskedSegmenter, self.branches[k]) for k in self.inference_branches]
 
-    def _branch_terms(self, k: int, out: SegmentationOutput, batch: dict[str, Any], mask: torch.Tensor,
-                      warm: bool) -> dict[str, torch.Tensor]:
+    def _branch_terms(
+        self, k: int, out: SegmentationOutput, batch: dict[str, Any], mask: torch.Tensor, warm: bool
+    ) -> dict[str, torch.Tensor]:
         if out.aux_mask is None:
-            raise ValueError(f"SMML needs a network with an auxiliary decoder; {type(self.branches[k]).__name__} "
-                             "returned no auxiliary outputs")
+            raise ValueError(
+                f"SMML needs a network with an auxiliary decoder; {type(self.branches[k]).__name__} "
+                "returned no auxiliary outputs"
+            )
         label = batch["label"]
         terms = {
             "seg_fused": self.w["fused"] * self.seg_loss(out.logits, label),
@@ -124,14 +143,17 @@ class SMML(MissingModalityModule):
         }
         if self.refiners is not None:
             if "prior" not in batch:
-                raise KeyError("SMML with use_prior=true needs priors in the batch: set data.use_prior=true "
-                               "and run `smml priors` (or set model.init_args.use_prior=false)")
+                raise KeyError(
+                    "SMML with use_prior=true needs priors in the batch: set data.use_prior=true "
+                    "and run `smml priors` (or set model.init_args.use_prior=false)"
+                )
             prior = batch["prior"].to(out.logits.dtype)
             refined = self.refiners[k](prior, mask, out.logits.detach(), label)
             terms["seg_refine"] = self.w["refine"] * self.seg_loss(refined, label)
             if warm:
                 terms["prior_consist"] = self.w["prior"] * prior_consistency(
-                    out.logits, refined, label, self.temperature)
+                    out.logits, refined, label, self.temperature
+                )
         return terms
 
     def training_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -142,8 +164,10 @@ class SMML(MissingModalityModule):
         warm = not self.in_warmup()
         outs: list[Any]  # as the plain path's nn.Module calls
         if self.fused_peers is not None:
-            outs = cast(list[Any], self.fused_peers(cast(list[MMFormer], list(self.branches)), batch["image"],
-                                                    branch_masks))
+            outs = cast(
+                list[Any],
+                self.fused_peers(cast(list[MMFormer], list(self.branches)), batch["image"], branch_masks),
+            )
         else:
             outs = [branch(batch["image"], m) for branch, m in zip(self.branches, branch_masks)]
         terms: dict[str, torch.Tensor] = {}
@@ -154,10 +178,12 @@ class SMML(MissingModalityModule):
         feat_a, feat_b = outs[0].bottleneck, outs[1].bottleneck
         if self.w["sample"] > 0:
             terms["hcc_sample"] = self.w["sample"] * inter_sample_relation(
-                feat_a, feat_b, self.sample_relation_across_ranks)
+                feat_a, feat_b, self.sample_relation_across_ranks
+            )
         if self.w["cls"] > 0:
             terms["hcc_class"] = self.w["cls"] * inter_class_relation(feat_a, feat_b, label)
         if warm and self.w["pixel"] > 0:
             terms["hcc_pixel"] = self.w["pixel"] * bidirectional_pixel_consistency(
-                outs[0].logits, outs[1].logits, label, self.temperature)
+                outs[0].logits, outs[1].logits, label, self.temperature
+            )
         return terms

@@ -49,8 +49,15 @@ class TestReport(pl.Callback):
         self.rows = []
         self.written = {}
 
-    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                          batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         if outputs:
             self.rows.extend(outputs["rows"])
 
@@ -62,11 +69,19 @@ class TestReport(pl.Callback):
         if trainer.is_global_zero:
             out = Path(pl_module.report_dir) if pl_module.report_dir else self._default_dir(trainer)
             self.written = write_report(
-                rows, out, method_name=pl_module.method_name, dataset_layout=_layout_name(trainer),
-                compare=pl_module.compare_published, et_min_voxels=pl_module.et_min_voxels,
-                settings=pl_module.inference_settings(), challenge=pl_module.challenge or "gli",
-                original_grid=hasattr(getattr(trainer, "datamodule", None), "case_meta"))
-            pl_module.print(f"test report written to {out} ({', '.join(p.name for p in self.written.values())})")
+                rows,
+                out,
+                method_name=pl_module.method_name,
+                dataset_layout=_layout_name(trainer),
+                compare=pl_module.compare_published,
+                et_min_voxels=pl_module.et_min_voxels,
+                settings=pl_module.inference_settings(),
+                challenge=pl_module.challenge or "gli",
+                original_grid=hasattr(getattr(trainer, "datamodule", None), "case_meta"),
+            )
+            pl_module.print(
+                f"test report written to {out} ({', '.join(p.name for p in self.written.values())})"
+            )
             table = summary_table(rows)  # Dice and HD95 per subset and region, and their 15-subset average
             lesions = lesionwise_table(rows)
             for logger in trainer.loggers:

@@ -30,8 +30,10 @@ def channel_nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.5) 
     MONAI's ``ContrastiveLoss`` on the ``(C, voxels)`` matrices). Computed in float32.
     """
     if a.shape != b.shape or a.ndim < 3:
-        raise ValueError(f"channel_nt_xent: need two (N, C, *s) tensors of one shape, got {tuple(a.shape)} "
-                         f"and {tuple(b.shape)}")
+        raise ValueError(
+            f"channel_nt_xent: need two (N, C, *s) tensors of one shape, got {tuple(a.shape)} "
+            f"and {tuple(b.shape)}"
+        )
     if temperature <= 0:
         raise ValueError(f"channel_nt_xent: temperature must be > 0, got {temperature}")
     n, c = a.shape[:2]
@@ -45,14 +47,17 @@ def channel_nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.5) 
     return loss.view(n, 2 * c).mean(dim=1)
 
 
-def soft_dice_agreement(p: torch.Tensor, q: torch.Tensor, smooth: float = 1e-5,
-                        include_background: bool = True) -> torch.Tensor:
+def soft_dice_agreement(
+    p: torch.Tensor, q: torch.Tensor, smooth: float = 1e-5, include_background: bool = True
+) -> torch.Tensor:
     """Per-sample ``1 - mean_c (2 sum p q + s) / (sum p^2 + sum q^2 + s)`` of probabilities ``(N, K, *S)``;
     returns ``(N,)``. The squared denominators and the mean over classes (background included by
     default) are the public code's; 0 when the two maps are equal."""
     if p.shape != q.shape or p.ndim < 3:
-        raise ValueError(f"soft_dice_agreement: need two (N, K, *S) tensors of one shape, got "
-                         f"{tuple(p.shape)} and {tuple(q.shape)}")
+        raise ValueError(
+            f"soft_dice_agreement: need two (N, K, *S) tensors of one shape, got "
+            f"{tuple(p.shape)} and {tuple(q.shape)}"
+        )
     if not include_background:
         p, q = p[:, 1:], q[:, 1:]
     p, q = p.flatten(2).float(), q.flatten(2).float()
@@ -75,8 +80,10 @@ def csc_loss(features: torch.Tensor, mask: torch.Tensor, temperature: float = 0.
         mask: availability ``(B, M)``.
     """
     if features.ndim < 4 or mask.shape != features.shape[:2]:
-        raise ValueError(f"csc_loss: features (B, M, C, *s) and mask (B, M) disagree: {tuple(features.shape)}, "
-                         f"{tuple(mask.shape)}")
+        raise ValueError(
+            f"csc_loss: features (B, M, C, *s) and mask (B, M) disagree: {tuple(features.shape)}, "
+            f"{tuple(mask.shape)}"
+        )
     mask = mask.bool()
     values = []
     for i, j in combinations(range(mask.shape[1]), 2):
@@ -86,8 +93,9 @@ def csc_loss(features: torch.Tensor, mask: torch.Tensor, temperature: float = 0.
     return _pairwise_mean(values, features)
 
 
-def cac_loss(logits: torch.Tensor, mask: torch.Tensor, smooth: float = 1e-5,
-             include_background: bool = True) -> torch.Tensor:
+def cac_loss(
+    logits: torch.Tensor, mask: torch.Tensor, smooth: float = 1e-5, include_background: bool = True
+) -> torch.Tensor:
     """Cross-modality agreement: :func:`soft_dice_agreement` between the softmax predictions of every two
     available branches of a sample, averaged over all such (sample, pair) instances.
 
@@ -96,8 +104,10 @@ def cac_loss(logits: torch.Tensor, mask: torch.Tensor, smooth: float = 1e-5,
         mask: availability ``(B, M)``.
     """
     if logits.ndim < 4 or mask.shape != logits.shape[:2]:
-        raise ValueError(f"cac_loss: logits (B, M, K, *S) and mask (B, M) disagree: {tuple(logits.shape)}, "
-                         f"{tuple(mask.shape)}")
+        raise ValueError(
+            f"cac_loss: logits (B, M, K, *S) and mask (B, M) disagree: {tuple(logits.shape)}, "
+            f"{tuple(mask.shape)}"
+        )
     mask = mask.bool()
     probs = torch.softmax(logits.float(), dim=2)
     values = []

@@ -25,7 +25,9 @@ from smml_lightning.data.labels import NUM_CLASSES
 from smml_lightning.models.base import predicted_labels
 
 
-def softened_kl(target_logits: torch.Tensor, input_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def softened_kl(
+    target_logits: torch.Tensor, input_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """Voxel-wise ``T^2 * KL(p_target || p_input)`` with both softmaxes softened by ``T``; shape ``(B, *S)``.
 
     The ``T^2`` factor keeps gradient magnitudes comparable across temperatures (Hinton et al.).
@@ -128,7 +130,9 @@ def sample_similarity(feat: torch.Tensor, across_ranks: bool = False) -> torch.T
     return rows @ others.T
 
 
-def inter_sample_relation(feat_a: torch.Tensor, feat_b: torch.Tensor, across_ranks: bool = False) -> torch.Tensor:
+def inter_sample_relation(
+    feat_a: torch.Tensor, feat_b: torch.Tensor, across_ranks: bool = False
+) -> torch.Tensor:
     """Match the two branches' sample similarity matrices (mutual, summed over both directions).
 
     With a batch of one the only relation is a sample with itself (always 1), which carries no
@@ -142,7 +146,9 @@ def inter_sample_relation(feat_a: torch.Tensor, feat_b: torch.Tensor, across_ran
     return _mutual_match(rel_a, sample_similarity(feat_b, across_ranks))
 
 
-def class_weights(label: torch.Tensor, size: torch.Size | tuple[int, ...], num_classes: int = NUM_CLASSES) -> torch.Tensor:
+def class_weights(
+    label: torch.Tensor, size: torch.Size | tuple[int, ...], num_classes: int = NUM_CLASSES
+) -> torch.Tensor:
     """Per-class soft masks ``(B, C, *size)``: the fraction of each feature cell covered by each class.
 
     The bottleneck is 16x coarser than the label, so nearest-neighbour downsampling would drop small

@@ -50,8 +50,10 @@ class SegmentationLoss(nn.Module):
     ) -> None:
         super().__init__()
         if smooth < 0 or lambda_dice < 0 or lambda_ce < 0:
-            raise ValueError(f"SegmentationLoss: smooth, lambda_dice and lambda_ce must be >= 0, "
-                             f"got {smooth}, {lambda_dice}, {lambda_ce}")
+            raise ValueError(
+                f"SegmentationLoss: smooth, lambda_dice and lambda_ce must be >= 0, "
+                f"got {smooth}, {lambda_dice}, {lambda_ce}"
+            )
         self.dice = DiceLoss(
             include_background=include_background,
             to_onehot_y=True,
@@ -76,7 +78,8 @@ class SegmentationLoss(nn.Module):
         if self.class_weighted_ce:
             flat = label.flatten(1)  # (B, N)
             counts = torch.zeros(flat.shape[0], logits.shape[1], device=flat.device).scatter_add_(
-                1, flat, torch.ones_like(flat, dtype=torch.float))
+                1, flat, torch.ones_like(flat, dtype=torch.float)
+            )
             weight = 1.0 - counts / flat.shape[1]  # (B, C): one minus each class's share of the sample
             ce = ce * weight.gather(1, flat).view_as(ce)
         return self.lambda_dice * self.dice(logits, label) + self.lambda_ce * ce.mean()

@@ -54,16 +54,18 @@ def conv_norm_act(
 
     The instance norm is a ``GroupNorm`` with one group per channel (see :func:`instance_norm`).
     """
-    return use_group_instance_norms(Convolution(
-        spatial_dims=3,
-        in_channels=in_channels,
-        out_channels=out_channels,
-        strides=stride,
-        kernel_size=kernel_size,
-        groups=groups,
-        act=("leakyrelu", {"negative_slope": 0.2, "inplace": True}),
-        norm=("instance", {"affine": True}),
-    ))
+    return use_group_instance_norms(
+        Convolution(
+            spatial_dims=3,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            strides=stride,
+            kernel_size=kernel_size,
+            groups=groups,
+            act=("leakyrelu", {"negative_slope": 0.2, "inplace": True}),
+            norm=("instance", {"affine": True}),
+        )
+    )
 
 
 def instance_norm(channels: int, eps: float = 1e-5, affine: bool = True) -> nn.GroupNorm:
@@ -223,9 +225,13 @@ class UNetDecoder(nn.Module):
             for i in levels
         )
         self.head = nn.Conv3d(groups * widths[0], groups * num_classes, 1, groups=groups)
-        self.deep_heads = nn.ModuleList(
-            nn.Conv3d(groups * widths[i], groups * num_classes, 1, groups=groups) for i in levels if i > 0
-        ) if deep_supervision else nn.ModuleList()
+        self.deep_heads = (
+            nn.ModuleList(
+                nn.Conv3d(groups * widths[i], groups * num_classes, 1, groups=groups) for i in levels if i > 0
+            )
+            if deep_supervision
+            else nn.ModuleList()
+        )
 
     def forward(
         self, skips: Sequence[torch.Tensor], bottom: torch.Tensor, deep: bool = False
@@ -403,7 +409,9 @@ class MMFormer(MaskedSegmenter):
         own_skips = [s.unflatten(1, (m, -1)).flatten(0, 1)[pairs] for s in skips]
         own_bottom = self.aux_in(tokens_map.unflatten(1, (m, -1)).flatten(0, 1)[pairs])
         own_logits = self.aux_decoder(own_skips, own_bottom).logits
-        aux = own_logits.new_zeros(b * m, *own_logits.shape[1:]).index_copy(0, pairs.nonzero()[:, 0], own_logits)
+        aux = own_logits.new_zeros(b * m, *own_logits.shape[1:]).index_copy(
+            0, pairs.nonzero()[:, 0], own_logits
+        )
         aux = aux.unflatten(0, (b, m))
         return SegmentationOutput(
             logits=fused.logits,

@@ -29,12 +29,14 @@ class UNetBaseline(MaskedSegmenter):
         super().__init__()
         self.in_modalities = in_modalities
         w = base_width
-        self.net = use_group_instance_norms(BasicUNet(
-            spatial_dims=3,
-            in_channels=in_modalities,
-            out_channels=num_classes,
-            features=(w, w, 2 * w, 4 * w, 8 * w, w),
-        ))
+        self.net = use_group_instance_norms(
+            BasicUNet(
+                spatial_dims=3,
+                in_channels=in_modalities,
+                out_channels=num_classes,
+                features=(w, w, 2 * w, 4 * w, 8 * w, w),
+            )
+        )
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         check_image(image, self.in_modalities)

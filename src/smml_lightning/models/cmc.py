@@ -119,8 +119,10 @@ class CMCNet(MaskedSegmenter):
     ) -> None:
         super().__init__()
         if num_stages < 2 or base_width < 1 or num_classes < 2:
-            raise ValueError(f"CMCNet: need num_stages >= 2, base_width >= 1 and num_classes >= 2, got "
-                             f"{num_stages}, {base_width}, {num_classes}")
+            raise ValueError(
+                f"CMCNet: need num_stages >= 2, base_width >= 1 and num_classes >= 2, got "
+                f"{num_stages}, {base_width}, {num_classes}"
+            )
         self.in_modalities = in_modalities
         self.num_classes = num_classes
         self.shared_encoder = shared_encoder
@@ -139,14 +141,18 @@ class CMCNet(MaskedSegmenter):
         if image.ndim != 5 or image.shape[1] != self.in_modalities:
             raise ValueError(f"image must be (B, {self.in_modalities}, D, H, W), got {tuple(image.shape)}")
         if any(s % self.downsampling for s in image.shape[2:]):
-            raise ValueError(f"every spatial size must be divisible by {self.downsampling}, "
-                             f"got {tuple(image.shape[2:])}")
+            raise ValueError(
+                f"every spatial size must be divisible by {self.downsampling}, got {tuple(image.shape[2:])}"
+            )
 
     def encode(self, image: torch.Tensor) -> CMCFeatures:
         self._check_image(image)
         b, m = image.shape[:2]
         if self.shared_encoder:  # modalities folded into the batch: (B * M, 1, *S)
-            stages = [f.reshape(b, -1, *f.shape[2:]) for f in self.encoder(image.reshape(b * m, 1, *image.shape[2:]))]
+            stages = [
+                f.reshape(b, -1, *f.shape[2:])
+                for f in self.encoder(image.reshape(b * m, 1, *image.shape[2:]))
+            ]
         else:
             stages = self.encoder(image)
         bottleneck = stages[-1]
@@ -154,7 +160,9 @@ class CMCNet(MaskedSegmenter):
         if self.shared_encoder:
             mia = self.mia[0](per_modality.flatten(0, 1)).reshape(bottleneck.shape)
         else:
-            mia = torch.stack([mod(per_modality[:, k]) for k, mod in enumerate(self.mia)], dim=1).flatten(1, 2)
+            mia = torch.stack([mod(per_modality[:, k]) for k, mod in enumerate(self.mia)], dim=1).flatten(
+                1, 2
+            )
         return CMCFeatures(skips=stages[:-1], bottleneck=bottleneck, mia=mia)
 
     def fuse(self, encoded: CMCFeatures, mask: torch.Tensor) -> torch.Tensor:
@@ -176,13 +184,17 @@ class CMCNet(MaskedSegmenter):
         logits = self.decoder([branch(s) for s in encoded.skips], bottom).logits  # (P, K, *S)
 
         # log of the mean probability over each sample's available branches, via logsumexp (stable)
-        log_probs = torch.full((b * m, *logits.shape[1:]), -math.inf, dtype=torch.float32, device=logits.device)
+        log_probs = torch.full(
+            (b * m, *logits.shape[1:]), -math.inf, dtype=torch.float32, device=logits.device
+        )
         log_probs = log_probs.index_copy(0, pairs, F.log_softmax(logits.float(), dim=1)).unflatten(0, (b, m))
         count = mask.sum(dim=1).to(torch.float32).log().view(b, *([1] * (logits.ndim - 1)))
         mean_logits = torch.logsumexp(log_probs, dim=1) - count
         if not self.training:
             return SegmentationOutput(logits=mean_logits)
-        per_branch = logits.new_zeros(b * m, *logits.shape[1:]).index_copy(0, pairs, logits).unflatten(0, (b, m))
+        per_branch = (
+            logits.new_zeros(b * m, *logits.shape[1:]).index_copy(0, pairs, logits).unflatten(0, (b, m))
+        )
         return SegmentationOutput(
             logits=mean_logits,
             aux_logits=list(per_branch.unbind(1)),

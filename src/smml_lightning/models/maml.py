@@ -125,6 +125,8 @@ class MAML(MaskedSegmenter):
             return SegmentationOutput(logits=logits)
         deep = [x for level in encoded.deep_logits for x in level.unflatten(1, (m, -1)).unbind(1)]
         return SegmentationOutput(
-            logits=logits, aux_logits=list(per_modality.unbind(1)), deep_logits=deep,
+            logits=logits,
+            aux_logits=list(per_modality.unbind(1)),
+            deep_logits=deep,
             aux_mask=torch.ones_like(mask),  # every modality model is supervised on every sample
         )

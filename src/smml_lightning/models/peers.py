@@ -57,10 +57,14 @@ class FusedPeers:
         if type(net) is not MMFormer:
             raise ValueError(f"model.init_args.fuse_peers needs MMFormer branches, got {type(net).__name__}")
         if not net.aux_all_modalities:
-            raise ValueError("model.init_args.fuse_peers needs the network's aux_all_modalities=true (the peers' "
-                             "auxiliary decoders then see the same modality pairs)")
+            raise ValueError(
+                "model.init_args.fuse_peers needs the network's aux_all_modalities=true (the peers' "
+                "auxiliary decoders then see the same modality pairs)"
+            )
         m, p = net.in_modalities, peers
-        widths = [w.shape[0] // m for name, w in net.encoder.named_parameters() if name.endswith("down.conv.weight")]
+        widths = [
+            w.shape[0] // m for name, w in net.encoder.named_parameters() if name.endswith("down.conv.weight")
+        ]
         self.peers = peers
         self.shape = self.signature(net)
         with torch.device("meta"):
@@ -79,12 +83,15 @@ class FusedPeers:
     def _call(self, template: nn.Module, parts: Sequence[nn.Module], *args: object) -> Any:
         return functional_call(template, _stacked_parameters(parts), args)
 
-    def __call__(self, nets: Sequence[MMFormer], image: torch.Tensor,
-                 masks: Sequence[torch.Tensor]) -> list[SegmentationOutput]:
+    def __call__(
+        self, nets: Sequence[MMFormer], image: torch.Tensor, masks: Sequence[torch.Tensor]
+    ) -> list[SegmentationOutput]:
         """Each peer's training output for the same ``image`` under its own ``masks[k]``, as
         ``nets[k](image, masks[k])`` computes it."""
         if len(nets) != self.peers or len(masks) != self.peers:
-            raise ValueError(f"FusedPeers was built for {self.peers} peers, got {len(nets)} and {len(masks)} masks")
+            raise ValueError(
+                f"FusedPeers was built for {self.peers} peers, got {len(nets)} and {len(masks)} masks"
+            )
         if any(not n.training for n in nets) or any(self.signature(n) != self.shape for n in nets):
             raise ValueError("FusedPeers runs peers of the shape it was built for, in training mode")
         lead = nets[0]
@@ -92,7 +99,9 @@ class FusedPeers:
         b, m, p = image.shape[0], lead.in_modalities, self.peers
         masks = [check_mask(mask, b, m) for mask in masks]
 
-        features = self._call(self.encoder, [n.encoder for n in nets], image.repeat(1, p, *[1] * (image.ndim - 2)))
+        features = self._call(
+            self.encoder, [n.encoder for n in nets], image.repeat(1, p, *[1] * (image.ndim - 2))
+        )
         per_peer = [f.chunk(p, dim=1) for f in features]  # per stage, one tensor per peer
         skips = [[stage[k] for stage in per_peer[:-1]] for k in range(p)]
         tokens_maps, inter_features, bottoms = [], [], []
@@ -103,19 +112,29 @@ class FusedPeers:
             bottoms.append(bottom)
 
         fused_skips = [
-            self._call(template, [n.skip_fusion[i] for n in nets],
-                       torch.cat([mask_modalities(skips[k][i], masks[k]) for k in range(p)], dim=1))
+            self._call(
+                template,
+                [n.skip_fusion[i] for n in nets],
+                torch.cat([mask_modalities(skips[k][i], masks[k]) for k in range(p)], dim=1),
+            )
             for i, template in enumerate(self.skip_fusion)
         ]
-        fused = self._call(self.decoder, [n.decoder for n in nets], fused_skips, torch.cat(bottoms, dim=1), True)
+        fused = self._call(
+            self.decoder, [n.decoder for n in nets], fused_skips, torch.cat(bottoms, dim=1), True
+        )
         logits = fused.logits.chunk(p, dim=1)
         deep = [d.chunk(p, dim=1) for d in fused.deep_logits]
 
-        own_skips = [torch.cat([s[i].unflatten(1, (m, -1)).flatten(0, 1) for s in skips], dim=1)
-                     for i in range(len(skips[0]))]
-        own_bottom = torch.cat([n.aux_in(t.unflatten(1, (m, -1)).flatten(0, 1)) for n, t in zip(nets, tokens_maps)],
-                               dim=1)
-        aux = self._call(self.aux_decoder, [n.aux_decoder for n in nets], own_skips, own_bottom).logits.chunk(p, dim=1)
+        own_skips = [
+            torch.cat([s[i].unflatten(1, (m, -1)).flatten(0, 1) for s in skips], dim=1)
+            for i in range(len(skips[0]))
+        ]
+        own_bottom = torch.cat(
+            [n.aux_in(t.unflatten(1, (m, -1)).flatten(0, 1)) for n, t in zip(nets, tokens_maps)], dim=1
+        )
+        aux = self._call(self.aux_decoder, [n.aux_decoder for n in nets], own_skips, own_bottom).logits.chunk(
+            p, dim=1
+        )
         return [
             SegmentationOutput(
                 logits=logits[k],

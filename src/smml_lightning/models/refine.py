@@ -29,15 +29,21 @@ class LabelGuidedPriorWeighting(nn.Module):
     tumour without it, can be turned down for that sample. Missing modalities are zeroed.
     """
 
-    def __init__(self, num_modalities: int = NUM_MODALITIES, num_classes: int = NUM_CLASSES,
-                 eps: float = 1e-7) -> None:
+    def __init__(
+        self, num_modalities: int = NUM_MODALITIES, num_classes: int = NUM_CLASSES, eps: float = 1e-7
+    ) -> None:
         super().__init__()
         self.num_modalities, self.num_classes, self.eps = num_modalities, num_classes, eps
         m = num_modalities
         self.mlps = nn.ModuleList(
             nn.Sequential(
-                nn.Conv3d(m + 1, 64, 1), nn.LeakyReLU(0.2), nn.Conv3d(64, 128, 1), nn.LeakyReLU(0.2),
-                nn.Conv3d(128, 64, 1), nn.LeakyReLU(0.2), nn.Conv3d(64, m, 1),
+                nn.Conv3d(m + 1, 64, 1),
+                nn.LeakyReLU(0.2),
+                nn.Conv3d(64, 128, 1),
+                nn.LeakyReLU(0.2),
+                nn.Conv3d(128, 64, 1),
+                nn.LeakyReLU(0.2),
+                nn.Conv3d(64, m, 1),
             )
             for _ in range(num_classes)
         )
@@ -49,8 +55,10 @@ class LabelGuidedPriorWeighting(nn.Module):
         share = F.one_hot(label[:, 0].long(), c).float().flatten(1, -2).mean(dim=1) + self.eps  # (B, C)
         ratio = masked.flatten(3).mean(dim=3) / share[:, None, :]  # (B, M, C)
         with torch.autocast(prior.device.type, enabled=False):
-            logits = [mlp(torch.cat([ratio[:, :, k], share[:, k:k + 1]], dim=1).view(b, m + 1, 1, 1, 1))
-                      for k, mlp in enumerate(self.mlps)]
+            logits = [
+                mlp(torch.cat([ratio[:, :, k], share[:, k : k + 1]], dim=1).view(b, m + 1, 1, 1, 1))
+                for k, mlp in enumerate(self.mlps)
+            ]
         return torch.sigmoid(torch.stack(logits, dim=2).view(b, m, c))
 
     def forward(self, prior: torch.Tensor, mask: torch.Tensor, label: torch.Tensor | None) -> torch.Tensor:
@@ -95,23 +103,30 @@ class SemanticRefiner(nn.Module):
             raise ValueError(f"SemanticRefiner depth must be >= 2 (one downsampling at least), got {depth}")
         self.num_classes = num_classes
         self.reweight = LabelGuidedPriorWeighting(num_modalities, num_classes)
-        self.unet = use_group_instance_norms(UNet(
-            spatial_dims=3,
-            in_channels=(num_modalities + 1) * num_classes,
-            out_channels=width,
-            channels=tuple(width * 2**i for i in range(depth)),
-            strides=(2,) * (depth - 1),
-            num_res_units=1,
-            act=("leakyrelu", {"negative_slope": 0.2, "inplace": True}),
-            norm=("instance", {"affine": True}),
-        ))
+        self.unet = use_group_instance_norms(
+            UNet(
+                spatial_dims=3,
+                in_channels=(num_modalities + 1) * num_classes,
+                out_channels=width,
+                channels=tuple(width * 2**i for i in range(depth)),
+                strides=(2,) * (depth - 1),
+                num_res_units=1,
+                act=("leakyrelu", {"negative_slope": 0.2, "inplace": True}),
+                norm=("instance", {"affine": True}),
+            )
+        )
         head = nn.Conv3d(width, num_classes, 1)
         for parameter in head.parameters():
             nn.init.zeros_(parameter)
         self.correction = nn.Sequential(nn.LeakyReLU(0.2), head)
 
-    def forward(self, prior: torch.Tensor, mask: torch.Tensor, fused_logits: torch.Tensor,
-                label: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        prior: torch.Tensor,
+        mask: torch.Tensor,
+        fused_logits: torch.Tensor,
+        label: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if fused_logits.shape[1] != self.num_classes or fused_logits.shape[2:] != prior.shape[3:]:
             raise ValueError(
                 f"fused_logits must be (B, {self.num_classes}, *spatial of prior {tuple(prior.shape[3:])}), "

@@ -68,7 +68,9 @@ def build_tiny_sam(
         ),
         mask_decoder=MaskDecoder(
             num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=1, embedding_dim=out_chans, mlp_dim=2 * out_chans, num_heads=2),
+            transformer=TwoWayTransformer(
+                depth=1, embedding_dim=out_chans, mlp_dim=2 * out_chans, num_heads=2
+            ),
             transformer_dim=out_chans,
             iou_head_depth=2,
             iou_head_hidden_dim=out_chans,
@@ -121,7 +123,11 @@ def load_sam_image_encoder(checkpoint: str | Path, model_type: str = "vit_b") ->
     if not path.is_file():
         raise FileNotFoundError(f"SAM checkpoint {path} not found. {CHECKPOINT_HELP}")
     try:
-        sam = _load_tiny_sam(path) if model_type == "tiny" else sam_model_registry[model_type](checkpoint=str(path))
+        sam = (
+            _load_tiny_sam(path)
+            if model_type == "tiny"
+            else sam_model_registry[model_type](checkpoint=str(path))
+        )
     except Exception as err:  # torch.load and load_state_dict raise many types; all mean a bad file here
         raise ValueError(
             f"{path}: not a readable SAM {model_type} checkpoint, or one of another model type "
@@ -181,8 +187,10 @@ class SliceEncoder(nn.Module):
         """``(N, D, H)`` slices -> ``(N, 3, img_size, img_size)`` SAM input."""
         flat = slices.flatten(1)
         lo = flat.min(1).values.view(-1, 1, 1)
-        span = (flat.max(1).values.view(-1, 1, 1) - lo)
-        scaled = torch.where(span > 0, (slices - lo) / span.clamp_min(1e-12), torch.zeros_like(slices)) * 255.0
+        span = flat.max(1).values.view(-1, 1, 1) - lo
+        scaled = (
+            torch.where(span > 0, (slices - lo) / span.clamp_min(1e-12), torch.zeros_like(slices)) * 255.0
+        )
         size = self.resized_shape(*slices.shape[1:])
         rgb = F.interpolate(scaled[:, None], size=size, mode="bilinear", align_corners=False, antialias=True)
         rgb = (rgb.expand(-1, 3, -1, -1) - self.pixel_mean) / self.pixel_std
@@ -192,7 +200,9 @@ class SliceEncoder(nn.Module):
     def forward(self, volume: torch.Tensor) -> torch.Tensor:
         if volume.dim() == 5:
             if volume.shape[1] != 1:
-                raise ValueError(f"SliceEncoder takes one modality per item (B, 1, D, H, K), got {tuple(volume.shape)}")
+                raise ValueError(
+                    f"SliceEncoder takes one modality per item (B, 1, D, H, K), got {tuple(volume.shape)}"
+                )
             volume = volume[:, 0]
         if volume.dim() != 4:
             raise ValueError(f"SliceEncoder takes (B, 1, D, H, K) or (B, D, H, K), got {tuple(volume.shape)}")
@@ -202,7 +212,7 @@ class SliceEncoder(nn.Module):
         out = []
         device_type = slices.device.type
         for start in range(0, b * k, self.chunk_size):
-            x = self._prepare(slices[start:start + self.chunk_size])
+            x = self._prepare(slices[start : start + self.chunk_size])
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.bf16):
                 feats = self.encoder(x)
             out.append(feats[:, :, :fd, :fh].float())
@@ -210,9 +220,7 @@ class SliceEncoder(nn.Module):
         return features.view(b, k, self.out_chans, fd, fh).permute(0, 2, 3, 4, 1).contiguous()
 
 
-def align_to_case(
-    features: torch.Tensor, shape: Sequence[int], cell_size: Sequence[float]
-) -> torch.Tensor:
+def align_to_case(features: torch.Tensor, shape: Sequence[int], cell_size: Sequence[float]) -> torch.Tensor:
     """Resample a ``(B, C, D', H', K)`` slice-feature volume onto the case grid ``shape`` (trilinear).
 
     Feature cell ``i`` covers case voxels ``[i * cell, (i + 1) * cell)`` in plane (the resized slice
@@ -242,7 +250,9 @@ class PriorDecoder3D(nn.Module):
     only through the upsampled path.
     """
 
-    def __init__(self, in_channels: int, num_classes: int = 4, width: int = 16, num_modalities: int = NUM_MODALITIES):
+    def __init__(
+        self, in_channels: int, num_classes: int = 4, width: int = 16, num_modalities: int = NUM_MODALITIES
+    ):
         super().__init__()
         conv = partial(Convolution, spatial_dims=3, kernel_size=3, act="LEAKYRELU")
         self.project = nn.Conv3d(in_channels, width, kernel_size=1)

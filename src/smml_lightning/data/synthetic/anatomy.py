@@ -75,8 +75,10 @@ _P_SOLID = 0.15  # high-grade without necrosis: the whole core enhances
 def _template_dir() -> Path:
     spec = importlib.util.find_spec("nilearn")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the anatomy generator needs nilearn (pip install nilearn), whose wheel "
-                                "ships the MNI ICBM152 template")
+        raise FileNotFoundError(
+            "the anatomy generator needs nilearn (pip install nilearn), whose wheel "
+            "ships the MNI ICBM152 template"
+        )
     return Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data"
 
 
@@ -105,8 +107,12 @@ def _linear(volumes: np.ndarray, q: Sequence[np.ndarray]) -> np.ndarray:
     """Linear samples ``(C, N)`` of ``volumes`` ``(C, X, Y, Z)`` at voxel coordinates ``q`` (three
     ``(N,)`` arrays); zero outside."""
     coords = np.stack(q)
-    return np.stack([ndimage.map_coordinates(v, coords, order=1, mode="constant", cval=0.0, prefilter=False)
-                     for v in volumes])
+    return np.stack(
+        [
+            ndimage.map_coordinates(v, coords, order=1, mode="constant", cval=0.0, prefilter=False)
+            for v in volumes
+        ]
+    )
 
 
 def _smooth_noise(rng: np.random.Generator, shape: Sequence[int], step: float) -> np.ndarray:
@@ -114,8 +120,12 @@ def _smooth_noise(rng: np.random.Generator, shape: Sequence[int], step: float) -
     interpolated (trilinear, then lightly blurred at the coarse level to avoid creases)."""
     coarse = [max(2, math.ceil(n / step) + 1) for n in shape]
     noise = ndimage.gaussian_filter(rng.standard_normal(coarse).astype(np.float32), 0.7, mode="wrap")
-    fine = F.interpolate(torch.from_numpy(noise)[None, None], size=tuple(int(n) for n in shape),
-                         mode="trilinear", align_corners=True)[0, 0].numpy()
+    fine = F.interpolate(
+        torch.from_numpy(noise)[None, None],
+        size=tuple(int(n) for n in shape),
+        mode="trilinear",
+        align_corners=True,
+    )[0, 0].numpy()
     return fine / np.float32(max(float(noise.std()), 1e-6))
 
 
@@ -166,13 +176,15 @@ def anatomy_arrays(seed: int | Sequence[int] = 0) -> tuple[dict[str, np.ndarray]
     disp_sd = rng.uniform(2.0, 4.0)
     step = rng.uniform(14, 22)
     coarse = tuple(max(2, math.ceil(n / step) + 1) for n in bshape)
-    disp_grid = np.stack([ndimage.gaussian_filter(rng.standard_normal(coarse).astype(np.float32), 0.7)
-                          for _ in range(3)])
+    disp_grid = np.stack(
+        [ndimage.gaussian_filter(rng.standard_normal(coarse).astype(np.float32), 0.7) for _ in range(3)]
+    )
     disp_grid *= np.float32(disp_sd) / disp_grid.std(axis=(1, 2, 3), keepdims=True)
     np.clip(disp_grid, -2.5 * disp_sd, 2.5 * disp_sd, out=disp_grid)
     # Dense over the box: torch's upsampling is much cheaper than sampling the grid point by point.
-    disp_box = F.interpolate(torch.from_numpy(disp_grid)[None], size=bshape, mode="trilinear",
-                             align_corners=True)[0].numpy()
+    disp_box = F.interpolate(
+        torch.from_numpy(disp_grid)[None], size=bshape, mode="trilinear", align_corners=True
+    )[0].numpy()
 
     # Tumour seed in deep white matter (template voxels), its size and kind.
     seed_q = seeds[rng.integers(len(seeds))].astype(np.float32)
@@ -194,7 +206,7 @@ def anatomy_arrays(seed: int | Sequence[int] = 0) -> tuple[dict[str, np.ndarray]
             rel.append(qc)
         # Mass effect: tissue now at radius r came from r0 = (r^3 - push^3)^(1/3) (volume preserving).
         r = np.sqrt(rel[0] ** 2 + rel[1] ** 2 + rel[2] ** 2)
-        factor = np.cbrt(np.maximum(r ** 3 - push ** 3, 0)) / np.maximum(r, np.float32(1e-3))
+        factor = np.cbrt(np.maximum(r**3 - push**3, 0)) / np.maximum(r, np.float32(1e-3))
         return [s + d * factor for s, d in zip(seed_q, rel)], r
 
     # Which voxels can hold brain: the brain mask warped on a grid twice as coarse, widened.
@@ -204,7 +216,7 @@ def anatomy_arrays(seed: int | Sequence[int] = 0) -> tuple[dict[str, np.ndarray]
     mask2 = ndimage.binary_dilation(mask2, iterations=2)
     candidates = np.zeros(bshape, dtype=bool)
     for offset in np.ndindex(2, 2, 2):
-        view = candidates[offset[0]::2, offset[1]::2, offset[2]::2]
+        view = candidates[offset[0] :: 2, offset[1] :: 2, offset[2] :: 2]
         view |= mask2[tuple(slice(0, n) for n in view.shape)]
     points = np.nonzero(candidates)
     q, r_points = warp(points)
@@ -234,7 +246,9 @@ def anatomy_arrays(seed: int | Sequence[int] = 0) -> tuple[dict[str, np.ndarray]
     tb = ndimage.find_objects(near.astype(np.uint8))[0]
     tshape = tuple(s.stop - s.start for s in tb)
     r_t = r[tb]
-    lumps = np.float32(0.22) * _smooth_noise(rng, tshape, 10) + np.float32(0.08) * _smooth_noise(rng, tshape, 4)
+    lumps = np.float32(0.22) * _smooth_noise(rng, tshape, 10) + np.float32(0.08) * _smooth_noise(
+        rng, tshape, 4
+    )
     rho = r_t / (r_core * (1 + np.clip(lumps, -0.45, 0.6)))
     core = rho < 1
     label_t = np.zeros(tshape, dtype=np.uint8)
@@ -253,7 +267,9 @@ def anatomy_arrays(seed: int | Sequence[int] = 0) -> tuple[dict[str, np.ndarray]
         label_t[core] = 3
         if kind == "hgg":
             nec_frac = rng.uniform(0.45, 0.8)
-            nec_lumps = np.float32(0.25) * _smooth_noise(rng, tshape, 6) + np.float32(0.1) * _smooth_noise(rng, tshape, 3)
+            nec_lumps = np.float32(0.25) * _smooth_noise(rng, tshape, 6) + np.float32(0.1) * _smooth_noise(
+                rng, tshape, 3
+            )
             nec = rho / (nec_frac * (1 + nec_lumps)) < 1
             label_t[core & nec] = 1
     label_box = np.zeros(bshape, dtype=np.uint8)
@@ -266,7 +282,11 @@ def anatomy_arrays(seed: int | Sequence[int] = 0) -> tuple[dict[str, np.ndarray]
     for cls in (1, 2, 3):
         w = _blur((label_t == cls).astype(np.float32), (0.8, 0.8, 0.8))
         weights.append(w * ed_grade if cls == 2 else w)
-    texture = np.float32(1) + np.float32(0.1) * _smooth_noise(rng, tshape, 4) + np.float32(0.05) * _smooth_noise(rng, tshape, 2)
+    texture = (
+        np.float32(1)
+        + np.float32(0.1) * _smooth_noise(rng, tshape, 4)
+        + np.float32(0.05) * _smooth_noise(rng, tshape, 2)
+    )
 
     # The brain's tight box, where the per-modality work happens.
     tight = ndimage.find_objects(brain.astype(np.uint8))[0]
@@ -321,8 +341,15 @@ def _write_one(args: tuple[Path, str, int, int]) -> Path:
     return write_case(out, layout, index, images, label, grade, brats_affine(SHAPE, SPACING))
 
 
-def synthesize_anatomy(out: Path | str, n_cases: int, layout: str = "brats2020", seed: int = 0,
-                       first: int = 0, workers: int = 1, overwrite: bool = False) -> list[Path]:
+def synthesize_anatomy(
+    out: Path | str,
+    n_cases: int,
+    layout: str = "brats2020",
+    seed: int = 0,
+    first: int = 0,
+    workers: int = 1,
+    overwrite: bool = False,
+) -> list[Path]:
     """Write anatomy cases ``first`` to ``first + n_cases - 1`` under ``out`` (240x240x155, 1 mm) in
     ``layout``'s naming, ``workers`` at a time in separate processes; return their folders.
 
@@ -343,8 +370,9 @@ def synthesize_anatomy(out: Path | str, n_cases: int, layout: str = "brats2020",
         return [_write_one(job) for job in jobs]
     # As prepare's pool: Ctrl-C reaches the parent only, which terminates the workers at once (their
     # cases are left unfinished: a re-run with overwrite redoes them) and runs none of the pending ones.
-    with ProcessPoolExecutor(max_workers=min(workers, n_cases, os.cpu_count() or 1),
-                             initializer=ignore_sigint) as pool:
+    with ProcessPoolExecutor(
+        max_workers=min(workers, n_cases, os.cpu_count() or 1), initializer=ignore_sigint
+    ) as pool:
         futures = [pool.submit(_write_one, job) for job in jobs]
         try:
             return [future.result() for future in futures]

@@ -44,15 +44,20 @@ _P_NO_NECROSIS = 0.15  # core entirely enhancing
 _NOISE = 0.05  # noise standard deviation relative to the brightest tissue
 
 
-def _random_field(rng: np.random.Generator, coords: Sequence[np.ndarray], n_terms: int,
-                  freq: tuple[float, float]) -> np.ndarray:
+def _random_field(
+    rng: np.random.Generator, coords: Sequence[np.ndarray], n_terms: int, freq: tuple[float, float]
+) -> np.ndarray:
     """A smooth random field of unit variance: a sum of plane waves of random direction and phase."""
     out: np.ndarray | float = 0.0
     for _ in range(n_terms):
         w = rng.normal(size=3)
         w *= rng.uniform(*freq) / np.linalg.norm(w)
-        out = out + np.cos(coords[0] * np.float32(w[0]) + coords[1] * np.float32(w[1])
-                           + coords[2] * np.float32(w[2]) + np.float32(rng.uniform(0, 2 * np.pi)))
+        out = out + np.cos(
+            coords[0] * np.float32(w[0])
+            + coords[1] * np.float32(w[1])
+            + coords[2] * np.float32(w[2])
+            + np.float32(rng.uniform(0, 2 * np.pi))
+        )
     return np.asarray(out, dtype=np.float32) * np.float32(np.sqrt(2.0 / n_terms))
 
 
@@ -60,8 +65,10 @@ def _bias_axes(rng: np.random.Generator, axes: Sequence[np.ndarray], strength: f
     """Smooth multiplicative bias, separable: one factor per axis, so it costs a gather per voxel."""
     factors = []
     for ax in axes:
-        wave = sum(np.cos(ax * np.float32(rng.uniform(0.5, 1.8)) + np.float32(rng.uniform(0, 2 * np.pi)))
-                   for _ in range(2))
+        wave = sum(
+            np.cos(ax * np.float32(rng.uniform(0.5, 1.8)) + np.float32(rng.uniform(0, 2 * np.pi)))
+            for _ in range(2)
+        )
         factors.append(np.exp(np.float32(strength / 2) * wave).astype(np.float32))
     return factors
 
@@ -70,8 +77,12 @@ def _ellipsoid(coords: Sequence[np.ndarray], centre: Sequence[float], radii: Seq
     return sum(((c - np.float32(m)) / np.float32(r)) ** 2 for c, m, r in zip(coords, centre, radii)) < 1
 
 
-def _local(axes: Sequence[np.ndarray], box: tuple[slice, ...], centre: Sequence[float] | np.ndarray,
-           radii: Sequence[float] | np.ndarray) -> list[np.ndarray]:
+def _local(
+    axes: Sequence[np.ndarray],
+    box: tuple[slice, ...],
+    centre: Sequence[float] | np.ndarray,
+    radii: Sequence[float] | np.ndarray,
+) -> list[np.ndarray]:
     """Broadcastable coordinates over ``box``, centred on ``centre`` and scaled by ``radii``."""
     out = []
     for a, (ax, s, m, r) in enumerate(zip(axes, box, centre, radii)):
@@ -90,7 +101,9 @@ def _box_around(centre: np.ndarray, radius: np.ndarray, axes: Sequence[np.ndarra
     return tuple(box)
 
 
-def synthesize_arrays(shape: Sequence[int], seed: int | Sequence[int] = 0) -> tuple[dict[str, np.ndarray], np.ndarray, str]:
+def synthesize_arrays(
+    shape: Sequence[int], seed: int | Sequence[int] = 0
+) -> tuple[dict[str, np.ndarray], np.ndarray, str]:
     """One synthetic case in memory: int16 images keyed by modality, internal uint8 labels, grade.
 
     The grade is ``"LGG"`` for cases without enhancement, ``"HGG"`` otherwise.
@@ -118,7 +131,9 @@ def synthesize_arrays(shape: Sequence[int], seed: int | Sequence[int] = 0) -> tu
     tissue[sub] = t
 
     # Tumor: an irregular blob at a random place in the brain, nested edema > core > necrosis.
-    kind = "lgg" if rng.random() < _P_NO_ENHANCEMENT else ("solid" if rng.random() < _P_NO_NECROSIS else "hgg")
+    kind = (
+        "lgg" if rng.random() < _P_NO_ENHANCEMENT else ("solid" if rng.random() < _P_NO_NECROSIS else "hgg")
+    )
     direction = rng.normal(size=3)
     direction /= np.linalg.norm(direction)
     t_centre_q = direction * rng.uniform(0.2, 0.5)
@@ -148,8 +163,9 @@ def synthesize_arrays(shape: Sequence[int], seed: int | Sequence[int] = 0) -> tu
 
     brain = tissue > 0
     # Per-modality work is confined to the brain's bounding box (plus the blur's margin) and its voxels.
-    tight = tuple(slice(max(sl.start - 1, 0), sl.stop + 1)
-                  for sl in ndimage.find_objects(brain.astype(np.uint8))[0])
+    tight = tuple(
+        slice(max(sl.start - 1, 0), sl.stop + 1) for sl in ndimage.find_objects(brain.astype(np.uint8))[0]
+    )
     brain_t = brain[tight]
     voxels = np.nonzero(brain_t)
     texture = _random_field(rng, _local(axes, tight, centre, radii), 4, (4.0, 9.0))  # shared heterogeneity
@@ -158,7 +174,9 @@ def synthesize_arrays(shape: Sequence[int], seed: int | Sequence[int] = 0) -> tu
     edema = tumor_t == 5
     images = {}
     for m in MODALITIES:
-        means = np.asarray(_CONTRAST[m], dtype=np.float32) * rng.uniform(0.95, 1.05, size=len(TISSUES)).astype(np.float32)
+        means = np.asarray(_CONTRAST[m], dtype=np.float32) * rng.uniform(
+            0.95, 1.05, size=len(TISSUES)
+        ).astype(np.float32)
         mean = np.zeros(shape, dtype=np.float32)
         mean[tight] = means[tissue[tight]] * (1 + np.float32(0.03 * rng.choice([-1, 1])) * texture)
         local = mean[tsub]
@@ -178,10 +196,16 @@ def synthesize_arrays(shape: Sequence[int], seed: int | Sequence[int] = 0) -> tu
     return images, label, "LGG" if kind == "lgg" else "HGG"
 
 
-def synthesize(out: Path | str, n_cases: int, layout: str = "brats2020",
-               shape: Sequence[int] = (240, 240, 155), seed: int = 0,
-               spacing: float | Sequence[float] | None = None, first: int = 0,
-               overwrite: bool = False) -> list[Path]:
+def synthesize(
+    out: Path | str,
+    n_cases: int,
+    layout: str = "brats2020",
+    shape: Sequence[int] = (240, 240, 155),
+    seed: int = 0,
+    spacing: float | Sequence[float] | None = None,
+    first: int = 0,
+    overwrite: bool = False,
+) -> list[Path]:
     """Write cases ``first`` to ``first + n_cases - 1`` under ``out`` in ``layout``'s naming; return their folders.
 
     Images are int16 and labels uint8 in the layout's convention (ET = 4, or 3 for 2023). The

@@ -72,8 +72,10 @@ def refuse_existing(out: Path, layout: str, indices: Sequence[int]) -> None:
                 raise FileExistsError(f"{folder} exists and is a file; pass --overwrite true to replace it")
             for path in case_files(out, layout, i, grade):
                 if path.exists() or path.is_symlink():
-                    raise FileExistsError(f"{path} already exists; pass --overwrite true to replace it "
-                                          f"(or write to another folder)")
+                    raise FileExistsError(
+                        f"{path} already exists; pass --overwrite true to replace it "
+                        f"(or write to another folder)"
+                    )
 
 
 def brats_affine(shape: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
@@ -99,8 +101,15 @@ def save_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
         raise
 
 
-def write_case(out: Path, layout: str, index: int, images: dict[str, np.ndarray], label: np.ndarray,
-               grade: str, affine: np.ndarray) -> Path:
+def write_case(
+    out: Path,
+    layout: str,
+    index: int,
+    images: dict[str, np.ndarray],
+    label: np.ndarray,
+    grade: str,
+    affine: np.ndarray,
+) -> Path:
     """Write one case's images and internal labels (mapped to the layout's convention); return its folder."""
     paths = case_files(out, layout, index, grade if layout == "brats2018" else None)
     for m, path in zip(MODALITIES, paths):
