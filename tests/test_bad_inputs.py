@@ -25,7 +25,7 @@ import yaml
 
 from smml_lightning import io as smml_io
 from smml_lightning.cli import main
-from smml_lightning.data.prepare import cache_lock, prepare
+from smml_lightning.data.prepare import LOCK, cache_lock, prepare
 from smml_lightning.data.synthetic import synthesize
 
 SHAPE = (32, 32, 32)
@@ -127,10 +127,11 @@ def world(tmp_path_factory) -> World:
 
 
 def checksums(folder: Path) -> dict[str, str]:
+    """Digest of every file but the cache lock, whose content is its latest holder (pid and command)."""
     return {
         str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
         for p in sorted(folder.rglob("*"))
-        if p.is_file()
+        if p.is_file() and p.name != LOCK
     }
 
 

@@ -141,13 +141,17 @@ def priors(
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
     seed: int = 0,
+    labeled_fraction: float = 1.0,
+    labeled_cases: str | None = None,
     device: str = "cpu",
     overwrite: bool = False,
 ) -> None:
     """Fit the SAM prior decoder on the training cases and export priors for all cached cases.
 
-    The decoder sees only the training split's labels, chosen exactly as the datamodule will choose it:
-    pass the same ``split`` file, or the same ``val_fraction``/``test_fraction``/``seed`` as ``data.*``.
+    The decoder sees only the labels training may read, chosen exactly as the datamodule will choose them:
+    pass the same ``split`` file, or the same ``val_fraction``/``test_fraction``/``seed`` as ``data.*``, and
+    in semi-supervised training the same ``labeled_fraction`` or ``labeled_cases``. Priors are still
+    exported for every case (SAM sees images only). One run at a time holds the cache (as ``prepare``).
 
     Args:
         cache_dir: the prepared cache.
@@ -157,7 +161,10 @@ def priors(
         split: split JSON or folder of train/val/test.txt (as ``data.split``).
         val_fraction: as ``data.val_fraction`` when no split file is given.
         test_fraction: as ``data.test_fraction`` when no split file is given.
-        seed: as ``data.seed`` when no split file is given.
+        seed: as ``data.seed`` (draws the split when no split file is given, and the labeled cases).
+        labeled_fraction: as ``data.labeled_fraction``: the decoder sees only this share of the training
+            cases' labels.
+        labeled_cases: as ``data.labeled_cases``: a file naming the labeled training cases.
         device: cpu or cuda.
         overwrite: recompute priors that exist.
     """
@@ -175,6 +182,9 @@ def priors(
         model_type=model_type,
         epochs=epochs,
         train_names=train,
+        labeled_fraction=labeled_fraction,
+        labeled_cases=labeled_cases,
+        data_seed=seed,
         device=device,
         overwrite=overwrite,
     )
@@ -183,13 +193,10 @@ def priors(
 def training_names(
     cache_dir: str | Path, split: str | None, val_fraction: float, test_fraction: float, seed: int
 ) -> list[str]:
-    """The training split of a cache, as :class:`BratsDataModule` will draw it."""
+    """The training split of a cache, as :class:`BratsDataModule` draws it (:func:`splits.choose_split`)."""
     from .data import cache, splits
 
-    names = cache.list_cases(cache_dir)
-    if split is not None:
-        return splits.resolve_split(names, **splits.read_split(split))["train"]
-    return splits.seeded_split(names, val_fraction, test_fraction, seed)["train"]
+    return splits.choose_split(cache.list_cases(cache_dir), split, val_fraction, test_fraction, seed)["train"]
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ from tqdm.auto import tqdm
 from smml_lightning.data import cache
 from smml_lightning.data.labels import NUM_CLASSES
 from smml_lightning.data.modalities import NUM_MODALITIES
+from smml_lightning.data.prepare import cache_lock
+from smml_lightning.data.splits import labeled_subset
 from smml_lightning.io import atomic_write_bytes
 from smml_lightning.models.sam_prior import PriorDecoder3D, SliceEncoder, load_sam_image_encoder
 
@@ -251,6 +253,9 @@ def run_priors(
     epochs: int = 20,
     *,
     train_names: Sequence[str] | None = None,
+    labeled_fraction: float = 1.0,
+    labeled_cases: str | Path | None = None,
+    data_seed: int = 0,
     names: Sequence[str] | None = None,
     lr: float = 1e-2,
     device: str | torch.device = "cpu",
@@ -262,48 +267,58 @@ def run_priors(
     bf16: bool = False,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """The whole prior stage: fit the decoder on the training cases, export priors for all cases.
+    """The whole prior stage: fit the decoder on the labeled training cases, export priors for all cases.
 
     ``train_names`` should be the training split (default: every labelled case in ``names``, which lets
     validation/test labels shape their priors; the priors are training-time only, but pass the split).
-    A decoder file fitted with the same settings is reused unless ``overwrite``, so a rerun after an
-    interrupted export only exports what is missing. Returns the decoder path, the export summary and
-    the seconds spent fitting and exporting.
+    In semi-supervised training the decoder is fitted on the labeled cases only, chosen from
+    ``train_names`` by :func:`~smml_lightning.data.splits.labeled_subset` with ``labeled_fraction`` or
+    ``labeled_cases`` and ``data_seed`` (the datamodule's ``data.labeled_*`` and ``data.seed``), so it never
+    reads an unlabeled case's label; their priors are still exported (SAM sees images only). ``seed`` seeds
+    the decoder's fit. The run holds the cache folder as ``smml prepare`` does
+    (:func:`~smml_lightning.data.prepare.cache_lock`): a concurrent prepare or priors run on the same cache
+    raises ``ValueError`` naming the holder. A decoder file fitted with the same settings and cases is
+    reused unless ``overwrite``, so a rerun after an interrupted export only exports what is missing.
+    Returns the decoder path, the labeled cases, the export summary and the seconds spent fitting and
+    exporting.
     """
     cache_dir = Path(cache_dir)
     all_names = list(cache.list_cases(cache_dir) if names is None else names)
-    if train_names is None:
-        train_names = [n for n in all_names if cache.load_meta(cache_dir, n).has_label]
-    path = Path(decoder_path) if decoder_path is not None else cache_dir / DEFAULT_DECODER_NAME
-    wanted = {"model_type": model_type, "checkpoint": str(Path(checkpoint).expanduser().resolve())}
-    settings = _fit_settings(epochs, lr, width, slab, seed, train_names)
-    start = time.perf_counter()
-    refit = overwrite or not _reusable(path, wanted, settings)
-    if refit:
-        fit_prior_decoder(
-            cache_dir,
-            train_names,
-            checkpoint,
-            model_type,
-            epochs,
-            lr,
-            device,
-            path,
-            width=width,
-            slab=slab,
-            chunk_size=chunk_size,
-            bf16=bf16,
-            seed=seed,
+    with cache_lock(cache_dir, "smml priors"):
+        if train_names is None:
+            train_names = [n for n in all_names if cache.load_meta(cache_dir, n).has_label]
+        labeled = labeled_subset(train_names, labeled_fraction, labeled_cases, data_seed)
+        path = Path(decoder_path) if decoder_path is not None else cache_dir / DEFAULT_DECODER_NAME
+        wanted = {"model_type": model_type, "checkpoint": str(Path(checkpoint).expanduser().resolve())}
+        settings = _fit_settings(epochs, lr, width, slab, seed, labeled)
+        start = time.perf_counter()
+        refit = overwrite or not _reusable(path, wanted, settings)
+        if refit:
+            fit_prior_decoder(
+                cache_dir,
+                labeled,
+                checkpoint,
+                model_type,
+                epochs,
+                lr,
+                device,
+                path,
+                width=width,
+                slab=slab,
+                chunk_size=chunk_size,
+                bf16=bf16,
+                seed=seed,
+            )
+        else:
+            logger.info("reusing prior decoder %s (fitted with the same settings)", path)
+        fitted = time.perf_counter()
+        # A new decoder makes every exported prior stale: export them all again.
+        summary = export_priors(
+            cache_dir, all_names, path, checkpoint, device, refit, chunk_size=chunk_size, bf16=bf16
         )
-    else:
-        logger.info("reusing prior decoder %s (fitted with the same settings)", path)
-    fitted = time.perf_counter()
-    # A new decoder makes every exported prior stale: export them all again.
-    summary = export_priors(
-        cache_dir, all_names, path, checkpoint, device, refit, chunk_size=chunk_size, bf16=bf16
-    )
     return {
         "decoder": path,
+        "labeled": labeled,
         **summary,
         "fit_seconds": fitted - start,
         "export_seconds": time.perf_counter() - fitted,

@@ -205,10 +205,7 @@ class BratsDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if not 0.0 < float(labeled_fraction) <= 1.0:
-            raise ValueError(f"data.labeled_fraction must be in (0, 1], got {labeled_fraction}")
-        if labeled_cases is not None and float(labeled_fraction) != 1.0:
-            raise ValueError("give data.labeled_cases or data.labeled_fraction, not both")
+        splits.check_labeled_options(labeled_fraction, labeled_cases)
         if not 0.0 < float(labeled_share) < 1.0:
             raise ValueError(f"data.labeled_share must be in (0, 1), got {labeled_share}")
         for key in ("jitter_mm", "jitter_degrees", "test_misalign_mm", "test_misalign_degrees"):
@@ -264,44 +261,15 @@ class BratsDataModule(LightningDataModule):
     def _make_splits(self) -> dict[str, list[str]]:
         hp: Any = self.hparams  # an AttributeDict of the constructor's arguments
         names = self._cached_cases(self.cache_dir)
-        if hp.split is not None:
-            path = Path(hp.split)
-            if not path.exists():
-                raise FileNotFoundError(f"split file {path} does not exist")
-            try:
-                split = splits.resolve_split(names, **splits.read_split(path))
-            except ValueError as err:  # also malformed JSON
-                raise ValueError(f"split {path}: {err}") from err
-        else:
-            split = splits.seeded_split(names, hp.val_fraction, hp.test_fraction, hp.seed)
+        split = splits.choose_split(names, hp.split, hp.val_fraction, hp.test_fraction, hp.seed)
         if hp.output_dir is not None and self.world()[1] == 0:
             splits.write_split(split, Path(hp.output_dir) / "split.json")
         return split
 
     def _labeled_cases(self, train: Sequence[str]) -> list[str]:
-        """The labeled training cases: from ``labeled_cases``, or a seeded ``labeled_fraction`` of ``train``."""
+        """The labeled training cases (:func:`~smml_lightning.data.splits.labeled_subset`)."""
         hp: Any = self.hparams
-        if hp.labeled_cases is not None:
-            path = Path(hp.labeled_cases)
-            if not path.is_file():
-                raise FileNotFoundError(f"labeled-cases file {path} does not exist")
-            names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-            unknown = sorted(set(names) - set(train))
-            if unknown or not names:
-                raise ValueError(
-                    f"labeled-cases file {path}: "
-                    + (
-                        f"{len(unknown)} name(s) not in the training split, e.g. {unknown[:3]}"
-                        if unknown
-                        else "names no case"
-                    )
-                )
-            return sorted(set(names))
-        if hp.labeled_fraction >= 1.0:
-            return list(train)
-        count = max(1, round(hp.labeled_fraction * len(train)))
-        order = np.random.default_rng(hp.seed).permutation(len(train))
-        return sorted(sorted(train)[i] for i in order[:count])
+        return splits.labeled_subset(train, hp.labeled_fraction, hp.labeled_cases, hp.seed)
 
     def _check_train_cases(self, names: Sequence[str]) -> None:
         if not names:

@@ -90,10 +90,11 @@ def format_summary(summary: PrepareSummary, max_rows: int = 30) -> str:
 
 
 @contextlib.contextmanager
-def cache_lock(out: Path | str) -> Iterator[None]:
+def cache_lock(out: Path | str, command: str = "smml prepare") -> Iterator[None]:
     """Hold the cache folder ``out`` for one run (an exclusive ``flock`` on ``out/.prepare.lock``, which
-    holds the holder's process id); a second run raises ``ValueError`` naming the holder. The kernel drops
-    the lock when the holder exits, however it exits, so a killed run never leaves the cache locked."""
+    holds the holder's process id and ``command``); a second run, of any command that writes the cache
+    (``prepare``, ``priors``), raises ``ValueError`` naming the holder. The kernel drops the lock when the
+    holder exits, however it exits, so a killed run never leaves the cache locked."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"cache folder {out} is a file, not a folder")
@@ -103,13 +104,13 @@ def cache_lock(out: Path | str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            pid, _, holder = os.pread(fd, 256, 0).decode(errors="replace").strip().partition(" ")
             raise ValueError(
-                f"{out} is in use by another `smml prepare` (pid {holder}); wait for it to "
-                "finish or stop it, then run again"
+                f"{out} is in use by another `{holder.strip() or 'smml prepare'}` (pid {pid or 'unknown'}); "
+                "wait for it to finish or stop it, then run again"
             ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(fd, f"{os.getpid()} {command}\n".encode(), 0)
         yield
     finally:
         os.close(fd)  # releases the lock

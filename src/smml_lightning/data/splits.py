@@ -158,3 +158,69 @@ def seeded_split(
         "val": sorted(shuffled[n_test : n_test + n_val]),
         "train": sorted(shuffled[n_test + n_val :]),
     }
+
+
+def choose_split(
+    names: Sequence[str],
+    split: Path | str | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> dict[str, list[str]]:
+    """The train/val/test split of ``names`` as ``data.split``/``val_fraction``/``test_fraction``/``seed``
+    define it: the split file (JSON or folder, see :func:`read_split`) checked against ``names``, else
+    :func:`seeded_split`. The datamodule and ``smml priors`` both call it, so they cannot disagree."""
+    if split is None:
+        return seeded_split(names, val_fraction, test_fraction, seed)
+    path = Path(split)
+    if not path.exists():
+        raise FileNotFoundError(f"split file {path} does not exist")
+    try:
+        return resolve_split(names, **read_split(path))
+    except ValueError as err:  # also malformed JSON
+        raise ValueError(f"split {path}: {err}") from err
+
+
+def check_labeled_options(labeled_fraction: float, labeled_cases: Path | str | None) -> None:
+    """Reject a labeled fraction outside ``(0, 1]`` or one given together with a labeled-cases file."""
+    if not 0.0 < float(labeled_fraction) <= 1.0:
+        raise ValueError(f"data.labeled_fraction must be in (0, 1], got {labeled_fraction}")
+    if labeled_cases is not None and float(labeled_fraction) != 1.0:
+        raise ValueError("give data.labeled_cases or data.labeled_fraction, not both")
+
+
+def labeled_subset(
+    train: Sequence[str],
+    labeled_fraction: float = 1.0,
+    labeled_cases: Path | str | None = None,
+    seed: int = 0,
+) -> list[str]:
+    """The labeled cases of the training split ``train`` (semi-supervised training, ``data.labeled_*``).
+
+    From ``labeled_cases`` (a text file, one name per line, every name a training case), else a
+    ``labeled_fraction`` of ``train`` (at least one case) drawn with ``seed`` (``data.seed``); a fraction of
+    1 keeps all of ``train``. Deterministic in (set of ``train``, fraction, seed). The datamodule and
+    ``smml priors`` both call it, so the prior decoder is fitted on exactly the labels training may read.
+    """
+    check_labeled_options(labeled_fraction, labeled_cases)
+    if labeled_cases is not None:
+        path = Path(labeled_cases)
+        if not path.is_file():
+            raise FileNotFoundError(f"labeled-cases file {path} does not exist")
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        unknown = sorted(set(names) - set(train))
+        if unknown or not names:
+            raise ValueError(
+                f"labeled-cases file {path}: "
+                + (
+                    f"{len(unknown)} name(s) not in the training split, e.g. {unknown[:3]}"
+                    if unknown
+                    else "names no case"
+                )
+            )
+        return sorted(set(names))
+    if labeled_fraction >= 1.0:
+        return list(train)
+    count = max(1, round(labeled_fraction * len(train)))
+    order = np.random.default_rng(seed).permutation(len(train))
+    return sorted(sorted(train)[i] for i in order[:count])
