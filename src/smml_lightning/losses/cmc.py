@@ -65,6 +65,23 @@ def soft_dice_agreement(
     return 1.0 - dice.mean(dim=1)
 
 
+def _available_pairs(
+    loss: str, layout: str, x: torch.Tensor, mask: torch.Tensor
+) -> list[tuple[int, int, torch.Tensor]]:
+    """``(i, j, samples)`` for every two modalities ``i < j`` available together in some samples (their
+    indices); ``x`` ``(B, M, ...)`` must agree with ``mask`` ``(B, M)``, else ``ValueError`` naming ``loss``
+    and the expected ``layout``."""
+    if x.ndim < 4 or mask.shape != x.shape[:2]:
+        raise ValueError(f"{loss}: {layout} and mask (B, M) disagree: {tuple(x.shape)}, {tuple(mask.shape)}")
+    mask = mask.bool()
+    pairs = []
+    for i, j in combinations(range(mask.shape[1]), 2):
+        both = (mask[:, i] & mask[:, j]).nonzero()[:, 0]
+        if len(both):
+            pairs.append((i, j, both))
+    return pairs
+
+
 def _pairwise_mean(values: list[torch.Tensor], anchor: torch.Tensor) -> torch.Tensor:
     if not values:  # no sample has two available modalities: a zero that keeps the graph
         return anchor.sum() * 0.0
@@ -79,17 +96,8 @@ def csc_loss(features: torch.Tensor, mask: torch.Tensor, temperature: float = 0.
         features: per-modality bottlenecks ``(B, M, C, *s)``.
         mask: availability ``(B, M)``.
     """
-    if features.ndim < 4 or mask.shape != features.shape[:2]:
-        raise ValueError(
-            f"csc_loss: features (B, M, C, *s) and mask (B, M) disagree: {tuple(features.shape)}, "
-            f"{tuple(mask.shape)}"
-        )
-    mask = mask.bool()
-    values = []
-    for i, j in combinations(range(mask.shape[1]), 2):
-        both = (mask[:, i] & mask[:, j]).nonzero()[:, 0]
-        if len(both):
-            values.append(channel_nt_xent(features[both, i], features[both, j], temperature))
+    pairs = _available_pairs("csc_loss", "features (B, M, C, *s)", features, mask)
+    values = [channel_nt_xent(features[both, i], features[both, j], temperature) for i, j, both in pairs]
     return _pairwise_mean(values, features)
 
 
@@ -103,16 +111,10 @@ def cac_loss(
         logits: per-branch logits ``(B, M, K, *S)``.
         mask: availability ``(B, M)``.
     """
-    if logits.ndim < 4 or mask.shape != logits.shape[:2]:
-        raise ValueError(
-            f"cac_loss: logits (B, M, K, *S) and mask (B, M) disagree: {tuple(logits.shape)}, "
-            f"{tuple(mask.shape)}"
-        )
-    mask = mask.bool()
+    pairs = _available_pairs("cac_loss", "logits (B, M, K, *S)", logits, mask)
     probs = torch.softmax(logits.float(), dim=2)
-    values = []
-    for i, j in combinations(range(mask.shape[1]), 2):
-        both = (mask[:, i] & mask[:, j]).nonzero()[:, 0]
-        if len(both):
-            values.append(soft_dice_agreement(probs[both, i], probs[both, j], smooth, include_background))
+    values = [
+        soft_dice_agreement(probs[both, i], probs[both, j], smooth, include_background)
+        for i, j, both in pairs
+    ]
     return _pairwise_mean(values, logits)
