@@ -51,15 +51,16 @@ def reports(run_dir: Path, peer: int | None = None, train_fit: bool = False) -> 
     return [p for p in paths if p.parent.name.endswith(f"-peer{peer}")]
 
 
-def breakdown(
+def region_rows(
     work: Path,
     run: str,
     volumes: dict[str, int],
     region: str = "ET",
     peer: int | None = None,
     train_fit: bool = False,
-) -> pd.Series:
-    """Mean Dice (%) of ``region`` per (case group, subset group), and the case counts."""
+) -> pd.DataFrame:
+    """The rows of ``region`` in a run's per-case CSVs (:func:`reports`); every case must have a prepared
+    label in ``volumes``."""
     frames = [pd.read_csv(p) for p in reports(work / run, peer, train_fit)]
     if not frames:
         wanted = "train-fit/per_case.csv (quality.py --train-fit)" if train_fit else "report*/per_case.csv"
@@ -69,6 +70,12 @@ def breakdown(
     missing = sorted(set(rows["case"]) - set(volumes))
     if missing:
         raise ValueError(f"{run}: no prepared label for cases {missing[:5]} under {work}")
+    return rows
+
+
+def breakdown(rows: pd.DataFrame, volumes: dict[str, int], run: str) -> pd.Series:
+    """Mean Dice (%) of a run's :func:`region_rows` per (case group, subset group), and the case counts."""
+    rows = rows.copy()
     et = rows["case"].map(volumes)
     rows["cases"] = np.where(et == 0, "no ET", np.where(et < SMALL_ET, f"ET < {SMALL_ET} vox", "ET"))
     rows["subsets"] = np.where(rows["subset"].str.contains("T1ce"), "with T1ce", "without T1ce")
@@ -79,20 +86,12 @@ def breakdown(
     return table.rename(run)
 
 
-def added_last(
-    work: Path,
-    run: str,
-    volumes: dict[str, int],
-    region: str = "ET",
-    peer: int | None = None,
-    train_fit: bool = False,
-) -> pd.Series:
+def added_last(rows: pd.DataFrame, volumes: dict[str, int], region: str, run: str) -> pd.Series:
     """Dice points gained by adding each modality last (all four minus the other three), paired by
-    case, on the tumours with and without enhancement: where all four modalities lose their rank."""
+    case, on the tumours with and without enhancement: where all four modalities lose their rank.
+    ``rows`` are a run's :func:`region_rows` of ``region``."""
     from ..evaluation.report import modality_gains
 
-    rows = pd.concat([pd.read_csv(p) for p in reports(work / run, peer, train_fit)])
-    rows = rows[rows["region"] == region]
     table = {}
     for group, keep in (("no ET", rows["case"].map(volumes) == 0), ("ET", rows["case"].map(volumes) > 0)):
         if keep.any():
@@ -118,9 +117,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     volumes = true_et_volumes(args.work)
     scored = "training" if args.train_fit else "test"
-    table = pd.concat(
-        [breakdown(args.work, r, volumes, args.region, args.peer, args.train_fit) for r in args.runs], axis=1
-    )
+    rows = {r: region_rows(args.work, r, volumes, args.region, args.peer, args.train_fit) for r in args.runs}
+    table = pd.concat([breakdown(rows[r], volumes, r) for r in args.runs], axis=1)
     print(
         f"{args.region} Dice (%) on the {scored} cases, mean over (case, subset) pairs; cases by true ET volume "
         f"({scored} cases without any ET in brackets)\n"
@@ -134,9 +132,7 @@ def run(args: argparse.Namespace) -> None:
             f"| {name} | {table.loc[('cases', 'n'), name]:.0f} ({table.loc[('cases', 'no ET'), name]:.0f}) "
             f"| {cells} |"
         )
-    last = pd.concat(
-        [added_last(args.work, r, volumes, args.region, args.peer, args.train_fit) for r in args.runs], axis=1
-    )
+    last = pd.concat([added_last(rows[r], volumes, args.region, r) for r in args.runs], axis=1)
     print(
         f"\n{args.region} Dice points gained by adding each modality last (all four minus the other three, "
         f"paired by case), on the {scored} cases without and with enhancement\n"
