@@ -1,7 +1,8 @@
 """Segmentation quality of SMML against its companions at equal budget, on fixed synthetic data.
 
     python benchmarks/quality.py --quick            # smoke run, a few minutes
-    python benchmarks/quality.py                    # full run (32 cases of 64x64x48 + 40 held out, 600 steps, 3 seeds)
+    python benchmarks/quality.py                    # full run (32 anatomy cases at 3 mm + 40 held out, 600 steps, 3 seeds)
+    python benchmarks/quality.py --generator tiny   # the same on the tiny ellipsoid heads (64x64x48)
     python benchmarks/quality.py --ablations        # also the five SMML ablations
     python benchmarks/quality.py --fp32             # also SMML in fp32 (bf16-mixed's accuracy check)
     python benchmarks/quality.py --peers            # also each peer of every two-peer model scored alone
@@ -14,7 +15,8 @@
     python benchmarks/quality.py --overlay labeled/labeled_10 --methods CMC MAML \
         --work runs/quality-labeled10                # semi-supervised: 10% labeled (CMC also uses the rest)
 
-Pipeline: synthetic cases (fixed seed) -> prepare -> SAM priors once (tiny random SAM, decoder fitted on
+Pipeline: synthetic cases (fixed seed; by default full-size cases of the anatomy generator, prepared at
+3 mm) -> prepare -> SAM priors once when a method uses them (tiny random SAM, decoder fitted on
 the training split) -> for each method and seed, `python -m smml_lightning.cli fit` in a subprocess for
 exactly ``--steps`` optimizer steps (no validation, the last weights are scored) -> `test` over all 15
 subsets on the fixed test split and on 40 more held-out cases -> one table (method x WT/TC/ET/ET_post, mean over
@@ -110,38 +112,93 @@ def load_yaml(paths: tuple[Path, ...]) -> dict:
 # ---- data ---------------------------------------------------------------------------------------------
 
 
-def synthetic_cache(root: Path, cases: int, shape: tuple[int, int, int], patch: int, first: int = 0) -> Path:
+@dataclass(frozen=True)
+class DataSpec:
+    """Which synthetic data a benchmark trains and tests on.
+
+    ``anatomy``: full-size 240x240x155 1 mm cases of the anatomy generator (real brain anatomy, the
+    default), resampled by ``prepare`` to ``spacing`` mm. ``tiny``: ellipsoid heads of ``shape`` voxels
+    (the generator of the tables before the anatomy generator existed), kept on their own grid.
+    """
+
+    generator: str = "anatomy"
+    shape: tuple[int, int, int] = (64, 64, 48)
+    spacing: float | None = 3.0
+
+    def describe(self) -> str:
+        if self.generator == "anatomy":
+            return (
+                f"anatomy-generator cases (240x240x155 at 1 mm, prepared at {self.spacing:g} mm and scored "
+                "on that grid)"
+            )
+        return f"tiny-generator cases of {'x'.join(map(str, self.shape))}"
+
+    def record(self) -> dict:
+        return {"generator": self.generator, "shape": list(self.shape), "spacing": self.spacing}
+
+
+def synthetic_cache(root: Path, cases: int, spec: DataSpec, patch: int, first: int = 0) -> Path:
     """Synthetic cases ``first``.. of the data seed under ``root/raw`` (written once), prepared into
-    ``root/cache`` (finished cases skipped); returns the cache folder."""
+    ``root/cache`` (finished cases skipped); returns the cache folder. A folder that holds another
+    generator's or spacing's data is refused: its runs would be mixed with this one's."""
     from smml_lightning.data.cache import is_done, mark_done
     from smml_lightning.data.prepare import prepare
-    from smml_lightning.data.synthetic import synthesize
+    from smml_lightning.data.synthetic import synthesize, synthesize_anatomy
 
     raw, cache_dir = root / "raw", root / "cache"
-    if not is_done(raw):
-        synthesize(raw, cases, layout="brats2020", shape=shape, seed=DATA_SEED, first=first)
-        mark_done(raw, {"first": first, "cases": cases, "shape": list(shape), "seed": DATA_SEED})
-    prepare(raw, cache_dir, min_size=(patch,) * 3, workers=2)
+    wanted = {"first": first, "cases": cases, "seed": DATA_SEED, **spec.record()}
+    if is_done(raw):
+        made = yaml.safe_load((raw / ".done").read_text())
+        made.setdefault("generator", "tiny")  # folders made before the anatomy generator
+        made.setdefault("spacing", None)
+        if {k: made.get(k) for k in wanted} != wanted:
+            raise SystemExit(
+                f"{raw}: holds {made.get('generator')} data (spacing {made.get('spacing')}), not "
+                f"{spec.generator} (spacing {spec.spacing}); give this run another --work"
+            )
+    else:
+        if spec.generator == "anatomy":
+            synthesize_anatomy(
+                raw, cases, layout="brats2020", seed=DATA_SEED, first=first, workers=2, overwrite=True
+            )
+        else:
+            synthesize(raw, cases, layout="brats2020", shape=spec.shape, seed=DATA_SEED, first=first)
+        mark_done(raw, wanted)
+    prepare(raw, cache_dir, min_size=(patch,) * 3, workers=2, spacing=spec.spacing, progress=False)
     return cache_dir
 
 
 def prepare_data(
-    work: Path, cases: int, shape: tuple[int, int, int], patch: int, prior_epochs: int
+    work: Path, cases: int, spec: DataSpec, patch: int, prior_epochs: int, priors: dict | None = None
 ) -> tuple[Path, dict[str, list[str]]]:
-    """Synthetic cases, the prepared cache and the SAM priors, each made once."""
+    """Synthetic cases, the prepared cache and the SAM priors, each made once.
+
+    ``priors``: the data block of the methods that use priors (its labeled fraction or cases restrict
+    the prior decoder to the labels those methods train on); ``None`` makes no priors."""
     from smml_lightning.models.sam_prior import save_tiny_sam_checkpoint
     from smml_lightning.priors import run_priors
 
-    cache_dir = synthetic_cache(work, cases, shape, patch)
+    cache_dir = synthetic_cache(work, cases, spec, patch)
     split = benchmark_split(cache_dir)
+    if priors is None:
+        return cache_dir, split
     sam = work / "sam_tiny_random.pth"
     if not sam.is_file():
         save_tiny_sam_checkpoint(sam, seed=DATA_SEED)
-    run_priors(cache_dir, checkpoint=sam, model_type="tiny", epochs=prior_epochs, train_names=split["train"])
+    run_priors(
+        cache_dir,
+        checkpoint=sam,
+        model_type="tiny",
+        epochs=prior_epochs,
+        train_names=split["train"],
+        labeled_fraction=priors.get("labeled_fraction") or 1.0,
+        labeled_cases=priors.get("labeled_cases"),
+        data_seed=DATA_SEED,
+    )
     return cache_dir, split
 
 
-def prepare_heldout(work: Path, first: int, n: int, shape: tuple[int, int, int], patch: int) -> list[str]:
+def prepare_heldout(work: Path, first: int, n: int, spec: DataSpec, patch: int) -> list[str]:
     """``n`` more cases of the same generator and data seed, numbered after the training set's (so
     disjoint from it), prepared in a cache of their own; CLI arguments that test on all of them.
 
@@ -151,7 +208,7 @@ def prepare_heldout(work: Path, first: int, n: int, shape: tuple[int, int, int],
     from smml_lightning.data.cache import list_cases
 
     root = work / f"heldout-{first}-{n}"
-    cache_dir = synthetic_cache(root, n, shape, patch, first)
+    cache_dir = synthetic_cache(root, n, spec, patch, first)
     return test_on(cache_dir, list_cases(cache_dir), root / "split.json")
 
 
@@ -338,6 +395,10 @@ def test(method: Method, data: list[str], seed: int, run_dir: Path, report: str 
                     *common_args(method, data, seed, report),
                     f"--ckpt_path={ckpt}",
                     f"--model.init_args.report_dir={report}",
+                    # Methods compare on the grid they train on; the native grid and the challenge's
+                    # lesion-wise figures cost minutes per full-size case and are not in the table.
+                    "--model.init_args.test_grid=cache",
+                    "--model.init_args.challenge=null",
                     "--trainer.enable_progress_bar=false",
                 ]
             )
@@ -491,7 +552,7 @@ def markdown(summary: dict, gain: dict[tuple[str, str], pd.DataFrame], meta: dic
     lines = [
         f"# Quality benchmark ({meta['date']})",
         "",
-        f"{meta['cases']} synthetic cases of {'x'.join(map(str, meta['shape']))} (data seed {DATA_SEED}); "
+        f"{meta['cases']} synthetic {meta['data']} (data seed {DATA_SEED}); "
         f"split {meta['split']}; {meta['steps']} optimizer steps per run; training seeds {meta['seeds']}. "
         "Dice (%) on the test cases, mean over the 15 subsets; mean ± std over seeds [min–max]. "
         "ET_post is ET after the small-ET post-processing the published tables use (a predicted ET under "
@@ -636,7 +697,7 @@ class Plan:
     steps: int
     cases: int
     heldout: int
-    shape: tuple[int, int, int]
+    data: DataSpec
     prior_epochs: int
     peers: bool
     train_fit: bool
@@ -670,6 +731,19 @@ def arguments() -> argparse.ArgumentParser:
         help="more synthetic test cases, never trained on, scored with "
         "the split's test cases (default 40, quick 2; 0: the split's only)",
     )
+    parser.add_argument(
+        "--generator",
+        choices=("anatomy", "tiny"),
+        default="anatomy",
+        help="synthetic data: full-size cases on real brain anatomy (default), or the tiny ellipsoid heads "
+        "of the tables before it (64x64x48, quick 48x48x32)",
+    )
+    parser.add_argument(
+        "--spacing",
+        type=float,
+        help="mm the anatomy cases are resampled to by prepare (default 3, quick 4); the tests score on "
+        "that grid",
+    )
     parser.add_argument("--ablations", action="store_true", help="also train the five SMML ablations")
     parser.add_argument(
         "--fp32",
@@ -693,8 +767,8 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument(
         "--methods",
         nargs="+",
-        help="only these methods (names as in the table; SMML and "
-        "single-branch are always kept for the gain table)",
+        help="only these methods (names as in the table; with SMML, "
+        "single-branch is kept for the gain table)",
     )
     parser.add_argument(
         "--overlay",
@@ -741,6 +815,8 @@ def parse(argv: list[str] | None = None) -> Plan:
     heldout = (2 if quick else 40) if args.heldout is None else args.heldout
     if heldout < 0:
         parser.error(f"--heldout must be >= 0, got {heldout}")
+    if args.spacing is not None and (args.generator != "anatomy" or args.spacing <= 0):
+        parser.error(f"--spacing {args.spacing}: a positive spacing, for the anatomy generator only")
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     chosen = methods(args.ablations, args.fp32)
@@ -749,7 +825,9 @@ def parse(argv: list[str] | None = None) -> Plan:
         unknown = sorted(set(args.methods) - set(known))
         if unknown:
             parser.error(f"unknown --methods {unknown}; choose from {known}")
-        chosen = [m for m in chosen if m.name in {*args.methods, "SMML", "single-branch"}]
+        # SMML's gain table needs the single branch beside it.
+        keep = {*args.methods, "single-branch"} if "SMML" in args.methods else set(args.methods)
+        chosen = [m for m in chosen if m.name in keep]
     try:
         args.overlay = [resolve(o) for o in args.overlay]
     except FileNotFoundError as err:
@@ -772,7 +850,11 @@ def parse(argv: list[str] | None = None) -> Plan:
         steps=args.steps or (3 if quick else 600),
         cases=args.cases or (8 if quick else 32),
         heldout=heldout,
-        shape=(48, 48, 32) if quick else (64, 64, 48),
+        data=DataSpec(
+            generator=args.generator,
+            shape=(48, 48, 32) if quick else (64, 64, 48),
+            spacing=(args.spacing or (4.0 if quick else 3.0)) if args.generator == "anatomy" else None,
+        ),
         prior_epochs=2 if quick else 30,
         peers=args.peers,
         train_fit=args.train_fit,
@@ -793,10 +875,15 @@ def run(plan: Plan) -> Scores:
     started = time.time()
     if warning := busy_cores_warning():
         print(warning, flush=True)
-    print(f"== data: {plan.cases} cases of {plan.shape} in {plan.work}", flush=True)
-    cache_dir, split = prepare_data(plan.work, plan.cases, plan.shape, patch, plan.prior_epochs)
+    print(f"== data: {plan.cases} {plan.data.describe()} in {plan.work}", flush=True)
+    with_priors = [load_yaml(m.configs)["data"] for m in plan.methods if load_yaml(m.configs)["data"].get("use_prior")]
+    labeled = {(d.get("labeled_fraction"), d.get("labeled_cases")) for d in with_priors}
+    if len(labeled) > 1:  # one cache holds the priors of one labeled set
+        raise SystemExit(f"methods with priors train on different labeled sets {sorted(map(str, labeled))}")
+    priors = with_priors[0] if with_priors else None
+    cache_dir, split = prepare_data(plan.work, plan.cases, plan.data, patch, plan.prior_epochs, priors)
     data = data_args(cache_dir, test_fraction)
-    heldout = prepare_heldout(plan.work, plan.cases, plan.heldout, plan.shape, patch) if plan.heldout else []
+    heldout = prepare_heldout(plan.work, plan.cases, plan.heldout, plan.data, patch) if plan.heldout else []
     heldout_report = f"report-heldout-{plan.cases}-{plan.heldout}"
     train_cases = (
         test_on(cache_dir, split["train"], plan.work / "train-fit-split.json") if plan.train_fit else []
@@ -858,7 +945,7 @@ def tables(plan: Plan, scores: Scores) -> tuple[dict, dict[tuple[str, str], pd.D
     gain = {
         (a, "single-branch"): gains(summary["per_subset"], a, "single-branch")
         for a in scores.order
-        if a == "SMML" or a.endswith(PEER)
+        if (a == "SMML" or a.endswith(PEER)) and "single-branch" in scores.order
     }
     return summary, gain
 
@@ -871,7 +958,7 @@ def result_files(
     meta = {
         "date": time.strftime("%Y%m%d"),
         "cases": plan.cases,
-        "shape": plan.shape,
+        "data": plan.data.describe(),
         "steps": plan.steps,
         "seeds": list(plan.seeds),
         "jobs": plan.jobs,

@@ -99,3 +99,31 @@ def test_resampled_case_scored_against_its_native_label(tmp_path, monkeypatch):
         assert tuple(out["labels"].shape) == meta.box_shape and np.array_equal(
             out["labels"].numpy(), native_pred
         )
+
+
+def test_cache_grid_scoring_of_a_resampled_case(tmp_path, monkeypatch):
+    """test_grid="cache" scores a resampled case on the grid the network sees: a perfect prediction
+    there is perfect, and distances are in the cache's millimetres with its own grid's diagonal."""
+    synthesize(tmp_path / "raw", 1, shape=(48, 48, 40), spacing=1.0, seed=3)
+    (case,) = discover(tmp_path / "raw")
+    root = tmp_path / "coarse"
+    prepare(tmp_path / "raw", root, min_size=MIN, spacing=2.0, progress=False)
+    label = np.array(cache.load_label(root, case.name))
+    batch = {
+        "name": [case.name],
+        "image": torch.from_numpy(np.array(cache.load_image(root, case.name)))[None],
+        "label": torch.from_numpy(label)[None, None],
+        "available": torch.ones(1, 4, dtype=torch.bool),
+    }
+    module = _module(root, monkeypatch, label)
+    module.test_grid = "cache"
+    rows = module.test_step(batch, 0)["rows"]
+    expected = case_metrics(
+        label, label, (2.0, 2.0, 2.0), empty_distance=image_diagonal(label.shape, (2.0, 2.0, 2.0))
+    )
+    assert {r["region"]: (r["dice"], r["hd95"]) for r in rows} == {
+        r: (v["dice"], v["hd95"]) for r, v in expected.items()
+    }
+    assert {r["region"]: r["dice"] for r in rows}[
+        "WT"
+    ] == 1.0  # the native grid would lose some to resampling

@@ -78,6 +78,10 @@ class MissingModalityModule(pl.LightningModule):
         et_min_voxels: ET post-processing threshold for the ``ET_post`` region.
         challenge: BraTS challenge whose lesion-wise rules the test report adds (``gli``, ``ssa``, ``ped``,
             ``men``, ``met``; see :mod:`~smml_lightning.evaluation.lesionwise`); ``None`` leaves them out.
+        test_grid: where ``test`` scores a case prepared at a resampled spacing: ``"native"`` (its
+            original grid, logits resampled before the argmax: what a user's figures mean) or ``"cache"``
+            (the resampled grid the network sees; several times cheaper at full size, for benchmarks that
+            compare methods on one grid). Cases kept on their own grid are scored there either way.
         optimizer: ``"adam"`` (Adam with amsgrad, as SMML) or ``"sgd"`` (Nesterov 0.99, as nnU-Net/MAML).
         lr, weight_decay, poly_power: learning rate, weight decay and poly decay exponent (per step).
         channels_last: keep 5-D weights and inputs in ``channels_last_3d``. Off by default: measured on
@@ -105,6 +109,7 @@ class MissingModalityModule(pl.LightningModule):
         test_subsets: list[str] | None = None,
         et_min_voxels: int = 500,
         challenge: str | None = "gli",
+        test_grid: Literal["native", "cache"] = "native",
         optimizer: Literal["adam", "sgd"] = "adam",
         lr: float = 2e-4,
         weight_decay: float = 1e-4,
@@ -139,6 +144,9 @@ class MissingModalityModule(pl.LightningModule):
         self.test_subset_ids = _subset_indices(test_subsets)
         self.et_min_voxels = et_min_voxels
         self.challenge = None if challenge is None else challenge_rules(challenge).name
+        if test_grid not in ("native", "cache"):
+            raise ValueError(f"model.test_grid must be 'native' or 'cache', got {test_grid!r}")
+        self.test_grid = test_grid
         self.optimizer_name = optimizer
         self.lr, self.weight_decay, self.poly_power = lr, weight_decay, poly_power
         self.channels_last = channels_last
@@ -345,15 +353,19 @@ class MissingModalityModule(pl.LightningModule):
         The case is scored on its crop, as if on its original grid: an HD95 with one side empty is that
         grid's diagonal, and specificity counts the voxels outside the crop. A case cached on a resampled
         grid is scored on its native grid: logits resampled before the argmax, against the label read
-        again from its source file, distances in native millimetres."""
+        again from its source file, distances in native millimetres (unless ``test_grid`` is ``"cache"``:
+        then on the resampled grid, as if it were the original)."""
         name = batch["name"][0]
         meta = self._meta(name)
-        truth = native_label(meta) if meta is not None and is_resampled(meta) else None
+        resampled = meta is not None and is_resampled(meta) and self.test_grid == "native"
+        truth = native_label(meta) if resampled else None
         if meta is not None and truth is not None:
             spacing, label, native = tuple(meta.native_spacing or meta.spacing), truth, meta
         else:
             spacing, label, native = self._spacing(name), batch["label"][0, 0].cpu().numpy(), None
         grid = self._original_shape(name) or label.shape
+        if meta is not None and is_resampled(meta) and native is None:  # test_grid "cache"
+            grid = label.shape
         diagonal = image_diagonal(grid, spacing)
         rows = []
         subsets = self._within(self.test_subset_ids, batch)
