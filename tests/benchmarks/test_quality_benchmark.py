@@ -137,6 +137,35 @@ def test_parse_writes_to_the_current_result_folder_unless_told_otherwise(tmp_pat
     assert "unknown --methods ['nope']" in capsys.readouterr().err
 
 
+def test_parse_data_and_methods(tmp_path, capsys):
+    """The anatomy generator at 3 mm by default (quick 4 mm); the tiny one on its own grid; SMML brings the
+    single branch for its gain table, other methods come alone."""
+    work = ["--work", str(tmp_path)]
+    assert quality.parse(work).data == quality.DataSpec("anatomy", (64, 64, 48), 3.0)
+    assert quality.parse([*work, "--quick"]).data.spacing == 4.0
+    assert quality.parse([*work, "--spacing", "2"]).data.spacing == 2.0
+    assert quality.parse([*work, "--generator", "tiny"]).data == quality.DataSpec("tiny", (64, 64, 48), None)
+    with pytest.raises(SystemExit):
+        quality.parse([*work, "--generator", "tiny", "--spacing", "2"])
+    assert "for the anatomy generator only" in capsys.readouterr().err
+    assert [m.name for m in quality.parse([*work, "--methods", "CMC", "MAML"]).methods] == ["MAML", "CMC"]
+    assert [m.name for m in quality.parse([*work, "--methods", "SMML"]).methods] == ["SMML", "single-branch"]
+
+
+def test_work_folder_of_another_generator_is_refused(tmp_path):
+    """Runs on one generator's data are never mixed with another's in one work folder."""
+    from smml_lightning.data.cache import mark_done
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    mark_done(
+        raw, {"first": 0, "cases": 8, "shape": [48, 48, 32], "seed": 0}
+    )  # a folder of before --generator
+    with pytest.raises(SystemExit, match="holds tiny data"):
+        quality.synthetic_cache(tmp_path, 8, quality.DataSpec("anatomy", (48, 48, 32), 4.0), 32)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
+
+
 @pytest.mark.slow
 def test_quick_benchmark_end_to_end_and_resumes(tmp_path):
     """`quality.py --quick` over two seeds: every table is recomputed here from the per-case reports,

@@ -358,7 +358,7 @@ class MissingModalityModule(pl.LightningModule):
         name = batch["name"][0]
         meta = self._meta(name)
         resampled = meta is not None and is_resampled(meta) and self.test_grid == "native"
-        truth = native_label(meta) if resampled else None
+        truth = native_label(meta) if meta is not None and resampled else None
         if meta is not None and truth is not None:
             spacing, label, native = tuple(meta.native_spacing or meta.spacing), truth, meta
         else:
