@@ -3,7 +3,7 @@
     python benchmarks/quality.py --quick            # smoke run, a few minutes
     python benchmarks/quality.py                    # full run (32 anatomy cases at 3 mm + 40 held out, 600 steps, 3 seeds)
     python benchmarks/quality.py --generator tiny   # the same on the tiny ellipsoid heads (64x64x48)
-    python benchmarks/quality.py --ablations        # also the five SMML ablations
+    python benchmarks/quality.py --ablations        # also the five SMML ablations and CMC without unlabeled cases
     python benchmarks/quality.py --fp32             # also SMML in fp32 (bf16-mixed's accuracy check)
     python benchmarks/quality.py --peers            # also each peer of every two-peer model scored alone
     python benchmarks/quality.py --train-fit        # also every run scored on its own training cases
@@ -96,6 +96,10 @@ def methods(ablations: bool, fp32: bool = False) -> list[Method]:
     if ablations:
         for overlay in sorted((EXPERIMENTS / "ablations").glob("*.yaml")):
             out.append(Method(f"SMML {overlay.stem}", (smml, overlay)))
+        # CMC on its labeled cases alone: what the unlabeled ones add under a labeled-fraction overlay.
+        out.append(
+            Method("CMC labeled only", (EXPERIMENTS / "synthetic_cmc.yaml",), ("--data.use_unlabeled=false",))
+        )
     if fp32:  # the accuracy check behind bf16-mixed as the default precision
         out.append(Method("SMML fp32", (smml,), ("--trainer.precision=32-true",)))
     return out
@@ -744,7 +748,11 @@ def arguments() -> argparse.ArgumentParser:
         help="mm the anatomy cases are resampled to by prepare (default 3, quick 4); the tests score on "
         "that grid",
     )
-    parser.add_argument("--ablations", action="store_true", help="also train the five SMML ablations")
+    parser.add_argument(
+        "--ablations",
+        action="store_true",
+        help="also train the five SMML ablations, and CMC on its labeled cases only",
+    )
     parser.add_argument(
         "--fp32",
         action="store_true",

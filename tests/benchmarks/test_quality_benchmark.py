@@ -108,7 +108,8 @@ def test_peers_cover_smml_and_every_ablation_only():
     two = {name for name, m in chosen.items() if quality.two_peers(m)}
     assert two == {name for name in chosen if name.startswith("SMML")}
     assert {"SMML independent_peers", "SMML fp32"} <= two
-    assert not two & {"single-branch", "U-Net", "MAML"}
+    assert not two & {"single-branch", "U-Net", "MAML", "CMC", "CMC labeled only"}
+    assert chosen["CMC labeled only"].args == ("--data.use_unlabeled=false",)
     assert quality.peer_row("SMML") == "SMML one peer"  # the row name the docs' tables use
 
 
