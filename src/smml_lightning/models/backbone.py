@@ -425,16 +425,74 @@ class MMFormer(MaskedSegmenter):
         """The inter-modal transformer over the available modalities' tokens (``mask`` checked): the fused
         features before any norm, which feature-level consistency relates, and the decoder's input."""
         b, m, grid = tokens_map.shape[0], self.in_modalities, tokens_map.shape[2:]
-        # Inter-modal attention over available tokens only: missing keys are padding, and missing
-        # queries are zeroed again afterwards so nothing of a missing modality survives.
-        tokens = mask_modalities(tokens_map, mask).unflatten(1, (m, -1)).flatten(3).transpose(2, 3)
-        n = tokens.shape[2]
-        pos = self._positions(grid).reshape(m * n, -1)
-        padding = (~mask).repeat_interleave(n, dim=1)
-        inter = self.inter(tokens.reshape(b, m * n, -1), pos, padding).reshape(b, m, n, -1)
-        inter = inter * mask.to(inter.dtype)[:, :, None, None]
+        if self.training:
+            # Inter-modal attention over available tokens only: missing keys are padding, and missing
+            # queries are zeroed again afterwards so nothing of a missing modality survives.
+            tokens = mask_modalities(tokens_map, mask).unflatten(1, (m, -1)).flatten(3).transpose(2, 3)
+            n = tokens.shape[2]
+            pos = self._positions(grid).reshape(m * n, -1)
+            padding = (~mask).repeat_interleave(n, dim=1)
+            inter = self.inter(tokens.reshape(b, m * n, -1), pos, padding).reshape(b, m, n, -1)
+            inter = inter * mask.to(inter.dtype)[:, :, None, None]
+        else:
+            inter = self._inter_available(tokens_map, mask)
         # from_tokens in two steps: its 1x1x1 conv gives the fused inter-modal features before any norm
         # (the public code's ``x5_inter``), which feature-level consistency relates; norm and activation
         # then give the decoder's input.
         inter_features = conv_of(self.from_tokens)(inter.transpose(2, 3).reshape(b, -1, *grid))
         return inter_features, norm_act_of(self.from_tokens)(inter_features)
+
+    def _inter_available(self, tokens_map: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The inter-modal transformer on the available modalities' tokens alone, ``(B, M, N, dim)`` with
+        zeros for missing modalities: what the padded form computes, without its padding.
+
+        Samples with the same number of available modalities run as one batch of their gathered tokens,
+        so attention has no padding mask: the same keys and queries as the padded form (missing keys
+        are excluded there, missing queries zeroed), hence the same result to float rounding, at a
+        fraction of the cost (CPU PyTorch's masked softmax over 4 * N padded keys was about a fifth of
+        a 128^3 decode; see docs/benchmarks.md). Used in eval mode, where dropout is off.
+        """
+        b, m, grid = tokens_map.shape[0], self.in_modalities, tokens_map.shape[2:]
+        tokens = tokens_map.unflatten(1, (m, -1)).flatten(3).transpose(2, 3)  # (B, M, N, dim)
+        n, pos = tokens.shape[2], self._positions(grid)  # pos (M, N, dim)
+        counts = mask.sum(dim=1)
+        inter: torch.Tensor | None = None
+        for k in counts.unique().tolist():
+            rows = (counts == k).nonzero()[:, 0]
+            kept = mask[rows].nonzero()[:, 1].view(-1, k)  # each row's available modalities, in order
+            picked = tokens[rows[:, None], kept].reshape(len(rows), k * n, -1)
+            out = self.inter(picked, pos[kept].reshape(len(rows), k * n, -1)).view(len(rows), k, n, -1)
+            if inter is None:
+                inter = out.new_zeros(b, m, n, out.shape[-1])
+            inter[rows[:, None], kept] = out.to(inter.dtype)
+        assert inter is not None  # check_mask: at least one sample
+        return inter
+
+    def decode_subsets(
+        self, encoded: list[torch.Tensor], masks: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Fused logits under each mask, decoded as one batch of ``len(masks) * B`` samples in eval mode.
+
+        Each subset's fused skips are the mask-weighted sums of the per-modality shares (one product of
+        the ``(S, B, M)`` masks with the shares), its inter-modal tokens are the shared bottleneck's,
+        and one decoder call serves every subset: the CPU runs one large convolution far more
+        efficiently than ``S`` small ones. Same logits as :meth:`decode` per mask, to float rounding.
+        """
+        if self.training:
+            return super().decode_subsets(encoded, masks)
+        *shares, tokens_map = encoded
+        b, m, s = tokens_map.shape[0], self.in_modalities, len(masks)
+        stacked = torch.stack([check_mask(mask, b, m) for mask in masks])  # (S, B, M)
+        _, bottom = self.inter_modal(
+            tokens_map.repeat(s, *([1] * (tokens_map.ndim - 1))), stacked.flatten(0, 1)
+        )
+        skips = []
+        for fuse, share in zip(self.skip_fusion, shares):
+            parts = share.unflatten(1, (m, -1)).flatten(2)  # (B, M, w * V)
+            x = torch.einsum("sbm,bmv->sbv", stacked.to(parts.dtype), parts)
+            x = x.reshape(s * b, -1, *share.shape[2:])
+            bias = conv_of(fuse).bias
+            assert bias is not None  # conv_norm_act's convolutions have a bias
+            skips.append(norm_act_of(fuse)(x + bias.to(x.dtype).view(1, -1, *([1] * (x.ndim - 2)))))
+        logits = self.decoder(skips, bottom).logits
+        return list(logits.unflatten(0, (s, b)).unbind(0))

@@ -9,6 +9,7 @@ same features (see :mod:`smml_lightning.evaluation.inference`).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +67,15 @@ class MaskedSegmenter(nn.Module, ABC):
     @abstractmethod
     def decode(self, encoded: Any, mask: torch.Tensor) -> SegmentationOutput:
         """Fuse the available modalities' features under ``mask`` and decode."""
+
+    def decode_subsets(self, encoded: Any, masks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Fused logits ``(B, C, *spatial)`` of one encoded batch under each of several masks ``(B, M)``.
+
+        What whole-case inference calls to score many subsets from one ``encode``. This default decodes
+        once per mask; a network overrides it to decode the masks as one batch (same logits to float
+        rounding).
+        """
+        return [self.decode(encoded, mask).logits for mask in masks]
 
     def forward(self, image: torch.Tensor, mask: torch.Tensor) -> SegmentationOutput:
         return self.decode(self.encode(image), mask)

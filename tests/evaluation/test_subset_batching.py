@@ -1,0 +1,88 @@
+"""The batched 15-subset paths give what the plain per-subset paths give, to float rounding."""
+
+import pytest
+import torch
+
+from smml_lightning.data.modalities import SUBSETS
+from smml_lightning.evaluation.inference import predict_subsets
+from smml_lightning.models.backbone import MMFormer
+
+SHAPE = (32, 32, 48)  # bottleneck grid 2x2x3: positions resized from the 2x2x2 reference grid
+
+
+def tiny() -> MMFormer:
+    torch.manual_seed(0)
+    return MMFormer(base_width=4, transformer_dim=32, num_heads=4, dropout=0.0, patch_size=32)
+
+
+def image(batch: int = 2, shape: tuple[int, ...] = SHAPE, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 4, *shape, generator=torch.Generator().manual_seed(seed))
+
+
+def all_masks(batch: int) -> list[torch.Tensor]:
+    return [torch.tensor(s).expand(batch, -1) for s in SUBSETS]
+
+
+def test_eval_inter_modal_on_available_tokens_equals_the_padded_form():
+    """Eval gathers each sample's available tokens (grouped by their count); training pads the missing
+    ones. With dropout 0 both are the same function: compare them on mixed masks in one batch."""
+    net = tiny()
+    with torch.no_grad():
+        tokens_map = net.encode(image(4))[-1]
+    mask = torch.tensor(
+        [[True, False, True, True], [False, False, False, True], [True] * 4, [False, True, False, True]]
+    )
+    with torch.no_grad():
+        padded_feat, padded_out = net.train().inter_modal(tokens_map, mask)
+        kept_feat, kept_out = net.eval().inter_modal(tokens_map, mask)
+    torch.testing.assert_close(kept_feat, padded_feat, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kept_out, padded_out, rtol=1e-5, atol=1e-5)
+    assert padded_feat.abs().max() > 0.1
+    # Samples really differ by mask (the comparison would be vacuous if masks were ignored).
+    assert not torch.allclose(kept_feat[0], kept_feat[2])
+
+
+def test_decode_subsets_equals_one_decode_per_subset():
+    net = tiny().eval()
+    x = image(2)
+    with torch.no_grad():
+        encoded = net.encode(x)
+        plain = [net.decode(encoded, m).logits for m in all_masks(2)]
+        batched = net.decode_subsets(encoded, all_masks(2))
+    assert len(batched) == 15
+    for a, b in zip(batched, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(plain[0], plain[14])
+
+
+def test_decode_subsets_in_training_mode_is_the_default_loop():
+    net = tiny().train()
+    x = image(1)
+    masks = all_masks(1)[:3]
+    with torch.no_grad():
+        encoded = net.encode(x)
+        batched = net.decode_subsets(encoded, masks)
+        plain = [net.decode(encoded, m).logits for m in masks]
+    for a, b in zip(batched, plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("subset_batch", [4, 15])
+def test_predict_subsets_batched_equals_subset_by_subset(subset_batch):
+    models = [tiny(), tiny()]
+    torch.manual_seed(3)
+    with torch.no_grad():  # a second, different branch
+        for p in models[1].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    case = image(1, (48, 40, 32), seed=2)
+    run = dict(roi_size=32, overlap=0.5, sw_batch_size=2, accumulate_dtype=torch.float32)
+    plain = predict_subsets(models, case, subset_batch=1, **run)
+    batched = predict_subsets(models, case, subset_batch=subset_batch, **run)
+    assert sorted(batched) == list(range(15))
+    for k in plain:
+        torch.testing.assert_close(batched[k], plain[k], rtol=1e-5, atol=1e-5)
+
+
+def test_subset_batch_must_be_positive():
+    with pytest.raises(ValueError, match="subset_batch"):
+        predict_subsets([tiny()], image(1), roi_size=32, subset_batch=0)
