@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import multiprocessing
 import os
 import signal
 from collections.abc import Iterator, Sequence
@@ -304,6 +305,18 @@ def ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """A pool of ``workers`` fresh processes that leave Ctrl-C to the parent.
+
+    The workers are spawned, not forked: a process forked after PyTorch has run an OpenMP-parallel op
+    (a prior, a resampling, a test) inherits its thread pool in a locked state and hangs at its first
+    parallel op, as ``prepare`` did after ``priors`` in one process.
+    """
+    return ProcessPoolExecutor(
+        max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=ignore_sigint
+    )
+
+
 def terminate_workers(pool: ProcessPoolExecutor) -> None:
     """Terminate the workers now: their cases stay unfinished (no ``meta.json``), and the pool fails the
     cases not started (``BrokenProcessPool``), so none of them runs. (Cancelling the futures first would
@@ -353,9 +366,7 @@ def prepare(
         results = []
         with tqdm(total=len(cases), desc="prepare", unit="case", disable=not progress) as bar:
             if workers > 1:
-                with ProcessPoolExecutor(
-                    max_workers=min(workers, len(jobs)), initializer=ignore_sigint
-                ) as pool:
+                with worker_pool(min(workers, len(jobs))) as pool:
                     futures = [pool.submit(_run_job, job) for job in jobs]
                     try:
                         for future in as_completed(futures):

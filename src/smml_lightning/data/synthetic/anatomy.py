@@ -30,7 +30,6 @@ import importlib.util
 import math
 import os
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import cast
 
@@ -41,7 +40,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from smml_lightning.data.modalities import MODALITIES
-from smml_lightning.data.prepare import ignore_sigint, terminate_workers
+from smml_lightning.data.prepare import terminate_workers, worker_pool
 from smml_lightning.data.synthetic.write import (
     brats_affine,
     check_layout,
@@ -370,9 +369,7 @@ def synthesize_anatomy(
         return [_write_one(job) for job in jobs]
     # As prepare's pool: Ctrl-C reaches the parent only, which terminates the workers at once (their
     # cases are left unfinished: a re-run with overwrite redoes them) and runs none of the pending ones.
-    with ProcessPoolExecutor(
-        max_workers=min(workers, n_cases, os.cpu_count() or 1), initializer=ignore_sigint
-    ) as pool:
+    with worker_pool(min(workers, n_cases, os.cpu_count() or 1)) as pool:
         futures = [pool.submit(_write_one, job) for job in jobs]
         try:
             return [future.result() for future in futures]
