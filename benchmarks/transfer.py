@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from smml_lightning.analysis.results import check_result_folder, provenance, write_result_folder
 from smml_lightning.analysis.runs import benchmark_split
@@ -48,11 +49,16 @@ def test_sets(work: Path, split_dir: Path) -> list[list[str]]:
 
 def label(work: Path) -> str:
     """A work folder's data, as its raw folder's record names it (generator and spacing)."""
-    import yaml
-
     made = yaml.safe_load((work / "raw" / ".done").read_text())
     generator = made.get("generator", "tiny")
     return f"{generator} ({made['spacing']:g} mm)" if made.get("spacing") else generator
+
+
+def et_min_voxels(work: Path) -> int:
+    """ET_post's threshold on a work folder's test grid, as its own quality run used."""
+    made = yaml.safe_load((work / "raw" / ".done").read_text())
+    spec = quality.DataSpec(made.get("generator", "tiny"), tuple(made["shape"]), made.get("spacing"))
+    return spec.et_min_voxels()
 
 
 def scores(method, seed: int, run_dir: Path, tested: Path, home: bool) -> pd.DataFrame:
@@ -67,7 +73,7 @@ def scores(method, seed: int, run_dir: Path, tested: Path, home: bool) -> pd.Dat
     split_dir = run_dir / f"transfer-{name}"
     split_dir.mkdir(exist_ok=True)
     parts = [
-        quality.test(method, data, seed, run_dir, f"report-transfer-{name}-{k}")
+        quality.test(method, data, seed, run_dir, f"report-transfer-{name}-{k}", et_min_voxels(tested))
         for k, data in enumerate(test_sets(tested, split_dir))
     ]
     return pd.concat(parts)

@@ -145,6 +145,9 @@ def test_parse_data_and_methods(tmp_path, capsys):
     assert quality.parse(work).data == quality.DataSpec("anatomy", (64, 64, 48), 3.0)
     assert quality.parse([*work, "--quick"]).data.spacing == 4.0
     assert quality.parse([*work, "--spacing", "2"]).data.spacing == 2.0
+    # ET_post's 500 mm^3 in the scored grid's voxels: 500 / 27 at 3 mm, 500 / 8 at 2 mm.
+    assert quality.parse(work).data.et_min_voxels() == 19
+    assert quality.parse([*work, "--spacing", "2"]).data.et_min_voxels() == 62
     assert quality.parse([*work, "--generator", "tiny"]).data == quality.DataSpec("tiny", (64, 64, 48), None)
     with pytest.raises(SystemExit):
         quality.parse([*work, "--generator", "tiny", "--spacing", "2"])
