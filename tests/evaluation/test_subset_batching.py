@@ -5,7 +5,7 @@ import torch
 
 from smml_lightning.data.modalities import SUBSETS
 from smml_lightning.evaluation.inference import predict_subsets
-from smml_lightning.models.backbone import MMFormer
+from smml_lightning.models.backbone import MMFormer, UNetDecoder, pointwise_conv, stage_widths, upsample_conv
 
 SHAPE = (32, 32, 48)  # bottleneck grid 2x2x3: positions resized from the 2x2x2 reference grid
 
@@ -86,3 +86,31 @@ def test_predict_subsets_batched_equals_subset_by_subset(subset_batch):
 def test_subset_batch_must_be_positive():
     with pytest.raises(ValueError, match="subset_batch"):
         predict_subsets([tiny()], image(1), roi_size=32, subset_batch=0)
+
+
+def test_matrix_forms_equal_the_convolutions():
+    """pointwise_conv and upsample_conv against torch's Conv3d and ConvTranspose3d, non-cubic grids."""
+    torch.manual_seed(4)
+    x = torch.randn(3, 6, 5, 4, 7)
+    conv = torch.nn.Conv3d(6, 5, 1)
+    up = torch.nn.ConvTranspose3d(6, 5, 2, stride=2)
+    with torch.no_grad():
+        torch.testing.assert_close(pointwise_conv(conv, x), conv(x), rtol=1e-5, atol=1e-5)
+        expected = up(x)
+        assert expected.shape == (3, 5, 10, 8, 14)
+        torch.testing.assert_close(upsample_conv(up, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_inference_decoder_equals_the_training_decoder():
+    """The eval decoder (matrix forms) and the training one (convolution modules) are the same function:
+    instance norms keep no running statistics."""
+    torch.manual_seed(5)
+    widths = stage_widths(4)
+    decoder = UNetDecoder(widths, 4)
+    skips = [torch.randn(2, w, 32 // 2**i, 32 // 2**i, 16 // 2**i) for i, w in enumerate(widths[:-1])]
+    bottom = torch.randn(2, widths[-1], 2, 2, 1)
+    with torch.no_grad():
+        trained = decoder.train()(skips, bottom).logits
+        inferred = decoder.eval()(skips, bottom).logits
+    assert inferred.shape == (2, 4, 32, 32, 16)
+    torch.testing.assert_close(inferred, trained, rtol=1e-5, atol=1e-5)

@@ -103,6 +103,31 @@ def norm_act_of(block: nn.Module) -> nn.Module:
     return cast(nn.Module, block.adn)
 
 
+def pointwise_conv(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """A 1x1x1 ungrouped ``conv`` as a matrix product over channels: the same map, run by the CPU's
+    matrix kernels; PyTorch's CPU bf16 convolution reorders these few-channel tensors and ran 3-5x
+    slower than the product."""
+    weight = conv.weight.flatten(1)
+    out = torch.matmul(weight, x.flatten(2))  # autocast casts as it does the convolution
+    if conv.bias is not None:
+        out = out + conv.bias.to(out.dtype).view(-1, 1)
+    return out.view(x.shape[0], -1, *x.shape[2:])
+
+
+def upsample_conv(up: nn.ConvTranspose3d, x: torch.Tensor) -> torch.Tensor:
+    """An ungrouped ``ConvTranspose3d`` with kernel 2 and stride 2 as a matrix product and a shuffle of
+    its outputs into the 2x finer grid: each input voxel writes its own 2x2x2 block, so the two are
+    the same map; on the CPU the product and the shuffle ran about 2.7x faster in bf16."""
+    n, _, d, h, w = x.shape
+    out_ch = up.weight.shape[1]
+    y = torch.matmul(up.weight.flatten(1).t(), x.flatten(2))  # (N, out * 8, D * H * W)
+    y = y.view(n, out_ch, 2, 2, 2, d, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
+    y = y.reshape(n, out_ch, 2 * d, 2 * h, 2 * w)
+    if up.bias is not None:
+        y = y + up.bias.to(y.dtype).view(1, -1, 1, 1, 1)
+    return y
+
+
 def stage_widths(base_width: int) -> list[int]:
     """Per-stage channel widths ``base * [1, 2, 4, 8, 16]``."""
     return [base_width * 2**i for i in range(NUM_STAGES)]
@@ -239,14 +264,25 @@ class UNetDecoder(nn.Module):
         """``skips`` finest first (one per level above the bottleneck); ``deep`` computes deep logits."""
         if deep and not len(self.deep_heads):
             raise ValueError("this decoder was built without deep-supervision heads")
+        # Inference runs the 1x1x1 and transposed convolutions as matrix products (same maps, faster on
+        # CPU; see pointwise_conv, upsample_conv); training keeps the convolution modules.
+        matmul = not self.training and self.groups == 1 and not torch.is_grad_enabled()
         x = bottom
         deep_logits = []
         for j, (up, merge) in enumerate(zip(self.ups, self.merges)):
             skip = skips[len(skips) - 1 - j]
-            x = merge(group_cat(up(x), skip, self.groups))
+            x = group_cat(
+                upsample_conv(cast(nn.ConvTranspose3d, up), x) if matmul else up(x), skip, self.groups
+            )
+            if matmul:
+                conv3, conv1 = cast(nn.Sequential, merge)
+                x = norm_act_of(conv1)(pointwise_conv(conv_of(conv1), conv3(x)))
+            else:
+                x = merge(x)
             if deep and j < len(self.deep_heads):
                 deep_logits.append(self.deep_heads[j](x))
-        return DecoderOutput(features=x, logits=self.head(x), deep_logits=deep_logits)
+        logits = pointwise_conv(self.head, x) if matmul else self.head(x)
+        return DecoderOutput(features=x, logits=logits, deep_logits=deep_logits)
 
 
 class _Transformer(nn.Module):
