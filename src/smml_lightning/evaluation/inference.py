@@ -2,8 +2,10 @@
 
 Every window is encoded once per model (``MaskedSegmenter.encode``) and decoded under every requested
 subset, so scoring all 15 subsets costs one encoder pass instead of 15. The subsets are decoded in
-batches (``decode_subsets``, ``subset_batch`` subsets per call): on CPU one decoder call over
-``subset_batch * sw_batch_size`` samples runs far faster per sample than one call per subset. MONAI's
+batches (``decode_subsets``, ``subset_batch`` subsets per call, one batch of ``subset_batch *
+sw_batch_size`` samples): fewer, larger decoder calls allocate their large activations less often
+(without huge pages, page faults of per-subset allocations were a large part of a decode) and give
+the convolutions larger batches; docs/benchmarks.md has the measurements behind the default. MONAI's
 ``sliding_window_inference`` does the tiling and blending; our predictor returns all subsets' logits
 concatenated along channels, so MONAI keeps one output and one count map for all of them.
 
@@ -70,7 +72,7 @@ def predict_subsets(
     sw_batch_size: int = 2,
     autocast_dtype: torch.dtype | None = None,
     accumulate_dtype: torch.dtype = torch.float16,
-    subset_batch: int = 5,
+    subset_batch: int = 3,
 ) -> dict[int, torch.Tensor]:
     """Model-averaged, window-blended logits ``(1, C, D, H, W)`` for each requested subset.
 
