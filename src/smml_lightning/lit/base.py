@@ -136,8 +136,8 @@ class MissingModalityModule(pl.LightningModule):
             norm kernels are slow on that layout or convert it back; try it on tensor-core GPUs.
         compile: run each network's training forward through ``torch.compile`` (inductor), compiled at
             the first step (minutes on a CPU), falling back to eager with one warning line if that
-            fails. Off by default: on a 2-core AVX-512 CPU the brats2018 network's bf16 step at 64^3 ran
-            1.2x faster after about 3.5 minutes of compiling (docs/benchmarks.md); whole-case inference
+            fails. Off by default: on the development CPU the compiled step gained less than the
+            minutes of compiling cost over a short run (docs/benchmarks.md); whole-case inference
             stays eager.
         on_nonfinite: ``"raise"`` stops with the name of the offending term; ``"skip"`` skips the step
             (weights and optimizer state untouched). Under DDP the ranks decide together: a NaN on one
