@@ -48,7 +48,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from unittest import mock
 
@@ -578,6 +578,11 @@ def markdown(summary: dict, gain: dict[tuple[str, str], pd.DataFrame], meta: dic
         )
         + ").",
         f"Command: `{meta['command']}`",
+        *(
+            [f"Not trained (left out by `--finished-only`): {', '.join(meta['missing'])}."]
+            if meta.get("missing")
+            else []
+        ),
         "",
         "| method | " + " | ".join(REGIONS) + " | fit wall (s) |",
         "|---" * (len(REGIONS) + 2) + "|",
@@ -715,6 +720,7 @@ class Plan:
     peers: bool
     train_fit: bool
     jobs: int
+    finished_only: bool = False
     work: Path
     out: Path
     command: str
@@ -730,6 +736,7 @@ class Scores:
     walls: pd.DataFrame
     order: list[str]
     split: dict[str, list[str]]
+    missing: list[str] = field(default_factory=list)  # runs left out by --finished-only
 
 
 def arguments() -> argparse.ArgumentParser:
@@ -804,6 +811,12 @@ def arguments() -> argparse.ArgumentParser:
         "their experiment files",
     )
     parser.add_argument(
+        "--finished-only",
+        action="store_true",
+        help="score only the runs already trained in --work (an interrupted benchmark's table); the "
+        "others are named in the table's notes, none is trained",
+    )
+    parser.add_argument(
         "--jobs",
         type=int,
         default=1,
@@ -876,6 +889,7 @@ def parse(argv: list[str] | None = None) -> Plan:
         peers=args.peers,
         train_fit=args.train_fit,
         jobs=args.jobs,
+        finished_only=args.finished_only,
         work=work,
         out=out,
         command=shlex.join(
@@ -914,6 +928,16 @@ def run(plan: Plan) -> Scores:
         for method in plan.methods
         for seed in plan.seeds
     ]
+    missing: list[str] = []
+    if plan.finished_only:  # score what is trained; name the rest in the table's notes
+        from smml_lightning.data.cache import is_done
+
+        missing = [f"{m.name} seed {seed}" for m, seed, d in runs if not is_done(d)]
+        runs = [(m, seed, d) for m, seed, d in runs if is_done(d)]
+        if not runs:
+            raise SystemExit(f"--finished-only: no finished run in {plan.work}")
+        if missing:
+            print(f"== --finished-only: not trained, left out: {', '.join(missing)}", flush=True)
     peered = {m.name for m in plan.methods if plan.peers and two_peers(m)}  # --peers: scored peer by peer too
     print(f"== {len(runs)} fits of {plan.steps} steps, {plan.jobs} at a time", flush=True)
     fit_walls = fit_all(runs, data, plan.steps, steps_per_epoch, plan.jobs)
@@ -941,8 +965,12 @@ def run(plan: Plan) -> Scores:
                 if heldout:
                     rows.append(test(peer, heldout, seed, run_dir, f"{heldout_report}-peer{k}", et_min))
             walls.append({"method": peer_row(method.name), "seed": seed, "wall_seconds": fit_walls[run_dir]})
+    trained = {m.name for m, _, _ in runs}
     order = [
-        name for m in plan.methods for name in (m.name, *([peer_row(m.name)] if m.name in peered else []))
+        name
+        for m in plan.methods
+        if m.name in trained
+        for name in (m.name, *([peer_row(m.name)] if m.name in peered else []))
     ]
     return Scores(
         rows=pd.concat(rows),
@@ -950,6 +978,7 @@ def run(plan: Plan) -> Scores:
         walls=pd.DataFrame(walls),
         order=order,
         split=split,
+        missing=missing,
     )
 
 
@@ -984,6 +1013,7 @@ def result_files(
         "seeds": list(plan.seeds),
         "jobs": plan.jobs,
         "command": plan.command,
+        "missing": scores.missing,
         "split": f"{len(scores.split['train'])}/{len(scores.split['test'])} train/test (the config's validation "
         "cases join the test set: runs here do not validate)"
         + (

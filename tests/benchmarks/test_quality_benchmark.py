@@ -154,6 +154,7 @@ def test_parse_data_and_methods(tmp_path, capsys):
     assert "for the anatomy generator only" in capsys.readouterr().err
     assert [m.name for m in quality.parse([*work, "--methods", "CMC", "MAML"]).methods] == ["MAML", "CMC"]
     assert [m.name for m in quality.parse([*work, "--methods", "SMML"]).methods] == ["SMML", "single-branch"]
+    assert not quality.parse(work).finished_only and quality.parse([*work, "--finished-only"]).finished_only
 
 
 def test_work_folder_of_another_generator_is_refused(tmp_path):
