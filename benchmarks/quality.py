@@ -720,10 +720,10 @@ class Plan:
     peers: bool
     train_fit: bool
     jobs: int
-    finished_only: bool = False
     work: Path
     out: Path
     command: str
+    finished_only: bool = False
 
 
 @dataclass
