@@ -21,6 +21,12 @@ from smml_lightning.data.synthetic import synthesize
 SHAPE = (48, 48, 48)
 
 
+def _default_sigint() -> None:
+    """Give the child the default SIGINT disposition: a parent that ignores SIGINT (some test workers do, after
+    other tests) would pass SIG_IGN on, and the child would never see the Ctrl-C this test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(args: list[str], log: Path) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     # its own process group, so that the test can send Ctrl-C to it as a terminal does
@@ -31,6 +37,7 @@ def _start(args: list[str], log: Path) -> subprocess.Popen:
         text=True,
         env=env,
         start_new_session=True,
+        preexec_fn=_default_sigint,  # a terminal's Ctrl-C, whatever the test process ignores
     )
 
 

@@ -21,6 +21,12 @@ from smml_lightning.data.synthetic.anatomy import _P_LGG
 SHAPE = (240, 240, 155)
 
 
+def _default_sigint() -> None:
+    """Give the child the default SIGINT disposition: a parent that ignores SIGINT (some test workers do, after
+    other tests) would pass SIG_IGN on, and the child would never see the Ctrl-C this test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _read(case):
     images = {m: np.asarray(nib.load(str(p)).dataobj) for m, p in case.images.items()}
     return images, to_internal(np.asarray(nib.load(str(case.label)).dataobj), case.convention)
@@ -162,6 +168,7 @@ def test_ctrl_c_stops_parallel_synth_at_once(tmp_path):
         text=True,
         env=env,
         start_new_session=True,
+        preexec_fn=_default_sigint,  # a terminal's Ctrl-C, whatever the test process ignores
     )
     try:
         end = time.time() + 180
