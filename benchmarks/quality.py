@@ -907,9 +907,7 @@ def run(plan: Plan) -> Scores:
     if warning := busy_cores_warning():
         print(warning, flush=True)
     print(f"== data: {plan.cases} {plan.data.describe()} in {plan.work}", flush=True)
-    with_priors = [
-        load_yaml(m.configs)["data"] for m in plan.methods if load_yaml(m.configs)["data"].get("use_prior")
-    ]
+    with_priors = [d for d in (load_yaml(m.configs)["data"] for m in plan.methods) if d.get("use_prior")]
     labeled = {(d.get("labeled_fraction"), d.get("labeled_cases")) for d in with_priors}
     if len(labeled) > 1:  # one cache holds the priors of one labeled set
         raise SystemExit(f"methods with priors train on different labeled sets {sorted(map(str, labeled))}")
