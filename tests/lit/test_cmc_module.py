@@ -99,3 +99,26 @@ def test_consistency_on_labeled_uses_every_sample():
     out = model.net(b["image"], b["masks"][:, 0])
     expected = math.exp(-5) * csc_loss(out.modality_features, b["masks"][:, 0])
     assert model.training_losses(b)["csc"].item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_loss_terms_analysis_shows_csc_and_cac_passing_gradient():
+    """The per-term gradient check (`smml analyze loss-terms`) on a CMC model: with every term on, CSC and
+    CAC reach the network from the unlabeled sample, each with a non-zero gradient norm; during the
+    warm-up (as trained) they are absent."""
+    from contextlib import nullcontext
+
+    from smml_lightning.analysis.loss_terms import all_terms_on, gradient_norms
+
+    model = module(warmup_epochs=5, ramp_epochs=10)
+    assert set(gradient_norms(model, [batch()], nullcontext)) == {"seg"}
+    all_terms_on(model)
+    norms = gradient_norms(model, [batch()], nullcontext)
+    assert set(norms) == {"seg", "csc", "cac"}
+    b = batch()
+    out = model.net(b["image"], b["masks"][:, 0])
+    mask = b["masks"][:, 0]
+    assert norms["csc"][0] == pytest.approx(csc_loss(out.modality_features[2:], mask[2:]).item(), rel=1e-4)
+    assert norms["cac"][0] == pytest.approx(
+        cac_loss(torch.stack(out.aux_logits, dim=1)[2:], mask[2:]).item(), rel=1e-4
+    )
+    assert all(norm > 0 for _, norm in norms.values())

@@ -4,9 +4,10 @@
     smml analyze loss-terms <run> --batches 16 -- --model.init_args.temperature=2.0
 
 Reads ``<run>/config.yaml`` (as saved by ``smml fit``) and ``<run>/checkpoints/last.ckpt``, draws training
-batches from the run's data module (its seed, masks and augmentation), switches the warm-up terms on,
-and prints per term its mean value and the mean L2 norm of its gradient on the parameters of the
-method's first inference network (SMML: branch 0), also relative to the fused segmentation term. A
+batches from the run's data module (its seed, masks and augmentation), switches every term on
+(:func:`all_terms_on`), and prints per term its mean value and the mean L2 norm of its gradient on the
+parameters of the method's first inference network (SMML: branch 0), also relative to the fused
+segmentation term (CMC: its one segmentation term). A
 term whose gradient is orders of magnitude below the segmentation losses does nothing at that scale;
 one far above them dominates training. CLI overrides after ``--`` change the method before scoring
 (e.g. a loss setting), the weights stay those of the checkpoint.
@@ -49,6 +50,16 @@ def gradient_norms(
     return {name: (v / count, g / count) for name, (v, g) in sums.items()}
 
 
+def all_terms_on(model: Any) -> None:
+    """Every term of ``model`` on at its configured weight: no warm-up, and terms on a schedule (CMC's
+    CSC ramp-up and CAC ramp-down) at schedule factor 1, since a trainer outside a fit has no epoch to
+    ramp over."""
+    if hasattr(model, "warmup_epochs"):
+        model.warmup_epochs = 0
+    if hasattr(model, "consistency_weights"):
+        model.consistency_weights = lambda epoch: (1.0, 1.0)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.usage = "smml analyze loss-terms [-h] [--batches BATCHES] run [-- CLI overrides ...]"
     parser.add_argument("run", type=Path, help="a folder of `smml fit` (config.yaml, checkpoints/last.ckpt)")
@@ -59,8 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     model, data, trainer = build(args.run, args.overrides)
     model.train()
-    if hasattr(model, "warmup_epochs"):
-        model.warmup_epochs = 0  # score the terms that switch on after the warm-up too
+    all_terms_on(model)
     data.setup("fit")
     loader = iter(data.train_dataloader())
     batches = (next(loader) for _ in range(args.batches))
