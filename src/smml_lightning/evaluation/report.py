@@ -86,9 +86,33 @@ def rows_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
         )
     frame["dice"] = frame["dice"].astype(float)
     frame["hd95"] = frame["hd95"].astype(float)
+    return _in_table_order(frame)
+
+
+def _in_table_order(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` (subset names, regions) with ordered subset and region categories, sorted by case, table
+    subset order and region order."""
     frame["subset"] = pd.Categorical(frame["subset"], categories=SUBSET_NAMES, ordered=True)
     frame["region"] = pd.Categorical(frame["region"], categories=REPORT_REGIONS, ordered=True)
     return frame.sort_values(["case", "subset", "region"], kind="stable").reset_index(drop=True)
+
+
+def _per_subset_table(frame: pd.DataFrame, stats: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
+    """``stats`` (indexed by subset and region, one column per metric) as one row per subset with
+    ``n_cases`` (from ``frame``) and ``<region>_<metric>`` for each region present, then ``Average``: the
+    unweighted mean of the subset rows, with every case of ``frame`` counted."""
+    wide = stats.unstack("region")
+    regions = [r for r in REPORT_REGIONS if r in wide.columns.get_level_values("region")]
+    table = pd.DataFrame(index=wide.index.astype(str))
+    table["n_cases"] = frame.groupby("subset", observed=True)["case"].nunique().to_numpy()
+    for region in regions:
+        for metric in metrics:
+            table[f"{region}_{metric}"] = wide[(metric, region)].to_numpy()
+    average = table.drop(columns="n_cases").mean(axis=0)
+    average["n_cases"] = frame["case"].nunique()
+    table.loc[AVERAGE] = average[table.columns]
+    table["n_cases"] = table["n_cases"].astype(int)
+    return table.rename_axis("subset").reset_index()
 
 
 def summary_table(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
@@ -100,18 +124,7 @@ def summary_table(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     """
     frame = rows_frame(rows)
     means = frame.groupby(["subset", "region"], observed=True)[["dice", "hd95"]].mean()
-    wide = means.unstack("region")
-    regions = [r for r in REPORT_REGIONS if r in wide.columns.get_level_values("region")]
-    table = pd.DataFrame(index=wide.index.astype(str))
-    table["n_cases"] = frame.groupby("subset", observed=True)["case"].nunique().to_numpy()
-    for region in regions:
-        for metric in ("dice", "hd95"):
-            table[f"{region}_{metric}"] = wide[(metric, region)].to_numpy()
-    average = table.drop(columns="n_cases").mean(axis=0)
-    average["n_cases"] = frame["case"].nunique()
-    table.loc[AVERAGE] = average[table.columns]
-    table["n_cases"] = table["n_cases"].astype(int)
-    return table.rename_axis("subset").reset_index()
+    return _per_subset_table(frame, means, ("dice", "hd95"))
 
 
 def lesionwise_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame | None:
@@ -120,11 +133,8 @@ def lesionwise_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame | None:
     if not picked:
         return None
     frame = pd.DataFrame(picked)[["case", "subset", "region", *LESION_METRICS]].copy()
-    frame["subset"] = pd.Categorical(
-        [_subset_label(v) for v in frame["subset"]], categories=SUBSET_NAMES, ordered=True
-    )
-    frame["region"] = pd.Categorical(frame["region"], categories=REPORT_REGIONS, ordered=True)
-    return frame.sort_values(["case", "subset", "region"], kind="stable").reset_index(drop=True)
+    frame["subset"] = [_subset_label(v) for v in frame["subset"]]
+    return _in_table_order(frame)
 
 
 def lesionwise_table(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame | None:
@@ -140,18 +150,7 @@ def lesionwise_table(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame | None:
     counts = [m for m in LESION_METRICS if m.startswith("n_")]
     stats = grouped[list(LESION_METRICS)].mean()
     stats[counts] = grouped[counts].sum()
-    wide = stats.unstack("region")
-    regions = [r for r in REPORT_REGIONS if r in wide.columns.get_level_values("region")]
-    table = pd.DataFrame(index=wide.index.astype(str))
-    table["n_cases"] = frame.groupby("subset", observed=True)["case"].nunique().to_numpy()
-    for region in regions:
-        for metric in LESION_METRICS:
-            table[f"{region}_{metric}"] = wide[(metric, region)].to_numpy()
-    average = table.drop(columns="n_cases").mean(axis=0)
-    average["n_cases"] = frame["case"].nunique()
-    table.loc[AVERAGE] = average[table.columns]
-    table["n_cases"] = table["n_cases"].astype(int)
-    return table.rename_axis("subset").reset_index()
+    return _per_subset_table(frame, stats, LESION_METRICS)
 
 
 def _lesionwise_markdown(table: pd.DataFrame, challenge: str) -> list[str]:
