@@ -20,7 +20,6 @@ import dataclasses
 import json
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -87,7 +86,7 @@ def _reason(err: Exception) -> str:
     return str(err) if isinstance(err, (ValueError, FileNotFoundError)) else f"{type(err).__name__}: {err}"
 
 
-def run_predict(
+def predict(
     input: str | Path,
     output: str | Path,
     checkpoint: str | Path,
@@ -99,15 +98,28 @@ def run_predict(
     overlay: bool = False,
     device: str = "auto",
     precision: Literal["32", "bf16-mixed", "16-mixed"] = "32",
-    log: bool = True,
 ) -> PredictSummary:
-    """Segment every case under ``input`` into ``output`` with the model in ``checkpoint``.
+    """Segment new cases with only a checkpoint (short form: ``smml predict -i INPUT -o OUTPUT -c CKPT``).
 
-    See the module docstring; arguments are those of ``smml predict``'s short form. Returns the summary
-    (also written to ``output/predict_summary.json``); raises only when the input holds no case or the
-    checkpoint cannot be loaded, since then nothing can be predicted.
+    Args:
+        input: a folder of cases in any supported BraTS layout, or one case folder (-i).
+        output: where segmentations and predict_summary.json go (-o).
+        checkpoint: a checkpoint written by ``smml fit`` or ``Trainer.save_checkpoint`` (-c).
+        cache_root: where the working cache goes (default OUTPUT/.smml-cache), one folder per input
+            path and content.
+        layout: the input's layout, or auto.
+        missing_ok: treat a modality file that is unreadable, all zero or on another grid as missing
+            (with a warning naming it) instead of failing the case.
+        brats_names: name outputs <case>.nii.gz, as the BraTS challenges expect (default <case>_seg.nii.gz).
+        overwrite: redo cases whose output exists (default: keep them, and do not run them again).
+        overlay: also write a PNG overlay per case.
+        device: auto (a GPU when there is one), cpu, cuda or cuda:N.
+        precision: 32, bf16-mixed or 16-mixed.
+
+    Returns:
+        The summary, also written to OUTPUT/predict_summary.json. Raises only when the input holds no case
+        or the checkpoint cannot be loaded, since then nothing can be predicted.
     """
-    say = print if log else (lambda *a, **k: None)
     input, output, checkpoint = Path(input), Path(output), Path(checkpoint)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
@@ -139,7 +151,7 @@ def run_predict(
             ) from err
         model.setup("predict")
         model.to(where).eval()
-        say(
+        print(
             f"model {type(model).__name__} from {checkpoint}; {len(todo)} case(s) to segment on {where}, "
             f"{len(cases) - len(todo)} already written"
         )
@@ -150,19 +162,19 @@ def run_predict(
             assert model is not None
             summary.cases.append(
                 _predict_case(
-                    case, path, work, model, where, missing_ok, overwrite, overlay, precision, output, say
+                    case, path, work, model, where, missing_ok, overwrite, overlay, precision, output
                 )
             )
     summary.cases.sort(key=lambda r: r.case)
     output.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output / SUMMARY, json.dumps(asdict(summary), indent=1))
-    say(
+    print(
         f"{len(cases)} case(s): {summary.count('written')} written, {summary.count('kept')} kept "
         f"(already there{'' if overwrite else '; --overwrite redoes them'}), {summary.count('failed')} failed; "
         f"summary in {output / SUMMARY}"
     )
     for result in summary.failed:
-        say(f"  failed: {result.case}: {result.reason}")
+        print(f"  failed: {result.case}: {result.reason}")
     return summary
 
 
@@ -177,7 +189,6 @@ def _predict_case(
     overlay: bool,
     precision: str,
     output: Path,
-    say: Callable[..., object],
 ) -> CaseResult:
     """Prepare, segment and write one case; a failure becomes the result's reason, never an exception."""
     started = time.time()
@@ -221,7 +232,7 @@ def _predict_case(
         if result.status == "failed"
         else (f"{'+'.join(result.modalities)} in {time.time() - started:.1f} s")
     )
-    say(f"{case.name}: {result.status} ({detail})")
+    print(f"{case.name}: {result.status} ({detail})")
     return result
 
 
@@ -245,48 +256,3 @@ def predict_command(args: list[str]) -> None:
     summary = CLI(predict, args=expanded, as_positional=False)
     if summary.failed:
         raise SystemExit(1)
-
-
-def predict(
-    input: str,
-    output: str,
-    checkpoint: str,
-    cache_root: str | None = None,
-    layout: str = "auto",
-    missing_ok: bool = False,
-    brats_names: bool = False,
-    overwrite: bool = False,
-    overlay: bool = False,
-    device: str = "auto",
-    precision: Literal["32", "bf16-mixed", "16-mixed"] = "32",
-) -> PredictSummary:
-    """Segment new cases with only a checkpoint (short form: ``smml predict -i INPUT -o OUTPUT -c CKPT``).
-
-    Args:
-        input: a folder of cases in any supported BraTS layout, or one case folder (-i).
-        output: where segmentations and predict_summary.json go (-o).
-        checkpoint: a checkpoint written by ``smml fit`` or ``Trainer.save_checkpoint`` (-c).
-        cache_root: where the working cache goes (default OUTPUT/.smml-cache), one folder per input
-            path and content.
-        layout: the input's layout, or auto.
-        missing_ok: treat a modality file that is unreadable, all zero or on another grid as missing
-            (with a warning naming it) instead of failing the case.
-        brats_names: name outputs <case>.nii.gz, as the BraTS challenges expect (default <case>_seg.nii.gz).
-        overwrite: redo cases whose output exists (default: keep them, and do not run them again).
-        overlay: also write a PNG overlay per case.
-        device: auto (a GPU when there is one), cpu, cuda or cuda:N.
-        precision: 32, bf16-mixed or 16-mixed.
-    """
-    return run_predict(
-        input,
-        output,
-        checkpoint,
-        cache_root=cache_root,
-        layout=layout,
-        missing_ok=missing_ok,
-        brats_names=brats_names,
-        overwrite=overwrite,
-        overlay=overlay,
-        device=device,
-        precision=precision,
-    )
