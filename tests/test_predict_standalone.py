@@ -2,6 +2,7 @@
 accounted for, outputs in the input's grid and header, and caches that never mix inputs."""
 
 import json
+import os
 import shutil
 from functools import partial
 from pathlib import Path
@@ -182,6 +183,35 @@ def test_lightning_cli_predict_cache_is_keyed_by_input_path_and_content(setup, t
     data = BratsDataModule("unused", predict_root=str(first), predict_dir=str(tmp_path / "pc"), num_workers=0)
     assert [b["name"][0] for b in data.predict_dataloader()] == [raw[0].name]
     assert BratsDataModule("unused", predict_root=str(first)).predict_cache != caches[0]
+
+
+def test_prepare_and_a_second_predict_are_refused_while_predict_runs(setup, tmp_path, monkeypatch):
+    """The working cache is locked as ``smml predict``'s: a refusal names the command that holds it."""
+    from smml_lightning.data.prepare import cache_lock
+    from smml_lightning.lit import predict
+
+    case = min(p for p in (setup / "raw").iterdir() if p.is_dir())
+    refusals: list[str] = []
+    real_prepare_case = predict.prepare_case
+
+    def prepare_case_beside_others(case, out, **kwargs):
+        for attempt in (lambda: cache_lock(out), lambda: cache_lock(out, "smml predict")):
+            try:
+                with attempt():
+                    pass
+            except ValueError as err:
+                refusals.append(str(err))
+        return real_prepare_case(case, out, **kwargs)
+
+    monkeypatch.setattr(predict, "prepare_case", prepare_case_beside_others)
+    out = tmp_path / "out"
+    assert _run("-i", case, "-o", out, "-c", setup / "model.ckpt") == 0
+    (work,) = (out / ".smml-cache").iterdir()
+    held = f"{work} is in use by another `smml predict` (pid {os.getpid()})"
+    assert len(refusals) == 2 and all(r.startswith(held) for r in refusals), refusals
+    assert _summary(out)[case.name]["status"] == "written"
+    with cache_lock(work):  # released when the run ends
+        pass
 
 
 def test_a_checkpoint_that_cannot_be_loaded_is_one_clear_error(setup, tmp_path):

@@ -94,8 +94,8 @@ def format_summary(summary: PrepareSummary, max_rows: int = 30) -> str:
 def cache_lock(out: Path | str, command: str = "smml prepare") -> Iterator[None]:
     """Hold the cache folder ``out`` for one run (an exclusive ``flock`` on ``out/.prepare.lock``, which
     holds the holder's process id and ``command``); a second run, of any command that writes the cache
-    (``prepare``, ``priors``), raises ``ValueError`` naming the holder. The kernel drops the lock when the
-    holder exits, however it exits, so a killed run never leaves the cache locked."""
+    (``prepare``, ``priors``, ``predict``), raises ``ValueError`` naming the holder. The kernel drops the
+    lock when the holder exits, however it exits, so a killed run never leaves the cache locked."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"cache folder {out} is a file, not a folder")

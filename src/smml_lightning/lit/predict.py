@@ -157,7 +157,8 @@ def predict(
         )
     with contextlib.ExitStack() as stack:
         if todo:
-            stack.enter_context(cache_lock(work))  # a second run on the same input stops, naming this one
+            # a second run on the same input (or a prepare of this cache) stops, naming this one
+            stack.enter_context(cache_lock(work, "smml predict"))
         for case, path in todo:
             assert model is not None
             summary.cases.append(
