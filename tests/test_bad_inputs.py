@@ -23,33 +23,20 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import quiet_cpu_trainer, tiny_network
 from smml_lightning import io as smml_io
 from smml_lightning.cli import main
 from smml_lightning.data.prepare import LOCK, cache_lock, prepare
 from smml_lightning.data.synthetic import synthesize
 
 SHAPE = (32, 32, 32)
-NET = {
-    "class_path": "smml_lightning.models.backbone.MMFormer",
-    "init_args": {"base_width": 4, "transformer_dim": 16, "num_heads": 2, "dropout": 0.0, "patch_size": 32},
-}
+NET = tiny_network(32)
 
 
 def _config(root: Path, cls: str, **model: object) -> dict:
     return {
         "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "precision": "32-true",
-            "logger": False,
-            "max_steps": 1,
-            "num_sanity_val_steps": 0,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "limit_val_batches": 0,
-            "default_root_dir": str(root / "run"),
-        },
+        "trainer": quiet_cpu_trainer(root / "run", max_steps=1, limit_val_batches=0),
         "checkpoint": {"dirpath": str(root / "ckpt"), "save_last": True, "monitor": None},
         "model": {"class_path": cls, "init_args": {"network": NET, **model}},
         "data": {

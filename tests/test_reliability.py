@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import prepared_cache
+from conftest import prepared_cache, quiet_cpu_trainer, tiny_network
 from smml_lightning.cli import lightning_main
 from smml_lightning.data.datamodule import BratsDataModule
 from smml_lightning.data.prepare import prepare
@@ -36,33 +36,12 @@ def write_config(path: Path, cache: Path, out: Path, max_epochs: int = 2, **trai
     """A tiny SMML fit (no priors, fp32, no logger) whose checkpoints go to ``out/ckpt``."""
     config = {
         "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "precision": "32-true",
-            "logger": False,
-            "max_epochs": max_epochs,
-            "num_sanity_val_steps": 0,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "log_every_n_steps": 1,
-            "default_root_dir": str(out),
-            **trainer,
-        },
+        "trainer": quiet_cpu_trainer(out, max_epochs=max_epochs, log_every_n_steps=1, **trainer),
         "checkpoint": {"dirpath": str(out / "ckpt"), "save_last": True},
         "model": {
             "class_path": "smml_lightning.lit.smml.SMML",
             "init_args": {
-                "network": {
-                    "class_path": "smml_lightning.models.backbone.MMFormer",
-                    "init_args": {
-                        "base_width": 4,
-                        "transformer_dim": 16,
-                        "num_heads": 2,
-                        "dropout": 0.0,
-                        "patch_size": PATCH,
-                    },
-                },
+                "network": tiny_network(PATCH),
                 "use_prior": False,
                 "warmup_epochs": 1,
                 "lr": 1e-3,

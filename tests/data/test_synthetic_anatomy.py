@@ -1,16 +1,12 @@
 """The anatomy generator: full-size cases on the MNI template, written in real layouts."""
 
-import os
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import alive, ctrl_c_when, start_cli
 from smml_lightning.cli import main
 from smml_lightning.data.labels import to_internal
 from smml_lightning.data.layouts import discover
@@ -19,12 +15,6 @@ from smml_lightning.data.synthetic import anatomy_arrays, synthesize_anatomy
 from smml_lightning.data.synthetic.anatomy import _P_LGG
 
 SHAPE = (240, 240, 155)
-
-
-def _default_sigint() -> None:
-    """Give the child the default SIGINT disposition: a parent that ignores SIGINT (some test workers do, after
-    other tests) would pass SIG_IGN on, and the child would never see the Ctrl-C this test sends."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _read(case):
@@ -150,46 +140,13 @@ def test_cli_default_is_the_anatomy_generator(tmp_path):
 def test_ctrl_c_stops_parallel_synth_at_once(tmp_path):
     """Ctrl-C (SIGINT to the process group, as a terminal sends it) ends `smml synth --workers 2` with
     status 130 and one line, its workers gone and the pending cases never started."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "smml_lightning.cli",
-            "synth",
-            str(tmp_path),
-            "--cases",
-            "6",
-            "--workers",
-            "2",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-        preexec_fn=_default_sigint,  # a terminal's Ctrl-C, whatever the test process ignores
+    proc = start_cli(["synth", str(tmp_path), "--cases", "6", "--workers", "2"])
+    code, took, err, workers = ctrl_c_when(
+        proc,
+        lambda: bool(list(tmp_path.glob("*/*_seg.nii.gz"))),  # a first case is written: the pool is busy
+        timeout=180,
+        too_late="no case written in 180 s",
     )
-    try:
-        end = time.time() + 180
-        while not list(tmp_path.glob("*/*_seg.nii.gz")):  # a first case is written: the pool is busy
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.time() < end, "no case written in 180 s"
-            time.sleep(0.05)
-        workers = [
-            int(c)
-            for task in Path(f"/proc/{proc.pid}/task").glob("*")
-            for c in (task / "children").read_text().split()
-        ]
-        os.killpg(proc.pid, signal.SIGINT)
-        start = time.time()
-        code = proc.wait(timeout=60)
-        took = time.time() - start
-        err = proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     assert (
         code == 130
         and "Traceback" not in err
@@ -197,9 +154,5 @@ def test_ctrl_c_stops_parallel_synth_at_once(tmp_path):
     )
     assert took < 15, f"synth took {took:.1f} s to stop"
     time.sleep(0.5)
-    assert workers and not [
-        pid
-        for pid in workers
-        if Path(f"/proc/{pid}").exists() and "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
-    ]
+    assert workers and not [pid for pid in workers if alive(pid)]
     assert len(list(tmp_path.glob("*/*_seg.nii.gz"))) < 6, "the pending cases were not cancelled"
