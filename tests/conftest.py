@@ -46,6 +46,17 @@ def run_script(script: str, *args: object, timeout: float = 240) -> subprocess.C
 
 # A CPU-second MMFormer: tests that go through the CLI or a config check the path, not what it learns.
 TINY_NETWORK = {"base_width": 4, "transformer_dim": 16, "num_heads": 2}
+TINY_NETWORK_ARGS = [f"--model.init_args.network.init_args.{k}={v}" for k, v in TINY_NETWORK.items()]
+# One 32^3 patch a step from a prepared cache split 2:1:1, loaded in the main process.
+TINY_DATA_ARGS = [
+    "--data.patch_size=32",
+    "--data.batch_size=1",
+    "--data.samples_per_volume=1",
+    "--data.queue_length=2",
+    "--data.num_workers=0",
+    "--data.val_fraction=0.25",
+    "--data.test_fraction=0.25",
+]
 
 
 def tiny_network(patch_size: int) -> dict:

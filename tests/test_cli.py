@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import prepared_cache
+from conftest import TINY_DATA_ARGS, TINY_NETWORK_ARGS, prepared_cache
 from smml_lightning import __version__
 from smml_lightning.cli import COMMANDS, lightning_main, main
 from smml_lightning.experiments import EXPERIMENTS_DIR, available, chain, experiment_name
@@ -25,16 +25,8 @@ TINY = [
     "synthetic_single",
     "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
     "--trainer.logger.init_args.save_dir=.",
-    "--model.init_args.network.init_args.base_width=4",
-    "--model.init_args.network.init_args.transformer_dim=16",
-    "--model.init_args.network.init_args.num_heads=2",
-    "--data.patch_size=32",
-    "--data.batch_size=1",
-    "--data.samples_per_volume=1",
-    "--data.queue_length=2",
-    "--data.num_workers=0",
-    "--data.val_fraction=0.25",
-    "--data.test_fraction=0.25",
+    *TINY_NETWORK_ARGS,
+    *TINY_DATA_ARGS,
     "--trainer.enable_progress_bar=false",
     "--trainer.enable_model_summary=false",
     "--trainer.precision=32-true",

@@ -11,7 +11,7 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 
-from conftest import prepared_cache
+from conftest import TINY_DATA_ARGS, TINY_NETWORK, TINY_NETWORK_ARGS, prepared_cache
 from smml_lightning.cli import lightning_main
 from smml_lightning.data.datamodule import BratsDataModule
 from smml_lightning.lit.base import MissingModalityModule
@@ -26,7 +26,7 @@ from smml_lightning.models.cmc import CMCNet
 from smml_lightning.models.maml import MAML
 from smml_lightning.models.refine import SemanticRefiner
 
-TINY_MMFORMER = partial(MMFormer, base_width=4, transformer_dim=16, num_heads=2)
+TINY_MMFORMER = partial(MMFormer, **TINY_NETWORK)
 
 
 @pytest.fixture(scope="module")
@@ -139,19 +139,11 @@ def test_cli_test_and_predict_with_only_the_checkpoint(cache, tmp_path, monkeypa
             "--config",
             "experiments/synthetic.yaml",
             f"--data.cache_dir={cache}",
-            "--model.init_args.network.init_args.base_width=4",
-            "--model.init_args.network.init_args.transformer_dim=16",
-            "--model.init_args.network.init_args.num_heads=2",
+            *TINY_NETWORK_ARGS,
             "--model.init_args.use_prior=false",
             "--model.init_args.et_min_voxels=3",
             "--data.use_prior=false",
-            "--data.patch_size=32",
-            "--data.batch_size=1",
-            "--data.samples_per_volume=1",
-            "--data.queue_length=2",
-            "--data.num_workers=0",
-            "--data.val_fraction=0.25",
-            "--data.test_fraction=0.25",
+            *TINY_DATA_ARGS,
             "--trainer.max_steps=2",
             "--trainer.limit_val_batches=0",
             "--trainer.logger=false",
