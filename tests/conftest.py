@@ -11,8 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import pytest
 import torch
+
+from smml_lightning.data.cache import CaseMeta
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -34,6 +37,29 @@ def prepared_cache(root: Path, n_cases: int, seed: int, shape: tuple[int, int, i
     synthesize(root / "raw", n_cases, shape=shape, seed=seed)
     prepare(root / "raw", root / "cache", min_size=shape, progress=False)
     return root / "cache"
+
+
+def synthetic_meta(
+    name: str,
+    shape: tuple[int, int, int],
+    available: tuple[bool, ...] = (True,) * 4,
+    offset: int = 0,
+    original_shape: tuple[int, int, int] | None = None,
+    has_label: bool = True,
+) -> CaseMeta:
+    """The meta of a synthetic case cached as ``shape``, cut from ``offset`` voxels along each axis of an
+    ``original_shape`` scan (default: ``shape``) with a unit affine and 1 mm voxels."""
+    return CaseMeta(
+        name=name,
+        layout="synthetic",
+        convention="brats2018",
+        available=available,
+        original_shape=original_shape or shape,
+        affine=np.eye(4).tolist(),
+        spacing=(1.0, 1.0, 1.0),
+        crop_box=tuple((offset, offset + s) for s in shape),
+        has_label=has_label,
+    )
 
 
 def run_script(script: str, *args: object, timeout: float = 240) -> subprocess.CompletedProcess:

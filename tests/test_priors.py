@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from monai.metrics import compute_dice
 
+from conftest import synthetic_meta
 from smml_lightning.data import cache
 from smml_lightning.models.sam_prior import save_tiny_sam_checkpoint
 from smml_lightning.priors import export_priors, fit_prior_decoder, load_prior_decoder, run_priors
@@ -27,16 +28,7 @@ def _write_case(root: Path, name: str, seed: int, available=(True, True, True, T
     image = rng.normal(size=(4, *SHAPE)).astype(np.float32)
     image[CARRIER] += np.array([0.0, 1.5, 3.0, 4.5], np.float32)[label]
     image[~np.array(available)] = 0
-    meta = cache.CaseMeta(
-        name=name,
-        layout="synthetic",
-        convention="brats2018",
-        available=available,
-        original_shape=(40, 36, 20),
-        affine=np.eye(4).tolist(),
-        spacing=(1.0, 1.0, 1.0),
-        crop_box=tuple((2, 2 + s) for s in SHAPE),
-    )
+    meta = synthetic_meta(name, SHAPE, available, offset=2, original_shape=(40, 36, 20))
     cache.write_case(root, meta, image, label)
 
 

@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import synthetic_meta
 from smml_lightning.analysis.et_breakdown import SMALL_ET
 from smml_lightning.cli import main as smml
 from smml_lightning.data import cache
@@ -23,16 +24,7 @@ ET_VOXELS = {"a": 0, "b": 100, "c": 400}
 def _case(root, name: str, et_voxels: int) -> None:
     label = np.full(SHAPE, CLASS_NAMES.index("ED"), np.uint8)
     label.reshape(-1)[:et_voxels] = CLASS_NAMES.index("ET")
-    meta = cache.CaseMeta(
-        name=name,
-        layout="synthetic",
-        convention="brats2018",
-        available=(True,) * 4,
-        original_shape=SHAPE,
-        affine=np.eye(4).tolist(),
-        spacing=(1.0, 1.0, 1.0),
-        crop_box=tuple((0, s) for s in SHAPE),
-    )
+    meta = synthetic_meta(name, SHAPE)
     cache.write_case(root, meta, np.zeros((4, *SHAPE), np.float32), label)
 
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import synthetic_meta
 from smml_lightning.data import cache
 from smml_lightning.data.datamodule import BratsDataModule
 from smml_lightning.data.stream import QueueSampler
@@ -29,17 +30,7 @@ def make_cache(root, n=4, shape=SHAPE, prior=False, missing=None, labels=True, s
     for i in range(n):
         name = f"case{i:02d}"
         available = tuple(m != missing for m in range(4)) if i == 0 and missing is not None else (True,) * 4
-        meta = cache.CaseMeta(
-            name=name,
-            layout="synthetic",
-            convention="brats2018",
-            available=available,
-            original_shape=(60, 60, 50),
-            affine=np.eye(4).tolist(),
-            spacing=(1.0, 1.0, 1.0),
-            crop_box=tuple((3, 3 + s) for s in shape),
-            has_label=labels,
-        )
+        meta = synthetic_meta(name, shape, available, offset=3, original_shape=(60, 60, 50), has_label=labels)
         image = rng.normal(size=(4, *shape)).astype(np.float32)
         image[[not a for a in available]] = 0
         centre = [int(rng.integers(8, s - 8)) for s in shape]
