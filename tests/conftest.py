@@ -62,6 +62,21 @@ def synthetic_meta(
     )
 
 
+def cache_lock_refusals(folder: Path, *commands: str) -> list[str]:
+    """The messages with which the cache lock on ``folder`` refuses a run of each of ``commands`` (none while
+    nothing holds it); the lock is per open file, so this process is refused as another would be."""
+    from smml_lightning.data.prepare import cache_lock
+
+    refusals = []
+    for command in commands:
+        try:
+            with cache_lock(folder, command):
+                pass
+        except ValueError as err:
+            refusals.append(str(err))
+    return refusals
+
+
 def run_script(script: str, *args: object, timeout: float = 240) -> subprocess.CompletedProcess:
     """Run a test file as its own multi-process program (DDP or gloo workers), one thread per process."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from lightning.pytorch import Trainer
 
+from conftest import cache_lock_refusals
 from smml_lightning.cli import main
 from smml_lightning.data.synthetic import synthesize
 from smml_lightning.lit.smml import SMML
@@ -195,12 +196,7 @@ def test_prepare_and_a_second_predict_are_refused_while_predict_runs(setup, tmp_
     real_prepare_case = predict.prepare_case
 
     def prepare_case_beside_others(case, out, **kwargs):
-        for attempt in (lambda: cache_lock(out), lambda: cache_lock(out, "smml predict")):
-            try:
-                with attempt():
-                    pass
-            except ValueError as err:
-                refusals.append(str(err))
+        refusals.extend(cache_lock_refusals(out, "smml prepare", "smml predict"))
         return real_prepare_case(case, out, **kwargs)
 
     monkeypatch.setattr(predict, "prepare_case", prepare_case_beside_others)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import cache_lock_refusals
 from smml_lightning import cli
 from smml_lightning.data import cache
 from smml_lightning.data.datamodule import BratsDataModule
@@ -118,12 +119,7 @@ def test_prepare_and_a_second_priors_are_refused_while_priors_runs(prepared, tmp
     real_write_prior = cache.write_prior
 
     def write_prior_beside_others(cache_dir, name, prior):
-        for attempt in (lambda: cache_lock(root), lambda: cache_lock(root, "smml priors")):
-            try:
-                with attempt():
-                    pass
-            except ValueError as err:
-                refusals.append(str(err))
+        refusals.extend(cache_lock_refusals(root, "smml prepare", "smml priors"))
         real_write_prior(cache_dir, name, prior)
 
     monkeypatch.setattr(cache, "write_prior", write_prior_beside_others)
