@@ -261,29 +261,37 @@ def common_args(method: Method, data: list[str], seed: int, run_dir: Path) -> li
     ]
 
 
+def warmup_args(method: Method, steps: int, train_cases: int) -> list[str]:
+    """The CLI override that keeps a config's warm-up (in epochs) at its share of the run's ``steps``, with
+    the method's own epoch length: ``train_cases`` times its samples per volume over its batch size (an
+    overlay's batch size counts). None when the method has no warm-up or its config no epoch budget."""
+    cfg = load_yaml(method.configs)
+    init = cfg["model"].get("init_args", {})
+    if "warmup_epochs" not in init or not cfg["trainer"].get("max_epochs"):
+        return []
+    fraction = init["warmup_epochs"] / cfg["trainer"]["max_epochs"]
+    steps_per_epoch = math.ceil(train_cases * cfg["data"]["samples_per_volume"] / cfg["data"]["batch_size"])
+    return [f"--model.init_args.warmup_epochs={round(fraction * steps / steps_per_epoch)}"]
+
+
 def fit(
     method: Method,
     data: list[str],
     seed: int,
     steps: int,
-    steps_per_epoch: int,
+    train_cases: int,
     run_dir: Path,
     threads: int | None = None,
 ) -> float:
     """Train in a subprocess (its memory is released at exit); return the wall time in seconds.
 
-    ``threads`` caps the subprocess's intra-op threads (OpenMP / MKL), for fits that share the cores.
+    ``train_cases`` sets the warm-up's length (:func:`warmup_args`). ``threads`` caps the subprocess's intra-op threads (OpenMP / MKL), for fits that share the cores.
     """
     from smml_lightning.data.cache import is_done, mark_done
 
     if is_done(run_dir):
         return float(yaml.safe_load((run_dir / ".done").read_text())["wall_seconds"])
-    cfg = load_yaml(method.configs)
-    extra = []
-    init = cfg["model"].get("init_args", {})
-    if "warmup_epochs" in init and cfg["trainer"].get("max_epochs"):
-        fraction = init["warmup_epochs"] / cfg["trainer"]["max_epochs"]
-        extra.append(f"--model.init_args.warmup_epochs={round(fraction * steps / steps_per_epoch)}")
+    extra = warmup_args(method, steps, train_cases)
     checkpoints = run_dir / "checkpoints"
     cmd = [
         sys.executable,
@@ -347,7 +355,7 @@ def busy_cores_warning(load: float | None = None) -> str | None:
 
 
 def fit_all(
-    runs: list[tuple[Method, int, Path]], data: list[str], steps: int, steps_per_epoch: int, jobs: int
+    runs: list[tuple[Method, int, Path]], data: list[str], steps: int, train_cases: int, jobs: int
 ) -> dict[Path, float]:
     """Every run's fit, ``jobs`` at a time; wall seconds by run folder.
 
@@ -362,7 +370,7 @@ def fit_all(
     pool = ThreadPoolExecutor(max_workers=jobs)
     try:
         pending = {
-            pool.submit(fit, method, data, seed, steps, steps_per_epoch, run_dir, threads): (
+            pool.submit(fit, method, data, seed, steps, train_cases, run_dir, threads): (
                 method,
                 seed,
                 run_dir,
@@ -920,7 +928,6 @@ def run(plan: Plan) -> Scores:
         test_on(cache_dir, split["train"], plan.work / "train-fit-split.json") if plan.train_fit else []
     )
     n_test = len(split["test"]) + plan.heldout
-    steps_per_epoch = math.ceil(len(split["train"]) * base["samples_per_volume"] / base["batch_size"])
     runs = [
         (method, seed, plan.work / f"{slug(method.name)}-seed{seed}-steps{plan.steps}")
         for method in plan.methods
@@ -938,7 +945,7 @@ def run(plan: Plan) -> Scores:
             print(f"== --finished-only: not trained, left out: {', '.join(missing)}", flush=True)
     peered = {m.name for m in plan.methods if plan.peers and two_peers(m)}  # --peers: scored peer by peer too
     print(f"== {len(runs)} fits of {plan.steps} steps, {plan.jobs} at a time", flush=True)
-    fit_walls = fit_all(runs, data, plan.steps, steps_per_epoch, plan.jobs)
+    fit_walls = fit_all(runs, data, plan.steps, len(split["train"]), plan.jobs)
     rows, train_rows, walls = [], [], []
     et_min = plan.data.et_min_voxels()
     for method, seed, run_dir in runs:

@@ -273,3 +273,17 @@ def test_quick_benchmark_end_to_end_and_resumes(tmp_path):
         .drop(columns="wall_seconds")
         .equals(runs.reset_index().drop(columns="wall_seconds"))
     )
+
+
+def test_warmup_keeps_its_share_of_the_run_at_the_methods_own_batch_size(tmp_path):
+    """CMC's warm-up (8 of 12 config epochs) over 600 steps of 22 cases: an epoch is 22 * 4 / 2 = 44 steps
+    at the configs' batch of 2, so 400 steps are round(400 / 44) = 9 epochs; at a batch of 4 from an
+    overlay an epoch is 22 steps and the same share is 18 epochs. Methods without a warm-up get none."""
+    cmc = next(m for m in quality.methods(ablations=False) if m.name == "CMC")
+    assert quality.warmup_args(cmc, 600, 22) == ["--model.init_args.warmup_epochs=9"]
+    overlay = tmp_path / "batch4.yaml"
+    overlay.write_text("data:\n  batch_size: 4\n")
+    wide = quality.replace(cmc, configs=(*cmc.configs, overlay))
+    assert quality.warmup_args(wide, 600, 22) == ["--model.init_args.warmup_epochs=18"]
+    unet = next(m for m in quality.methods(ablations=False) if m.name == "U-Net")
+    assert quality.warmup_args(unet, 600, 22) == []
