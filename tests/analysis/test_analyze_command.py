@@ -16,7 +16,8 @@ def test_help_lists_every_analysis_with_its_one_line_help(capsys, monkeypatch):
         smml(["analyze", "--help"])
     assert stop.value.code == 0
     printed = capsys.readouterr().out
-    assert set(ANALYSES) == {"agreement", "volumes", "et-breakdown", "loss-terms", "priors", "widths"}
+    expected = {"agreement", "volumes", "et-breakdown", "loss-terms", "branches", "priors", "widths"}
+    assert set(ANALYSES) == expected
     for name, (_, summary) in ANALYSES.items():
         assert re.search(rf"^ +{name}\s+{re.escape(summary)}$", printed, re.MULTILINE), name
 
