@@ -29,7 +29,7 @@ lint: $(BIN)/smml ## ruff and mypy as configured in pyproject.toml (what .ci/run
 test: $(BIN)/smml ## the whole test suite (CPU, a few minutes)
 	$(BIN)/python -m pytest -n 2 $(ARGS)
 
-demo: $(BIN)/smml ## main job on the embedded default: 24 full-size anatomy cases -> prepare at 3 mm -> priors -> fit -> 15-subset test on the 1 mm grid (about 12 min on 2 cores)
+demo: $(BIN)/smml ## main job on the embedded default: 24 full-size anatomy cases -> prepare at 3 mm -> priors -> fit -> 15-subset test on the 1 mm grid (about 11 min on 2 cores)
 	$(BIN)/smml demo --out $(OUT) $(ARGS)
 
 train: $(BIN)/smml ## fit one experiment into runs/<EXP>/<time>/: make train EXP=brats2018 [ARGS="--trainer.max_epochs=5"]
