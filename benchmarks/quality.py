@@ -264,7 +264,7 @@ def common_args(method: Method, data: list[str], seed: int, run_dir: Path) -> li
 def warmup_args(method: Method, steps: int, train_cases: int) -> list[str]:
     """The CLI override that keeps a config's warm-up (in epochs) at its share of the run's ``steps``, with
     the method's own epoch length: ``train_cases`` times its samples per volume over its batch size (an
-    overlay's batch size counts). None when the method has no warm-up or its config no epoch budget."""
+    overlay's batch size counts). Empty when the method has no warm-up or its config no epoch budget."""
     cfg = load_yaml(method.configs)
     init = cfg["model"].get("init_args", {})
     if "warmup_epochs" not in init or not cfg["trainer"].get("max_epochs"):
@@ -285,7 +285,8 @@ def fit(
 ) -> float:
     """Train in a subprocess (its memory is released at exit); return the wall time in seconds.
 
-    ``train_cases`` sets the warm-up's length (:func:`warmup_args`). ``threads`` caps the subprocess's intra-op threads (OpenMP / MKL), for fits that share the cores.
+    ``train_cases`` sets the warm-up's length (:func:`warmup_args`). ``threads`` caps the subprocess's
+    intra-op threads (OpenMP / MKL), for fits that share the cores.
     """
     from smml_lightning.data.cache import is_done, mark_done
 

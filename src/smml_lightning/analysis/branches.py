@@ -39,7 +39,7 @@ from ..data.labels import CLASS_NAMES
 from ..data.modalities import MODALITIES, MODALITY_LABELS
 from ..models.base import predicted_labels
 from ..models.cmc import CMCNet
-from .runs import build
+from .runs import build, training_batches
 
 CLASSES = tuple(range(1, len(CLASS_NAMES)))  # the tumour classes; background is not a question here
 STATISTICS = ("recall", "mean p", "pred/true")
@@ -148,9 +148,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     model, data, trainer = build(args.run, [])
-    data.setup("fit")
-    loader = iter(data.train_dataloader())
-    batches = (next(loader) for _ in range(args.batches))
+    batches = training_batches(data, args.batches)
     counts = branch_counts(model, batches, trainer.precision_plugin.train_step_context)
     if not counts:
         raise ValueError(f"{args.run}: no labeled sample in {args.batches} training batches")

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .runs import build
+from .runs import build, training_batches
 
 
 def gradient_norms(
@@ -71,9 +71,7 @@ def run(args: argparse.Namespace) -> None:
     model, data, trainer = build(args.run, args.overrides)
     model.train()
     all_terms_on(model)
-    data.setup("fit")
-    loader = iter(data.train_dataloader())
-    batches = (next(loader) for _ in range(args.batches))
+    batches = training_batches(data, args.batches)
     norms = gradient_norms(model, batches, trainer.precision_plugin.train_step_context)
 
     reference = norms.get("seg_fused", next(iter(norms.values())))[1]

@@ -10,6 +10,7 @@ import argparse
 import inspect
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from unittest import mock
@@ -73,6 +74,13 @@ def build(run: Path, overrides: list[str], stage: str = "fit") -> tuple[Any, Any
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
     cli.model.load_state_dict(checkpoint["state_dict"])
     return cli.model, cli.datamodule, cli.trainer
+
+
+def training_batches(data: Any, count: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The first ``count`` training batches of a run's data module (set up for ``fit``), drawn lazily."""
+    data.setup("fit")
+    loader = iter(data.train_dataloader())
+    return (next(loader) for _ in range(count))
 
 
 def load_run(run_dir: Path) -> tuple[MissingModalityModule, torch.dtype | None]:
