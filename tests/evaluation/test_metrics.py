@@ -55,6 +55,24 @@ def test_hd95_matches_an_independent_scipy_computation_with_anisotropic_spacing(
         assert hd95(pred, truth, SPACING) == pytest.approx(_scipy_hd(pred, truth, SPACING, 95), rel=1e-4)
 
 
+def test_hd95_on_a_small_mask_in_a_large_grid_equals_monai_on_the_whole_grid() -> None:
+    """hd95 scores the masks' bounding box: the same value as MONAI on the full grid, also where a mask
+    touches the grid's edge (there the crop ends with the grid)."""
+    from monai.metrics import compute_hausdorff_distance
+
+    rng = np.random.default_rng(3)
+    for corner in (False, True):
+        pred, truth = np.zeros((60, 50, 40), bool), np.zeros((60, 50, 40), bool)
+        start = 0 if corner else 20
+        pred[start : start + 20, 10:28, 5:19] = _blob(rng)
+        truth[start : start + 20, 12:30, 5:19] = _blob(rng)
+        whole = compute_hausdorff_distance(
+            pred[None, None], truth[None, None], include_background=True, percentile=95, spacing=list(SPACING)
+        )
+        assert hd95(pred, truth, SPACING) == pytest.approx(float(whole.item()), rel=1e-12)
+        assert hd95(pred, truth, SPACING) == pytest.approx(_scipy_hd(pred, truth, SPACING, 95), rel=1e-4)
+
+
 def test_hd95_against_medpy() -> None:
     for pred, truth in _pairs():
         ours = hd95(pred, truth, SPACING)

@@ -45,6 +45,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from smml_lightning.data.labels import REGION_CLASSES, REGIONS
+from smml_lightning.evaluation.metrics import bounding_box, widen
 
 MAX_HD95 = 374.0
 """HD95 (mm) the challenge gives a missed or spurious lesion, and an HD95 with one side empty."""
@@ -139,15 +140,6 @@ def _neighbour_codes(mask: np.ndarray) -> np.ndarray:
     return codes
 
 
-def _bbox(mask: np.ndarray) -> tuple[slice, ...]:
-    """Bounding box of a non-empty boolean mask, from its projections on each axis."""
-    box = []
-    for axis in range(mask.ndim):
-        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    return tuple(box)
-
-
 def _percentile_distance(distances: np.ndarray, areas: np.ndarray, percent: float) -> float:
     """Area-weighted percentile: the first distance (ascending) whose cumulative area share reaches it."""
     if len(distances) == 0:
@@ -166,7 +158,7 @@ def surface_hd95(
     both = pred | truth
     if not both.any():
         return math.inf
-    box = _bbox(both)
+    box = bounding_box(both)
     spacing = tuple(float(s) for s in spacing)
     table = _surface_area_table(spacing)
     codes = [_neighbour_codes(m[box]) for m in (truth, pred)]
@@ -187,10 +179,6 @@ def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
 
 def _finite(value: float) -> float:
     return MAX_HD95 if math.isinf(value) else value
-
-
-def _pad_slices(box: tuple[slice, ...], pad: int, shape: Sequence[int]) -> tuple[slice, ...]:
-    return tuple(slice(max(s.start - pad, 0), min(s.stop + pad, n)) for s, n in zip(box, shape))
 
 
 def _union_slices(boxes: Sequence[tuple[slice, ...]]) -> tuple[slice, ...]:
@@ -229,7 +217,7 @@ def region_scores(
     legacy_hd95 = _finite(surface_hd95(pred, truth, spacing))
 
     # Work on the union's bounding box widened by the dilation: same components, much smaller arrays.
-    box = _pad_slices(_bbox(pred | truth), rules.dilation + 1, pred.shape)
+    box = widen(bounding_box(pred | truth), rules.dilation + 1, pred.shape)
     p, t = pred[box], truth[box]
     pred_cc, _ = ndimage.label(p, structure=STRUCTURE_26)
     pred_boxes = ndimage.find_objects(pred_cc)
@@ -246,7 +234,7 @@ def region_scores(
     for lesion_id, lesion_box in enumerate(ndimage.find_objects(lesions), start=1):
         if lesion_box is None:
             continue
-        near = _pad_slices(lesion_box, rules.dilation, lesions.shape)
+        near = widen(lesion_box, rules.dilation, lesions.shape)
         lesion_near = lesions[near] == lesion_id
         reach = ndimage.binary_dilation(lesion_near, structure=STRUCTURE_18, iterations=rules.dilation)
         hits = [int(h) for h in np.unique(pred_cc[near][reach]) if h != 0]
