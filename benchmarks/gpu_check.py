@@ -106,10 +106,8 @@ def speed_table(device: str, reps: int, patch: int, network: dict[str, Any] | No
 
     rows = []
     steps = {}
-    for name, (method, bf16, fuse) in speed.PAPER_CONFIGS.items():
-        module = speed.build_paper(
-            method, device, patch=patch, network_overrides=network, **({"fuse_peers": True} if fuse else {})
-        )
+    for name, (method, bf16, kwargs) in speed.PAPER_CONFIGS.items():
+        module = speed.build_paper(method, device, patch=patch, network_overrides=network, **kwargs)
         steps[name] = speed.paper_step(module, bf16, device, patch=patch)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -268,6 +266,7 @@ def run(
         "smml_bf16_over_single_bf16": t["smml bf16"] / t["single bf16"],
         "smml_bf16_over_single_fp32": t["smml bf16"] / t["single fp32"],
         "fused_over_plain": t["smml bf16 fused peers"] / t["smml bf16"],
+        "refiners_share": 1 - t["smml bf16 without refiners"] / t["smml bf16"],
         "total_seconds": time.perf_counter() - started,
     }
     (out / "gpu_check.json").write_text(json.dumps(results, indent=1))
@@ -319,6 +318,7 @@ def markdown(r: dict[str, Any], patch: int) -> str:
     lines.append(f"| SMML bf16 / single bf16 (target <= 2.1x) | {r['smml_bf16_over_single_bf16']:.2f}x |")
     lines.append(f"| SMML bf16 / single fp32 (target <= 1x) | {r['smml_bf16_over_single_fp32']:.2f}x |")
     lines.append(f"| SMML bf16, fused peers / plain | {r['fused_over_plain']:.2f}x |")
+    lines.append(f"| the two refiners' share of the SMML bf16 step | {r['refiners_share']:.0%} |")
     return "\n".join(lines)
 
 

@@ -32,6 +32,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import copy
 import datetime as dt
 import functools
 import gc
@@ -45,7 +46,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import nibabel as nib
 import numpy as np
@@ -76,6 +77,7 @@ from smml_lightning.evaluation.inference import predict_subsets
 from smml_lightning.lit.baselines import SingleBranch
 from smml_lightning.lit.smml import SMML
 from smml_lightning.models.backbone import MMFormer
+from smml_lightning.models.base import MaskedSegmenter
 from smml_lightning.models.refine import SemanticRefiner
 
 REPO = Path(__file__).resolve().parents[1]
@@ -320,11 +322,13 @@ def profile_steps(s: Settings, report: Report, rows: int = 15) -> None:
 # ---- 7: the training step at the paper's size ------------------------------------------------------------
 
 PAPER_PATCH = 128
-PAPER_CONFIGS = {  # name: (method, bf16, SMML's fuse_peers); the issue-48 targets compare the first three
-    "smml bf16": ("smml", True, False),
-    "single bf16": ("single", True, False),
-    "single fp32": ("single", False, False),
-    "smml bf16 fused peers": ("smml", True, True),
+PAPER_CONFIGS: dict[str, tuple[str, bool, dict[str, Any]]] = {
+    # name: (method, bf16, SMML arguments); the issue-48 targets compare the first three
+    "smml bf16": ("smml", True, {}),
+    "single bf16": ("single", True, {}),
+    "single fp32": ("single", False, {}),
+    "smml bf16 fused peers": ("smml", True, {"fuse_peers": True}),
+    "smml bf16 without refiners": ("smml", True, {"use_prior": False}),
 }
 
 
@@ -388,8 +392,8 @@ def bench_paper(reps: int, report: Report, device: str = "cpu") -> dict[str, flo
         flush=True,
     )
     steps = {
-        name: paper_step(build_paper(method, device, **({"fuse_peers": True} if fuse else {})), bf16, device)
-        for name, (method, bf16, fuse) in PAPER_CONFIGS.items()
+        name: paper_step(build_paper(method, device, **kwargs), bf16, device)
+        for name, (method, bf16, kwargs) in PAPER_CONFIGS.items()
     }
     times = interleaved(steps, reps)
     t = {k: med(v) for k, v in times.items()}
@@ -411,7 +415,42 @@ def bench_paper(reps: int, report: Report, device: str = "cpu") -> dict[str, flo
         lambda v: v <= 1.0,
     )
     report.add("7. SMML bf16, fused peers / plain", t["smml bf16 fused peers"] / t["smml bf16"], "{:.2f}x")
+    report.add(
+        "7. SMML bf16 without refiners / single bf16 (two branches + HCC)",
+        t["smml bf16 without refiners"] / t["single bf16"],
+        "{:.2f}x",
+    )
+    report.add(
+        "7. the two refiners' share of the SMML bf16 step",
+        1 - t["smml bf16 without refiners"] / t["smml bf16"],
+        "{:.0%}",
+    )
+    if device == "cpu":
+        models = cast(SMML, build_paper("smml", device)).inference_models()
+        report.add(
+            f"7. FLOP bound of 15 subsets / one subset (brats2018 network, one {PAPER_PATCH}^3 window)",
+            subset_flop_bound(models[0], PAPER_PATCH),
+            "{:.2f}x",
+        )
     return t
+
+
+def subset_flop_bound(model: MaskedSegmenter, roi: int) -> float:
+    """(encode + 15 decodes) / (encode + one decode) of one ``roi``^3 window, in FLOPs: what the
+    15-subset / one-subset time ratio would be if every operation ran at the same rate."""
+    model = copy.deepcopy(model).eval().requires_grad_(False)  # the flop counter's hooks need no grads
+    image = torch.zeros(1, len(MODALITIES), roi, roi, roi)
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as counter:
+            encoded = model.encode(image)
+        encode = counter.get_total_flops()
+        decodes = []
+        for subset in (SUBSETS[-1:], SUBSETS):
+            masks = [torch.tensor([s]) for s in subset]
+            with FlopCounterMode(display=False) as counter:
+                model.decode_subsets(encoded, masks)
+            decodes.append(counter.get_total_flops())
+    return (encode + decodes[1]) / (encode + decodes[0])
 
 
 # ---- 3: 15-subset evaluation with encoder reuse --------------------------------------------------------
@@ -476,6 +515,11 @@ def bench_subsets(s: Settings, report: Report) -> None:
     report.add("3. subsets batched / subset by subset", med(reuse) / med(one_by_one), "{:.2f}x")
     report.add("3. naive 15 runs / one subset", naive / one, "{:.2f}x")
     report.add("3. naive / reuse", naive / med(reuse), "{:.2f}x")
+    report.add(
+        f"3. FLOP bound of reuse / one subset (one {s.eval_roi}^3 window)",
+        subset_flop_bound(models[0], s.eval_roi),
+        "{:.2f}x",
+    )
 
 
 # ---- 4 + 6: preprocessing and data loading ---------------------------------------------------------------
