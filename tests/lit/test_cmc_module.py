@@ -103,22 +103,37 @@ def test_consistency_on_labeled_uses_every_sample():
 
 def test_loss_terms_analysis_shows_csc_and_cac_passing_gradient():
     """The per-term gradient check (`smml analyze loss-terms`) on a CMC model: with every term on, CSC and
-    CAC reach the network from the unlabeled sample, each with a non-zero gradient norm; during the
-    warm-up (as trained) they are absent."""
+    CAC reach the network from the unlabeled sample, each with a non-zero gradient norm and a cosine with
+    the segmentation gradient that matches one computed by hand; during the warm-up (as trained) they
+    are absent."""
     from contextlib import nullcontext
 
-    from smml_lightning.analysis.loss_terms import all_terms_on, gradient_norms
+    from smml_lightning.analysis.loss_terms import all_terms_on, gradient_stats
 
     model = module(warmup_epochs=5, ramp_epochs=10)
-    assert set(gradient_norms(model, [batch()], nullcontext)) == {"seg"}
+    assert set(gradient_stats(model, [batch()], nullcontext)) == {"seg"}
     all_terms_on(model)
-    norms = gradient_norms(model, [batch()], nullcontext)
-    assert set(norms) == {"seg", "csc", "cac"}
+    stats = gradient_stats(model, [batch()], nullcontext)
+    assert set(stats) == {"seg", "csc", "cac"}
     b = batch()
     out = model.net(b["image"], b["masks"][:, 0])
     mask = b["masks"][:, 0]
-    assert norms["csc"][0] == pytest.approx(csc_loss(out.modality_features[2:], mask[2:]).item(), rel=1e-4)
-    assert norms["cac"][0] == pytest.approx(
+    assert stats["csc"][0] == pytest.approx(csc_loss(out.modality_features[2:], mask[2:]).item(), rel=1e-4)
+    assert stats["cac"][0] == pytest.approx(
         cac_loss(torch.stack(out.aux_logits, dim=1)[2:], mask[2:]).item(), rel=1e-4
     )
-    assert all(norm > 0 for _, norm in norms.values())
+    assert all(norm > 0 for _, norm, _ in stats.values())
+    # The cosine by hand: each term's gradient, parameter by parameter, as one vector.
+    terms = model.training_losses(batch())
+    params = [p for p in model.net.parameters() if p.requires_grad]
+
+    def vector(term: str) -> torch.Tensor:
+        grads = torch.autograd.grad(terms[term], params, retain_graph=True, allow_unused=True)
+        return torch.cat(
+            [(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)]
+        )
+
+    assert stats["seg"][2] == pytest.approx(1.0, abs=1e-5)
+    for term in ("csc", "cac"):
+        expected = torch.nn.functional.cosine_similarity(vector(term), vector("seg"), dim=0).item()
+        assert stats[term][2] == pytest.approx(expected, abs=1e-4)

@@ -13,7 +13,10 @@ ANALYSES = {  # subcommand: (module, one-line help)
     ),
     "volumes": ("volumes", "predicted / true volume, precision and recall: over- or under-segmentation"),
     "et-breakdown": ("et_breakdown", "ET Dice split by cases with and without enhancement and by T1ce"),
-    "loss-terms": ("loss_terms", "each loss term's value and gradient norm on a run's own training batches"),
+    "loss-terms": (
+        "loss_terms",
+        "each loss term's value, gradient norm and cosine with segmentation's gradient on a run's training batches",
+    ),
     "branches": ("branches", "each branch's recall and true-class probability per class (CMC: per modality)"),
     "priors": ("priors", "Dice of the cached SAM priors, or a work folder whose priors are the labels"),
     "widths": ("widths", "training-step time against the networks' base width (bf16 on CPU)"),

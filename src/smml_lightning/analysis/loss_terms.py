@@ -1,16 +1,17 @@
-"""Which loss terms drive a trained run? The gradient norm of each term, on the run's own training batches.
+"""Which loss terms drive a trained run, and which way? Each term's gradient on the run's own training batches.
 
     smml analyze loss-terms runs/quality-600/smml-seed0-steps600
     smml analyze loss-terms <run> --batches 16 -- --model.init_args.temperature=2.0
 
 Reads ``<run>/config.yaml`` (as saved by ``smml fit``) and ``<run>/checkpoints/last.ckpt``, draws training
 batches from the run's data module (its seed, masks and augmentation), switches every term on
-(:func:`all_terms_on`), and prints per term its mean value and the mean L2 norm of its gradient on the
-parameters of the method's first inference network (SMML: branch 0), also relative to the fused
-segmentation term (CMC: its one segmentation term). A
+(:func:`all_terms_on`), and prints per term its mean value, the mean L2 norm of its gradient on the
+parameters of the method's first inference network (SMML: branch 0), that norm relative to the fused
+segmentation term's (CMC: its one segmentation term), and the cosine between the two gradients. A
 term whose gradient is orders of magnitude below the segmentation losses does nothing at that scale;
-one far above them dominates training. CLI overrides after ``--`` change the method before scoring
-(e.g. a loss setting), the weights stay those of the checkpoint.
+one far above them dominates training; one with a negative cosine pulls against segmentation. CLI
+overrides after ``--`` change the method before scoring (e.g. a loss setting), the weights stay those
+of the checkpoint.
 """
 
 from __future__ import annotations
@@ -26,11 +27,20 @@ import torch
 from .runs import build, training_batches
 
 
-def gradient_norms(
+def reference_term(names: Iterable[str]) -> str:
+    """The term the others are compared with: the fused segmentation loss, else the first (CMC: ``seg``)."""
+    names = list(names)
+    return "seg_fused" if "seg_fused" in names else names[0]
+
+
+def gradient_stats(
     model: Any, batches: Iterable[dict[str, torch.Tensor]], step_context: Callable[[], AbstractContextManager]
-) -> dict[str, tuple[float, float]]:
-    """``{term: (mean value, mean gradient L2 norm on the first inference network)}``; the losses run
-    under ``step_context`` (the trainer precision's training-step autocast, as in ``fit``)."""
+) -> dict[str, tuple[float, float, float]]:
+    """``{term: (mean value, mean gradient L2 norm, mean cosine with the reference term's gradient)}`` on
+    the parameters of the first inference network (reference: :func:`reference_term`); the losses run
+    under ``step_context`` (the trainer precision's training-step autocast, as in ``fit``). A cosine
+    near 1 means the term pulls the network where segmentation does, near 0 elsewhere, below 0 against
+    it (a conflict: the two terms undo each other's steps)."""
     params = [p for p in model.inference_models()[0].parameters() if p.requires_grad]
     sums: dict[str, list[float]] = {}
     count = 0
@@ -38,16 +48,24 @@ def gradient_norms(
         batch = dict(batch, image=model._layout(batch["image"]))
         with step_context():
             terms = model.training_losses(batch)
+        flat = {}
         for name, value in terms.items():
             grads = torch.autograd.grad(value.float(), params, retain_graph=True, allow_unused=True)
-            norm = torch.linalg.vector_norm(
-                torch.stack([g.float().norm() for g in grads if g is not None] or [torch.zeros(())])
+            flat[name] = torch.cat(
+                [(torch.zeros_like(p) if g is None else g).float().flatten() for g, p in zip(grads, params)]
             )
-            total = sums.setdefault(name, [0.0, 0.0])
+        reference = flat[reference_term(flat)]
+        for name, value in terms.items():
+            norm = torch.linalg.vector_norm(flat[name])
+            cosine = torch.dot(flat[name], reference) / (
+                norm * torch.linalg.vector_norm(reference)
+            ).clamp_min(1e-30)
+            total = sums.setdefault(name, [0.0, 0.0, 0.0])
             total[0] += float(value.detach())
             total[1] += float(norm)
+            total[2] += float(cosine)
         count += 1
-    return {name: (v / count, g / count) for name, (v, g) in sums.items()}
+    return {name: (v / count, g / count, c / count) for name, (v, g, c) in sums.items()}
 
 
 def all_terms_on(model: Any) -> None:
@@ -72,11 +90,11 @@ def run(args: argparse.Namespace) -> None:
     model.train()
     all_terms_on(model)
     batches = training_batches(data, args.batches)
-    norms = gradient_norms(model, batches, trainer.precision_plugin.train_step_context)
+    stats = gradient_stats(model, batches, trainer.precision_plugin.train_step_context)
 
-    reference = norms.get("seg_fused", next(iter(norms.values())))[1]
+    name_ref = reference_term(stats)
     settings = [f"{args.batches} batches", str(trainer.precision), *args.overrides]
     print(f"{args.run} ({type(model).__name__}, {', '.join(settings)})")
-    print("| term | value | gradient norm | / seg_fused |\n|---|---|---|---|")
-    for name, (value, norm) in norms.items():
-        print(f"| {name} | {value:.4f} | {norm:.4f} | {norm / reference:.3f} |")
+    print(f"| term | value | gradient norm | / {name_ref} | cosine with {name_ref} |\n|---|---|---|---|---|")
+    for name, (value, norm, cosine) in stats.items():
+        print(f"| {name} | {value:.4f} | {norm:.4f} | {norm / stats[name_ref][1]:.3f} | {cosine:+.3f} |")
