@@ -7,7 +7,8 @@ Reads ``<run>/config.yaml`` (as saved by ``smml fit``) and ``<run>/checkpoints/l
 batches from the run's data module (its seed, masks and augmentation), switches every term on
 (:func:`all_terms_on`), and prints per term its mean value, the mean L2 norm of its gradient on the
 parameters of the method's first inference network (SMML: branch 0), that norm relative to the fused
-segmentation term's (CMC: its one segmentation term), and the cosine between the two gradients. A
+segmentation term's (CMC: its one segmentation term), and the cosine between the two gradients over
+the parameters both reach. A
 term whose gradient is orders of magnitude below the segmentation losses does nothing at that scale;
 one far above them dominates training; one with a negative cosine pulls against segmentation. CLI
 overrides after ``--`` change the method before scoring (e.g. a loss setting), the weights stay those
@@ -33,11 +34,23 @@ def reference_term(names: Iterable[str]) -> str:
     return "seg_fused" if "seg_fused" in names else names[0]
 
 
+def shared_cosine(a: list[torch.Tensor | None], b: list[torch.Tensor | None]) -> float:
+    """Cosine between two gradients (flattened per parameter, ``None`` where zero) over the parameters
+    both reach: a term that trains parts the other does not touch (an auxiliary decoder, a refiner) is
+    compared where the two meet. 0 when they share none."""
+    both = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+    if not both:
+        return 0.0
+    x, y = torch.cat([x for x, _ in both]), torch.cat([y for _, y in both])
+    return float(torch.dot(x, y) / (torch.linalg.vector_norm(x) * torch.linalg.vector_norm(y)))
+
+
 def gradient_stats(
     model: Any, batches: Iterable[dict[str, torch.Tensor]], step_context: Callable[[], AbstractContextManager]
 ) -> dict[str, tuple[float, float, float]]:
     """``{term: (mean value, mean gradient L2 norm, mean cosine with the reference term's gradient)}`` on
-    the parameters of the first inference network (reference: :func:`reference_term`); the losses run
+    the parameters of the first inference network (reference: :func:`reference_term`; the cosine over
+    the parameters both reach, :func:`shared_cosine`); the losses run
     under ``step_context`` (the trainer precision's training-step autocast, as in ``fit``). A cosine
     near 1 means the term pulls the network where segmentation does, near 0 elsewhere, below 0 against
     it (a conflict: the two terms undo each other's steps)."""
@@ -48,22 +61,19 @@ def gradient_stats(
         batch = dict(batch, image=model._layout(batch["image"]))
         with step_context():
             terms = model.training_losses(batch)
-        flat = {}
+        grads: dict[str, list[torch.Tensor | None]] = {}
         for name, value in terms.items():
-            grads = torch.autograd.grad(value.float(), params, retain_graph=True, allow_unused=True)
-            flat[name] = torch.cat(
-                [(torch.zeros_like(p) if g is None else g).float().flatten() for g, p in zip(grads, params)]
+            found = torch.autograd.grad(value.float(), params, retain_graph=True, allow_unused=True)
+            grads[name] = [None if g is None or not g.any() else g.float().flatten() for g in found]
+        reference = grads[reference_term(grads)]
+        for name, value in terms.items():
+            norm = torch.linalg.vector_norm(
+                torch.cat([g for g in grads[name] if g is not None] or [torch.zeros(1)])
             )
-        reference = flat[reference_term(flat)]
-        for name, value in terms.items():
-            norm = torch.linalg.vector_norm(flat[name])
-            cosine = torch.dot(flat[name], reference) / (
-                norm * torch.linalg.vector_norm(reference)
-            ).clamp_min(1e-30)
             total = sums.setdefault(name, [0.0, 0.0, 0.0])
             total[0] += float(value.detach())
             total[1] += float(norm)
-            total[2] += float(cosine)
+            total[2] += shared_cosine(grads[name], reference)
         count += 1
     return {name: (v / count, g / count, c / count) for name, (v, g, c) in sums.items()}
 
@@ -95,6 +105,8 @@ def run(args: argparse.Namespace) -> None:
     name_ref = reference_term(stats)
     settings = [f"{args.batches} batches", str(trainer.precision), *args.overrides]
     print(f"{args.run} ({type(model).__name__}, {', '.join(settings)})")
-    print(f"| term | value | gradient norm | / {name_ref} | cosine with {name_ref} |\n|---|---|---|---|---|")
+    print(
+        f"| term | value | gradient norm | / {name_ref} | cosine with {name_ref} (shared parameters) |\n|---|---|---|---|---|"
+    )
     for name, (value, norm, cosine) in stats.items():
         print(f"| {name} | {value:.4f} | {norm:.4f} | {norm / stats[name_ref][1]:.3f} | {cosine:+.3f} |")
