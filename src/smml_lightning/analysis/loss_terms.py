@@ -7,12 +7,11 @@ Reads ``<run>/config.yaml`` (as saved by ``smml fit``) and ``<run>/checkpoints/l
 batches from the run's data module (its seed, masks and augmentation), switches every term on
 (:func:`all_terms_on`), and prints per term its mean value, the mean L2 norm of its gradient on the
 parameters of the method's first inference network (SMML: branch 0), that norm relative to the fused
-segmentation term's (CMC: its one segmentation term), and the cosine between the two gradients over
-the parameters both reach. A
-term whose gradient is orders of magnitude below the segmentation losses does nothing at that scale;
-one far above them dominates training; one with a negative cosine pulls against segmentation. CLI
-overrides after ``--`` change the method before scoring (e.g. a loss setting), the weights stay those
-of the checkpoint.
+segmentation term's (CMC: its one segmentation term), and the cosine between the two gradients over the
+parameters both reach. A term whose gradient is orders of magnitude below the segmentation losses does
+nothing at that scale; one far above them dominates training; one with a cosine near 0 spends its steps
+on something else, below 0 against segmentation. CLI overrides after ``--`` change the method before
+scoring (e.g. a loss setting), the weights stay those of the checkpoint.
 """
 
 from __future__ import annotations
