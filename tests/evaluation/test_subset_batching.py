@@ -5,7 +5,14 @@ import torch
 
 from smml_lightning.data.modalities import SUBSETS
 from smml_lightning.evaluation.inference import predict_subsets
-from smml_lightning.models.backbone import MMFormer, UNetDecoder, pointwise_conv, stage_widths, upsample_conv
+from smml_lightning.models.backbone import (
+    MMFormer,
+    UNetDecoder,
+    channels_last_cat,
+    pointwise_conv,
+    stage_widths,
+    upsample_conv,
+)
 
 SHAPE = (32, 32, 48)  # bottleneck grid 2x2x3: positions resized from the 2x2x2 reference grid
 
@@ -99,6 +106,35 @@ def test_matrix_forms_equal_the_convolutions():
         expected = up(x)
         assert expected.shape == (3, 5, 10, 8, 14)
         torch.testing.assert_close(upsample_conv(up, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_channels_last_cat_holds_what_the_convolution_reads():
+    """channels_last_cat: the concatenation in a channels-last layout, in the dtype the next convolution
+    computes in: autocast's (bf16 values rounded as autocast rounds them), else the common type."""
+    a, b = torch.randn(2, 3, 4, 5, 6).bfloat16(), torch.randn(2, 5, 4, 5, 6)
+    plain = channels_last_cat(a, b)
+    assert plain.dtype == torch.float32 and plain.is_contiguous(memory_format=torch.channels_last_3d)
+    assert torch.equal(plain, torch.cat([a, b], dim=1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast_ = channels_last_cat(a, b)
+    assert cast_.dtype == torch.bfloat16 and cast_.is_contiguous(memory_format=torch.channels_last_3d)
+    assert torch.equal(cast_, torch.cat([a, b], dim=1).bfloat16())
+
+
+def test_inference_decoder_equals_the_training_decoder_under_bf16_autocast():
+    """Under the configs' bf16 autocast the eval decoder (channels-last 3x3x3 inputs, matrix forms) gives
+    the training decoder's logits to bf16 rounding."""
+    torch.manual_seed(6)
+    widths = stage_widths(4)
+    decoder = UNetDecoder(widths, 4)
+    skips = [torch.randn(2, w, 32 // 2**i, 32 // 2**i, 16 // 2**i) for i, w in enumerate(widths[:-1])]
+    bottom = torch.randn(2, widths[-1], 2, 2, 1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        trained = decoder.train()(skips, bottom).logits.float()
+        inferred = decoder.eval()(skips, bottom).logits.float()
+    assert inferred.shape == trained.shape == (2, 4, 32, 32, 16)
+    torch.testing.assert_close(inferred, trained, rtol=0.05, atol=0.05)
+    assert (inferred.argmax(1) == trained.argmax(1)).float().mean() > 0.99
 
 
 def test_inference_decoder_equals_the_training_decoder():
