@@ -9,19 +9,23 @@
 4. ``smml test`` of ``--test-cases`` whole cases over all 15 modality subsets; prints the 15-subset mean
    Dice per region and the test's seconds.
 5. The speed table on the GPU: the training step of our single branch (bf16 and fp32) and of SMML (bf16)
-   at 128^3 with the brats2018 network (``benchmarks/speed.py``'s item 7), with each one's peak memory.
+   at 128^3 with the brats2018 network (``benchmarks/speed.py``'s item 7), with each one's peak memory
+   and first call. ``--compile`` adds both bf16 steps with ``model.init_args.compile=true`` (the networks'
+   training forward through inductor), whose first call is the compile: the measurement that decides
+   whether compiling becomes the GPU default. It takes minutes more, so it is not on by default.
 
 Exits non-zero on any error, a non-finite loss or a missing report figure. ``--smoke`` runs the same
 steps on the CPU with tiny shapes and a shrunken network in seconds: the test suite runs it
 (``tests/test_gpu_check.py``) so that the script cannot rot between GPU machines.
 
-Usage: ``python benchmarks/gpu_check.py [--smoke] [--out DIR] [--steps 300] [--cases 8]``. Without
+Usage: ``python benchmarks/gpu_check.py [--smoke] [--compile] [--out DIR] [--steps 300] [--cases 8]``. Without
 ``--out`` everything lives in a temporary folder that is removed at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -100,20 +104,41 @@ def write_split_file(cache_dir: Path, path: Path, n_test: int) -> dict[str, list
     return split
 
 
-def speed_table(device: str, reps: int, patch: int, network: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """Item 7 of ``benchmarks/speed.py`` on ``device``, with each configuration's peak memory."""
+# The compiled rows of ``--compile``: the bf16 steps of item 7 with the networks' forward through inductor.
+COMPILED_CONFIGS: dict[str, tuple[str, bool, dict[str, Any]]] = {
+    "single bf16 compiled": ("single", True, {"compile": True}),
+    "smml bf16 compiled": ("smml", True, {"compile": True}),
+}
+
+
+def speed_table(
+    device: str, reps: int, patch: int, network: dict[str, Any] | None, compiled: bool = False
+) -> list[dict[str, Any]]:
+    """Item 7 of ``benchmarks/speed.py`` on ``device`` (plus :data:`COMPILED_CONFIGS` if ``compiled``),
+    with each configuration's peak memory and first call (for a compiled one, the compile)."""
     import speed
 
+    from smml_lightning.lit.base import CompiledForward
+
+    configs = speed.PAPER_CONFIGS | (COMPILED_CONFIGS if compiled else {})
     rows = []
     steps = {}
-    for name, (method, bf16, kwargs) in speed.PAPER_CONFIGS.items():
+    for name, (method, bf16, kwargs) in configs.items():
         module = speed.build_paper(method, device, patch=patch, network_overrides=network, **kwargs)
         steps[name] = speed.paper_step(module, bf16, device, patch=patch)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        steps[name]()  # warm-up, and the step's peak memory
+        first = time.perf_counter()
+        steps[name]()  # warm-up (for a compiled module, the compile), and the step's peak memory
+        first_call = time.perf_counter() - first
         peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-        rows.append({"config": name, "peak_gib": peak})
+        row = {"config": name, "peak_gib": peak, "first_call_s": first_call}
+        if kwargs.get("compile"):
+            wrapped = [m.forward for m in module.modules() if isinstance(m.forward, CompiledForward)]
+            if not wrapped:
+                raise SystemExit(f"gpu_check: {name} has no compiled network")
+            row["compile_fell_back"] = any(f.failed for f in wrapped)
+        rows.append(row)
     times = speed.interleaved(steps, reps, warmup=0)
     for row in rows:
         row["seconds"] = statistics.median(times[row["config"]])
@@ -137,6 +162,16 @@ def main(argv: list[str] | None = None) -> int:
         "--reps", type=int, help="timed repetitions per speed-table row (default 5; 1 with --smoke)"
     )
     parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="add the bf16 steps with model.init_args.compile=true to the speed table (minutes more)",
+    )
+    parser.add_argument(
+        "--speed-only",
+        action="store_true",
+        help="only the speed table (step 5): e.g. a second, shorter run with --compile",
+    )
+    parser.add_argument(
         "--workers",
         type=int,
         default=min(8, os.cpu_count() or 1),
@@ -158,8 +193,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
 
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="smml-gpu-check-"))
+    out.mkdir(parents=True, exist_ok=True)
     try:
-        return run(out, smoke, steps, n_cases, args.test_cases, reps, workers, patch, device)
+        return run(
+            out,
+            smoke,
+            steps,
+            n_cases,
+            args.test_cases,
+            reps,
+            workers,
+            patch,
+            device,
+            args.compile,
+            args.speed_only,
+        )
     finally:
         if not args.out:
             shutil.rmtree(out, ignore_errors=True)
@@ -175,10 +223,56 @@ def run(
     workers: int,
     patch: int,
     device: str,
+    compiled: bool = False,
+    speed_only: bool = False,
 ) -> int:
+    started = time.perf_counter()
+    results: dict[str, Any] = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)",
+        "fit": None,
+        "test": None,
+    }
+    if not speed_only:
+        results |= fit_and_test(out, smoke, steps, n_cases, n_test, workers, patch, device, started)
+        gc.collect()  # the fitted model (the fit's CLI and trainer hold cycles) leaves the GPU
+        if device == "cuda":
+            torch.cuda.empty_cache()  # so that the speed table measures its own peaks
+
+    phase(f"speed table: training step at {patch}^3, {reps} rep(s)", started)
+    table = speed_table(device, reps, patch, SMOKE_NETWORK if smoke else None, compiled)
+    t = {row["config"]: row["seconds"] for row in table}
+    results |= {
+        "speed": table,
+        "smml_bf16_over_single_bf16": t["smml bf16"] / t["single bf16"],
+        "smml_bf16_over_single_fp32": t["smml bf16"] / t["single fp32"],
+        "fused_over_plain": t["smml bf16 fused peers"] / t["smml bf16"],
+        "refiners_share": 1 - t["smml bf16 without refiners"] / t["smml bf16"],
+        "compiled_over_eager": {
+            method: t[f"{method} bf16 compiled"] / t[f"{method} bf16"] for method in ("single", "smml")
+        }
+        if compiled
+        else None,
+        "total_seconds": time.perf_counter() - started,
+    }
+    (out / "gpu_check.json").write_text(json.dumps(results, indent=1))
+    print(markdown(results, patch), flush=True)
+    return 0
+
+
+def fit_and_test(
+    out: Path,
+    smoke: bool,
+    steps: int,
+    n_cases: int,
+    n_test: int,
+    workers: int,
+    patch: int,
+    device: str,
+    started: float,
+) -> dict[str, Any]:
+    """Steps 1-4: synthetic cases, prepare, the bf16 fit and the 15-subset test; their figures."""
     from smml_lightning.cli import COMMANDS
 
-    started = time.perf_counter()
     raw, cache_dir, run_dir = out / "raw", out / "cache", out / "run"
     phase(f"smml synth: {n_cases} cases", started)
     synth = [str(raw), f"--cases={n_cases}", "--layout=brats2018", f"--workers={max(workers, 1)}"]
@@ -244,16 +338,7 @@ def run(
     test_seconds = time.perf_counter() - test_start
     test_peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     summary = _read_summary(report_dir / "summary.csv")
-    del cli  # frees the fitted model's GPU memory before the speed table measures its own peaks
-    if device == "cuda":
-        torch.cuda.empty_cache()
-
-    phase(f"speed table: training step at {patch}^3, {reps} rep(s)", started)
-    table = speed_table(device, reps, patch, SMOKE_NETWORK if smoke else None)
-
-    t = {row["config"]: row["seconds"] for row in table}
-    results = {
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)",
+    return {
         "fit": {
             "steps": len(timer.seconds),
             "seconds": fit_seconds,
@@ -262,16 +347,7 @@ def run(
             "last_loss": timer.losses[-1],
         },
         "test": {"cases": n_test, "seconds": test_seconds, "peak_gib": test_peak, "dice_15_subsets": summary},
-        "speed": table,
-        "smml_bf16_over_single_bf16": t["smml bf16"] / t["single bf16"],
-        "smml_bf16_over_single_fp32": t["smml bf16"] / t["single fp32"],
-        "fused_over_plain": t["smml bf16 fused peers"] / t["smml bf16"],
-        "refiners_share": 1 - t["smml bf16 without refiners"] / t["smml bf16"],
-        "total_seconds": time.perf_counter() - started,
     }
-    (out / "gpu_check.json").write_text(json.dumps(results, indent=1))
-    print(markdown(results, patch), flush=True)
-    return 0
 
 
 def _read_summary(path: Path) -> dict[str, float]:
@@ -292,14 +368,9 @@ def gib(value: float) -> str:
     return f"{value:.2f} GiB" if math.isfinite(value) else "n/a (CPU)"
 
 
-def markdown(r: dict[str, Any], patch: int) -> str:
-    fit, test = r["fit"], r["test"]
+def fit_test_lines(fit: dict[str, Any], test: dict[str, Any]) -> list[str]:
     dice = ", ".join(f"{k} {100 * v:.1f}" for k, v in test["dice_15_subsets"].items())
-    lines = [
-        f"## GPU check on {r['device']} ({r['total_seconds'] / 60:.1f} min)",
-        "",
-        "| item | value |",
-        "|---|---|",
+    return [
         (
             f"| fit: median step after epoch 1 ({fit['steps']} steps, bf16-mixed, loader included) | "
             f"{fit['median_step_s']:.3f} s |"
@@ -310,15 +381,30 @@ def markdown(r: dict[str, Any], patch: int) -> str:
         f"| test: peak GPU memory | {gib(test['peak_gib'])} |",
         f"| test: 15-subset mean Dice (%) | {dice} |",
     ]
+
+
+def markdown(r: dict[str, Any], patch: int) -> str:
+    fit, test = r["fit"], r["test"]
+    lines = [
+        f"## GPU check on {r['device']} ({r['total_seconds'] / 60:.1f} min)",
+        "",
+        "| item | value |",
+        "|---|---|",
+    ]
+    if fit is not None and test is not None:
+        lines += fit_test_lines(fit, test)
     for row in r["speed"]:
+        fell_back = " (compile failed: eager)" if row.get("compile_fell_back") else ""
         lines.append(
             f"| step {row['config']} ({patch}^3, brats2018 network) | {row['seconds']:.3f} s, "
-            f"peak {gib(row['peak_gib'])} |"
+            f"peak {gib(row['peak_gib'])}, first call {row['first_call_s']:.1f} s{fell_back} |"
         )
     lines.append(f"| SMML bf16 / single bf16 (target <= 2.1x) | {r['smml_bf16_over_single_bf16']:.2f}x |")
     lines.append(f"| SMML bf16 / single fp32 (target <= 1x) | {r['smml_bf16_over_single_fp32']:.2f}x |")
     lines.append(f"| SMML bf16, fused peers / plain | {r['fused_over_plain']:.2f}x |")
     lines.append(f"| the two refiners' share of the SMML bf16 step | {r['refiners_share']:.0%} |")
+    for method, ratio in (r["compiled_over_eager"] or {}).items():
+        lines.append(f"| {method} bf16, compiled / eager | {ratio:.2f}x |")
     return "\n".join(lines)
 
 

@@ -337,11 +337,12 @@ def build_paper(
     device: str = "cpu",
     patch: int = PAPER_PATCH,
     network_overrides: dict[str, Any] | None = None,
-    **smml_kwargs: Any,
+    **module_kwargs: Any,
 ) -> SMML | SingleBranch:
     """A module with the brats2018 experiment's network (and SMML refiner), read from the shipped config;
     ``warmup_epochs=0`` so every SMML term is computed. ``network_overrides`` replace network arguments
-    (the GPU check's CPU smoke mode shrinks it); ``smml_kwargs`` go to SMML."""
+    (the GPU check's CPU smoke mode shrinks it); ``module_kwargs`` go to the module (``fuse_peers`` to
+    SMML, ``compile`` to either)."""
     from smml_lightning.experiments import load
 
     model = load("brats2018")["model"]["init_args"]
@@ -352,10 +353,10 @@ def build_paper(
     if method == "smml":
         refiner = functools.partial(SemanticRefiner, **model["refiner"]["init_args"])
         module: SMML | SingleBranch = SMML(
-            network=net, refiner=refiner, warmup_epochs=0, roi_size=patch, **smml_kwargs
+            network=net, refiner=refiner, warmup_epochs=0, roi_size=patch, **module_kwargs
         )
     else:
-        module = SingleBranch(network=net, roi_size=patch)
+        module = SingleBranch(network=net, roi_size=patch, **module_kwargs)
     module.setup("fit")
     return module.to(device)
 
