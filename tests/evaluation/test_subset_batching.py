@@ -106,6 +106,32 @@ def test_matrix_forms_equal_the_convolutions():
         expected = up(x)
         assert expected.shape == (3, 5, 10, 8, 14)
         torch.testing.assert_close(upsample_conv(up, x), expected, rtol=1e-5, atol=1e-5)
+        # Written into the first channels of a channels-last tensor (the decoder's concatenation).
+        merged = torch.full((3, 9, 10, 8, 14), 7.0).contiguous(memory_format=torch.channels_last_3d)
+        assert upsample_conv(up, x, out=merged[:, :5]).data_ptr() == merged.data_ptr()
+        torch.testing.assert_close(merged[:, :5], expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(merged[:, 5:], torch.full((3, 4, 10, 8, 14), 7.0))  # the rest untouched
+        up.bias = None
+        torch.testing.assert_close(upsample_conv(up, x, out=merged[:, :5]), up(x), rtol=1e-5, atol=1e-5)
+        # bias=False: the same product without the bias, for a convolution an instance norm follows.
+        unbiased = pointwise_conv(conv, x, bias=False)
+        torch.testing.assert_close(unbiased, conv(x) - conv.bias.view(1, -1, 1, 1, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_eval_network_leaves_out_the_biases_instance_norms_remove():
+    """Eval (skip shares, matrix forms) adds neither the skip fusions' biases nor the decoder's 1x1x1
+    biases: the instance norms after them remove per-channel constants. With large biases the eval
+    network still gives the training network's logits (the convolution modules, biases included)."""
+    net = tiny()
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for block in [*net.skip_fusion, *(merge[1] for merge in net.decoder.merges)]:
+            block.conv.bias.copy_(5 * torch.randn_like(block.conv.bias))
+        x, mask = image(2), torch.tensor([[True, False, True, True], [False, True, False, False]])
+        trained = net.train()(x, mask).logits
+        inferred = net.eval()(x, mask).logits
+    torch.testing.assert_close(inferred, trained, rtol=1e-4, atol=1e-4)
+    assert trained.abs().max() > 0.1
 
 
 def test_channels_last_cat_holds_what_the_convolution_reads():

@@ -103,29 +103,67 @@ def norm_act_of(block: nn.Module) -> nn.Module:
     return cast(nn.Module, block.adn)
 
 
-def pointwise_conv(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+def pointwise_conv(conv: nn.Conv3d, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
     """A 1x1x1 ungrouped ``conv`` as a matrix product over channels: the same map, run by the CPU's
     matrix kernels; PyTorch's CPU bf16 convolution reorders these few-channel tensors and ran 3-5x
-    slower than the product."""
+    slower than the product. ``bias=False`` leaves the bias out, for a ``conv`` followed by an instance
+    norm (see :func:`instance_norm`)."""
     weight = conv.weight.flatten(1)
-    out = torch.matmul(weight, x.flatten(2))  # autocast casts as it does the convolution
-    if conv.bias is not None:
-        out = out + conv.bias.to(out.dtype).view(-1, 1)
+    # Autocast casts as it does the convolution; the bias is added inside the product (baddbmm), which
+    # saves a pass over the output.
+    if bias and conv.bias is not None:
+        out = torch.baddbmm(conv.bias.view(1, -1, 1), weight.expand(x.shape[0], -1, -1), x.flatten(2))
+    else:
+        out = torch.matmul(weight, x.flatten(2))
     return out.view(x.shape[0], -1, *x.shape[2:])
 
 
-def upsample_conv(up: nn.ConvTranspose3d, x: torch.Tensor) -> torch.Tensor:
+def upsample_conv(up: nn.ConvTranspose3d, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """An ungrouped ``ConvTranspose3d`` with kernel 2 and stride 2 as a matrix product and a shuffle of
     its outputs into the 2x finer grid: each input voxel writes its own 2x2x2 block, so the two are
-    the same map; on the CPU the product and the shuffle ran about 2.7x faster in bf16."""
+    the same map; on the CPU the product and the shuffle ran about 2.7x faster in bf16.
+
+    ``out``: a channels-last destination (e.g. the upsampled half of :func:`channels_last_cat`'s
+    tensor). The product is then taken voxel-major with the bias inside it (``baddbmm``), so that the
+    shuffle copies runs of channels into the channels-last rows: at 128^3 this wrote the half about
+    1.3x faster than shuffling channel-major, adding the bias and concatenating. Without ``out`` the
+    channel-major product gives a contiguous tensor (the voxel-major one shuffles slower into it)."""
     n, _, d, h, w = x.shape
     out_ch = up.weight.shape[1]
-    y = torch.matmul(up.weight.flatten(1).t(), x.flatten(2))  # (N, out * 8, D * H * W)
-    y = y.view(n, out_ch, 2, 2, 2, d, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
-    y = y.reshape(n, out_ch, 2 * d, 2 * h, 2 * w)
-    if up.bias is not None:
-        y = y + up.bias.to(y.dtype).view(1, -1, 1, 1, 1)
-    return y
+    if out is None:
+        y = torch.matmul(up.weight.flatten(1).t(), x.flatten(2))  # (N, out * 8, D * H * W)
+        y = y.view(n, out_ch, 2, 2, 2, d, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
+        y = y.reshape(n, out_ch, 2 * d, 2 * h, 2 * w)
+        if up.bias is not None:
+            y = y + up.bias.to(y.dtype).view(1, -1, 1, 1, 1)
+        return y
+    weight = up.weight.permute(0, 2, 3, 4, 1).reshape(up.weight.shape[0], -1)  # columns (i, j, k, out)
+    voxels = x.flatten(2).transpose(1, 2)  # (N, D * H * W, in), a view
+    if up.bias is not None:  # autocast casts as it does the convolution
+        y = torch.baddbmm(up.bias.repeat(8).view(1, 1, -1), voxels, weight.expand(n, -1, -1))
+    else:
+        y = torch.matmul(voxels, weight)
+    blocks = y.view(n, d, h, w, 2, 2, 2, out_ch).permute(0, 7, 1, 4, 2, 5, 3, 6)
+    # Splitting each fine axis into (coarse, 2) is a view of any strided layout.
+    out.unflatten(2, (d, 2)).unflatten(4, (h, 2)).unflatten(6, (w, 2)).copy_(blocks)
+    return out
+
+
+def channels_last_empty(like: torch.Tensor, channels: int, *others: torch.Tensor) -> torch.Tensor:
+    """An empty tensor of ``like``'s batch and grid with ``channels`` channels, channels-last, of the
+    dtype the next convolution computes in: autocast's, else the common type of ``like`` and ``others``."""
+    kind = like.device.type
+    dtype = like.dtype
+    for other in others:
+        dtype = torch.promote_types(dtype, other.dtype)
+    if torch.is_autocast_enabled(kind):
+        dtype = torch.get_autocast_dtype(kind)
+    return torch.empty(
+        (like.shape[0], channels, *like.shape[2:]),
+        dtype=dtype,
+        device=like.device,
+        memory_format=torch.channels_last_3d,
+    )
 
 
 def channels_last_cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -135,21 +173,18 @@ def channels_last_cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a decoder's full-resolution merge (concatenation, 3x3x3 convolution, norm) ran about 1.6x faster
     this way in eval and 1.3x with its backward in training; the plain concatenation also cast the skip
     to bf16 in a second copy."""
-    kind = a.device.type
-    dtype = (
-        torch.get_autocast_dtype(kind)
-        if torch.is_autocast_enabled(kind)
-        else torch.promote_types(a.dtype, b.dtype)
-    )
-    out = torch.empty(
-        (a.shape[0], a.shape[1] + b.shape[1], *a.shape[2:]),
-        dtype=dtype,
-        device=a.device,
-        memory_format=torch.channels_last_3d,
-    )
+    out = channels_last_empty(a, a.shape[1] + b.shape[1], b)
     out[:, : a.shape[1]] = a
     out[:, a.shape[1] :] = b
     return out
+
+
+def fused_skip(fuse: nn.Module, summed: torch.Tensor) -> torch.Tensor:
+    """A skip-fusion block's output from its convolution's output without the bias (``summed``, e.g.
+    the sum of the modalities' shares): norm and activation only. The block's instance norm subtracts
+    each channel's mean over the grid, which removes the per-channel bias exactly, so it is not added
+    (a full-resolution pass saved in inference)."""
+    return cast(torch.Tensor, norm_act_of(fuse)(summed))
 
 
 def stage_widths(base_width: int) -> list[int]:
@@ -290,21 +325,31 @@ class UNetDecoder(nn.Module):
             raise ValueError("this decoder was built without deep-supervision heads")
         # Inference runs the 1x1x1 and transposed convolutions as matrix products (same maps, faster on
         # CPU; see pointwise_conv, upsample_conv); training keeps the convolution modules.
+        # The 1x1x1 convolution's bias is left out there: the instance norm after it removes it exactly.
         matmul = not self.training and self.groups == 1 and not torch.is_grad_enabled()
         x = bottom
         deep_logits = []
         for j, (up, merge) in enumerate(zip(self.ups, self.merges)):
             skip = skips[len(skips) - 1 - j]
             conv3, conv1 = cast(nn.Sequential, merge)
-            upsampled = upsample_conv(cast(nn.ConvTranspose3d, up), x) if matmul else up(x)
-            # On the CPU the 3x3x3 convolution reads a channels-last input (channels_last_cat) and hands
-            # the norm a contiguous output, since group norm is slow on the channels-last layout.
-            if self.groups == 1 and x.device.type == "cpu":
-                y = conv_of(conv3)(channels_last_cat(upsampled, skip)).contiguous()
+            # On the CPU the 3x3x3 convolution reads a channels-last input (channels_last_cat; in
+            # inference the upsampling writes its half directly) and hands the norm a contiguous output,
+            # since group norm is slow on the channels-last layout.
+            if matmul and x.device.type == "cpu":
+                up_channels = cast(nn.ConvTranspose3d, up).weight.shape[1]
+                merged = channels_last_empty(skip, up_channels + skip.shape[1], x)
+                upsample_conv(cast(nn.ConvTranspose3d, up), x, out=merged[:, :up_channels])
+                merged[:, up_channels:] = skip
+                y = conv_of(conv3)(merged).contiguous()
+            elif self.groups == 1 and x.device.type == "cpu":
+                y = conv_of(conv3)(channels_last_cat(up(x), skip)).contiguous()
             else:
+                upsampled = upsample_conv(cast(nn.ConvTranspose3d, up), x) if matmul else up(x)
                 y = conv_of(conv3)(group_cat(upsampled, skip, self.groups))
             y = norm_act_of(conv3)(y)
-            x = norm_act_of(conv1)(pointwise_conv(conv_of(conv1), y) if matmul else conv_of(conv1)(y))
+            x = norm_act_of(conv1)(
+                pointwise_conv(conv_of(conv1), y, bias=False) if matmul else conv_of(conv1)(y)
+            )
             if deep and j < len(self.deep_heads):
                 deep_logits.append(self.deep_heads[j](x))
         logits = pointwise_conv(self.head, x) if matmul else self.head(x)
@@ -341,7 +386,8 @@ class MMFormer(MaskedSegmenter):
 
     In eval mode the four stage tensors are instead each modality's *share* of the skip-fusion
     convolution (see :meth:`skip_shares`): the fusion conv is linear in its masked input, so a subset's
-    fused skip is the sum of its available modalities' shares plus the bias. Decoding 15 subsets from
+    fused skip is the sum of its available modalities' shares (plus the bias, which the instance norm
+    after it removes, see :func:`fused_skip`). Decoding 15 subsets from
     one ``encode`` then costs a sum per subset instead of a full-width convolution (same parameters,
     same result to float rounding). So ``encode`` and ``decode`` must run in the same mode.
 
@@ -442,17 +488,14 @@ class MMFormer(MaskedSegmenter):
 
     def _fuse_skips(self, skips: Sequence[torch.Tensor], mask: torch.Tensor) -> list[torch.Tensor]:
         """Fused skips under ``mask``: the fusion conv on the masked features (training), or the sum of
-        the available modalities' precomputed shares plus the bias (eval, see :meth:`skip_shares`)."""
+        the available modalities' precomputed shares (eval, see :meth:`skip_shares`, :func:`fused_skip`)."""
         if self.training:
             return [fuse(mask_modalities(s, mask)) for fuse, s in zip(self.skip_fusion, skips)]
         m = self.in_modalities
         fused = []
         for fuse, shares in zip(self.skip_fusion, skips):
             weights = mask.to(shares.dtype).view(*mask.shape, *([1] * (shares.ndim - 1)))
-            x = (shares.unflatten(1, (m, -1)) * weights).sum(dim=1)
-            bias = conv_of(fuse).bias
-            assert bias is not None  # conv_norm_act's convolutions have a bias
-            fused.append(norm_act_of(fuse)(x + bias.to(x.dtype).view(1, -1, *([1] * (x.ndim - 2)))))
+            fused.append(fused_skip(fuse, (shares.unflatten(1, (m, -1)) * weights).sum(dim=1)))
         return fused
 
     def decode(self, encoded: list[torch.Tensor], mask: torch.Tensor) -> SegmentationOutput:
@@ -535,26 +578,23 @@ class MMFormer(MaskedSegmenter):
     ) -> list[torch.Tensor]:
         """Fused logits under each mask, decoded as one batch of ``len(masks) * B`` samples in eval mode.
 
-        Each subset's fused skips are the mask-weighted sums of the per-modality shares (one product of
-        the ``(S, B, M)`` masks with the shares), its inter-modal tokens are the shared bottleneck's,
-        and one decoder call serves every subset: the CPU runs one large convolution far more
-        efficiently than ``S`` small ones. Same logits as :meth:`decode` per mask, to float rounding.
+        Each subset's fused skips are the mask-weighted sums of the per-modality shares (one batched
+        product of the ``(B, S, M)`` masks with the shares), its inter-modal tokens are the shared
+        bottleneck's, and one decoder call serves every subset: the CPU runs one large convolution far
+        more efficiently than ``S`` small ones. The batch is sample-major (sample ``i``'s subsets side
+        by side), the order the product writes, so no full-resolution copy reorders it; each returned
+        tensor is a view. Same logits as :meth:`decode` per mask, to float rounding.
         """
         if self.training:
             return super().decode_subsets(encoded, masks)
         *shares, tokens_map = encoded
         b, m, s = tokens_map.shape[0], self.in_modalities, len(masks)
-        stacked = torch.stack([check_mask(mask, b, m) for mask in masks])  # (S, B, M)
-        _, bottom = self.inter_modal(
-            tokens_map.repeat(s, *([1] * (tokens_map.ndim - 1))), stacked.flatten(0, 1)
-        )
+        stacked = torch.stack([check_mask(mask, b, m) for mask in masks], dim=1)  # (B, S, M)
+        _, bottom = self.inter_modal(tokens_map.repeat_interleave(s, dim=0), stacked.flatten(0, 1))
         skips = []
         for fuse, share in zip(self.skip_fusion, shares):
             parts = share.unflatten(1, (m, -1)).flatten(2)  # (B, M, w * V)
-            x = torch.einsum("sbm,bmv->sbv", stacked.to(parts.dtype), parts)
-            x = x.reshape(s * b, -1, *share.shape[2:])
-            bias = conv_of(fuse).bias
-            assert bias is not None  # conv_norm_act's convolutions have a bias
-            skips.append(norm_act_of(fuse)(x + bias.to(x.dtype).view(1, -1, *([1] * (x.ndim - 2)))))
+            x = torch.bmm(stacked.to(parts.dtype), parts)  # (B, S, w * V)
+            skips.append(fused_skip(fuse, x.view(b * s, -1, *share.shape[2:])))
         logits = self.decoder(skips, bottom).logits
-        return list(logits.unflatten(0, (s, b)).unbind(0))
+        return list(logits.unflatten(0, (b, s)).unbind(1))
