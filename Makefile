@@ -6,7 +6,8 @@ BIN := $(VENV)/bin
 EXP ?= synthetic
 OUT ?= runs/demo
 ARGS ?=
-export OMP_WAIT_POLICY ?= PASSIVE
+# OpenMP threads spin briefly at barriers, then sleep (see src/smml_lightning/__init__.py).
+export GOMP_SPINCOUNT ?= 10000
 # glibc backs large allocations (3D activations: hundreds of MB) with transparent huge pages: far fewer
 # page faults and a faster CPU training step (docs/benchmarks.md).
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1

@@ -26,10 +26,9 @@ from __future__ import annotations
 
 import os
 
-# libgomp reads this when torch loads, which here is before smml_lightning sets the same default: with
-# spinning barriers a descheduled peer thread stalls every parallel region on a loaded machine.
-# Override by setting OMP_WAIT_POLICY in the environment.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# libgomp reads this when torch loads, which here is before smml_lightning sets the same default (its
+# __init__ says why). Override by setting GOMP_SPINCOUNT or OMP_WAIT_POLICY in the environment.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import argparse
 import copy
@@ -751,6 +750,7 @@ def write_results(out: Path, report: Report, header: str, meta: dict[str, Any], 
     }
     settings = (
         f"Threads: {meta['threads']}, OMP_WAIT_POLICY={meta['omp_wait_policy']}, "
+        f"GOMP_SPINCOUNT={meta.get('gomp_spincount', '(unset)')}, "
         f"GLIBC_TUNABLES={meta['glibc_tunables'] or '(unset)'}, torch {meta['torch']}"
     )
     load = (
@@ -828,7 +828,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "quick": args.quick,
         "threads": args.threads,
-        "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
+        "gomp_spincount": os.environ.get("GOMP_SPINCOUNT", "(unset)"),
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "load_average_start": load_start,
         "load_average_end": os.getloadavg(),
@@ -840,6 +841,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (
         f"## Speed ({'quick' if args.quick else 'full'} run, {dt.date.today()}, {meta['cpu']}, torch {torch.__version__}, "
         f"{args.threads} threads, OMP_WAIT_POLICY={meta['omp_wait_policy']}, "
+        f"GOMP_SPINCOUNT={meta['gomp_spincount']}, "
         f"GLIBC_TUNABLES={meta['glibc_tunables'] or '(unset)'}, {meta['seconds'] / 60:.1f} min, "
         f"load average {load_start[0]:.1f} -> {meta['load_average_end'][0]:.1f})"
     )

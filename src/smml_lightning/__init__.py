@@ -2,10 +2,12 @@
 
 import os
 
-# OpenMP's default busy-waiting stalls every parallel op when another process (a data-loader worker,
-# a second job) holds a core: benchmarks/speed.py measured 2-thread CPU steps up to 20x slower on a
-# loaded machine. Passive waiting costs nothing measurable when the machine is quiet. Only a default:
-# it takes effect when smml_lightning is imported before torch (as the `smml` command does).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# How long OpenMP threads spin at a barrier before sleeping (libgomp, the OpenMP of PyTorch's Linux
+# wheels). Its default, 300,000 spins, stalls every parallel op when another process (a data-loader
+# worker, a second job) holds a core; never spinning (OMP_WAIT_POLICY=PASSIVE) costs a wake-up on each
+# of the many small parallel ops of a CPU step. 10,000 spins did better than both, idle and loaded
+# (docs/benchmarks.md). Only a default: it takes effect when smml_lightning is imported before torch
+# (as the `smml` command does), and an OMP_WAIT_POLICY set in the environment still applies.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 __version__ = "0.1.0"
