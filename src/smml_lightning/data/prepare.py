@@ -29,6 +29,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -305,14 +306,33 @@ def ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+class _SpawnPool(ProcessPoolExecutor):
+    """A process pool whose workers never see Ctrl-C, not even while they start.
+
+    A spawned worker imports the package (seconds) before its initializer can ignore SIGINT; a Ctrl-C in
+    that time printed its traceback under the parent's one-line message. The pool starts its workers
+    inside ``submit``, so SIGINT is blocked in the parent while ``submit`` runs: the workers inherit the
+    blocked signal, and a Ctrl-C that reaches the parent then is delivered when ``submit`` returns.
+    """
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        if not hasattr(signal, "pthread_sigmask"):  # not POSIX
+            return super().submit(fn, *args, **kwargs)
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            return super().submit(fn, *args, **kwargs)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def worker_pool(workers: int) -> ProcessPoolExecutor:
-    """A pool of ``workers`` fresh processes that leave Ctrl-C to the parent.
+    """A pool of ``workers`` fresh processes that leave Ctrl-C to the parent (:class:`_SpawnPool`).
 
     The workers are spawned, not forked: a process forked after PyTorch has run an OpenMP-parallel op
     (a prior, a resampling, a test) inherits its thread pool in a locked state and hangs at its first
     parallel op, as ``prepare`` did after ``priors`` in one process.
     """
-    return ProcessPoolExecutor(
+    return _SpawnPool(
         max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=ignore_sigint
     )
 
