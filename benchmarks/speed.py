@@ -750,7 +750,7 @@ def write_results(out: Path, report: Report, header: str, meta: dict[str, Any], 
     }
     settings = (
         f"Threads: {meta['threads']}, OMP_WAIT_POLICY={meta['omp_wait_policy']}, "
-        f"GOMP_SPINCOUNT={meta.get('gomp_spincount', '(unset)')}, "
+        f"GOMP_SPINCOUNT={meta['gomp_spincount']}, "
         f"GLIBC_TUNABLES={meta['glibc_tunables'] or '(unset)'}, torch {meta['torch']}"
     )
     load = (
